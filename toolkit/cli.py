@@ -1,0 +1,66 @@
+"""The `bedside` command. Each area registers its commands from its own cli_<area>.py module."""
+
+import os
+import sys
+
+import typer
+
+from toolkit.errors import BedsideError
+
+# Offline at run time: set-up fetched everything through the package registry.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(
+    name="bedside",
+    help="Compress a medical LM/VLM so that it provably fits and works on a target device.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+COMMAND_MODULES = ("cli_setup", "cli_profiles", "cli_model", "cli_plan")
+
+
+def _register_all() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"toolkit.{name}")
+        except ModuleNotFoundError as error:  # TODO(lead): make explicit once all areas land
+            if error.name != f"toolkit.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2 (3 when nothing fits)."""
+    try:
+        app(standalone_mode=False)
+    except BedsideError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as error:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            typer.echo(f"error: {error.format_message()}", err=True)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()
