@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from toolkit import SCHEMA_VERSION
 from toolkit.architectures import (
     ARCHITECTURES,
     VISION_TOWERS,
@@ -25,8 +26,6 @@ from toolkit.architectures import (
 )
 from toolkit.errors import BedsideError
 from toolkit.model_source import resolve_model_dir
-
-FACTS_SCHEMA = "bedside.model_facts/1"
 
 
 @dataclass(frozen=True)
@@ -175,7 +174,7 @@ class ModelFacts:
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready record: every field, plus the derived counts a reader would otherwise redo."""
-        record: dict[str, object] = {"schema": FACTS_SCHEMA}
+        record: dict[str, object] = {"schema_version": SCHEMA_VERSION, "kind": "model_facts"}
         record.update(asdict(self))
         record["parameters"] = {
             **self.components(),
@@ -247,12 +246,14 @@ def _declared_architecture(config: Mapping[str, object]) -> tuple[str | None, st
     return architecture, model_type
 
 
-def _unsupported(name: str | None, what: str = "architecture") -> BedsideError:
+def _unsupported(name: str | None) -> BedsideError:
     hint = ""
     if name in ("llava_llama", "LlavaLlamaForCausalLM"):
-        hint = " (an original LLaVA repo checkpoint: use its llava-hf conversion, e.g. llava-hf/llava-1.5-7b-hf)"
+        hint = (
+            " (an original LLaVA repo checkpoint: use its llava-hf conversion, e.g. llava-hf/llava-1.5-7b-hf)"
+        )
     return BedsideError(
-        f"unsupported {what} '{name}'{hint}: Bedside supports {', '.join(supported_architectures())}"
+        f"unsupported architecture '{name}'{hint}: Bedside supports {', '.join(supported_architectures())}"
     )
 
 
@@ -271,14 +272,14 @@ def _filled(config: Mapping[str, object], defaults: Mapping[str, object]) -> dic
 def _positive_int(values: Mapping[str, object], key: str, where: str) -> int:
     value = values.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BedsideError(f"{where}'{key}' must be a positive integer, got {value!r}")
+        raise BedsideError(f"'{where}{key}' must be a positive integer, got {value!r}")
     return value
 
 
 def _flag(values: Mapping[str, object], key: str, where: str) -> bool:
     value = values.get(key, False)
     if not isinstance(value, bool):
-        raise BedsideError(f"{where}'{key}' must be true or false, got {value!r}")
+        raise BedsideError(f"'{where}{key}' must be true or false, got {value!r}")
     return value
 
 
@@ -313,10 +314,14 @@ def _text_facts(
         values["num_key_value_heads"] = heads
     kv_heads = _positive_int(values, "num_key_value_heads", where)
     if heads % kv_heads:
-        raise BedsideError(f"{where}num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})")
+        raise BedsideError(
+            f"{where}num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"
+        )
     if values.get("head_dim") is None:  # transformers: None -> hidden_size // num_attention_heads
         if hidden % heads:
-            raise BedsideError(f"{where}hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads})")
+            raise BedsideError(
+                f"{where}hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads})"
+            )
         values["head_dim"] = hidden // heads
     head_dim = _positive_int(values, "head_dim", where)
     dims = {
