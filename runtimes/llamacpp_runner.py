@@ -1,0 +1,365 @@
+"""GGUF files on llama.cpp through llama-cpp-python 0.3.36.
+
+The model is loaded with `llama_cpp.Llama` (tokenizer, metadata, chat template, context), but
+tokens are evaluated through llama.cpp's public C API (`llama_batch` + `llama_decode` +
+`llama_get_logits`) rather than `Llama.eval`: that lets one context serve generation and scoring
+alike (logits of every position of a batch on demand), with no `logits_all=True` buffer of
+n_ctx x vocab floats. Scoring memory is then one batch of logits, and the context keeps the
+memory a deployment has.
+
+AMX crash guard: llama.cpp's AMX backend (CPU builds with -march=native on CPUs with AMX)
+segfaults on batched decode of quantized weights (upstream #20824). When the loaded library
+reports AMX, the runner loads models with `use_extra_bufts=False` (no AMX/repack buffers), a
+field of `llama_model_params` that the 0.3.36 `Llama(...)` signature does not expose; on other
+builds it keeps the repack buffers, which speed up Q4_0/Q4_K on AVX2. The test suite proves
+batched quantized decode on the machine it runs on.
+
+GPU: layers are offloaded (`n_gpu_layers=-1`) when the build supports offload
+(`llama_supports_gpu_offload()`) and the device is CUDA; a CPU-only build reports device "cpu".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from runtimes.base import (
+    Message,
+    Runner,
+    RuntimeLoadError,
+    register_runner,
+    render_chat_template,
+    require_format,
+)
+
+GGUF_MAGIC = b"GGUF"
+# Byte sizes of GGUF metadata scalar types, by type id (8 = string, 9 = array are variable).
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+@dataclass
+class GGUFHeader:
+    """What the header of a GGUF file says, read without loading tensors (for error messages)."""
+
+    version: int
+    architecture: str | None
+    alignment: int
+    n_tensors: int
+    data_offset: int
+    data_bytes_needed: int | None  # end of the last tensor's data; None if a tensor type is unknown
+    keys: set[str] = field(default_factory=set)
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _read(handle: BinaryIO, size: int) -> bytes:
+    data = handle.read(size)
+    if len(data) != size:
+        raise _Truncated
+    return data
+
+
+def _read_string(handle: BinaryIO) -> bytes:
+    (length,) = struct.unpack("<Q", _read(handle, 8))
+    return _read(handle, length)
+
+
+def _skip_value(handle: BinaryIO, value_type: int) -> Any:
+    """Read a small value (returned) or skip a large one (None), advancing past it."""
+    if value_type == 8:
+        return _read_string(handle).decode("utf-8", errors="replace")
+    if value_type == 9:
+        item_type, count = struct.unpack("<IQ", _read(handle, 12))
+        if item_type in _SCALAR_SIZES:
+            handle.seek(_SCALAR_SIZES[item_type] * count, 1)
+        else:
+            for _ in range(count):
+                _skip_value(handle, item_type)
+        return None
+    if value_type not in _SCALAR_SIZES:
+        raise ValueError(f"unknown metadata value type {value_type}")
+    raw = _read(handle, _SCALAR_SIZES[value_type])
+    formats = {
+        0: "<B",
+        1: "<b",
+        2: "<H",
+        3: "<h",
+        4: "<I",
+        5: "<i",
+        6: "<f",
+        7: "<?",
+        10: "<Q",
+        11: "<q",
+        12: "<d",
+    }
+    return struct.unpack(formats[value_type], raw)[0]
+
+
+def read_gguf_header(path: str | Path) -> GGUFHeader:
+    """Parse a GGUF header (metadata keys, tensor table) in well under a second, tensors untouched.
+
+    Raises RuntimeLoadError naming the file when it is not GGUF or is cut off inside the header.
+    """
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+        if magic != GGUF_MAGIC:
+            raise RuntimeLoadError(
+                f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})"
+            )
+        try:
+            version, n_tensors, n_kv = struct.unpack("<IQQ", _read(handle, 20))
+            architecture, alignment, keys = None, 32, set()
+            for _ in range(n_kv):
+                key = _read_string(handle).decode("utf-8", errors="replace")
+                (value_type,) = struct.unpack("<I", _read(handle, 4))
+                value = _skip_value(handle, value_type)
+                keys.add(key)
+                if key == "general.architecture":
+                    architecture = value
+                elif key == "general.alignment":
+                    alignment = int(value)
+            data_end: int | None = 0
+            for _ in range(n_tensors):
+                _read_string(handle)
+                (n_dims,) = struct.unpack("<I", _read(handle, 4))
+                dims = struct.unpack(f"<{n_dims}Q", _read(handle, 8 * n_dims))
+                tensor_type, offset = struct.unpack("<IQ", _read(handle, 12))
+                try:
+                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)]
+                except (ValueError, KeyError):
+                    data_end = None
+                    continue
+                if data_end is not None:
+                    data_end = max(data_end, offset + int(np.prod(dims, dtype=np.int64)) // block * type_size)
+        except _Truncated as error:
+            raise RuntimeLoadError(f"{path}: truncated inside the GGUF header ({size:,} bytes)") from error
+        except (ValueError, struct.error, MemoryError, OverflowError) as error:
+            raise RuntimeLoadError(f"{path}: corrupted GGUF header ({error})") from error
+        position = handle.tell()
+    data_offset = (position + alignment - 1) // alignment * alignment
+    return GGUFHeader(
+        version=version,
+        architecture=architecture,
+        alignment=alignment,
+        n_tensors=n_tensors,
+        data_offset=data_offset,
+        data_bytes_needed=None if data_end is None else data_offset + data_end,
+        keys=keys,
+    )
+
+
+def diagnose_gguf(path: str | Path) -> str:
+    """One-line reason why llama.cpp may refuse `path` (called after a failed load)."""
+    path = Path(path)
+    try:
+        header = read_gguf_header(path)
+    except RuntimeLoadError as error:
+        return str(error)
+    size = path.stat().st_size
+    if header.data_bytes_needed is not None and size < header.data_bytes_needed:
+        return f"{path}: truncated GGUF file ({size:,} bytes, its tensors need {header.data_bytes_needed:,})"
+    if "tokenizer.ggml.tokens" not in header.keys:
+        return f"{path}: GGUF file has no tokenizer (no tokenizer.ggml.tokens in its metadata)"
+    return (
+        f"{path}: llama.cpp could not load this GGUF file (architecture {header.architecture!r}; "
+        "unsupported architecture or corrupted tensor data)"
+    )
+
+
+def system_info() -> str:
+    """llama.cpp's compile-time feature line (e.g. 'AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1')."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+
+
+def build_has_amx() -> bool:
+    """True when the loaded libggml was built with the AMX backend (the one that crashes)."""
+    return "AMX" in system_info()
+
+
+@contextlib.contextmanager
+def _model_params_override(**fields: Any) -> Iterator[None]:
+    """Make `llama_model_default_params()` return params with `fields` set, while loading a model.
+
+    `Llama.__init__` builds its `llama_model_params` from that function and ignores unknown
+    keyword arguments, so this is the one way to reach fields such as `use_extra_bufts` through
+    the high-level class. Only fields the binding's struct has are set.
+    """
+    import llama_cpp.llama_cpp as low_level
+
+    original = low_level.llama_model_default_params
+    known = {name for name, _ in low_level.llama_model_params._fields_}
+    fields = {key: value for key, value in fields.items() if key in known}
+
+    def patched() -> Any:
+        params = original()
+        for key, value in fields.items():
+            setattr(params, key, value)
+        return params
+
+    low_level.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        low_level.llama_model_default_params = original
+
+
+@register_runner
+class LlamaCppRunner(Runner):
+    """A GGUF file on llama.cpp: its own tokenizer, chat template and KV cache (f16, n_batch 512).
+
+    `extra_buffers` None (default) disables llama.cpp's extra buffer types only when the build
+    has AMX (the crash guard); True/False forces them on/off.
+    """
+
+    name = "llama.cpp"
+
+    def __init__(self, batch_size: int | None = None, extra_buffers: bool | None = None) -> None:
+        super().__init__(batch_size)
+        self.extra_buffers = extra_buffers
+        self.llama: Any = None
+        self._batch: Any = None
+        self._vocab: Any = None
+        self._n_vocab = 0
+        self.details: dict[str, Any] = {}
+
+    def _load(self, path: Path, *, n_ctx: int, n_threads: int | None, device: str) -> None:
+        require_format(path, "gguf", self.name)
+        if path.is_dir():
+            path = sorted(path.glob("*.gguf"))[0]
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic != GGUF_MAGIC:
+            raise RuntimeLoadError(
+                f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})"
+            )
+
+        import llama_cpp
+
+        offload = device == "cuda" and bool(llama_cpp.llama_supports_gpu_offload())
+        extra_buffers = self.extra_buffers if self.extra_buffers is not None else not build_has_amx()
+        self.batch_size = min(self.batch_size, n_ctx)
+        try:
+            with _model_params_override(use_extra_bufts=extra_buffers):
+                self.llama = llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=n_ctx,
+                    n_batch=self.batch_size,
+                    n_ubatch=self.batch_size,
+                    n_threads=n_threads,
+                    n_threads_batch=n_threads,
+                    n_gpu_layers=-1 if offload else 0,
+                    logits_all=False,
+                    verbose=False,
+                )
+        except ValueError as error:
+            raise RuntimeLoadError(diagnose_gguf(path)) from error
+        self.path = path
+        self.device = "cuda" if offload else "cpu"
+        self._batch = llama_cpp.llama_batch_init(self.batch_size, 0, 1)
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llama.model)
+        self._n_vocab = int(self.llama.n_vocab())
+        self.details = {
+            "extra_buffers": extra_buffers,
+            "n_gpu_layers": -1 if offload else 0,
+            "n_batch": self.batch_size,
+            "system_info": system_info().strip(),
+        }
+
+    def close(self) -> None:
+        """Free the batch, context and model now rather than at garbage collection."""
+        import llama_cpp
+
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self.llama is not None:
+            self.llama.close()
+            self.llama = None
+
+    @property
+    def vocab_size(self) -> int:
+        """llama.cpp's n_vocab (the logit width)."""
+        return self._n_vocab
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """GGUF metadata as llama.cpp reads it (strings), e.g. the chat template and Bedside records."""
+        return dict(self.llama.metadata)
+
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        """Ids from the GGUF's tokenizer; `add_special` adds BOS where the GGUF says to."""
+        return list(self.llama.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens left out."""
+        return self.llama.detokenize(list(ids), special=False).decode("utf-8", errors="replace")
+
+    def _token_text(self, token: int) -> str:
+        import llama_cpp
+
+        if token < 0:
+            return ""
+        return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The GGUF's `tokenizer.chat_template`, rendered with Jinja like transformers does."""
+        return render_chat_template(
+            self.llama.metadata.get("tokenizer.chat_template"),
+            messages,
+            bos_token=self._token_text(self.llama.token_bos()),
+            eos_token=self._token_text(self.llama.token_eos()),
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def is_end_of_generation(self, token: int) -> bool:
+        """llama.cpp's end-of-generation set (EOS, EOT, <|im_end|> and kin)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def reset(self) -> None:
+        """Clear the context's KV memory."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llama.ctx), True)
+        self.n_past = 0
+
+    def _forward(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        import llama_cpp
+
+        batch, count = self._batch, len(ids)
+        batch.n_tokens = count
+        for i, token in enumerate(ids):
+            batch.token[i] = token
+            batch.pos[i] = self.n_past + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = all_logits or i == count - 1
+        status = llama_cpp.llama_decode(self.llama.ctx, batch)
+        if status != 0:
+            raise RuntimeError(
+                f"llama_decode failed with status {status} at position {self.n_past} ({self.path})"
+            )
+        if all_logits:
+            pointer = llama_cpp.llama_get_logits(self.llama.ctx)
+            rows = count
+        else:
+            pointer = llama_cpp.llama_get_logits_ith(self.llama.ctx, -1)
+            rows = 1
+        buffer = ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float))
+        return np.ctypeslib.as_array(buffer, shape=(rows, self._n_vocab)).copy()

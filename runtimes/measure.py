@@ -1,0 +1,394 @@
+"""Measure a runtime in a child process: load time, prefill/decode speed, peak memory, scoring.
+
+Why a child: peak resident memory must be the runtime's own (not the toolkit's torch, datasets
+and reference model), and a crash in native code (llama.cpp's AMX segfault, an abort in ONNX
+Runtime, the OOM killer) must become a clear `RuntimeCrashError` instead of killing the toolkit.
+
+The child is `python -m runtimes.measure JOB.json RESULT.json`, started with subprocess so that
+its exit status tells a signal apart from a Python error. It imports only the runtime it runs.
+It writes the phase it is in to a side file, so a crash can be reported as
+"llama.cpp crashed (signal 11, SIGSEGV) while decoding 32 tokens at context 2048 (model.gguf)".
+
+A job: load with n_ctx = `context`; prefill `context - decode_tokens` tokens (the given ids or
+text, repeated to length); decode `decode_tokens` tokens greedily one at a time, which fills the
+KV cache to exactly `context`; record speeds and memory; then, optionally, score `score_ids`
+(from a fresh cache) and report scoring memory apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import faulthandler
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtimes.base import (
+    RUNNERS,
+    MeasureResult,
+    RuntimeCrashError,
+    RuntimeLoadError,
+    ScoreResult,
+    first_line,
+)
+
+# Imported before the baseline reading, so `baseline_rss_bytes` covers Python and the runtime's
+# libraries and `loaded_rss_bytes - baseline_rss_bytes` is what loading the model added.
+RUNTIME_MODULES: dict[str, tuple[str, ...]] = {
+    "llama.cpp": ("llama_cpp",),
+    "onnxruntime": ("onnxruntime", "tokenizers"),
+    "torch": ("torch", "transformers"),
+}
+
+FILLER_TEXT = (
+    "The patient is a 67-year-old man with hypertension and type 2 diabetes who presented with "
+    "two hours of crushing chest pain radiating to the left arm. Troponin was elevated and the "
+    "electrocardiogram showed ST elevation in the inferior leads. "
+)
+
+CRASH_TEST_KIND = "crash-test"
+
+
+@dataclass
+class MeasureJob:
+    """What the child does; `kind` "crash-test" is for tests only (the child kills itself with SIGSEGV)."""
+
+    context: int = 2048
+    decode_tokens: int = 32
+    n_threads: int | None = None
+    device: str = "auto"
+    prompt_ids: list[int] | None = None
+    prompt_text: str | None = None
+    score_ids: list[int] | None = None
+    score_full_path: str | None = None  # write float32 log-probs [tokens, vocab] here (.npy)
+    runner_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Runner class
+    kind: str = "measure"
+
+
+def _current_rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _peak_rss() -> int:
+    """High-water resident memory of this process's own address space.
+
+    On Linux this is VmHWM from /proc/self/status, not getrusage's ru_maxrss: ru_maxrss survives
+    exec, so a child started by a toolkit holding 1 GB would report at least 1 GB.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+
+
+class VramMonitor:
+    """Peak GPU memory of this process, sampled through NVML in a background thread.
+
+    Uses the per-process figure when NVML lists this pid, else the growth of the devices' used
+    memory since start (containers often hide pids). `peak_bytes` is None without a GPU.
+    """
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        self.interval_s = interval_s
+        self.peak_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._handles: list[Any] = []
+        self._baseline = 0
+
+    def _used(self) -> int:
+        import pynvml
+
+        pid = os.getpid()
+        own = 0
+        found = False
+        for handle in self._handles:
+            try:
+                for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if process.pid == pid and process.usedGpuMemory is not None:
+                        own += int(process.usedGpuMemory)
+                        found = True
+            except pynvml.NVMLError:
+                pass
+        if found:
+            return own
+        total = sum(int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) for handle in self._handles)
+        return max(0, total - self._baseline)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def sample(self) -> None:
+        """Take one reading now (also called at phase ends, so short peaks are not missed)."""
+        if not self._handles:
+            return
+        try:
+            used = self._used()
+        except Exception:
+            return
+        self.peak_bytes = max(self.peak_bytes or 0, used)
+
+    def start(self) -> VramMonitor:
+        """Start sampling when NVML sees a GPU; a no-op otherwise."""
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self._baseline = sum(int(pynvml.nvmlDeviceGetMemoryInfo(h).used) for h in self._handles)
+        except Exception:
+            self._handles = []
+            return self
+        if self._handles:
+            self.peak_bytes = 0
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> int | None:
+        """Stop sampling; returns the peak in bytes (None without a GPU)."""
+        self.sample()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.peak_bytes
+
+
+def _tile(ids: list[int], length: int) -> list[int]:
+    if not ids:
+        raise ValueError("the prompt for prefill tokenized to nothing")
+    repeats = -(-length // len(ids))
+    return (ids * repeats)[:length]
+
+
+def run_job(
+    runtime: str, path: str | Path, job: MeasureJob, on_phase: Callable[[str], None] | None = None
+) -> MeasureResult:
+    """Run a measurement job in this process (the child calls this; in-process use skips isolation)."""
+    phase = on_phase or (lambda text: None)
+    if runtime not in RUNNERS:
+        raise RuntimeLoadError(f"unknown runtime {runtime!r} (known: {', '.join(sorted(RUNNERS))})")
+    if job.kind == CRASH_TEST_KIND:
+        phase("running the crash-test job")
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if job.kind != "measure":
+        raise ValueError(f"unknown job kind {job.kind!r}")
+    if not 0 < job.decode_tokens < job.context:
+        raise ValueError(f"decode_tokens must be in 1..{job.context - 1}, not {job.decode_tokens}")
+
+    for module in RUNTIME_MODULES.get(runtime, ()):
+        __import__(module)
+    baseline = _current_rss()
+    vram = VramMonitor().start()
+    name = Path(path).name
+    phase(f"loading {name}")
+    runner = RUNNERS[runtime](**job.runner_options)
+    runner.load(path, n_ctx=job.context, n_threads=job.n_threads, device=job.device)
+    loaded = _current_rss()
+    vram.sample()
+
+    if job.prompt_ids:
+        source = [int(i) for i in job.prompt_ids]
+    else:
+        source = runner.tokenize(job.prompt_text or FILLER_TEXT)
+    prefill_ids = _tile(source, job.context - job.decode_tokens)
+    phase(f"prefilling {len(prefill_ids)} tokens ({name})")
+    runner.reset()
+    start = time.perf_counter()
+    logits = runner.forward(prefill_ids)
+    prefill_seconds = time.perf_counter() - start
+    vram.sample()
+
+    phase(f"decoding {job.decode_tokens} tokens at context {job.context} ({name})")
+    token = int(np.argmax(logits[-1]))
+    start = time.perf_counter()
+    for _ in range(job.decode_tokens):
+        token = int(np.argmax(runner.forward([token])[-1]))
+    decode_seconds = time.perf_counter() - start
+    rss_at_context = _current_rss()
+    peak_rss = max(_peak_rss(), rss_at_context)  # the high-water mark can lag the live figure
+    peak_vram = vram.stop() if runner.device == "cuda" else None  # a CPU run's delta is other processes'
+
+    score = None
+    if job.score_ids:
+        phase(f"scoring {len(job.score_ids)} tokens ({name})")
+        score = _score(runner, job)
+    details = dict(getattr(runner, "details", {}) or {})
+    runner.close()
+    return MeasureResult(
+        runtime=runtime,
+        path=str(runner.path or path),
+        device=runner.device,
+        context=job.context,
+        n_threads=job.n_threads,
+        load_seconds=float(runner.load_seconds or 0.0),
+        prefill_tokens=len(prefill_ids),
+        prefill_seconds=prefill_seconds,
+        decode_tokens=job.decode_tokens,
+        decode_seconds=decode_seconds,
+        baseline_rss_bytes=baseline,
+        loaded_rss_bytes=loaded,
+        rss_at_context_bytes=rss_at_context,
+        peak_rss_bytes=peak_rss,
+        peak_vram_bytes=peak_vram,
+        score=score,
+        details=details,
+    )
+
+
+def _score(runner: Any, job: MeasureJob) -> ScoreResult:
+    """Score `job.score_ids` chunk by chunk; optionally stream full log-probs to a .npy memmap."""
+    ids = [int(i) for i in job.score_ids or []]
+    full = None
+    if job.score_full_path:
+        full = np.lib.format.open_memmap(
+            job.score_full_path, mode="w+", dtype=np.float32, shape=(len(ids), runner.vocab_size)
+        )
+    gathered: list[np.ndarray] = []
+    position = 0
+    start = time.perf_counter()
+    for rows in runner.iter_logprobs(ids):
+        if full is not None:
+            full[position : position + len(rows)] = rows
+        targets = ids[position + 1 : position + 1 + len(rows)]
+        gathered.append(rows[np.arange(len(targets)), targets])
+        position += len(rows)
+    seconds = time.perf_counter() - start
+    if full is not None:
+        full.flush()
+        del full
+    values = np.concatenate(gathered) if gathered else np.zeros(0, np.float32)
+    return ScoreResult(
+        tokens=len(ids),
+        token_logprobs=[float(v) for v in values],
+        seconds=seconds,
+        peak_rss_bytes=_peak_rss(),
+        full_logprobs_path=job.score_full_path,
+    )
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def measure_in_child(
+    runner_name: str,
+    path: str | Path,
+    job: MeasureJob | dict[str, Any] | None = None,
+    timeout_s: float | None = 3600,
+) -> MeasureResult:
+    """Run `job` on runtime `runner_name` for `path` in a fresh Python process; return its result.
+
+    Raises RuntimeCrashError (a RuntimeLoadError) when the child dies from a signal, naming the
+    phase it was in, and RuntimeLoadError when it cannot load the artifact, fails, or runs past
+    `timeout_s`.
+    """
+    if isinstance(job, dict):
+        job = MeasureJob(**job)
+    job = job or MeasureJob()
+    if runner_name not in RUNNERS:
+        raise RuntimeLoadError(f"unknown runtime {runner_name!r} (known: {', '.join(sorted(RUNNERS))})")
+    path = Path(path)
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    with tempfile.TemporaryDirectory(prefix="bedside-measure-") as folder:
+        job_file, result_file = Path(folder, "job.json"), Path(folder, "result.json")
+        phase_file = Path(folder, "phase.txt")
+        job_file.write_text(
+            json.dumps({"runtime": runner_name, "path": str(path), "job": dataclasses.asdict(job)}),
+            encoding="utf-8",
+        )
+        command = [sys.executable, "-m", "runtimes.measure", str(job_file), str(result_file), str(phase_file)]
+        try:
+            completed = subprocess.run(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                timeout=timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as error:
+            phase = phase_file.read_text(encoding="utf-8") if phase_file.exists() else "starting"
+            raise RuntimeLoadError(
+                f"{runner_name} did not finish within {timeout_s:.0f} s while {phase} ({path})"
+            ) from error
+        phase = phase_file.read_text(encoding="utf-8") if phase_file.exists() else "starting"
+        output = completed.stdout.decode("utf-8", errors="replace").strip().splitlines()
+        last_line = output[-1] if output else ""
+        if completed.returncode < 0:
+            number = -completed.returncode
+            hint = " (killed: out of memory?)" if number == signal.SIGKILL else ""
+            raise RuntimeCrashError(
+                f"{runner_name} crashed (signal {number}, {_signal_name(number)}) while {phase} ({path}){hint}"
+            )
+        if not result_file.exists():
+            raise RuntimeLoadError(
+                f"{runner_name} measurement exited with status {completed.returncode} while {phase} "
+                f"({path}): {last_line}"
+            )
+        payload = json.loads(result_file.read_text(encoding="utf-8"))
+    if not payload["ok"]:
+        raise RuntimeLoadError(payload["error"])
+    return MeasureResult.from_dict(payload["result"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child entry point: `python -m runtimes.measure JOB.json RESULT.json PHASE.txt`."""
+    job_file, result_file, phase_file = (argv if argv is not None else sys.argv[1:])[:3]
+    faulthandler.enable()
+    spec = json.loads(Path(job_file).read_text(encoding="utf-8"))
+
+    def on_phase(text: str) -> None:
+        Path(phase_file).write_text(text, encoding="utf-8")
+
+    try:
+        result = run_job(spec["runtime"], spec["path"], MeasureJob(**spec["job"]), on_phase=on_phase)
+        payload: dict[str, Any] = {"ok": True, "result": result.to_dict()}
+        status = 0
+    except RuntimeLoadError as error:
+        payload, status = {"ok": False, "error": str(error)}, 2
+    except Exception as error:  # reported to the parent as one line; traceback on the child's output
+        import traceback
+
+        traceback.print_exc()
+        phase = Path(phase_file).read_text(encoding="utf-8") if Path(phase_file).exists() else "starting"
+        payload = {
+            "ok": False,
+            "error": f"{spec['runtime']} failed while {phase} ({spec['path']}): "
+            f"{type(error).__name__}: {first_line(error)}",
+        }
+        status = 3
+    Path(result_file).write_text(json.dumps(payload), encoding="utf-8")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

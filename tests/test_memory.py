@@ -1,0 +1,464 @@
+"""Memory estimator: type tables, byte arithmetic checked by hand, and agreement with llama.cpp / onnxruntime."""
+
+import ctypes
+import re
+from pathlib import Path
+
+import pytest
+
+from toolkit.errors import BedsideError
+from toolkit.facts import ModelFacts, TensorSpec, read_facts
+from toolkit.format_types import (
+    GGUF_MIXES,
+    ONNX_SCHEMES,
+    gguf_tensor_types,
+    has_type_table,
+    matmul_nbits_bytes,
+    tensor_types,
+    use_more_bits,
+    vision_weight_bytes,
+)
+from toolkit.ggml_types import GGML_TYPES, ggml_type
+from toolkit.memory import (
+    Deployment,
+    RuntimeSettings,
+    estimate_memory,
+    kv_cache_bytes,
+    llama_cpp_compute_regions,
+    memory_budget,
+)
+from toolkit.plan_schema import Candidate, Plan
+from toolkit.profiles import Figure, load_profile
+from toolkit.quality_priors import QUANT_PRIOR_PCT
+from toolkit.schemes import FORMATS, KV_CACHE_DTYPES
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MIB = 1024**2
+GIB = 1024**3
+
+
+@pytest.fixture(scope="module")
+def llama2() -> ModelFacts:
+    return read_facts(FIXTURES / "llama-2-7b")
+
+
+@pytest.fixture(scope="module")
+def llava() -> ModelFacts:
+    return read_facts(FIXTURES / "llava-1.5-7b")
+
+
+@pytest.fixture(scope="module")
+def smollm() -> ModelFacts:
+    return read_facts(FIXTURES / "smollm2-135m")
+
+
+def one_matrix_model(rows: int, cols: int) -> ModelFacts:
+    """A one-layer model whose only weight is a rows x cols attn_q: for hand-checked byte counts."""
+    return ModelFacts(
+        architecture="LlamaForCausalLM",
+        family="llama",
+        num_layers=1,
+        hidden_size=cols,
+        intermediate_size=cols,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=cols // 32,
+        vocab_size=32,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        layer_tensors=(TensorSpec("attn_q", (rows, cols)), TensorSpec("attn_norm", (cols,))),
+        global_tensors=(),
+    )
+
+
+# --- ggml type table --------------------------------------------------------------------------------------
+
+
+def test_ggml_type_table_matches_gguf_py():
+    gguf = pytest.importorskip("gguf")
+    for name, ggml in GGML_TYPES.items():
+        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (ggml.block_size, ggml.type_size), (
+            name
+        )
+
+
+def test_block_sizes_and_bytes_per_block():
+    expected = {
+        "F32": (1, 4),
+        "F16": (1, 2),
+        "Q4_0": (32, 18),
+        "Q4_1": (32, 20),
+        "Q5_0": (32, 22),
+        "Q5_1": (32, 24),
+        "Q8_0": (32, 34),
+        "Q2_K": (256, 84),
+        "Q3_K": (256, 110),
+        "Q4_K": (256, 144),
+        "Q5_K": (256, 176),
+        "Q6_K": (256, 210),
+    }
+    for name, (block, size) in expected.items():
+        assert (ggml_type(name).block_size, ggml_type(name).type_size) == (block, size)
+
+
+def test_q8_0_of_a_4096_square_matrix():
+    assert ggml_type("Q8_0").tensor_bytes((4096, 4096)) == 4096 * 4096 // 32 * 34
+    model = one_matrix_model(4096, 4096)
+    q8 = {t.role: t for t in tensor_types(model, "gguf", "Q8_0")}
+    assert q8["attn_q"].dtype == "Q8_0" and q8["attn_q"].nbytes == 4096 * 4096 // 32 * 34
+    assert q8["attn_norm"].dtype == "F32" and q8["attn_norm"].nbytes == 4096 * 4
+    assert ggml_type("Q4_K").tensor_bytes((11008, 4096)) == 11008 * 4096 // 256 * 144
+
+
+def test_row_not_divisible_by_block_is_refused():
+    with pytest.raises(ValueError):
+        ggml_type("Q4_K").row_bytes(576)
+
+
+# --- GGUF mixes (llama-quant.cpp) -------------------------------------------------------------------------
+
+
+def test_use_more_bits_layers_of_a_32_layer_model():
+    # i < 4 or i >= 28 or (i - 4) % 3 == 2, worked out by hand
+    assert [i for i in range(32) if use_more_bits(i, 32)] == [
+        0,
+        1,
+        2,
+        3,
+        6,
+        9,
+        12,
+        15,
+        18,
+        21,
+        24,
+        27,
+        28,
+        29,
+        30,
+        31,
+    ]
+
+
+def test_q4_k_m_types_of_llama2(llama2):
+    types = {t.name: t.dtype for t in tensor_types(llama2, "gguf", "Q4_K_M")}
+    assert types["token_embd.weight"] == "Q4_K"  # untied: the default type
+    assert types["output.weight"] == "Q6_K"
+    assert types["output_norm.weight"] == "F32"
+    assert types["blk.0.attn_v.weight"] == "Q6_K" and types["blk.4.attn_v.weight"] == "Q4_K"
+    assert types["blk.6.ffn_down.weight"] == "Q6_K" and types["blk.7.ffn_down.weight"] == "Q4_K"
+    assert types["blk.5.attn_q.weight"] == "Q4_K" and types["blk.5.ffn_up.weight"] == "Q4_K"
+
+
+def test_q3_k_m_types_of_llama2(llama2):
+    types = {t.name: t.dtype for t in tensor_types(llama2, "gguf", "Q3_K_M")}
+    assert types["blk.0.attn_v.weight"] == "Q5_K" and types["blk.1.attn_v.weight"] == "Q5_K"
+    assert types["blk.2.attn_v.weight"] == "Q4_K"
+    assert types["blk.1.ffn_down.weight"] == "Q5_K" and types["blk.2.ffn_down.weight"] == "Q4_K"  # n/16 = 2
+    assert types["blk.9.attn_output.weight"] == "Q4_K"
+    assert types["blk.9.attn_q.weight"] == "Q3_K" and types["output.weight"] == "Q6_K"
+
+
+# Published file sizes of TheBloke/Llama-2-7B-GGUF (huggingface.co model card, "Provided files", GB = 1e9).
+PUBLISHED_LLAMA2_7B_GGUF_GB = {
+    "Q3_K_M": 3.30,
+    "Q4_0": 3.83,
+    "Q4_K_M": 4.08,
+    "Q5_K_M": 4.78,
+    "Q6_K": 5.53,
+    "Q8_0": 7.16,
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(PUBLISHED_LLAMA2_7B_GGUF_GB))
+def test_gguf_sizes_match_published_llama2_files(llama2, scheme):
+    total = sum(t.nbytes for t in tensor_types(llama2, "gguf", scheme))
+    assert total / 1e9 == pytest.approx(PUBLISHED_LLAMA2_7B_GGUF_GB[scheme], rel=0.003)
+
+
+def test_rows_of_576_fall_back_as_notes_measured(smollm):
+    """Q4_K_M on hidden 576: 180 of 272 tensors fall back (q4_K -> q5_0, q6_K -> q8_0); ffn_down keeps K-quants."""
+    tensors = tensor_types(smollm, "gguf", "Q4_K_M")
+    assert len(tensors) == 272
+    fallen = [t for t in tensors if len(t.shape) == 2 and t.role != "token_embd" and t.shape[-1] % 256]
+    assert len(fallen) == 180
+    assert {t.dtype for t in fallen} == {"Q5_0", "Q8_0"}
+    assert {t.dtype for t in tensors if t.role == "ffn_down"} == {"Q4_K", "Q6_K"}
+    assert next(t for t in tensors if t.role == "token_embd").dtype == "Q8_0"  # tied, 576 % 256 != 0
+
+
+def _llama_cpp_dry_run_types(source: Path, ftype: int, prune: list[int]) -> dict[str, str]:
+    """Per-tensor target types that llama.cpp's own quantizer chooses (dry run: nothing written)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    log: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):  # noqa: ARG001
+        log.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftype
+        params.allow_requantize = True
+        params.dry_run = True
+        keep_alive = None
+        if prune:
+            keep_alive = (ctypes.c_int32 * (len(prune) + 1))(*prune, -1)
+            params.prune_layers = ctypes.cast(keep_alive, ctypes.POINTER(ctypes.c_int32))
+        assert llama_cpp.llama_model_quantize(str(source).encode(), b"/dev/null", ctypes.byref(params)) == 0
+    finally:
+        llama_cpp.llama_log_set(ctypes.cast(None, llama_cpp.llama_log_callback), ctypes.c_void_p(0))
+    rows = re.findall(
+        r"\]\s+(\S+)\s+- \[[^\]]*\], type =\s+(\S+), size =[^\n]*?(?:\((\w+)\))?\n", "".join(log)
+    )
+    return {name: (new or current).upper() for name, current, new in rows}
+
+
+LLAMA_FTYPES = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+
+
+@pytest.mark.demo
+@pytest.mark.parametrize(
+    ("scheme", "prune"), [(s, []) for s in FORMATS["gguf"]] + [("Q4_K_M", [3, 11, 20, 27])]
+)
+def test_gguf_types_equal_llama_cpp_quantizer(demo_gguf_path, smollm, scheme, prune):
+    """Our type table against llama.cpp's quantizer on the demo GGUF (dry run, ~0.2 s each)."""
+    assert set(LLAMA_FTYPES) == set(FORMATS["gguf"])
+    real = _llama_cpp_dry_run_types(demo_gguf_path, LLAMA_FTYPES[scheme], prune)
+    # llama.cpp's own prune_layers keeps the source's block count for the ffn_down rules (n_layer_all)
+    kept = smollm.num_layers - len(prune)
+    tensors = gguf_tensor_types(smollm, scheme, kept, n_layer_all=smollm.num_layers if prune else None)
+    ours = {t.name: t.dtype for t in tensors}
+    assert len(real) == len(ours)
+    assert ours == real
+
+
+# --- ONNX MatMulNBits -------------------------------------------------------------------------------------
+
+
+def test_matmul_nbits_bytes_by_hand():
+    # N=192, K=576, 4 bits, block 32, fp32 scales, asymmetric: 18 blocks per row
+    size = matmul_nbits_bytes(192, 576, 4, 32, 4, symmetric=False)
+    assert (size.packed, size.scales, size.zero_points) == (192 * 18 * 16, 192 * 18 * 4, 192 * 9)
+    # K=1000 pads to 8 blocks of 128; 4-bit zero points pack two per byte
+    size = matmul_nbits_bytes(64, 1000, 4, 128, 4, symmetric=False)
+    assert (size.packed, size.scales, size.zero_points) == (64 * 8 * 64, 64 * 8 * 4, 64 * 4)
+    assert matmul_nbits_bytes(64, 1000, 8, 128, 2, symmetric=True).zero_points == 0
+
+
+@pytest.mark.parametrize(
+    ("bits", "block", "symmetric", "k", "n"),
+    [(4, 32, False, 576, 192), (4, 128, False, 1000, 64), (4, 32, True, 576, 192), (8, 32, False, 576, 192)],
+)
+def test_matmul_nbits_layout_equals_onnxruntime(bits, block, symmetric, k, n):
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("onnx")
+    quantizer = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n])],
+        [weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    q = quantizer.MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric)
+    q.process()
+    nbytes = {
+        i.name: int(np.prod(i.dims)) * helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
+        for i in q.model.model.graph.initializer
+    }
+    ours = matmul_nbits_bytes(n, k, bits, block, 4, symmetric)
+    assert sum(nbytes.values()) == ours.total
+    assert nbytes["W_scales"] == ours.scales
+
+
+def test_onnx_int4_keeps_tied_embedding_float(smollm, llama2):
+    tensors = {t.name: t for t in tensor_types(smollm, "onnx", "int4_b32")}
+    assert tensors["token_embd.weight"].dtype == "fp32" and "output.weight" not in tensors
+    assert tensors["blk.0.attn_q.weight"].dtype == "int4_b32"
+    assert tensors["blk.0.attn_norm.weight"].dtype == "fp32"
+    untied = {t.name: t for t in tensor_types(llama2, "onnx", "int4_b128")}
+    assert untied["output.weight"].dtype == "int4_b128"  # an untied lm_head is an ordinary MatMul
+    assert untied["output.weight"].nbytes == matmul_nbits_bytes(32000, 4096, 4, 128, 4, False).total
+
+
+def test_onnx_float_graphs(llama2):
+    fp16 = sum(t.nbytes for t in tensor_types(llama2, "onnx", "fp16"))
+    fp32 = sum(t.nbytes for t in tensor_types(llama2, "onnx", "fp32"))
+    assert fp16 == llama2.text_params * 2 and fp32 == llama2.text_params * 4
+
+
+def test_every_scheme_has_a_type_table_and_a_prior(llama2):
+    for format_name, schemes in FORMATS.items():
+        for scheme in schemes:
+            assert has_type_table(format_name, scheme), (format_name, scheme)
+            assert scheme in QUANT_PRIOR_PCT, scheme
+            tensors = tensor_types(llama2, format_name, scheme)
+            assert len(tensors) == 32 * 9 + 3 and all(t.nbytes > 0 for t in tensors)
+    assert set(GGUF_MIXES) == set(FORMATS["gguf"]) and set(ONNX_SCHEMES) == set(FORMATS["onnx"])
+
+
+# --- vision -----------------------------------------------------------------------------------------------
+
+
+def test_llava_vision_bytes_by_hand(llava):
+    # 23 of 24 CLIP layers run (feature layer -2); projector mm.0 (4096x1024) and mm.2 (4096x4096)
+    linear = 23 * (4 * 1024 * 1024 + 2 * 1024 * 4096) + 4096 * 1024 + 4096 * 4096
+    embeddings = 1024 * 3 * 14 * 14 + 577 * 1024  # patch conv and position embedding stay f16
+    one_dim = 1024 + 2 * 1024 + 23 * (3 * 1024 + 1024 + 4096 + 1024 + 4 * 1024) + 2 * 4096
+    q8 = vision_weight_bytes(llava.vision, "gguf", "q8_0")
+    assert q8 == {"Q8_0": linear // 32 * 34, "F16": embeddings * 2, "F32": one_dim * 4}
+    f16 = vision_weight_bytes(llava.vision, "gguf", "f16")
+    assert f16 == {"F16": (linear + embeddings) * 2, "F32": one_dim * 4}
+    assert linear + embeddings + one_dim == llava.vision_params - llava.vision.unused_params
+
+
+# --- the estimate -----------------------------------------------------------------------------------------
+
+
+def test_kv_cache_formula(llama2):
+    # 2 (K, V) * 32 layers * 32 KV heads * 128 head dim * 4096 tokens * 2 bytes = 2 GiB
+    assert kv_cache_bytes(llama2, 32, 4096, 2) == 2 * 32 * 32 * 128 * 4096 * 2 == 2 * GIB
+    assert kv_cache_bytes(llama2, 16, 4096, KV_CACHE_DTYPES["q8_0"]) == 2 * 16 * 32 * 128 * 4096 * 34 // 32
+    profile = load_profile("workstation-cpu-16gb")
+    estimate = estimate_memory(llama2, Deployment("gguf", "Q4_K_M", 8, context=1000), profile)
+    assert estimate.detail["param.kv_tokens"] == 1024  # llama.cpp pads n_ctx to a multiple of 256
+    assert estimate.kv_cache_bytes == 2 * 24 * 32 * 128 * 1024 * KV_CACHE_DTYPES[profile.kv_cache_dtype]
+
+
+def test_llama_cpp_compute_buffer_of_7b_at_512():
+    """Llama-2-7B, n_ctx 512, n_ubatch 512: logits 32000*512*4 + 512*4096*4 bytes = 70.5 MiB."""
+    regions = llama_cpp_compute_regions(read_facts(FIXTURES / "llama-2-7b"), 512, RuntimeSettings(), False)
+    assert regions["logits"] == 32000 * 512 * 4 + 512 * 4096 * 4 == int(70.5 * MIB)
+    assert max(regions.values()) == regions["logits"]
+    assert regions["attention"] == 32 * 512 * 512 * 4 + 512 * 512 * 4 + 3 * 512 * 4096 * 4
+
+
+def _counted(estimate) -> int:
+    skip = ("param.", "compute.region.", "host_only.", "reserved.")
+    return sum(v for k, v in estimate.detail.items() if not k.startswith(skip))
+
+
+@pytest.mark.parametrize("profile_name", ["workstation-cpu-16gb", "rtx3050-4gb", "jetson4gb"])
+@pytest.mark.parametrize("format_name,quant", [("gguf", "Q4_K_M"), ("onnx", "int4_b32")])
+def test_detail_terms_add_up_to_the_total(llava, profile_name, format_name, quant):
+    profile = load_profile(profile_name)
+    if format_name not in profile.formats:
+        pytest.skip(f"{profile_name} does not run {format_name}")
+    estimate = estimate_memory(llava, Deployment(format_name, quant, 4, "q8_0"), profile)
+    assert _counted(estimate) == estimate.total_bytes
+    groups = (
+        estimate.weights_bytes + estimate.kv_cache_bytes + estimate.vision_bytes + estimate.overhead_bytes
+    )
+    assert groups == estimate.total_bytes
+
+
+def test_discrete_gpu_keeps_host_terms_out(llava):
+    gpu = estimate_memory(llava, Deployment("gguf", "Q4_K_M"), load_profile("rtx3050-4gb"))
+    assert "runtime.process" not in gpu.detail and "host_only.runtime.process" in gpu.detail
+    assert any(
+        k.startswith("host_only.weights.token_embd") for k in gpu.detail
+    )  # llama.cpp keeps it on the CPU
+    assert "reserved.cuda_context" in gpu.detail  # inside the profile's reserved_gib, not added again
+    unified = estimate_memory(llava, Deployment("gguf", "Q4_K_M"), load_profile("jetson4gb"))
+    assert unified.detail["runtime.process"] > 0 and unified.weights_bytes > gpu.weights_bytes
+
+
+def test_onnxruntime_kv_is_past_plus_present(llama2):
+    profile = load_profile("workstation-cpu-16gb")
+    estimate = estimate_memory(llama2, Deployment("onnx", "int8", context=512), profile)
+    one = 2 * 32 * 32 * 128 * 512 * 4  # fp32 graph
+    assert estimate.detail["kv_cache.past"] == estimate.detail["kv_cache.present"] == one
+
+
+def test_estimate_reads_plans_and_candidates(llama2):
+    profile = load_profile("workstation-cpu-16gb")
+    base = estimate_memory(llama2, Deployment("gguf", "Q4_K_M", 2, context=2048), profile)
+    candidate = Candidate(
+        format="gguf",
+        quant="Q4_K_M",
+        runtime="llama.cpp",
+        layers_removed=2,
+        memory=base,
+        fits=True,
+        predicted_quality_loss=0.0,
+    )
+    plan = Plan(
+        model="m",
+        profile=profile.name,
+        context_length=2048,
+        budget_bytes=memory_budget(profile),
+        fp16_bytes=1,
+        fits=True,
+        chosen=candidate,
+    )
+    assert estimate_memory(llama2, plan, profile) == base
+    assert estimate_memory(llama2, candidate, profile, context=2048) == base
+    longer = estimate_memory(llama2, plan, profile, context=4096)
+    assert longer.kv_cache_bytes == 2 * base.kv_cache_bytes
+
+
+def test_logits_all_adds_the_score_arrays(smollm):
+    profile = load_profile("workstation-cpu-16gb")
+    plain = estimate_memory(smollm, Deployment("gguf", "Q8_0", context=2048), profile)
+    scoring = estimate_memory(
+        smollm, Deployment("gguf", "Q8_0", context=2048), profile, RuntimeSettings(logits_all=True)
+    )
+    # llama.cpp output buffer (n_batch rows) + llama-cpp-python's (n_ctx, vocab) scores array, float32
+    assert scoring.detail["runtime.logits_host"] - plain.detail["runtime.logits_host"] == 49152 * 4 * (
+        512 + 2048 - 1
+    )
+    # and every ubatch row is an output, so the logits region (vocab x 512 x 4) becomes the compute peak
+    assert scoring.detail["compute.region.logits"] == 49152 * 512 * 4 + 512 * 576 * 4
+    assert scoring.detail["compute.buffer"] == int(scoring.detail["compute.region.logits"] * 1.25)
+
+
+def test_bad_deployments_are_user_errors(llama2):
+    profile = load_profile("workstation-cpu-16gb")
+    with pytest.raises(BedsideError, match="not a gguf scheme"):
+        estimate_memory(llama2, Deployment("gguf", "int4_b32"), profile)
+    with pytest.raises(BedsideError, match="layers removed"):
+        estimate_memory(llama2, Deployment("gguf", "Q4_K_M", 32), profile)
+    with pytest.raises(BedsideError, match="unknown format"):
+        estimate_memory(llama2, Deployment("safetensors", "Q4_K_M"), profile)
+
+
+def test_budget_is_capacity_minus_reserved_minus_headroom():
+    profile = load_profile("jetson4gb").model_copy(
+        update={
+            "reserved_gib": Figure(value=1, source="test"),
+            "headroom_pct": Figure(value=10, source="test"),
+        }
+    )
+    assert memory_budget(profile) == int(3 * GIB * 0.9)
+
+
+# Peak RSS measured on this machine kind (see the calibration record in toolkit/memory.py): demo model, prompt
+# filling the context (llama.cpp) or prefill of P tokens then 8 decode steps (onnxruntime, optimum export).
+MEASURED_PEAK_RSS_MIB = {
+    ("gguf", "Q8_0", 2048): 321.7,
+    ("gguf", "Q8_0", 4096): 416.0,
+    ("gguf", "Q4_K_M", 2048): 291.6,
+    ("gguf", "Q4_K_M", 4096): 386.0,
+    ("onnx", "fp32", 512): 1174.7,
+    ("onnx", "fp32", 2048): 1793.0,
+    ("onnx", "int4_b32", 512): 592.2,
+    ("onnx", "int4_b32", 2048): 1258.4,
+}
+
+
+@pytest.mark.parametrize(("format_name", "quant", "context"), sorted(MEASURED_PEAK_RSS_MIB))
+def test_calibration_record(smollm, format_name, quant, context):
+    """The constants reproduce the measured peaks: llama.cpp within 3 %, onnxruntime within 10 %."""
+    profile = load_profile("workstation-cpu-16gb").model_copy(
+        update={"kv_cache_dtype": "f16", "batch_size": 1}
+    )
+    assert profile.compute.accelerator == "cpu"
+    estimate = estimate_memory(smollm, Deployment(format_name, quant, context=context), profile)
+    measured = MEASURED_PEAK_RSS_MIB[(format_name, quant, context)] * MIB
+    assert estimate.total_bytes == pytest.approx(measured, rel=0.03 if format_name == "gguf" else 0.10)

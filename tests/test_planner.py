@@ -1,0 +1,298 @@
+"""Planner: the two fixture plans the issue requires, the choice rules, sensitivities, pins and the CLI contract."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from toolkit.errors import BedsideError
+from toolkit.facts import ModelFacts, read_facts
+from toolkit.memory import GIB
+from toolkit.plan_schema import Plan
+from toolkit.planner import make_plan
+from toolkit.profiles import Figure, load_profile
+from toolkit.quality_priors import (
+    QUANT_PRIOR_PCT,
+    Sensitivities,
+    depth_prior_pct,
+    load_sensitivities,
+    predict_quality,
+    predict_quality_loss,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LLAVA = FIXTURES / "llava-1.5-7b"
+
+
+@pytest.fixture(scope="module")
+def llava() -> ModelFacts:
+    return read_facts(LLAVA)
+
+
+@pytest.fixture(scope="module")
+def llama2() -> ModelFacts:
+    return read_facts(FIXTURES / "llama-2-7b")
+
+
+def _host_weights(plan: Plan) -> int:
+    return sum(v for k, v in plan.chosen.memory.detail.items() if k.startswith("host_only.weights."))
+
+
+# --- the two plans the issue requires ---------------------------------------------------------------------
+
+
+def test_llava_on_rtx3050_fits_4gb_and_is_70_percent_below_fp16(llava):
+    profile = load_profile("rtx3050-4gb")
+    plan = make_plan(llava, profile, "llava-1.5-7b")
+    assert plan.fits and plan.chosen is not None
+    memory = plan.chosen.memory
+    assert memory.total_bytes <= plan.budget_bytes <= 4 * GIB
+    compressed = memory.weights_bytes + _host_weights(plan) + memory.vision_bytes
+    assert compressed <= 0.30 * plan.fp16_bytes  # the 2025 medical LLaVA study's 70 % figure
+    assert plan.fp16_bytes == llava.total_params * 2
+    assert plan.chosen.format in profile.formats and plan.chosen.quant in profile.quant_schemes
+    assert plan.chosen.vision_dtype in ("f16", "q8_0")
+    assert "chose" in plan.reason and "budget" in plan.reason
+
+
+def test_llava_on_jetson4gb_plans_or_explains_with_numbers(llava):
+    plan = make_plan(llava, load_profile("jetson4gb"), "llava-1.5-7b")
+    if plan.fits:
+        assert plan.chosen.memory.total_bytes <= plan.budget_bytes
+    else:
+        assert plan.chosen is None and "GiB" in plan.reason and "budget" in plan.reason
+
+
+# --- choice rules -----------------------------------------------------------------------------------------
+
+
+def test_nothing_fits_names_the_smallest_candidate_against_the_budget(llava):
+    plan = make_plan(llava, load_profile("jetson4gb"), "llava", quant="Q8_0", prune_layers=0)
+    assert not plan.fits and plan.chosen is None
+    smallest = min(c.memory.total_bytes for c in plan.candidates)
+    assert f"{smallest / GIB:.2f} GiB" in plan.reason
+    assert f"{plan.budget_bytes / GIB:.2f} GiB budget" in plan.reason
+
+
+def test_lower_precision_before_removing_layers(llava):
+    plan = make_plan(llava, load_profile("jetson-orin-nano-8gb"), "llava")
+    passing = [c for c in plan.candidates if c.fits and not c.reason]
+    assert plan.chosen.layers_removed == min(c.layers_removed for c in passing)
+    same_depth = [c for c in passing if c.layers_removed == plan.chosen.layers_removed]
+    assert plan.chosen.predicted_quality_loss <= min(c.predicted_quality_loss for c in same_depth) + 0.05
+
+
+def test_highest_quality_that_fits_and_ties_go_to_the_smaller(llama2):
+    plan = make_plan(llama2, load_profile("workstation-cpu-16gb"), "llama2")
+    assert plan.fits and plan.chosen.layers_removed == 0
+    passing = [c for c in plan.candidates if c.fits and not c.reason and c.layers_removed == 0]
+    best = min(c.predicted_quality_loss for c in passing)
+    ties = [c for c in passing if c.predicted_quality_loss <= best + 0.05]
+    assert plan.chosen.memory.total_bytes == min(c.memory.total_bytes for c in ties)
+
+
+def test_candidates_cover_the_search_space(llava):
+    profile = load_profile("jetson4gb")
+    plan = make_plan(llava, profile, "llava")
+    expected = len(profile.quant_schemes) * (llava.num_layers // 2 + 1) * 2  # x vision dtype f16 / q8_0
+    assert len(plan.candidates) == expected
+    assert plan.candidates[0] == plan.chosen
+
+
+def test_minimum_decode_speed_is_enforced(llava):
+    profile = load_profile("jetson4gb").model_copy(
+        update={"min_decode_tokens_per_s": Figure(value=10_000, source="test")}
+    )
+    plan = make_plan(llava, profile, "llava")
+    assert not plan.fits and "tok/s" in plan.reason
+
+
+def test_context_override_changes_the_kv_cache(llama2):
+    profile = load_profile("workstation-cpu-16gb")
+    short = make_plan(llama2, profile, "m", quant="Q4_K_M", prune_layers=0, context=1024)
+    long = make_plan(llama2, profile, "m", quant="Q4_K_M", prune_layers=0, context=4096)
+    assert short.context_length == 1024 and long.context_length == 4096
+    assert long.chosen.memory.kv_cache_bytes == 4 * short.chosen.memory.kv_cache_bytes
+
+
+def test_pins_are_respected(llava):
+    plan = make_plan(
+        llava, load_profile("rtx3050-4gb"), "llava", format="gguf", quant="Q3_K_M", prune_layers=15
+    )
+    assert {(c.format, c.quant, c.layers_removed) for c in plan.candidates} == {("gguf", "Q3_K_M", 15)}
+
+
+@pytest.mark.parametrize(
+    ("pins", "message"),
+    [
+        ({"format": "gguf", "quant": "int4_b32"}, "not a gguf scheme"),
+        ({"quant": "Q9_K"}, "unknown quantization scheme"),
+        ({"format": "tflite"}, "unknown format"),
+        ({"format": "onnx"}, "does not run format"),  # jetson4gb runs gguf only
+        ({"quant": "F16"}, "does not allow scheme"),
+        ({"prune_layers": 32}, "between 0 and 31"),
+        ({"prune_layers": -1}, "between 0 and 31"),
+        ({"context": 0}, "positive"),
+    ],
+)
+def test_bad_pins_are_user_errors(llava, pins, message):
+    with pytest.raises(BedsideError, match=message):
+        make_plan(llava, load_profile("jetson4gb"), "llava", **pins)
+
+
+# --- quality priors and measured sensitivities ------------------------------------------------------------
+
+
+def test_priors_come_from_the_llama3_scoreboard():
+    assert QUANT_PRIOR_PCT["Q4_K_M"] == pytest.approx(100 * 0.175482 / 6.231636)
+    assert (
+        QUANT_PRIOR_PCT["Q8_0"]
+        < QUANT_PRIOR_PCT["Q6_K"]
+        < QUANT_PRIOR_PCT["Q5_K_M"]
+        < QUANT_PRIOR_PCT["Q4_K_M"]
+    )
+    assert QUANT_PRIOR_PCT["Q4_K_M"] < QUANT_PRIOR_PCT["Q4_0"] < QUANT_PRIOR_PCT["Q3_K_M"]
+    assert QUANT_PRIOR_PCT["int4_b32"] < QUANT_PRIOR_PCT["int4_b128"]
+
+
+def test_depth_prior_grows_with_layers_and_is_harsher_on_small_models(llama2):
+    assert depth_prior_pct(llama2, 0) == 0
+    assert depth_prior_pct(llama2, 4) < depth_prior_pct(llama2, 8)
+    small = read_facts(FIXTURES / "smollm2-135m")
+    assert depth_prior_pct(small, 6) > 100  # the demo lost +155 % at 6 of 30 layers (notes)
+    assert predict_quality_loss(llama2, "Q4_K_M", 0) == pytest.approx(QUANT_PRIOR_PCT["Q4_K_M"])
+
+
+def _sensitivities(num_layers: int) -> Sensitivities:
+    """Layers 20-27 nearly free to remove, Q3_K_M measured much worse than its prior."""
+    scores = {i: (0.3 if 20 <= i <= 27 else 30.0) for i in range(num_layers)}
+    return Sensitivities(
+        source="test", layer_removal_pct=scores, scheme_loss_pct={"Q3_K_M": 25.0, "Q4_K_M": 2.0}
+    )
+
+
+def test_measured_sensitivities_replace_the_priors(llava):
+    sens = _sensitivities(llava.num_layers)
+    prediction = predict_quality(llava, "Q4_K_M", 3, sens)
+    assert prediction.quant_source == "measured" and prediction.depth_source == "measured"
+    assert prediction.layers == [20, 21, 22]
+    assert prediction.depth_pct == pytest.approx(100 * (1.003**3 - 1))
+    assert predict_quality(llava, "Q5_K_M", 0, sens).quant_source == "prior"  # missing terms keep the prior
+
+
+def test_measured_sensitivities_change_the_choice(llava):
+    profile = load_profile("jetson-orin-nano-8gb")
+    prior = make_plan(llava, profile, "llava")
+    measured = make_plan(llava, profile, "llava", sensitivities=_sensitivities(llava.num_layers))
+    assert prior.chosen.layers_removed == 0 and prior.chosen.layers == []
+    assert measured.chosen.layers_removed > 0
+    assert measured.chosen.quant != "Q3_K_M"
+    assert set(measured.chosen.layers) <= set(range(20, 28))
+    assert measured.chosen.predicted_quality_loss < prior.chosen.predicted_quality_loss
+    assert "measured" in measured.reason
+
+
+def test_sensitivities_file_round_trip_and_errors(tmp_path, llava):
+    path = tmp_path / "sensitivities.json"
+    path.write_text(_sensitivities(llava.num_layers).model_dump_json())
+    assert load_sensitivities(path).layer_removal_pct[20] == 0.3
+    (tmp_path / "bad.json").write_text('{"layer_removal_pct": {"x": 1}}')
+    with pytest.raises(BedsideError, match="layer_removal_pct"):
+        load_sensitivities(tmp_path / "bad.json")
+    with pytest.raises(BedsideError, match="not found"):
+        load_sensitivities(tmp_path / "missing.json")
+    out_of_range = Sensitivities(layer_removal_pct={40: 1.0})
+    with pytest.raises(BedsideError, match="layer 40"):
+        predict_quality(llava, "Q4_K_M", 1, out_of_range)
+
+
+# --- CLI contract -----------------------------------------------------------------------------------------
+
+
+def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from toolkit import cli
+
+    monkeypatch.setattr(sys, "argv", ["bedside", "plan", *args])
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_json_contract(monkeypatch, capsys, tmp_path):
+    out = tmp_path / "plans" / "plan.json"
+    code, stdout, _ = _run_cli(
+        monkeypatch, capsys, "--model", str(LLAVA), "--profile", "rtx3050-4gb", "--json", "--out", str(out)
+    )
+    assert code == 0
+    record = json.loads(stdout)  # exactly one JSON object
+    assert record["fits"] is True and record["fp16_bytes"] > 0
+    chosen = record["chosen"]
+    for key in ("format", "quant", "layers_removed", "layers", "predicted_quality_loss"):
+        assert key in chosen
+    for key in ("total_bytes", "weights_bytes", "kv_cache_bytes", "vision_bytes", "overhead_bytes"):
+        assert isinstance(chosen["memory"][key], int)
+    assert record["candidates"][0] == chosen
+    assert Plan.model_validate_json(out.read_text()) == Plan.model_validate(record)
+    assert not list(out.parent.glob(".*.tmp"))  # the temporary file was renamed, not left behind
+
+
+def test_cli_exit_3_when_nothing_fits_with_json_still_printed(monkeypatch, capsys):
+    code, stdout, stderr = _run_cli(
+        monkeypatch,
+        capsys,
+        "--model",
+        str(LLAVA),
+        "--profile",
+        "jetson4gb",
+        "--quant",
+        "Q8_0",
+        "--prune-layers",
+        "0",
+        "--json",
+    )
+    assert code == 3
+    assert json.loads(stdout)["fits"] is False
+    assert "nothing fits" in stderr and stderr[-1] == "\n" and stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--format", "gguf", "--quant", "int4_b32"),
+        ("--prune-layers", "32"),
+        ("--quant", "Q9_K"),
+    ],
+)
+def test_cli_bad_input_exits_2(monkeypatch, capsys, args):
+    code, stdout, stderr = _run_cli(
+        monkeypatch, capsys, "--model", str(LLAVA), "--profile", "rtx3050-4gb", *args
+    )
+    assert code == 2 and stdout == "" and stderr.startswith("error: ")
+
+
+def test_cli_table(monkeypatch, capsys):
+    code, stdout, _ = _run_cli(
+        monkeypatch, capsys, "--model", str(LLAVA), "--profile", "rtx3050-4gb", "--top", "3"
+    )
+    assert code == 0 and "Memory breakdown" in stdout and "kv_cache.k" in stdout and "chose gguf" in stdout
+
+
+def test_cli_reads_measured_sensitivities(monkeypatch, capsys, tmp_path, llava):
+    path = tmp_path / "sensitivities.json"
+    path.write_text(_sensitivities(llava.num_layers).model_dump_json())
+    args = (
+        "--model",
+        str(LLAVA),
+        "--profile",
+        "jetson-orin-nano-8gb",
+        "--json",
+        "--sensitivities",
+        str(path),
+    )
+    code, stdout, _ = _run_cli(monkeypatch, capsys, *args)
+    assert code == 0 and json.loads(stdout)["chosen"]["layers"]
