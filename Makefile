@@ -20,7 +20,7 @@ export BEDSIDE_CACHE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLEL
 STAMP := $(VENV)/.bedside-setup-stamp
 BIN := $(VENV)/bin
 
-.PHONY: setup deploy test lint bench clean
+.PHONY: setup deploy test lint clean
 
 setup: $(STAMP)
 
@@ -38,9 +38,6 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
-
-bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

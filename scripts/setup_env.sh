@@ -45,13 +45,14 @@ $PIP install -q --no-deps --force-reinstall "$LLAMA_WHEELS"/llama_cpp_python-*.w
 
 # llama.cpp's HF->GGUF converter is not in the wheel; keep the sdist's copy for the exporter.
 CONVERTER_DIR="$BEDSIDE_CACHE/llama.cpp-$LLAMA_VERSION"
-if [ ! -f "$CONVERTER_DIR/convert_hf_to_gguf.py" ]; then
+if [ ! -f "$CONVERTER_DIR/convert_hf_to_gguf.py" ] || [ ! -f "$CONVERTER_DIR/conversion/__init__.py" ]; then
   if ! ls "$BEDSIDE_CACHE"/sdist/llama_cpp_python-"$LLAMA_VERSION".tar.gz >/dev/null 2>&1; then
     $PIP download -q --no-binary :all: --no-deps "llama-cpp-python==$LLAMA_VERSION" -d "$BEDSIDE_CACHE/sdist"
   fi
   TMP=$(mktemp -d)
   tar -xzf "$BEDSIDE_CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz" -C "$TMP" \
     "llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp/convert_hf_to_gguf.py" \
+    "llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp/conversion" \
     "llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp/gguf-py" \
     "llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp/tools/mtmd/legacy-models" 2>/dev/null || \
   tar -xzf "$BEDSIDE_CACHE/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz" -C "$TMP"

@@ -5,6 +5,8 @@ import sys
 
 import typer
 
+from exporters.base import ExportError
+from runtimes.base import RuntimeLoadError
 from toolkit.errors import BedsideError
 
 # Offline at run time: set-up fetched everything through the package registry.
@@ -22,19 +24,10 @@ app = typer.Typer(
 )
 
 
-COMMAND_MODULES = ("cli_setup", "cli_profiles", "cli_model", "cli_plan")
-
-
 def _register_all() -> None:
-    import importlib
+    from toolkit import cli_deploy, cli_model, cli_plan, cli_profiles, cli_setup
 
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"toolkit.{name}")
-        except ModuleNotFoundError as error:  # TODO(lead): make explicit once all areas land
-            if error.name != f"toolkit.{name}":
-                raise
-            continue
+    for module in (cli_setup, cli_profiles, cli_model, cli_plan, cli_deploy):
         module.register(app)
 
 
@@ -48,6 +41,9 @@ def main() -> None:
     except BedsideError as error:
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
+    except (ExportError, RuntimeLoadError) as error:  # one-line errors from exporters/ and runtimes/
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)

@@ -1,0 +1,101 @@
+"""The `bedside` command as a user runs it: a real process, exit codes, one-line errors, no traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def run_bedside(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+        timeout=120,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_help_lists_only_working_commands():
+    result = run_bedside("--help")
+    assert result.returncode == 0
+    for command in ("setup", "profiles", "inspect", "plan", "deploy"):
+        assert command in result.stdout
+    for unbuilt in ("compress", "export", "verify"):
+        assert f" {unbuilt} " not in result.stdout
+
+
+def test_unknown_profile_is_one_line_exit_2():
+    result = run_bedside("plan", "--model", str(FIXTURES / "llama-2-7b"), "--profile", "no-such-device")
+    assert_one_line_error(result, 2, "no-such-device", "jetson4gb")
+
+
+def test_malformed_profile_yaml_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    result = run_bedside("profiles", "show", str(bad))
+    assert_one_line_error(result, 2, "bad.yaml")
+
+
+def test_model_folder_without_config_is_one_line_exit_2(tmp_path):
+    result = run_bedside("inspect", str(tmp_path))
+    assert_one_line_error(result, 2, "config.json")
+
+
+def test_unsupported_architecture_names_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    result = run_bedside("inspect", str(tmp_path))
+    assert_one_line_error(result, 2, "LlamaForCausalLM")
+
+
+def test_plan_json_contract_and_exit_codes(tmp_path):
+    fits = run_bedside("plan", "--model", str(FIXTURES / "llava-1.5-7b"), "--profile", "rtx3050-4gb", "--json")
+    assert fits.returncode == 0, fits.stderr
+    plan = json.loads(fits.stdout)
+    assert plan["fits"] is True
+    memory = plan["chosen"]["memory"]
+    assert memory["total_bytes"] == pytest.approx(
+        sum(memory[k] for k in ("weights_bytes", "kv_cache_bytes", "vision_bytes", "overhead_bytes")), rel=1e-9
+    )
+    assert memory["total_bytes"] <= 4 * 1024**3
+    tiny = tmp_path / "tiny.yaml"
+    profile = (Path(__file__).parents[1] / "device_profiles" / "jetson4gb.yaml").read_text()
+    tiny.write_text(profile.replace("name: jetson4gb", "name: tiny").replace("      value: 4\n", "      value: 1.1\n", 1))
+    none = run_bedside("plan", "--model", str(FIXTURES / "llava-1.5-7b"), "--profile", str(tiny), "--json")
+    assert none.returncode == 3, none.stderr
+    assert json.loads(none.stdout)["fits"] is False
+    assert "Traceback" not in none.stderr
+
+
+def test_deploy_plans_and_says_what_is_not_built(tmp_path):
+    result = run_bedside(
+        "deploy", "--profile", "rtx3050-4gb", "--model", str(FIXTURES / "llama-2-7b"), "--out", str(tmp_path / "d")
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((tmp_path / "d" / "plan.json").read_text())
+    assert plan["fits"] is True and plan["profile"] == "rtx3050-4gb"
+    assert "not built" in result.stderr and "No bundle was produced" in result.stderr
+    assert not list((tmp_path / "d").glob("*.tar.gz"))
+
+
+def test_deploy_with_missing_data_is_one_line_exit_2(tmp_path):
+    result = run_bedside(
+        "deploy", "--profile", "rtx3050-4gb", "--model", str(FIXTURES / "llama-2-7b"),
+        "--calib", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "d"),
+    )
+    assert_one_line_error(result, 2, "missing.jsonl")
+    assert not (tmp_path / "d").exists()
