@@ -523,7 +523,7 @@ def _medical_token_blocks(tokenizer, n_blocks: int, length: int) -> torch.Tensor
     with source.open(encoding="utf-8") as handle:
         for line in handle:
             texts.append(" ".join(json.loads(line)["contexts"]))
-            if len(texts) >= 40:
+            if len(texts) >= 8:
                 break
     ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
     need = n_blocks * length
