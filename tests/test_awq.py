@@ -195,7 +195,25 @@ def test_gqa_skips_v_to_o() -> None:
 
 def test_kquant_search_uses_stand_in_grid() -> None:
     assert search_grid_for("Q4_K_M").name == "asym4_g32"
+    assert search_grid_for("Q4_K_M", 512).name == "asym4_g32"
     assert search_grid_for("Q4_0").name == "Q4_0"
+
+
+def test_kquant_rows_not_a_multiple_of_256_fall_back_as_llama_cpp_does() -> None:
+    """64-wide rows (like the demo model's 576): Q4_K -> Q5_0, Q6_K -> Q8_0 (tensor_type_fallback)."""
+    from toolkit.quant.grids import get_grid, grid_for_row
+
+    assert grid_for_row("Q4_K_M", 64).name == "Q5_0" and grid_for_row("Q4_K_M", 512).name == "Q4_K"
+    assert grid_for_row("Q6_K", 576).name == "Q8_0" and grid_for_row("int4_b128", 64).name == "int4_b128"
+    base = _tiny_llama(kv_heads=2)
+    expected = rtn(copy.deepcopy(base), "Q5_0").model
+    quantized = rtn(copy.deepcopy(base), "Q4_K_M")
+    assert quantized.record["grids"] == ["Q5_0"]
+    for (_, got), (_, want) in zip(decoder_linears(quantized.model), decoder_linears(expected), strict=True):
+        assert torch.equal(got.weight, want.weight)
+    result = awq(base, _ids(4, 32, 5), "Q4_K_M", progress=False, n_grid=2, clip=False, search_tokens=64)
+    assert result.record["search_grids"] == ["Q5_0"]
+    assert get_grid("Q4_K_M").name == "Q4_K"
 
 
 def test_demo_model_awq_beats_rtn(demo_model_dir: Path) -> None:

@@ -143,8 +143,8 @@ def gguf_category(role: str) -> str:
     return "other"
 
 
-def _gguf_fallback(type_name: str, ncols: int) -> str:
-    """tensor_type_fallback: demote a type whose block does not divide the row length."""
+def gguf_fallback(type_name: str, ncols: int) -> str:
+    """llama.cpp's tensor_type_fallback: demote a type whose block does not divide the row length."""
     if ggml_type(type_name).fits_row(ncols):
         return type_name
     demoted = GGUF_FALLBACK.get(type_name, type_name)  # 32-block types stay, then the F16 check below
@@ -222,7 +222,7 @@ def gguf_tensor_types(
                 if _CONDITIONS[condition](0, n_layers, imatrix):
                     new_type = type_name
                     break
-        return _gguf_fallback(new_type, ncols)
+        return gguf_fallback(new_type, ncols)
 
     def stored(spec: TensorSpec, name: str, layer: int | None) -> StoredTensor:
         dtype = choose(spec, layer)
@@ -446,7 +446,7 @@ def vision_tensor_types(vision: VisionFacts, format_name: str, vision_dtype: str
             if len(spec.shape) < 2:
                 dtype = "F32"
             elif linear and vision_dtype == "q8_0":
-                dtype = _gguf_fallback("Q8_0", spec.shape[-1])
+                dtype = gguf_fallback("Q8_0", spec.shape[-1])
             else:
                 dtype = "F16"
             nbytes = ggml_type(dtype).tensor_bytes(spec.shape)

@@ -63,7 +63,7 @@ from torch import nn
 from toolkit.architectures import ScaleGroup, TextFamily
 from toolkit.errors import BedsideError
 from toolkit.quant.base import QuantGrid
-from toolkit.quant.grids import get_grid
+from toolkit.quant.grids import get_grid, grid_for_row
 from toolkit.quant.rtn import decoder_layers, resolve_text_family
 
 # Export grid -> the grid the search quantizes with (same bits, cheap emulation).
@@ -90,9 +90,13 @@ class _StopForward(Exception):
     """Raised by the hook on layer 0 once its inputs are captured."""
 
 
-def search_grid_for(scheme: str) -> QuantGrid:
-    """The grid the AWQ search quantizes with for ``scheme`` (a fast stand-in for k-quants)."""
-    grid = get_grid(scheme)
+def search_grid_for(scheme: str, ncols: int | None = None) -> QuantGrid:
+    """The grid the AWQ search quantizes with for ``scheme`` on rows of ``ncols`` inputs.
+
+    First the grid the exporter stores such rows in (``grid_for_row``: llama.cpp demotes k-quants
+    whose 256-block does not divide the row), then a fast stand-in for a remaining k-quant.
+    """
+    grid = get_grid(scheme) if ncols is None else grid_for_row(scheme, ncols)
     return get_grid(SEARCH_STAND_INS.get(grid.name, grid.name))
 
 
@@ -286,11 +290,11 @@ def _search_scale(
     return best[1], best[0], loss_rtn, _scales(mean_abs, best[1])
 
 
-def _check_shapes(layers: nn.ModuleList, family: TextFamily, grid: QuantGrid) -> None:
+def _check_shapes(layers: nn.ModuleList, family: TextFamily, scheme: str) -> None:
     for group in family.awq_groups:
         for name in group.linears:
             module = layers[0].get_submodule(name)
-            grid.check_shape(tuple(module.weight.shape))
+            grid_for_row(scheme, module.in_features).check_shape(tuple(module.weight.shape))
 
 
 def _progress(enabled: bool) -> Any:
@@ -346,8 +350,9 @@ def awq(
     family = resolve_text_family(model)
     layers = decoder_layers(model, family)
     export_grid = get_grid(scheme)
-    grid = search_grid_for(scheme)
-    _check_shapes(layers, family, export_grid)
+    grid = search_grid_for(scheme)  # for the progress line and the record; groups pick theirs by width
+    _check_shapes(layers, family, scheme)
+    search_grids: set[str] = set()
     device = next(model.parameters()).device
     calib_ids = calib_ids.to(device)
     n_seq, seq_len = calib_ids.shape
@@ -392,15 +397,18 @@ def awq(
             chosen: list[tuple[ScaleGroup, torch.Tensor]] = []
             for group in groups:
                 first = group.linears[0]
+                group_grid = search_grid_for(scheme, layer.get_submodule(first).in_features)
+                search_grids.add(group_grid.name)
                 mean_abs = (stats.abs_sum[first] / stats.tokens).to(torch.float32)
                 alpha, loss, loss_rtn, s = _search_scale(
-                    layer, group, mean_abs, stats.inspect_calls[group.inspect], grid, alphas
+                    layer, group, mean_abs, stats.inspect_calls[group.inspect], group_grid, alphas
                 )
                 chosen.append((group, s))
                 record_groups.append(
                     {
                         "prev_op": group.prev_op,
                         "linears": list(group.linears),
+                        "grid": group_grid.name,
                         "alpha": alpha,
                         "loss": loss,
                         "loss_rtn": loss_rtn,
@@ -435,8 +443,9 @@ def awq(
                             continue
                         linear = layer.get_submodule(name)
                         weight32 = linear.weight.data.to(torch.float32)
-                        ratio = _search_clip(weight32, x_all, grid, clip_ratios)
-                        clipped = _apply_clip(weight32, grid, ratio)
+                        group_grid = search_grid_for(scheme, linear.in_features)
+                        ratio = _search_clip(weight32, x_all, group_grid, clip_ratios)
+                        clipped = _apply_clip(weight32, group_grid, ratio)
                         linear.weight.data = clipped.to(linear.weight.dtype)
                         all_ratios.append(ratio.reshape(-1))
                         clip_record[name] = {
@@ -484,6 +493,7 @@ def awq(
         "scheme": scheme,
         "export_grid": export_grid.name,
         "search_grid": grid.name,
+        "search_grids": sorted(search_grids),  # per width: llama.cpp demotes k-quants on short rows
         "search_grid_is_stand_in": grid.name != export_grid.name,
         "group_size": grid.group_size,
         "n_grid": n_grid,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from toolkit.errors import BedsideError
-from toolkit.format_types import GGUF_MIXES, ONNX_SCHEMES
+from toolkit.format_types import GGUF_MIXES, ONNX_SCHEMES, gguf_fallback
 from toolkit.quant.base import QuantGrid
 from toolkit.quant.float_grids import F16, F32, FloatGrid
 from toolkit.quant.ggml_kquants import KQUANT_GRIDS
@@ -88,3 +88,17 @@ def get_grid(name: str) -> QuantGrid:
     except KeyError:
         known = ", ".join(sorted(GRIDS))
         raise BedsideError(f"unknown quantization scheme {name!r}; known: {known}") from None
+
+
+def grid_for_row(name: str, ncols: int) -> QuantGrid:
+    """The grid a weight with rows of ``ncols`` inputs is stored in under scheme ``name``.
+
+    llama.cpp demotes a ggml type whose block does not divide the row (``tensor_type_fallback``:
+    Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q3_K -> Q4_0; F16 when even that does not fit), e.g.
+    the demo model's 576-wide rows under Q4_K_M. Other grids (ONNX blockwise, float) pad partial
+    blocks, so they are returned unchanged.
+    """
+    grid = get_grid(name)
+    if grid.name not in _GGML_TYPES:
+        return grid
+    return get_grid(gguf_fallback(grid.name, ncols))

@@ -19,7 +19,7 @@ from torch import nn
 from toolkit.architectures import TextFamily, text_family_for
 from toolkit.errors import BedsideError
 from toolkit.quant.base import QuantGrid
-from toolkit.quant.grids import get_grid
+from toolkit.quant.grids import get_grid, grid_for_row
 
 
 def resolve_text_family(model: nn.Module) -> TextFamily:
@@ -69,11 +69,12 @@ def fake_quantize_linear(linear: nn.Linear, grid: QuantGrid) -> None:
 def fake_quantize_model(model: nn.Module, scheme: str) -> nn.Module:
     """Fake-quantize every decoder linear of ``model`` in place with ``scheme``'s grid; returns it.
 
-    Raises ``BlockShapeError`` (a BedsideError) where a weight does not fit the grid's blocks.
+    Each linear uses ``grid_for_row(scheme, in_features)``: the type llama.cpp falls back to where
+    the scheme's block does not divide the row. Raises ``BlockShapeError`` (a BedsideError) where a
+    weight fits no grid.
     """
-    grid = get_grid(scheme)
     for _name, linear in decoder_linears(model):
-        fake_quantize_linear(linear, grid)
+        fake_quantize_linear(linear, grid_for_row(scheme, linear.in_features))
     return model
 
 
@@ -96,6 +97,7 @@ def rtn(model: nn.Module, scheme: str) -> RtnResult:
         "scheme": scheme,
         "grid": grid.name,
         "group_size": grid.group_size,
+        "grids": sorted({grid_for_row(scheme, linear.in_features).name for _name, linear in linears}),
         "tensors": len(linears),
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -1,0 +1,437 @@
+"""The machinery under `toolkit.compress`: stage folders, input hashes, checkpoints, perplexity, peak RSS.
+
+Why a separate module: `compress.py` reads as the pipeline (prune -> heal -> quantize); this file
+holds what every stage needs and none of them is about.
+
+- **Stage folders.** A stage's result lives in `out/stages/<stage>-<hash12>/` (an HF checkpoint plus
+  `stage.json`). It is built under a temporary name (`.tmp-<stage>-<hash12>-<pid>`) and renamed
+  when complete (`rename` is atomic on one file system), so a folder with the final name is always
+  a finished stage; a killed run leaves only a temporary folder, removed by the next run once its
+  process is gone.
+- **Input hashes.** `hash = sha256(canonical JSON of {stage, previous hash, options, data hashes,
+  STAGE_FORMAT})`: the previous stage's hash chains back to the source checkpoint's sha256, so a
+  stage is reused only when everything that produced it is unchanged.
+- **Perplexity** on held-apart blocks: `ppl = exp( sum_b sum_t -log p(x_{b,t+1} | x_{b,<=t}) / N )`
+  over every predicted position of every block (N = blocks x (seq_len - 1)), the usual token-level
+  perplexity of a causal LM.
+- **Peak RSS per stage.** The kernel's high-water mark (VmHWM) cannot be reset inside a process, so
+  `RssSampler` polls the resident set size (psutil) every 50 ms on a background thread and keeps
+  the maximum; a spike shorter than the period can be missed, so it is a lower bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from toolkit.errors import BedsideError
+
+STAGE_FORMAT = 1  # bump when a stage's algorithm or folder layout changes: old folders stop matching
+STAGE_RECORD = "stage.json"
+TEMPORARY_PREFIX = ".tmp-"
+WEIGHT_SUFFIXES = (".safetensors",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashes
+# ---------------------------------------------------------------------------------------------
+
+
+def sha256_json(value: Any) -> str:
+    """sha256 of the canonical JSON of `value` (sorted keys, no spaces)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sha256_tensor(*tensors: torch.Tensor | None) -> str:
+    """sha256 over the shapes and int64 bytes of token tensors (None contributes a marker)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is None:
+            digest.update(b"none")
+            continue
+        values = tensor.detach().to(torch.int64).contiguous().cpu()
+        digest.update(repr(tuple(values.shape)).encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files (`*.safetensors`), sorted by name."""
+    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix in WEIGHT_SUFFIXES)
+
+
+def checkpoint_sha256(folder: Path) -> str:
+    """sha256 over the names and bytes of a checkpoint's weight files, in name order."""
+    files = weight_files(folder)
+    if not files:
+        raise BedsideError(f"checkpoint folder '{folder}' has no *.safetensors weights")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode("utf-8") + b"\x00")
+        with path.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stage_hash(stage: str, previous: str, inputs: dict[str, Any]) -> str:
+    """The input hash of a stage: previous stage's hash + this stage's options and data hashes."""
+    return sha256_json({"stage": stage, "previous": previous, "inputs": inputs, "format": STAGE_FORMAT})
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files and folders
+# ---------------------------------------------------------------------------------------------
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON to a temporary file beside `path`, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(value, stream, indent=2)
+            stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete `.tmp-*-<pid>` folders/files under `folder` whose process no longer runs."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if not path.name.startswith(TEMPORARY_PREFIX):
+            continue
+        pid_text = path.name.rsplit("-", 1)[-1]
+        if pid_text.isdigit() and _pid_alive(int(pid_text)) and int(pid_text) != os.getpid():
+            continue  # another live run is writing it
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def building_folder(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success rename it to `final`, on error delete it.
+
+    An existing `final` is replaced: the new folder is renamed in, then the old one deleted (the
+    old one is moved aside first, so `final` is missing only between two renames).
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.parent / f"{TEMPORARY_PREFIX}{final.name}-{os.getpid()}"
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    temporary.mkdir()
+    try:
+        yield temporary
+        old = final.parent / f"{TEMPORARY_PREFIX}old-{final.name}-{os.getpid()}"
+        if final.exists():
+            os.rename(final, old)
+        os.rename(temporary, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def link_or_copy(source: Path, destination: Path) -> None:
+    """Hard-link a file (stage files are never rewritten in place), or copy where linking fails."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def link_checkpoint(source: Path, destination: Path, skip: Sequence[str] = (STAGE_RECORD,)) -> None:
+    """Put a checkpoint folder's files (not subfolders, not those named in `skip`) into `destination`."""
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name not in skip and not path.name.startswith("."):
+            link_or_copy(path, destination / path.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """Load an HF causal LM from a local folder (offline, no remote code) in `dtype`, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, low_cpu_mem_usage=True, local_files_only=True
+        )
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BedsideError(f"cannot load the checkpoint in '{folder}' as a causal LM: {first}") from None
+    return model.eval()
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The checkpoint's tokenizer (local files only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BedsideError(f"cannot load the tokenizer in '{folder}': {first}") from None
+
+
+def save_checkpoint(model: Any, tokenizer: Any, source: Path, folder: Path, dtype: torch.dtype) -> None:
+    """Save weights (safetensors, in `dtype`), config, tokenizer and chat template into `folder`.
+
+    The model is cast to `dtype` in place (the caller evaluates what was saved). Files of the
+    source checkpoint that transformers does not rewrite (`chat_template.jinja`,
+    `generation_config.json`) are copied when the save did not produce them.
+    """
+    model.to(dtype)
+    model.config.dtype = dtype
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    for name in ("chat_template.jinja", "generation_config.json"):
+        if (source / name).is_file() and not (folder / name).exists():
+            shutil.copy2(source / name, folder / name)
+
+
+def read_stage_record(folder: Path) -> dict[str, Any] | None:
+    """The `stage.json` of a finished stage folder, or None when absent or unreadable."""
+    path = folder / STAGE_RECORD
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def perplexity(model: Any, blocks: torch.Tensor, batch_size: int = 4, progress: Any = None) -> float:
+    """Token-level perplexity of `model` on `blocks` [n, seq_len] (formula in the module docstring)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    count = 0
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            ids = blocks[start : start + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].to(torch.float32)
+            targets = ids[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+            count += targets.numel()
+            if progress is not None:
+                progress(int(ids.shape[0]))
+    finally:
+        model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak resident memory of a stage
+# ---------------------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Maximum resident set size of this process while the `with` block runs (sampled every period)."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        self.period_s = period_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        import psutil
+
+        process = psutil.Process()
+        while True:
+            self.peak_bytes = max(self.peak_bytes, int(process.memory_info().rss))
+            if self._stop.wait(self.period_s):
+                break
+        self.peak_bytes = max(self.peak_bytes, int(process.memory_info().rss))
+
+    def __enter__(self) -> RssSampler:
+        self._thread = threading.Thread(target=self._sample, name="bedside-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def eval_overlap(calibration_keys: set[str], eval_keys: Sequence[str]) -> int:
+    """How many evaluation documents also occur in the calibration documents (by content key)."""
+    return sum(1 for key in eval_keys if key in calibration_keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running stages
+# ---------------------------------------------------------------------------------------------
+
+# compute(model, folder) -> (model or None when the weights are unchanged, details)
+StageCompute = Callable[[Any, Path], tuple[Any | None, dict[str, Any]]]
+
+
+class StageRunner:
+    """Where the current weights are, the live model (loaded lazily), and the perplexity cache.
+
+    `run` resumes a stage from its folder or computes and saves it; `quality` measures (or reads
+    back) the perplexity of the current weights on the evaluation blocks.
+    """
+
+    def __init__(
+        self,
+        source: Path,
+        out: Path,
+        tokenizer: Any,
+        eval_ids: torch.Tensor,
+        progress: bool,
+        storage_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.source = source
+        self.stages_dir = out / "stages"
+        self.tokenizer = tokenizer
+        self.eval_ids = eval_ids
+        self.eval_key = sha256_tensor(eval_ids)
+        self.progress = progress
+        self.storage_dtype = storage_dtype
+        self.current_dir = source
+        self.model: Any = None
+        self.quality_path = self.stages_dir / "quality.json"
+        self.quality_cache: dict[str, float] = _read_json_object(self.quality_path)
+
+    def live_model(self) -> Any:
+        """The current weights as a float32 model (loaded from `current_dir` when not live)."""
+        if self.model is None:
+            self.model = load_causal_lm(self.current_dir, torch.float32)
+        return self.model
+
+    def run(
+        self, name: str, input_hash: str, inputs: dict[str, Any], compute: StageCompute
+    ) -> dict[str, Any]:
+        """Resume stage `name` from its folder, or compute it (timed, peak RSS sampled) and save it.
+
+        `compute(model, folder)` returns the stage's model and details; it may write extra files
+        into `folder` (the stage's folder under construction). A returned model of None means
+        "weights unchanged": the previous weights are hard-linked instead of saved again.
+        """
+        folder = self.stages_dir / f"{name}-{input_hash[:12]}"
+        stored = read_stage_record(folder) if folder.is_dir() else None
+        if stored is not None and stored.get("hash") == input_hash:
+            self.current_dir = folder
+            self.model = None  # the next stage loads the resumed weights only if it needs them
+            return {**stored, "resumed": True}
+        model = self.live_model()
+        with building_folder(folder) as building:
+            start = time.perf_counter()
+            with RssSampler() as rss:
+                changed, details = compute(model, building)
+            seconds = time.perf_counter() - start
+            if changed is None:
+                link_checkpoint(self.current_dir, building)
+                previous = read_stage_record(self.current_dir) or {}
+                output_sha = previous.get("output_sha256") or checkpoint_sha256(building)
+            else:
+                model = changed
+                save_checkpoint(model, self.tokenizer, self.source, building, self.storage_dtype)
+                model.to(torch.float32)  # exact: the saved values, widened
+                output_sha = checkpoint_sha256(building)
+            stored = {
+                "stage": name,
+                "hash": input_hash,
+                "inputs": inputs,
+                "details": details,
+                "seconds": round(seconds, 3),
+                "peak_rss_bytes": rss.peak_bytes,
+                "output_sha256": output_sha,
+                "folder": f"stages/{folder.name}",
+            }
+            write_json_atomic(building / STAGE_RECORD, stored)
+        self.current_dir = folder
+        self.model = model
+        return {**stored, "resumed": False}
+
+    def quality(self, key: str, label: str, transform: Callable[[Any], Any] | None = None) -> float:
+        """Perplexity of the current weights on the evaluation blocks, cached under `key`.
+
+        `transform` (e.g. fake quantization) is applied to the live model in place first; the
+        model is then dropped, since it no longer holds the stage's weights.
+        """
+        cache_key = f"{key}|{self.eval_key}"
+        if cache_key in self.quality_cache:
+            return float(self.quality_cache[cache_key])
+        model = self.live_model()
+        if transform is not None:
+            transform(model)
+        value = _perplexity_with_bar(model, self.eval_ids, self.progress, label)
+        if transform is not None:
+            self.model = None
+        self.quality_cache[cache_key] = value
+        write_json_atomic(self.quality_path, self.quality_cache)
+        return value
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _perplexity_with_bar(model: Any, blocks: torch.Tensor, enabled: bool, label: str) -> float:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(f"perplexity ({label})"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    ) as bar:
+        task = bar.add_task("perplexity", total=int(blocks.shape[0]))
+        return perplexity(model, blocks, progress=lambda n: bar.update(task, advance=n))
