@@ -88,6 +88,13 @@ class ScoreResult:
     seconds: float
     peak_rss_bytes: int | None = None
     full_logprobs_path: str | None = None  # .npy file [tokens, vocab] when the job asked for one
+    # Set when the job gave texts (`MeasureJob.score_texts`): the ids the runtime's own tokenizer made
+    # (cut to `score_max_tokens`) and the lengths of the windows they were scored in (fresh cache each).
+    token_ids: list[int] | None = None
+    window_lengths: list[int] | None = None
+    # One entry per `MeasureJob.option_items` item: log p(option | chat prompt) per option, or None when
+    # the prompt and its longest option do not fit the context.
+    option_logprobs: list[list[float] | None] | None = None
 
     @property
     def mean_negative_logprob(self) -> float:

@@ -12,7 +12,10 @@ It writes the phase it is in to a side file, so a crash can be reported as
 A job: load with n_ctx = `context`; prefill `context - decode_tokens` tokens (the given ids or
 text, repeated to length); decode `decode_tokens` tokens greedily one at a time, which fills the
 KV cache to exactly `context`; record speeds and memory; then, optionally, score `score_ids`
-(from a fresh cache) and report scoring memory apart.
+(from a fresh cache) and report scoring memory apart. Instead of ids, a job may give `score_texts`:
+the child tokenizes them with the artifact's own tokenizer (returning the ids, so a caller can check
+two artifacts saw the same tokens) and scores them in windows of `score_seq_len`; and
+`option_items`, multiple-choice prompts scored with `Runner.option_logprobs`.
 """
 
 from __future__ import annotations
@@ -71,7 +74,17 @@ class MeasureJob:
     prompt_ids: list[int] | None = None
     prompt_text: str | None = None
     score_ids: list[int] | None = None
-    score_full_path: str | None = None  # write float32 log-probs [tokens, vocab] here (.npy)
+    score_full_path: str | None = None  # write log-probs [tokens, vocab] here (.npy, `score_full_dtype`)
+    # Texts to score instead of `score_ids`: each a string or chat messages (rendered with the artifact's
+    # chat template, no generation prompt), joined by a blank line, tokenized by the artifact's own
+    # tokenizer, cut to `score_max_tokens` and scored in windows of `score_seq_len` from a fresh cache.
+    score_texts: list[str | list[dict[str, str]]] | None = None
+    score_seq_len: int = 512
+    score_max_tokens: int | None = None
+    score_full_dtype: str = "float32"  # or "float16" (halves the file for long evaluations)
+    # Multiple-choice items {"messages": [...], "options": [...]}: the chat prompt (with generation prompt)
+    # and each option are tokenized by the artifact and scored with `Runner.option_logprobs`.
+    option_items: list[dict[str, Any]] | None = None
     runner_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Runner class
     kind: str = "measure"
 
@@ -232,8 +245,8 @@ def run_job(
     peak_vram = vram.stop() if runner.device == "cuda" else None  # a CPU run's delta is other processes'
 
     score = None
-    if job.score_ids:
-        phase(f"scoring {len(job.score_ids)} tokens ({name})")
+    if job.score_ids or job.score_texts or job.option_items:
+        phase(f"scoring ({name})")
         score = _score(runner, job)
     details = dict(getattr(runner, "details", {}) or {})
     runner.close()
@@ -258,34 +271,77 @@ def run_job(
     )
 
 
+def _text_windows(runner: Any, job: MeasureJob) -> tuple[list[int], list[list[int]]]:
+    """Tokenize `job.score_texts` with the runner's tokenizer; cut the ids into scoring windows."""
+    rendered = [
+        text if isinstance(text, str) else runner.apply_chat_template(text, add_generation_prompt=False)
+        for text in job.score_texts or []
+    ]
+    ids = runner.tokenize("\n\n".join(rendered), add_special=False) if rendered else []
+    if job.score_max_tokens is not None:
+        ids = ids[: job.score_max_tokens]
+    size = job.score_seq_len
+    windows = [ids[start : start + size] for start in range(0, len(ids), size)]
+    return ids, [window for window in windows if len(window) >= 2]
+
+
 def _score(runner: Any, job: MeasureJob) -> ScoreResult:
-    """Score `job.score_ids` chunk by chunk; optionally stream full log-probs to a .npy memmap."""
-    ids = [int(i) for i in job.score_ids or []]
+    """Score `job.score_ids` (or the windows of `job.score_texts`) chunk by chunk, then option items.
+
+    Full log-probs, when asked for, stream to a .npy memmap with one row per position of every
+    window, windows one after the other.
+    """
+    if job.score_texts:
+        ids, windows = _text_windows(runner, job)
+    else:
+        ids = [int(i) for i in job.score_ids or []]
+        windows = [ids] if ids else []
+    rows_total = sum(len(window) for window in windows)
     full = None
-    if job.score_full_path:
+    if job.score_full_path and rows_total:
         full = np.lib.format.open_memmap(
-            job.score_full_path, mode="w+", dtype=np.float32, shape=(len(ids), runner.vocab_size)
+            job.score_full_path,
+            mode="w+",
+            dtype=np.dtype(job.score_full_dtype),
+            shape=(rows_total, runner.vocab_size),
         )
     gathered: list[np.ndarray] = []
-    position = 0
+    row = 0
     start = time.perf_counter()
-    for rows in runner.iter_logprobs(ids):
-        if full is not None:
-            full[position : position + len(rows)] = rows
-        targets = ids[position + 1 : position + 1 + len(rows)]
-        gathered.append(rows[np.arange(len(targets)), targets])
-        position += len(rows)
+    for window in windows:
+        position = 0
+        for rows in runner.iter_logprobs(window):
+            if full is not None:
+                full[row : row + len(rows)] = rows
+            targets = window[position + 1 : position + 1 + len(rows)]
+            gathered.append(rows[np.arange(len(targets)), targets])
+            position += len(rows)
+            row += len(rows)
     seconds = time.perf_counter() - start
     if full is not None:
         full.flush()
         del full
     values = np.concatenate(gathered) if gathered else np.zeros(0, np.float32)
+
+    options: list[list[float] | None] | None = None
+    if job.option_items:
+        options = []
+        for item in job.option_items:
+            prompt = runner.tokenize(runner.apply_chat_template(item["messages"]), add_special=False)
+            choices = [runner.tokenize(option, add_special=False) for option in item["options"]]
+            if len(prompt) + max(len(choice) for choice in choices) > runner.n_ctx:
+                options.append(None)
+                continue
+            options.append(runner.option_logprobs(prompt, choices))
     return ScoreResult(
         tokens=len(ids),
         token_logprobs=[float(v) for v in values],
         seconds=seconds,
         peak_rss_bytes=_peak_rss(),
-        full_logprobs_path=job.score_full_path,
+        full_logprobs_path=job.score_full_path if rows_total else None,
+        token_ids=ids if job.score_texts else None,
+        window_lengths=[len(window) for window in windows] if job.score_texts else None,
+        option_logprobs=options,
     )
 
 

@@ -1,0 +1,324 @@
+"""Evaluation library (toolkit/evaluate.py): metrics by hand, artifact checks, and the demo model on three runtimes.
+
+Two tiers: the metric and resolution helpers on synthetic inputs (no model, fast); the real demo model
+exported to GGUF (F16, Q8_0, Q4_K_M, Q4_0) and ONNX (fp32, int4_b32), evaluated against the torch
+reference on tests/fixtures/eval/clinical_notes.txt (all 673 tokens, in two 336-token windows), plus the memory
+estimator against the peak RSS `evaluate` measures (skipped when set-up has not built the demo model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtimes.base import log_softmax
+from toolkit.data import load_dataset_spec
+from toolkit.errors import BedsideError
+from toolkit.evaluate import (
+    RESULT_KEYS,
+    accuracy_from_option_logprobs,
+    artifact_sha256,
+    compare_logprobs,
+    evaluate,
+    option_items,
+    predicted_positions,
+    resolve_artifact,
+    scoring_texts,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "eval"
+NOTES = FIXTURES / "clinical_notes.txt"  # ~670 tokens of clinical prose written for these tests
+QA = FIXTURES / "pubmedqa_mini.jsonl"  # 3 PubMedQA-style yes/no/maybe items + 1 lettered multiple choice
+
+CONTEXT = 512  # KV-cache size of every demo measurement (memory estimate compared at the same context)
+EVAL = {"max_tokens": 1024, "seq_len": 336, "n_threads": 1, "progress": False}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> object:
+    """One torch thread: on a shared 2-core machine, 2 threads spin against other work (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics and helpers (no model)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_artifact_sha256_hashes_sorted_relative_paths_and_file_hashes(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.bin").write_bytes(b"weights")
+    (tmp_path / "sub" / "a.json").write_text("{}")
+    lines = sorted(
+        f"{name}\0{hashlib.sha256(data).hexdigest()}\n"
+        for name, data in (("b.bin", b"weights"), ("sub/a.json", b"{}"))
+    )
+    assert artifact_sha256(tmp_path) == hashlib.sha256("".join(lines).encode()).hexdigest()
+    assert artifact_sha256(tmp_path / "b.bin") == hashlib.sha256(b"weights").hexdigest()
+    before = artifact_sha256(tmp_path)
+    (tmp_path / "sub" / "a.json").rename(tmp_path / "sub" / "c.json")  # same bytes, other name
+    assert artifact_sha256(tmp_path) != before
+
+
+def test_predicted_positions_drop_the_last_row_of_each_window():
+    assert predicted_positions([4, 3]).tolist() == [0, 1, 2, 4, 5]
+    assert predicted_positions([]).tolist() == []
+
+
+def test_kl_and_top1_agreement_equal_a_hand_computation(tmp_path):
+    rng = np.random.default_rng(0)
+    reference = log_softmax(rng.normal(size=(300, 50)) * 3)
+    artifact = log_softmax(np.log(np.exp(reference) + 0.02 * rng.random((300, 50))))
+    artifact[:40] = reference[:40]  # identical rows: KL 0 there
+    np.save(tmp_path / "ref.npy", reference)
+    np.save(tmp_path / "art.npy", artifact)
+    rows = predicted_positions([200, 100])  # 298 rows, spans the 256-row chunks
+
+    kl, agreement = compare_logprobs(tmp_path / "ref.npy", tmp_path / "art.npy", rows)
+    p = np.exp(reference[rows].astype(np.float64))
+    by_hand = float(np.mean((p * (reference[rows] - artifact[rows])).sum(axis=1)))
+    agree_by_hand = float(np.mean(reference[rows].argmax(1) == artifact[rows].argmax(1)))
+    assert kl == pytest.approx(by_hand, rel=1e-6) and kl > 0
+    assert agreement == pytest.approx(agree_by_hand) and 0.5 < agreement < 1.0
+    assert compare_logprobs(tmp_path / "ref.npy", tmp_path / "ref.npy", rows) == (0.0, 1.0)
+
+
+def test_accuracy_is_the_argmax_over_options():
+    scores = [[-1.0, -2.0, -3.0], [-5.0, -0.5, -4.0], None, [-2.0, -1.0]]
+    assert accuracy_from_option_logprobs(scores, [0, 2, 1, 1]) == {"overall": pytest.approx(2 / 3), "n": 3}
+    assert accuracy_from_option_logprobs([None], [0]) is None
+
+
+def test_option_items_use_the_chat_prompt_and_answer_wording():
+    documents = load_dataset_spec(QA)
+    items, answers = option_items(documents, max_items=10)
+    assert answers == [0, 1, 2, 1]
+    assert items[0]["options"] == ["yes", "no", "maybe"]
+    assert items[3]["options"] == ["A. Insulin", "B. Metformin", "C. Aspirin", "D. Warfarin"]
+    assert items[1]["messages"] == [{"role": "user", "content": documents[1].prompt()}]
+    assert "Answer yes, no or maybe." in items[1]["messages"][0]["content"]
+    assert len(option_items(documents, max_items=2)[0]) == 2
+
+
+def test_scoring_texts_render_qa_as_chat_and_stop_early():
+    documents = load_dataset_spec(QA)
+    texts = scoring_texts(documents, max_tokens=10_000)
+    assert texts[0] == documents[0].messages() and len(texts) == 4
+    notes = load_dataset_spec(NOTES)
+    assert scoring_texts(notes, max_tokens=10_000) == [document.text for document in notes]
+    assert len(scoring_texts(notes, max_tokens=10)) == 1  # 10 tokens x 12 characters: one paragraph is enough
+
+
+def _fake_checkpoint(folder: Path, tokenizer: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(b"\0" * 16)
+    if tokenizer:
+        (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def test_resolve_artifact_refuses_bad_input_with_the_fix(tmp_path):
+    with pytest.raises(BedsideError, match="not found: pass 'demo'"):
+        resolve_artifact(tmp_path / "missing")
+    fake_gguf = tmp_path / "model.gguf"
+    fake_gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(BedsideError, match="a GGUF file cannot run on onnxruntime; use --runtime llama.cpp"):
+        resolve_artifact(fake_gguf, runtime="onnxruntime")
+    with pytest.raises(BedsideError, match="unknown runtime 'tensorrt'"):
+        resolve_artifact(fake_gguf, runtime="tensorrt")
+    onnx_folder = tmp_path / "onnx"
+    onnx_folder.mkdir()
+    (onnx_folder / "model.onnx").write_bytes(b"\x08\x07")
+    with pytest.raises(BedsideError, match="no tokenizer in this ONNX export"):
+        resolve_artifact(onnx_folder)
+    with pytest.raises(BedsideError, match="no tokenizer in this checkpoint folder"):
+        resolve_artifact(_fake_checkpoint(tmp_path / "hf", tokenizer=False))
+    checkpoint = _fake_checkpoint(tmp_path / "compressed" / "checkpoint")
+    (checkpoint.parent / "compression.json").write_text("{}")
+    resolved = resolve_artifact(checkpoint.parent)
+    assert (resolved.path, resolved.format, resolved.runtime) == (checkpoint, "hf", "torch")
+
+
+def test_evaluate_refuses_empty_documents_and_tiny_settings(tmp_path):
+    checkpoint = _fake_checkpoint(tmp_path / "hf")
+    with pytest.raises(BedsideError, match="has no documents"):
+        evaluate(checkpoint, documents=[], progress=False)
+    with pytest.raises(BedsideError, match="--context 8 is too small"):
+        evaluate(checkpoint, documents=[], context=8, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Demo model on torch, llama.cpp and ONNX Runtime
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_exports(demo_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """GGUF F16 / Q8_0 / Q4_K_M / Q4_0 (one conversion) and ONNX fp32 / int4_b32 of the demo model."""
+    from exporters import export
+    from exporters.gguf_exporter import quantize
+
+    gguf = export(demo_model_dir, "gguf", "Q4_K_M", tmp_path_factory.mktemp("gguf"), keep_f16=True)
+    folder = gguf.model_file.parent
+    paths = {"F16": folder / "model-F16.gguf", "Q4_K_M": gguf.model_file}
+    for scheme in ("Q8_0", "Q4_0"):
+        paths[scheme] = folder / f"model-{scheme}.gguf"
+        quantize(paths["F16"], paths[scheme], scheme, threads=1)
+    for scheme in ("fp32", "int4_b32"):
+        paths[scheme] = export(
+            demo_model_dir, "onnx", scheme, tmp_path_factory.mktemp(scheme)
+        ).model_file.parent
+    return paths
+
+
+@pytest.fixture(scope="module")
+def evaluated(demo_model_dir, demo_exports):
+    """evaluate(artifact, NOTES, reference="demo", context=CONTEXT), each artifact once per module."""
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            artifact = "demo" if name == "torch" else demo_exports[name]
+            cache[name] = evaluate(artifact, NOTES, reference="demo", context=CONTEXT, **EVAL)
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_torch_against_itself_and_the_json_contract(demo_model_dir):
+    result = evaluate(
+        "demo", NOTES, reference="demo", context=256, max_tokens=256, seq_len=128, n_threads=1, progress=False
+    )
+    assert tuple(result) == RESULT_KEYS
+    assert json.loads(json.dumps(result)) == result
+    assert result["kl_divergence"] == pytest.approx(0.0, abs=1e-9)
+    assert result["top1_agreement"] == 1.0
+    assert result["tokens"] == 254  # two windows of 128 tokens, each predicts 127
+    assert result["runtime"] == "torch" and result["device"] == "cpu" and result["peak_vram_bytes"] is None
+    assert result["reference"] == str(demo_model_dir) and result["accuracy"] is None
+    assert result["data"] == {
+        "source": str(NOTES),
+        "sha256": result["data"]["sha256"],
+        "documents": len(load_dataset_spec(NOTES)),
+    }
+    assert len(result["artifact_sha256"]) == 64 and result["context"] == 256 and result["seq_len"] == 128
+    for key in ("perplexity", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        assert isinstance(result[key], float) and result[key] > 0
+    assert isinstance(result["peak_rss_bytes"], int) and 200e6 < result["peak_rss_bytes"] < 4e9
+    assert result["scoring_peak_rss_bytes"] >= result["peak_rss_bytes"] * 0.9
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_accuracy_equals_option_logprobs_by_hand(demo_model_dir):
+    from runtimes import load_runner
+
+    result = evaluate("demo", QA, context=512, max_tokens=64, seq_len=64, n_threads=1, progress=False)
+    documents = load_dataset_spec(QA)
+    correct = 0
+    with load_runner(demo_model_dir, n_ctx=512, n_threads=1) as runner:
+        for document in documents:
+            prompt = runner.tokenize(
+                runner.apply_chat_template([{"role": "user", "content": document.prompt()}]),
+                add_special=False,
+            )
+            options = [
+                runner.tokenize(_response(document, option), add_special=False) for option in document.options
+            ]
+            scores = runner.option_logprobs(prompt, options)
+            correct += int(np.argmax(scores)) == document.answer_index
+    assert result["accuracy"] == {"overall": pytest.approx(correct / len(documents)), "n": len(documents)}
+    assert 0.0 <= result["accuracy"]["overall"] <= 1.0
+
+
+def _response(document, option: str) -> str:
+    """The option written the way the assistant answers (lettered for multiple choice)."""
+    import dataclasses
+
+    return dataclasses.replace(document, answer=option).response()
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["F16", "fp32"])
+def test_float_exports_agree_with_torch(evaluated, name):
+    torch_ppl = evaluated("torch")["perplexity"]
+    result = evaluated(name)
+    assert (
+        result["tokens"] == 670
+    )  # the same ids as the reference (673 tokens: two windows, 1 token left over)
+    assert result["top1_agreement"] >= 0.99
+    assert result["perplexity"] == pytest.approx(torch_ppl, rel=0.005)
+
+
+# Measured on this data (docs/RUNTIMES.md; torch perplexity 27.685): perplexity relative to torch and
+# KL(torch || artifact) in nats. Deterministic for a given build and thread count; the margins allow other builds.
+MEASURED_PERPLEXITY_RATIO = {"Q4_K_M": 1.0526, "int4_b32": 1.3811, "Q4_0": 1.2732}
+MEASURED_KL = {"Q4_K_M": 0.0610, "int4_b32": 0.3266, "Q4_0": 0.3371}
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_q8_0_within_1_5_percent_of_torch(evaluated):
+    assert evaluated("Q8_0")["perplexity"] == pytest.approx(evaluated("torch")["perplexity"], rel=0.015)
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["Q4_K_M", "int4_b32", "Q4_0"])
+def test_4_bit_quality_in_the_measured_range(evaluated, name):
+    result = evaluated(name)
+    ratio = result["perplexity"] / evaluated("torch")["perplexity"]
+    assert ratio == pytest.approx(MEASURED_PERPLEXITY_RATIO[name], rel=0.03)
+    assert result["kl_divergence"] == pytest.approx(MEASURED_KL[name], rel=0.25)
+    assert result["kl_divergence"] > 0.01  # rounding to 4 bits must show
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "format_name"),
+    [
+        ("F16", "gguf"),
+        ("Q8_0", "gguf"),
+        ("Q4_K_M", "gguf"),
+        pytest.param(
+            "int4_b32",
+            "onnx",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="estimator over-predicts ONNX Runtime: 567 MiB vs 370 MiB measured at context 512 "
+                "(it assumes one whole-context prefill; OnnxRunner prefills 128 tokens per call), see docs/RUNTIMES.md",
+            ),
+        ),
+    ],
+)
+def test_memory_estimate_predicts_measured_peak_rss(evaluated, name, format_name):
+    """`bedside plan --profile host --format F --quant Q --context N` vs evaluate(..., context=N) peak RSS."""
+    from toolkit.facts import read_facts
+    from toolkit.planner import make_plan
+    from toolkit.profiles import load_profile
+
+    plan = make_plan(
+        read_facts("demo"),
+        load_profile("host"),
+        "demo",
+        format=format_name,
+        quant=name,
+        prune_layers=0,
+        context=CONTEXT,
+    )
+    measured = evaluated(name)["peak_rss_bytes"]
+    assert plan.chosen is not None
+    assert plan.chosen.memory.total_bytes == pytest.approx(measured, rel=0.10)
