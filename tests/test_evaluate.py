@@ -293,15 +293,7 @@ def test_4_bit_quality_in_the_measured_range(evaluated, name):
         ("F16", "gguf"),
         ("Q8_0", "gguf"),
         ("Q4_K_M", "gguf"),
-        pytest.param(
-            "int4_b32",
-            "onnx",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="estimator over-predicts ONNX Runtime: 567 MiB vs 370 MiB measured at context 512 "
-                "(it assumes one whole-context prefill; OnnxRunner prefills 128 tokens per call), see docs/RUNTIMES.md",
-            ),
-        ),
+        ("int4_b32", "onnx"),
     ],
 )
 def test_memory_estimate_predicts_measured_peak_rss(evaluated, name, format_name):

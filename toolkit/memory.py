@@ -3,18 +3,23 @@
     total = weights + kv_cache + vision + overhead            (bytes in the profile's model tier)
 
   weights   sum over text tensors of rows * ncols / block(type) * bytes_per_block(type), with the types the
-            format really writes (toolkit.format_types: llama.cpp's K-quant mixes and fallbacks, MatMulNBits).
+            format really writes (toolkit.format_types: llama.cpp's K-quant mixes and fallbacks, MatMulNBits;
+            the ONNX exporter's 8-bit head and embedding, onnx_export_head_and_embedding).
   kv_cache  llama.cpp: 2 * kept_layers * kv_heads * head_dim * pad256(context * batch) * bytes(kv dtype)
             (llama-context.cpp pads n_ctx to a multiple of 256; K and V each in the profile's kv dtype).
             onnxruntime: the same in the graph's float type, twice: past_key_values (inputs) and present
-            (outputs) are both alive during a step.
+            (outputs) are both alive during a call; plus what the arena holds of earlier calls' caches,
+            arena_held = KV * max(0, ORT_ARENA_KV_BASE + ORT_ARENA_KV_PER_DOUBLING * log2(context / P)).
   vision    tower + projector weights at the vision dtype + one image's encoder activations + the projected
             image embeddings handed to the decoder.
-  overhead  runtime compute buffer + host logits + runtime process (+ onnxruntime's load-time copies: the
-            transposed tied lm_head, prepacked float MatMul weights). The CUDA context of GPU profiles is part of
-            the profile's reserved_gib, so it is shown (`reserved.cuda_context`) but not added.
+  overhead  runtime compute buffer + host logits + runtime process (+ llama.cpp's CPU_REPACK copy of the weights
+            its CPU kernels interleave, see llama_cpp_repacked; + onnxruntime's load-time copies: the transposed
+            tied lm_head of float graphs, ORT_NBITS_PREPACK_FACTOR x the MatMulNBits weights). The CUDA context
+            of GPU profiles is part of the profile's reserved_gib, so it is shown (`reserved.cuda_context`) but
+            not added.
             compute buffer: llama.cpp = LLAMA_CPP_COMPUTE_FACTOR x max(attention, ffn, logits regions);
-            onnxruntime = sum of the regions (its arena keeps them all), see the *_compute_regions docstrings.
+            onnxruntime = sum of the regions of one call of P = ORT_PREFILL_CHUNK tokens (OnnxRunner's batch)
+            against the full context (its arena keeps them all), see the *_compute_regions docstrings.
 
 Where each term lives: on a discrete GPU (model tier of kind "device") the compute buffer, KV cache and the
 offloaded weights occupy VRAM; the Python process, host logits and llama.cpp's input embedding (always kept on
@@ -38,12 +43,13 @@ from toolkit.format_types import (
     ONNX_FLOAT_BYTES,
     ONNX_SCHEMES,
     StoredTensor,
+    matmul_nbits_bytes,
     onnx_quantizes,
     tensor_types,
     vision_weight_bytes,
 )
 from toolkit.plan_schema import Candidate, MemoryEstimate, Plan
-from toolkit.profiles import DeviceProfile, MemoryTier, available_bytes
+from toolkit.profiles import Compute, DeviceProfile, MemoryTier, available_bytes
 from toolkit.schemes import FORMATS, KV_CACHE_DTYPES, RUNTIMES
 
 MIB = 1024**2
@@ -53,30 +59,55 @@ F32 = 4
 # llama.cpp pads the context to a multiple of 256 (llama-context.cpp: cparams.n_ctx = GGML_PAD(n_ctx, 256)).
 LLAMA_CPP_CTX_PAD = 256
 
-# Calibration (2026-11, this machine kind: 2 cores, Python 3.11, llama-cpp-python 0.3.36 AVX2 build, onnxruntime
-# 1.31.1): peak RSS (ru_maxrss) of the demo model (SmolLM2-135M) filling the context with a prompt, then decoding.
-#   `import llama_cpp` / `import onnxruntime` alone: 49.7 / 52.2 MiB RSS.
-#   llama.cpp, prompt = context - 48:   Q8_0 ctx 2048: 321.7 MiB, ctx 4096: 416.0; Q4_K_M 2048: 291.6, 4096: 386.0
-#   onnxruntime, optimum export, prefill P then 8 steps:  fp32 P=512: 1174.7, P=2048: 1793.0;
-#                                     int4 b32 asymmetric P=512: 592.2, P=2048: 1258.4
-# With the constants below the estimate is within 1.2 % of the four llama.cpp runs and within 8 % of the four
-# onnxruntime runs (tests/test_memory.py::test_calibration_record). The runtimes issue re-checks on `--profile host`.
+# Calibration (2026-11-23, this machine kind: 2 cores AMD EPYC, Python 3.11, llama-cpp-python 0.3.36 AVX2 build,
+# onnxruntime 1.31.1 CPU provider): peak RSS (VmHWM of the child) of the demo model (SmolLM2-135M-Instruct) as
+# `evaluate(artifact, context=N)` measures it: runtimes.measure.measure_in_child(runtime, path,
+# MeasureJob(context=N, decode_tokens=min(32, N // 4), n_threads=1)), i.e. the runner's own prefill of
+# N - decode_tokens tokens (llama.cpp n_batch 512; OnnxRunner 128 tokens per call), then the decode steps.
+# Exports: exporters.export(resolve_model_dir("demo"), "onnx", "fp32" | "int4_b32", out) and one GGUF conversion
+# (Q4_K_M with keep_f16; Q8_0, Q4_0 quantized from its F16). MiB at context 512 / 1024 / 2048 (/ 4096):
+#   llama.cpp   F16 355.4 / 381.6 / 431.6   Q8_0 235.3 / 261.5 / 311.3
+#               Q4_K_M 205.6 / 231.7 / 281.6   Q4_0 241.2 / 267.3 / 317.3
+#               Q4_0 with extra buffers off 184.6 at 512 (repacked copy: +56.6), Q4_K_M off 197.8 (+7.8)
+#   onnxruntime fp32 841.2 / 896.2 / 1097.7 / 1455.4 (2048: mean of 1125.1, 1070.3)
+#               int4_b32 368.4 / 440.6 / 615.9 / 1001.8, 1536: 535.7, 3072: 833.3
+#               resident after loading (session built, heap trimmed): fp32 715.0-715.8, int4_b32 255.8-257.4;
+#               `import onnxruntime` + runner modules: 51.8; `import llama_cpp`: 43.7
+# With the constants below the estimate is 0.6-3.4 % above the llama.cpp runs and within -2.3..+1.4 % of the
+# onnxruntime runs (tests/test_memory.py::test_calibration_record; table in docs/RUNTIMES.md).
 
 # Runtime process: the interpreter + the runtime's libraries (measured above) + what the runtime allocates at load
 # besides weights, KV cache and compute buffer (llama.cpp: vocab and merges, graph metadata, thread pool; ORT:
-# session state, graph copies). Fitted: llama.cpp 49.7 + ~40 MiB; onnxruntime 52.2 + ~60 MiB.
+# session state, tokenizer, what the trimmed heap keeps of the parsed protobuf). onnxruntime: the fp32 export
+# resident after loading minus its weights and the transposed tied head (715.0 - 513.1 - 108.0 = 93.9 MiB);
+# llama.cpp: 43.7 + 34 MiB, fitted so that the llama.cpp runs stay 1-3 % above the measurement.
 RUNTIME_PROCESS_BYTES: dict[str, int] = {
-    "llama.cpp": 90 * MIB,
-    "onnxruntime": 110 * MIB,
+    "llama.cpp": 78 * MIB,
+    "onnxruntime": 94 * MIB,
 }
 # ggml-alloc does not reuse memory perfectly and the CPU backend adds work buffers: measured compute use was
-# ~1.25 x the largest region (fit on the four llama.cpp runs above).
+# ~1.25 x the largest region (fit on the llama.cpp runs of the first calibration).
 LLAMA_CPP_COMPUTE_FACTOR = 1.25
-# onnxruntime constant-folds the tied lm_head's Transpose(embedding) into a second, transposed copy at session
-# creation (measured: +108 MiB = 49152 x 576 x 4 on the demo, int4 and fp32 alike).
-# MLAS prepacks float MatMul weights; the fp32 demo kept ~0.6-0.8 x its MatMul weights extra after loading
-# (241-336 MiB over 406 MiB); MatMulNBits graphs showed no such copy.
-ORT_FLOAT_PREPACK_FACTOR = 0.7
+# OnnxRunner.default_batch_size in runtimes/onnx_runner.py: tokens per ORT call, so the prefill of a long prompt
+# is a series of calls of this many tokens. runtimes never import toolkit; tests/test_memory.py asserts the two
+# agree.
+ORT_PREFILL_CHUNK = 128
+# exporters/onnx_exporter.py defaults for weight-only schemes (LM_HEAD in its docstring): lm_head untied as
+# MatMulNBits and embedding as GatherBlockQuantized, both 8 bits in blocks of 32 along the hidden size.
+ORT_HEAD_EMBEDDING_BITS = 8
+ORT_HEAD_EMBEDDING_BLOCK = 32
+# onnxruntime constant-folds a tied lm_head's Transpose(embedding) into a second, transposed copy at session
+# creation (float graphs only; the weight-only exports untie the head): +108 MiB = 49152 x 576 x 4 on the demo.
+# MLAS prepacks MatMulNBits weights at session creation (blocked codes + per-block scales and sums for the int8
+# compute path, accuracy_level 4); the int4_b32 demo kept 0.36 x its MatMulNBits bytes extra after loading
+# (256.4 - 94 process - 127.4 weights = 35.0 MiB over 96.1 MiB). Float MatMul weights showed no extra copy once
+# the heap is trimmed (the first calibration's 0.7 x was measured without OnnxRunner's malloc_trim).
+ORT_NBITS_PREPACK_FACTOR = 0.36
+# KV-cache copies ORT's arena holds beyond past + present (onnxruntime_arena_kv_factor), fitted on the onnxruntime
+# runs above (least squares on log2(context / 128)): int4_b32 (measured - every other term) / KV = 0.10, 0.39, 0.82,
+# 0.87, 1.34, 1.30 at 512, 1024, 1536, 2048, 3072, 4096; the fp32 runs (not fitted) then agree within 4 %.
+ORT_ARENA_KV_BASE = -0.82
+ORT_ARENA_KV_PER_DOUBLING = 0.44
 
 # CUDA context (driver state, loaded kernels, cuBLAS handle/workspace) in the model tier. Profiles already hold
 # it inside `reserved_gib` (toolkit.profiles: "OS, desktop, CUDA context and other tenants"; the rtx3050-4gb and
@@ -96,7 +127,8 @@ class RuntimeSettings:
     flash_attn None means llama.cpp's own default, LLAMA_FLASH_ATTN_TYPE_AUTO: on where the backend supports it
     (CUDA) and whenever the KV cache is quantized (a quantized V cache requires it), off on CPU. llama-cpp-python's
     `Llama(flash_attn=False)` default differs: the runner must pass flash_attn=True on CUDA to match this estimate.
-    prefill_tokens: onnxruntime's longest single forward (default: the context).
+    prefill_tokens: tokens of onnxruntime's longest single call (default ORT_PREFILL_CHUNK, what OnnxRunner
+    does; pass the context for a runner that prefills the whole prompt in one call).
     """
 
     n_batch: int = 512
@@ -189,9 +221,44 @@ def _validate(facts: ModelFacts, deployment: Deployment) -> None:
 
 
 def text_weights(facts: ModelFacts, deployment: Deployment) -> list[StoredTensor]:
-    """The text tensors of the deployment with their stored types (toolkit.format_types)."""
+    """The text tensors of the deployment with their stored types (toolkit.format_types).
+
+    ONNX weight-only schemes get the exporter's default head and embedding (onnx_export_head_and_embedding).
+    """
     kept = facts.num_layers - deployment.layers_removed
-    return tensor_types(facts, deployment.format, deployment.quant, kept, deployment.imatrix)
+    tensors = tensor_types(facts, deployment.format, deployment.quant, kept, deployment.imatrix)
+    if deployment.format == "onnx":
+        tensors = onnx_export_head_and_embedding(facts, deployment.quant, tensors)
+    return tensors
+
+
+def onnx_export_head_and_embedding(
+    facts: ModelFacts, quant: str, tensors: list[StoredTensor]
+) -> list[StoredTensor]:
+    """`tensors` with the embedding and lm_head that exporters/onnx_exporter.py writes by default.
+
+    Weight-only schemes (bits set): the embedding becomes GatherBlockQuantized and the lm_head its own (untied)
+    MatMulNBits weight, both 8 bits in blocks of ORT_HEAD_EMBEDDING_BLOCK along the hidden size, each
+    vocab * hidden + vocab * n_blocks * (scale bytes + 1 zero-point byte if asymmetric) bytes
+    (format_types.matmul_nbits_bytes). Float schemes are returned unchanged (a tied head stays
+    Transpose(embedding), counted as runtime.tied_lm_head_transposed).
+    """
+    scheme = ONNX_SCHEMES[quant]
+    if scheme.bits is None:
+        return tensors
+    float_bytes = ONNX_FLOAT_BYTES[scheme.float_dtype]
+    embedding = next((t for t in facts.global_tensors if t.role == "token_embd"), None)
+    if embedding is None or len(embedding.shape) != 2:
+        return tensors
+    vocab, hidden = embedding.shape
+    size = matmul_nbits_bytes(
+        vocab, hidden, ORT_HEAD_EMBEDDING_BITS, ORT_HEAD_EMBEDDING_BLOCK, float_bytes, scheme.symmetric
+    ).total
+    dtype = f"int{ORT_HEAD_EMBEDDING_BITS}_b{ORT_HEAD_EMBEDDING_BLOCK}"
+    kept = [t for t in tensors if t.role not in ("token_embd", "output")]
+    head = StoredTensor("output.weight", "output", None, (vocab, hidden), dtype, size)
+    embd = StoredTensor("token_embd.weight", "token_embd", None, (vocab, hidden), dtype, size)
+    return [embd, *kept, head]
 
 
 def kv_cache_bytes(facts: ModelFacts, kept_layers: int, tokens: int, bytes_per_element: float) -> int:
@@ -229,23 +296,76 @@ def llama_cpp_compute_regions(
 
 
 def onnxruntime_compute_regions(
-    facts: ModelFacts, prefill_tokens: int, batch: int, float_bytes: int
+    facts: ModelFacts, prefill_tokens: int, batch: int, float_bytes: int, kv_tokens: int | None = None
 ) -> dict[str, int]:
-    """Candidate peaks of one onnxruntime prefill of P tokens (optimum-style export, eager attention).
+    """Candidate peaks of one onnxruntime call of P tokens against T cached positions (optimum export, eager).
 
-      attention = batch * n_heads * P^2 * b * 2   (scores and softmax output)  + 4 * batch * P * hidden * b
-      ffn       = 3 * batch * P * intermediate * b (gate, up, act*up)         + 2 * batch * P * hidden * b
-      logits    = batch * P * vocab * b            (the export returns logits for every position)
-                  + batch * P * hidden * b
-    b = bytes of the graph's float type. ORT's CPU arena keeps what it grew to and reuses chunks of the same size
-    only, so the compute memory is the SUM of the regions (measured on the demo: within 5 % at P = 2048).
+      attention = batch * n_heads * P * T * b * 4   (scores, masked scores, softmax, its NaN guard)
+                  + 3 * batch * n_heads * T * head_dim * b  (one layer's K and V repeated to all heads, K^T)
+                  + 4 * batch * P * hidden * b
+      ffn       = 3 * batch * P * intermediate * b  (gate, up, act*up)  + 2 * batch * P * hidden * b
+      logits    = 2 * batch * P * vocab * b  (the export returns logits for every position of the call; the
+                  runner copies them out to numpy)  + batch * P * hidden * b
+    P = the runner's chunk (ORT_PREFILL_CHUNK, or RuntimeSettings.prefill_tokens), T = the context (default P).
+    b = bytes of the graph's float type. ORT's CPU arena keeps what it grew to, so the compute memory is the SUM
+    of the regions.
     """
     p, b = prefill_tokens, float_bytes
+    t = p if kv_tokens is None else kv_tokens
     hidden_act = batch * p * facts.hidden_size * b
-    attention = batch * facts.num_heads * p * p * b * 2 + 4 * hidden_act
+    attention = (
+        batch * facts.num_heads * p * t * b * 4
+        + 3 * batch * facts.num_heads * t * facts.head_dim * b
+        + 4 * hidden_act
+    )
     ffn = 3 * batch * p * facts.intermediate_size * b + 2 * hidden_act
-    logits = batch * p * facts.vocab_size * b + hidden_act
+    logits = 2 * batch * p * facts.vocab_size * b + hidden_act
     return {"attention": attention, "ffn": ffn, "logits": logits}
+
+
+def onnxruntime_arena_kv_factor(kv_tokens: int, chunk: int) -> float:
+    """KV-cache copies ORT's CPU arena holds beyond past + present after filling `kv_tokens` in `chunk` calls.
+
+      factor = max(0, ORT_ARENA_KV_BASE + ORT_ARENA_KV_PER_DOUBLING * log2(kv_tokens / chunk))
+
+    Each call outputs presents `chunk` positions longer than the pasts it frees, so the best-fit arena cannot put
+    them back in place; it extends by doubling regions (kNextPowerOfTwo) and keeps the partly used old ones.
+    Fitted on the demo (calibration record above).
+    """
+    doublings = math.log2(max(1.0, kv_tokens / max(1, chunk)))
+    return max(0.0, ORT_ARENA_KV_BASE + ORT_ARENA_KV_PER_DOUBLING * doublings)
+
+
+def llama_cpp_repacked(tensor: StoredTensor, compute: Compute) -> bool:
+    """Whether llama.cpp's CPU backend keeps an interleaved copy of `tensor` (CPU_REPACK extra buffer type).
+
+    ggml-cpu/repack.cpp ggml_repack_get_optimal_repack_type (llama-cpp-python 0.3.36): matrix-multiplied 2-D
+    weights (not the token embedding, a GET_ROWS) of type Q4_0, Q4_K, IQ4_NL or MXFP4 with rows % 8 == 0 on AVX2
+    (x86); on ARM with dotprod or i8mm Q4_0, IQ4_NL, MXFP4, Q8_0 (rows % 4) and Q4_K, Q5_K, Q6_K (rows % 8).
+    The copy lives in anonymous memory while the file pages it was read from stay mapped, so those weights count
+    twice: measured on the demo, Q4_0 241.2 vs 184.6 MiB with extra buffers off (+56.6 = its 57.0 MiB of Q4_0),
+    Q4_K_M +7.8 (7.6 MiB Q4_K).
+    The runner turns extra buffers off on AMX builds (runtimes/llamacpp_runner.py), so AMX profiles get none.
+    """
+    if tensor.role == "token_embd" or len(tensor.shape) != 2:
+        return False
+    rows = tensor.shape[0]
+    arch = compute.architecture.lower()
+    features = {f.lower() for f in (compute.cpu_features or [])}
+    if "amx" in arch or "amx" in " ".join(features):
+        return False
+    if arch.startswith(("x86_64", "amd64", "x86")) and (
+        "avx2" in arch or "avx512" in arch or "avx2" in features
+    ):
+        return tensor.dtype in ("Q4_0", "Q4_K", "IQ4_NL", "MXFP4") and rows % 8 == 0
+    if arch.startswith(("aarch64", "arm64")):
+        dotprod = "dotprod" in features or "asimddp" in features
+        i8mm = "i8mm" in features
+        if tensor.dtype in ("Q4_0", "IQ4_NL", "MXFP4", "Q8_0") and (dotprod or i8mm):
+            return rows % 4 == 0
+        if tensor.dtype in ("Q4_K", "Q5_K", "Q6_K") and (dotprod or i8mm):
+            return rows % 8 == 0
+    return False
 
 
 def vision_activation_bytes(vision: VisionFacts, text_hidden: int, images: int) -> dict[str, int]:
@@ -327,6 +447,14 @@ def estimate_memory(
         flash = settings.flash_attn if settings.flash_attn is not None else auto_flash
         detail["param.flash_attn"] = int(flash)
         detail["param.n_ubatch"] = settings.n_ubatch
+        if not gpu:  # CPU_REPACK: an interleaved copy of the weights the CPU kernels prefer
+            repacked = sum(
+                t.nbytes
+                for t in (text_tensors if text_tensors is not None else text_weights(facts, deployment))
+                if llama_cpp_repacked(t, profile.compute)
+            )
+            if repacked:
+                counted["runtime.repacked_weights"] = repacked
         outputs = settings.n_ubatch if (gpu or settings.logits_all) else batch
         regions = llama_cpp_compute_regions(facts, n_ctx, settings, flash, outputs)
         compute = int(max(regions.values()) * LLAMA_CPP_COMPUTE_FACTOR)
@@ -335,26 +463,28 @@ def estimate_memory(
         if settings.logits_all:  # llama-cpp-python keeps a (n_ctx, vocab) float32 `scores` array
             logits_host += n_ctx * facts.vocab_size * F32
     elif runtime == "onnxruntime":
-        float_bytes = ONNX_FLOAT_BYTES[ONNX_SCHEMES[deployment.quant].float_dtype]
+        scheme = ONNX_SCHEMES[deployment.quant]
+        float_bytes = ONNX_FLOAT_BYTES[scheme.float_dtype]
         kv_tokens = ctx * batch
         detail["param.kv_tokens"] = kv_tokens
         kv = kv_cache_bytes(facts, kept, kv_tokens, float_bytes)
         counted["kv_cache.past"] = kv
         counted["kv_cache.present"] = kv
-        prefill = min(ctx, settings.prefill_tokens or ctx)
-        detail["param.prefill_tokens"] = prefill
-        regions = onnxruntime_compute_regions(facts, prefill, batch, float_bytes)
+        chunk = min(ctx, settings.prefill_tokens or ORT_PREFILL_CHUNK)
+        detail["param.prefill_tokens"] = chunk
+        counted["kv_cache.arena_held"] = int(kv * onnxruntime_arena_kv_factor(ctx, chunk))
+        regions = onnxruntime_compute_regions(facts, chunk, batch, float_bytes, ctx)
         compute = sum(regions.values())
-        logits_host = batch * facts.vocab_size * F32  # the last position's logits copied out to numpy
-        if not any(t.role == "output" for t in facts.global_tensors):
-            counted["runtime.tied_lm_head_transposed"] = facts.vocab_size * facts.hidden_size * float_bytes
-        if ONNX_SCHEMES[deployment.quant].bits is None:
-            float_matmul = sum(
-                t.nbytes
-                for t in (text_tensors or text_weights(facts, deployment))
-                if onnx_quantizes(t.role, t.shape)
-            )
-            counted["runtime.prepacked_matmul"] = int(float_matmul * ORT_FLOAT_PREPACK_FACTOR)
+        logits_host = batch * facts.vocab_size * F32  # the last position's logits, float32
+        tensors = text_tensors if text_tensors is not None else text_weights(facts, deployment)
+        if scheme.bits is None:
+            if not any(t.role == "output" for t in tensors):
+                counted["runtime.tied_lm_head_transposed"] = (
+                    facts.vocab_size * facts.hidden_size * float_bytes
+                )
+        else:
+            nbits = sum(t.nbytes for t in tensors if onnx_quantizes(t.role, t.shape) or t.role == "output")
+            counted["runtime.prepacked_matmul_nbits"] = int(nbits * ORT_NBITS_PREPACK_FACTOR)
     else:
         raise BedsideError(f"no memory model for runtime '{runtime}'; known: llama.cpp, onnxruntime")
     kv_total = sum(v for k, v in counted.items() if k.startswith("kv_cache."))
