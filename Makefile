@@ -20,7 +20,7 @@ export BEDSIDE_CACHE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLEL
 STAMP := $(VENV)/.bedside-setup-stamp
 BIN := $(VENV)/bin
 
-.PHONY: setup deploy test lint clean
+.PHONY: setup deploy test lint clean bench
 
 setup: $(STAMP)
 
@@ -34,10 +34,16 @@ deploy: $(STAMP)
 		$(if $(CALIB),--calib "$(CALIB)") $(if $(EVAL),--eval "$(EVAL)") --out "$(OUT)"
 
 lint: $(STAMP)
-	$(BIN)/ruff check toolkit exporters runtimes tests
+	$(BIN)/ruff check toolkit exporters runtimes tests bench
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Benchmarks (docs/BENCHMARKS.md, raw results in docs/benchmarks/); each script resumes finished parts.
+bench: $(STAMP)
+	$(BIN)/python -m bench.compression
+	$(BIN)/python -m bench.runtimes
+	$(BIN)/python -m bench.awq_budget
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

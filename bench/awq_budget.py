@@ -1,0 +1,179 @@
+"""Bench 2: AWQ on the demo model with 128 calibration sequences x 256 tokens: wall time and peak memory.
+
+Run from the repository root (skips when docs/benchmarks/awq_budget.json already has a result;
+`--fresh` measures again):
+
+    .venv/bin/python -m bench.awq_budget
+
+Targets: at most 5 minutes, at most 3 GB peak resident memory, on this 2-core machine. AWQ runs in
+a child process (`python -m bench.awq_budget --child RESULT.json`) so that its peak memory is its
+own: the child reads `VmHWM` from /proc/self/status at the end (the kernel's high-water mark of
+resident memory, as `runtimes/measure.py` does; `getrusage(RUSAGE_CHILDREN)` would carry the
+parent's peak across exec). The child loads the model (float32) and the calibration data, then
+times `toolkit.quant.awq.awq(model, ids, "Q4_0")` with its default knobs (n_grid 20, 2048 search
+tokens, 512 clip tokens) on one torch thread: wall time and the process's CPU time (user + system;
+on one thread, what the wall time would be on an otherwise idle core). The load average before
+and after is recorded: other work on the shared machine inflates the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    command_line,
+    load_average,
+    read_json,
+    update_benchmarks_doc,
+    utc_now,
+    write_json_atomic,
+)
+
+RESULTS = RESULTS_DIR / "awq_budget.json"
+SEQUENCES, SEQ_LEN, SEED = 128, 256, 0
+SCHEME = "Q4_0"
+TIME_TARGET_S, MEMORY_TARGET_BYTES = 300.0, 3 * 10**9
+
+
+def proc_status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (`VmHWM`, `VmRSS`) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(result_path: Path, threads: int) -> None:
+    """Load, calibrate, run AWQ; write times and memory to `result_path`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from toolkit.data import load_dataset_spec, make_blocks, split_calibration_eval
+    from toolkit.model_source import resolve_model_dir
+    from toolkit.quant.awq import awq
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model_dir = resolve_model_dir("demo")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    documents = load_dataset_spec("medquad") + load_dataset_spec("pubmedqa")
+    calibration, _evaluation, record = split_calibration_eval(documents, 0.1, SEED)
+    blocks = make_blocks(calibration, tokenizer, SEQ_LEN, SEQUENCES, SEED)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prepared = time.perf_counter() - start
+    rss_before = proc_status_bytes("VmRSS")
+    hwm_before = proc_status_bytes("VmHWM")
+    load_start = load_average()
+    awq_start = time.perf_counter()
+    cpu_start = time.process_time()
+    result = awq(model, blocks.input_ids, SCHEME, progress=False, seed=SEED)
+    awq_seconds = time.perf_counter() - awq_start
+    awq_cpu_seconds = time.process_time() - cpu_start
+    out = {
+        "awq_seconds": round(awq_seconds, 2),
+        "awq_cpu_seconds": round(awq_cpu_seconds, 2),
+        "prepare_seconds": round(prepared, 2),
+        "vm_hwm_bytes": proc_status_bytes("VmHWM"),
+        "vm_hwm_before_awq_bytes": hwm_before,
+        "vm_rss_before_awq_bytes": rss_before,
+        "loadavg_awq_start": load_start,
+        "loadavg_awq_end": load_average(),
+        "threads": threads,
+        "calibration": blocks.to_dict(),
+        "calibration_sha256": record.calibration_sha256,
+        "awq_record": {key: value for key, value in result.record.items() if key != "layers"},
+    }
+    result_path.write_text(json.dumps(out), encoding="utf-8")
+
+
+def run(threads: int) -> dict[str, Any]:
+    """Run the child and combine its figures with the parent's view (wall time, exit status)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bedside-awq-budget-") as folder:
+        result_path = Path(folder) / "result.json"
+        load_start = load_average()
+        start = time.perf_counter()
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        completed = subprocess.run(
+            [sys.executable, "-m", "bench.awq_budget", "--child", str(result_path), "--threads", str(threads)],
+            cwd=REPO_ROOT, env=env, check=False,
+        )
+        wall = time.perf_counter() - start
+        if completed.returncode != 0 or not result_path.is_file():
+            raise SystemExit(f"the AWQ child failed with exit status {completed.returncode}")
+        measured = json.loads(result_path.read_text(encoding="utf-8"))
+    return {
+        "command": command_line(),
+        "finished": utc_now(),
+        "scheme": SCHEME,
+        "sequences": SEQUENCES,
+        "seq_len": SEQ_LEN,
+        "child_wall_seconds": round(wall, 2),
+        "loadavg_start": load_start,
+        "loadavg_end": load_average(),
+        **measured,
+        "time_target_seconds": TIME_TARGET_S,
+        "memory_target_bytes": MEMORY_TARGET_BYTES,
+        "meets_time_target": measured["awq_seconds"] <= TIME_TARGET_S,
+        "meets_memory_target": measured["vm_hwm_bytes"] <= MEMORY_TARGET_BYTES,
+    }
+
+
+def cpu_text(result: dict[str, Any]) -> str:
+    """The CPU-time part of the doc line: AWQ's own, or the whole child's sampled from /proc."""
+    if "awq_cpu_seconds" in result:
+        return f"CPU time {result['awq_cpu_seconds']:.0f} s"
+    if "child_cpu_seconds_sampled" in result:
+        return (f"CPU time of the whole child incl. data and model loading, sampled from /proc: "
+                f"{result['child_cpu_seconds_sampled']:.0f} s")
+    return "CPU time not recorded"
+
+
+def render(result: dict[str, Any]) -> str:
+    """The BENCHMARKS.md line."""
+    return "\n".join([
+        "## AWQ budget (bench 2)",
+        "",
+        f"Command: `.venv/bin/python -m bench.awq_budget` (raw: `docs/benchmarks/awq_budget.json`). "
+        f"AWQ {result['scheme']} on the demo model, {result['sequences']} x {result['seq_len']} calibration "
+        f"tokens (PubMedQA + MedQuAD calibration side), default knobs (n_grid 20, 2048 search / 512 clip tokens), "
+        f"{result['threads']} torch thread in a child process: **{result['awq_seconds']:.0f} s** of AWQ wall time "
+        f"({cpu_text(result)}) "
+        f"(target <= {result['time_target_seconds']:.0f} s: {'met' if result['meets_time_target'] else 'NOT met'}), "
+        f"peak RSS (VmHWM of the child, model load included) **{result['vm_hwm_bytes'] / 1e9:.2f} GB** "
+        f"(target <= 3 GB: {'met' if result['meets_memory_target'] else 'NOT met'}; "
+        f"{result['vm_hwm_before_awq_bytes'] / 1e9:.2f} GB before AWQ started). Load average "
+        f"{result['loadavg_awq_start']} at the start and {result['loadavg_awq_end']} at the end (1/5/15 min).",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fresh", action="store_true", help="measure again even where a result exists")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.child is not None:
+        child(args.child, args.threads)
+        return
+    result = read_json(RESULTS)
+    if args.fresh or "awq_seconds" not in result:
+        result = run(args.threads)
+        write_json_atomic(RESULTS, result)
+    update_benchmarks_doc("awq-budget", render(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The benchmark scripts' own logic: scoring, byte counting, doc sections, checkpoints (fast, no demo model)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.common import markdown_table, replace_section, score_model, write_json_atomic
+from bench.compression import config_name
+from bench.runtimes import bandwidth_fraction, kv_bytes_per_token
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> object:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _FixedLogits(torch.nn.Module):
+    """A 'model' whose next-token logits are a fixed function of the current token."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, input_ids: torch.Tensor) -> object:
+        return type("Out", (), {"logits": self.table[input_ids]})()
+
+
+def test_score_model_perplexity_and_agreement_match_a_hand_computation() -> None:
+    vocab = 5
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(vocab, vocab, generator=generator)
+    blocks = torch.randint(0, vocab, (3, 7), generator=generator)
+    model = _FixedLogits(table)
+    log_probs = torch.log_softmax(table, dim=-1)
+    nll = [-float(log_probs[row[t], row[t + 1]]) for row in blocks for t in range(blocks.shape[1] - 1)]
+    scores = score_model(model, blocks, batch_size=2)
+    assert scores.tokens == 3 * 6
+    assert scores.perplexity == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+    assert scores.argmax.shape == (3, 6)
+    # Against itself agreement is 1; against a model whose argmax differs everywhere it is 0.
+    assert score_model(model, blocks, scores.argmax).top1_agreement == 1.0
+    shifted = table.clone()
+    shifted[torch.arange(vocab), table.argmax(dim=-1)] = -100.0
+    assert score_model(_FixedLogits(shifted), blocks, scores.argmax).top1_agreement == 0.0
+
+
+def test_kv_bytes_and_bandwidth_fraction() -> None:
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64, F16 cache, 2032 positions read.
+    kv = kv_bytes_per_token(30, 3, 64, 2032.0, 2)
+    assert kv == pytest.approx(2 * 30 * 3 * 64 * 2032 * 2)
+    assert kv == pytest.approx(46.8e6, rel=1e-2)
+    # 10 GB/s and 100 MB per token bound decoding at 100 tok/s; 25 tok/s is a quarter of it.
+    assert bandwidth_fraction(25.0, 10e9, 100e6) == pytest.approx(0.25)
+
+
+def test_replace_section_rewrites_only_its_own_block() -> None:
+    document = "# Benchmarks\n\nintro\n"
+    first = replace_section(document, "a", "table A v1")
+    both = replace_section(first, "b", "table B")
+    updated = replace_section(both, "a", "table A v2")
+    assert updated.count("<!-- a:start -->") == 1 and "table A v1" not in updated
+    assert "table A v2" in updated and "table B" in updated and updated.startswith("# Benchmarks\n\nintro")
+    assert updated.index("table A v2") < updated.index("table B")
+
+
+def test_markdown_table_and_config_names() -> None:
+    assert markdown_table(["a", "b"], [[1, 2]]).splitlines() == ["| a | b |", "| --- | --- |", "| 1 | 2 |"]
+    assert config_name(None, False, None) == "original/float"
+    assert config_name("activation", True, "awq") == "activation/healed/awq"
+
+
+def test_write_json_atomic_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "results.json"
+    write_json_atomic(target, {"configs": {"x": 1}})
+    write_json_atomic(target, {"configs": {"x": 2}})
+    assert json.loads(target.read_text()) == {"configs": {"x": 2}}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
