@@ -10,7 +10,7 @@ a child process (`python -m bench.awq_budget --child RESULT.json`) so that its p
 own: the child reads `VmHWM` from /proc/self/status at the end (the kernel's high-water mark of
 resident memory, as `runtimes/measure.py` does; `getrusage(RUSAGE_CHILDREN)` would carry the
 parent's peak across exec). The child loads the model (float32) and the calibration data, then
-times `toolkit.quant.awq.awq(model, ids, "Q4_0")` with its default knobs (n_grid 20, 2048 search
+times `toolkit.quant.awq.awq(model, ids, "Q4_0")` with its default knobs (n_grid 10, 1024 search
 tokens, 512 clip tokens) on one torch thread: wall time and the process's CPU time (user + system;
 on one thread, what the wall time would be on an otherwise idle core). The load average before
 and after is recorded: other work on the shared machine inflates the wall time.
@@ -146,7 +146,8 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"Command: `.venv/bin/python -m bench.awq_budget` (raw: `docs/benchmarks/awq_budget.json`). "
         f"AWQ {result['scheme']} on the demo model, {result['sequences']} x {result['seq_len']} calibration "
-        f"tokens (PubMedQA + MedQuAD calibration side), default knobs (n_grid 20, 2048 search / 512 clip tokens), "
+        f"tokens (PubMedQA + MedQuAD calibration side), default knobs (n_grid {result['awq_record']['n_grid']}, "
+        f"{result['awq_record']['calibration']['search_tokens']} search / 512 clip tokens), "
         f"{result['threads']} torch thread in a child process: **{result['awq_seconds']:.0f} s** of AWQ wall time "
         f"({cpu_text(result)}) "
         f"(target <= {result['time_target_seconds']:.0f} s: {'met' if result['meets_time_target'] else 'NOT met'}), "

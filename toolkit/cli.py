@@ -25,9 +25,31 @@ app = typer.Typer(
 
 
 def _register_all() -> None:
-    from toolkit import cli_deploy, cli_model, cli_plan, cli_profiles, cli_setup
+    from toolkit import (
+        cli_compress,
+        cli_deploy,
+        cli_eval,
+        cli_export,
+        cli_model,
+        cli_plan,
+        cli_profiles,
+        cli_run,
+        cli_setup,
+        cli_verify,
+    )
 
-    for module in (cli_setup, cli_profiles, cli_model, cli_plan, cli_deploy):
+    for module in (
+        cli_setup,
+        cli_profiles,
+        cli_model,
+        cli_plan,
+        cli_compress,
+        cli_export,
+        cli_eval,
+        cli_run,
+        cli_deploy,
+        cli_verify,
+    ):
         module.register(app)
 
 

@@ -1,21 +1,13 @@
-"""`bedside deploy`: the main job. Today it plans and stops, naming the stages not wired in yet."""
+"""`bedside deploy`: the main job, plan -> compress -> export -> validate -> report + bundle (toolkit.deploy).
+
+Exit codes: 0 a bundle was written (every blocking check passed); 1 nothing passed within
+--max-attempts (report.json/report.html say why); 2 bad input; 3 nothing fits the profile at all.
+"""
 
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-
-from toolkit.errors import NothingFitsError
-
-# Stages of plan -> compress -> export -> validate -> bundle, and whether deploy runs them yet.
-DEPLOY_STAGES: tuple[tuple[str, bool], ...] = (
-    ("plan", True),
-    ("compress (prune -> heal -> AWQ)", False),
-    ("export (GGUF / ONNX)", False),
-    ("validate on the target runtime", False),
-    ("report + bundle", False),
-)
 
 
 def register(app: typer.Typer) -> None:
@@ -26,36 +18,59 @@ def register(app: typer.Typer) -> None:
 def deploy_command(
     profile: Annotated[str, typer.Option("--profile", help="Device profile name, 'host', or a YAML path.")],
     model: Annotated[str, typer.Option("--model", help="'demo' or a local checkpoint folder.")] = "demo",
-    calib: Annotated[str | None, typer.Option("--calib", help="Calibration data (path or named source).")] = None,
-    eval_data: Annotated[str | None, typer.Option("--eval", help="Evaluation data (path or named source).")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Output folder for plan.json (and, later, the bundle).")] = Path(
+    calib: Annotated[
+        str | None, typer.Option("--calib", help="Calibration data (path or named source); default radiology.")
+    ] = None,
+    eval_data: Annotated[
+        str | None,
+        typer.Option("--eval", help="Held-apart evaluation data; default: a split of the calibration data."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder (work cache, report, bundle).")] = Path(
         "out/deploy"
     ),
+    max_attempts: Annotated[int, typer.Option("--max-attempts", help="Re-plans after failed validation.")] = 3,
+    calib_sequences: Annotated[
+        int, typer.Option("--calib-sequences", help="Calibration sequences (1-128; fewer is faster).")
+    ] = 64,
+    heal_steps: Annotated[int, typer.Option("--heal-steps", help="LoRA healing steps after pruning.")] = 40,
+    eval_tokens: Annotated[
+        int, typer.Option("--eval-tokens", help="Tokens scored in validation (fewer is faster, noisier).")
+    ] = 4096,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration sequence length in tokens.")] = 256,
+    prune_method: Annotated[
+        str, typer.Option("--prune-method", help="Layer selection: activation, block-influence, angular, last.")
+    ] = "activation",
+    quant_method: Annotated[
+        str, typer.Option("--quant-method", help="awq (default) or rtn (no AWQ search: faster, for tests).")
+    ] = "awq",
+    threads: Annotated[int | None, typer.Option("--threads", help="Runtime threads (default: runtime's).")] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Accept pickle (*.bin/*.pt) weights; they can run code.")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data split and sampling.")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
 ) -> None:
-    """Plan the deployment of MODEL on PROFILE; the stages after planning are not wired in yet."""
-    from toolkit.cli_plan import print_plan, write_plan
-    from toolkit.facts import read_facts
-    from toolkit.planner import make_plan
-    from toolkit.profiles import load_profile
+    """Compress MODEL for PROFILE, validate it on the target runtime, and write the report and bundle."""
+    from toolkit.deploy import DeployOptions, run_deploy
 
-    console = Console(stderr=True)
-    device = load_profile(profile)
-    facts = read_facts(model)
-    if calib is not None or eval_data is not None:
-        from toolkit.data import load_dataset_spec
-
-        for spec in (calib, eval_data):
-            if spec is not None:
-                load_dataset_spec(spec)  # fail early on bad data, one line, exit 2
-    plan = make_plan(facts, device, model)
-    print_plan(plan, top=5, num_layers=facts.num_layers)
-    if not plan.fits:
-        raise NothingFitsError(plan.reason)
-    write_plan(plan, out / "plan.json")
-    console.print(f"plan written to {out / 'plan.json'}")
-    missing = [name for name, built in DEPLOY_STAGES if not built]
-    console.print(
-        "[bold yellow]deploy is incomplete:[/] stages not built into `deploy` yet: "
-        + "; ".join(missing)
-        + ". No bundle was produced."
+    options = DeployOptions(
+        profile=profile,
+        model=model,
+        calib=calib,
+        eval_data=eval_data,
+        out=out,
+        max_attempts=max_attempts,
+        calib_sequences=calib_sequences,
+        heal_steps=heal_steps,
+        eval_tokens=eval_tokens,
+        seq_len=seq_len,
+        prune_method=prune_method,
+        quant_method=quant_method,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        seed=seed,
+        progress=progress,
     )
+    result = run_deploy(options)
+    if not result.passed:
+        raise SystemExit(1)

@@ -316,11 +316,11 @@ def awq(
     calib_ids: torch.Tensor,
     scheme: str,
     *,
-    n_grid: int = 20,
+    n_grid: int = 10,
     clip: bool = True,
     progress: bool = True,
     imatrix_path: str | Path | None = None,
-    search_tokens: int = 2048,
+    search_tokens: int = 1024,
     clip_tokens: int = 512,
     batch_size: int = 8,
     clip_ratios: Sequence[float] = CLIP_RATIOS,
@@ -331,7 +331,10 @@ def awq(
     Args:
         calib_ids: ``[n_sequences, seq_len]`` token ids (e.g. ``toolkit.data.make_blocks(...).input_ids``).
         scheme: export scheme or grid name (``Q4_0``, ``Q4_K_M``, ``int4_b32``, ``asym4_g64``...).
-        n_grid: alphas ``0, 1/n_grid, ..., 1`` (n_grid + 1 values).
+        n_grid: alphas ``0, 1/n_grid, ..., 1`` (n_grid + 1 values). llm-awq uses 20 on a GPU; the
+            search costs n_grid x search_tokens forward passes of each group's block per layer (the
+            largest term on a CPU), so the defaults (10, 1024 tokens) halve each; docs/BENCHMARKS.md
+            shows AWQ still beating RTN with them.
         clip: run the clipping search after scaling.
         imatrix_path: where to write the llama.cpp importance matrix (GGUF) of the scaled model.
         search_tokens: tokens (whole sequences, evenly spread) on which the alpha loss is measured;

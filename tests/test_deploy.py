@@ -1,0 +1,297 @@
+"""`bedside deploy`: checks, re-planning, report, bad input (exit 2), and the end-to-end run with resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from toolkit.deploy.replan import Corrections, candidate_key, next_candidate
+from toolkit.deploy.validate import TOP1_AGREEMENT_MIN, blocking_failures, build_checks
+from toolkit.errors import BedsideError
+from toolkit.facts import facts_from_config
+from toolkit.planner import make_plan
+from toolkit.profiles import load_profile
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY_PROFILE = FIXTURES / "profiles" / "tiny-cpu.yaml"
+REPO = Path(__file__).resolve().parents[1]
+FAST_KNOBS = ("--calib-sequences", "4", "--heal-steps", "4", "--eval-tokens", "512", "--seq-len", "128",
+              "--prune-method", "block-influence", "--quant-method", "rtn", "--threads", "1", "--no-progress")
+
+
+def tiny_plan():
+    facts = facts_from_config(json.loads((FIXTURES / "smollm2-135m" / "config.json").read_text()))
+    profile = load_profile(str(TINY_PROFILE))
+    return facts, profile, make_plan(facts, profile, "demo")
+
+
+def evaluation(ppl=11.0, ref=10.0, kl=0.1, top1=0.8, rss=150 * 2**20, speed=20.0, accuracy=None, ref_acc=None):
+    return {
+        "perplexity": ppl, "reference_perplexity": ref, "kl_divergence": kl, "top1_agreement": top1,
+        "accuracy": accuracy, "reference_accuracy": ref_acc, "peak_rss_bytes": rss, "peak_vram_bytes": None,
+        "decode_tokens_per_s": speed, "context": 256,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks and re-planning (no model needed)
+
+
+def test_tiny_profile_forces_layer_removal_and_4_bit():
+    _, _, plan = tiny_plan()
+    assert plan.fits
+    assert plan.chosen.layers_removed >= 1
+    assert plan.chosen.quant in ("Q4_0", "Q4_K_M")
+    minimum = load_profile(str(TINY_PROFILE)).min_decode_tokens_per_s.value
+    full_depth = [c for c in plan.candidates if c.layers_removed == 0]
+    assert full_depth and all(c.predicted_decode_tokens_per_s < minimum for c in full_depth)
+    wider = [c for c in plan.candidates if c.quant in ("Q5_K_M", "Q6_K", "Q8_0") and c.layers_removed <= 2]
+    assert all(c.predicted_decode_tokens_per_s < minimum for c in wider)
+
+
+def test_checks_compare_numbers_with_profile_thresholds():
+    _, profile, plan = tiny_plan()
+    checks = {c.name: c for c in build_checks(evaluation(), profile, plan.chosen, plan.budget_bytes)}
+    assert checks["perplexity_increase_pct"].value == pytest.approx(10.0)
+    assert checks["perplexity_increase_pct"].threshold == 400 and checks["perplexity_increase_pct"].passed
+    assert checks["kl_divergence"].threshold == pytest.approx(math.log(5.0), rel=1e-6)
+    assert checks["top1_agreement"].threshold == TOP1_AGREEMENT_MIN and not checks["top1_agreement"].blocking
+    assert checks["peak_memory_bytes"].threshold == plan.budget_bytes and checks["peak_memory_bytes"].passed
+    assert checks["peak_memory_bytes"].extra["estimate_bytes"] == plan.chosen.memory.total_bytes
+    assert "simulator not built" in checks["decode_tokens_per_s_host"].detail
+    assert "accuracy_retention_pct" not in checks  # no answers in the eval data
+    assert not blocking_failures(list(checks.values()))
+
+
+def test_checks_fail_over_floor_budget_and_accuracy():
+    _, profile, plan = tiny_plan()
+    bad = evaluation(ppl=60.0, rss=plan.budget_bytes + 1, accuracy={"overall": 0.3, "n": 10},
+                     ref_acc={"overall": 0.8, "n": 10}, top1=0.2)
+    checks = {c.name: c for c in build_checks(bad, profile, plan.chosen, plan.budget_bytes)}
+    assert checks["perplexity_increase_pct"].value == pytest.approx(500.0) and not checks["perplexity_increase_pct"].passed
+    assert checks["accuracy_retention_pct"].value == pytest.approx(37.5) and not checks["accuracy_retention_pct"].passed
+    assert not checks["peak_memory_bytes"].passed
+    names = {c.name for c in blocking_failures(list(checks.values()))}
+    assert names == {"perplexity_increase_pct", "accuracy_retention_pct", "peak_memory_bytes"}
+
+
+def test_replan_after_quality_failure_takes_fewer_layers_or_more_bits():
+    _, _, plan = tiny_plan()
+    chosen = plan.chosen
+    roomy = plan.model_copy(update={"budget_bytes": 210 * 2**20})  # room for candidates with more bits / layers
+    corrections = Corrections()
+    measured = chosen.predicted_quality_loss * 1.25
+    corrections.learn(chosen, int(chosen.memory.total_bytes * 0.9), measured, quality_failed=True, memory_failed=False)
+    assert corrections.quality_ratio == pytest.approx(1.25, rel=1e-6)
+    assert corrections.memory_ratio == 1.0  # measured below the estimate never loosens the estimate
+    following, why = next_candidate(roomy, corrections, floor_pct=400.0)
+    assert following is not None, why
+    assert candidate_key(following) != candidate_key(chosen)
+    assert following.predicted_quality_loss < chosen.predicted_quality_loss
+    assert following.memory.total_bytes <= roomy.budget_bytes
+    # with a floor below every corrected loss, nothing is left
+    nothing, why = next_candidate(roomy, corrections, floor_pct=1.0)
+    assert nothing is None and "no candidate left" in why
+
+
+def test_replan_after_memory_failure_scales_estimates_and_can_give_up():
+    _, profile, plan = tiny_plan()
+    chosen = plan.chosen
+    floor = profile.quality_floor.max_perplexity_increase_pct.value
+    corrections = Corrections()
+    corrections.learn(chosen, int(chosen.memory.total_bytes * 1.3), 10.0, quality_failed=False, memory_failed=True)
+    assert corrections.memory_ratio == pytest.approx(1.3, rel=1e-3)
+    following, why = next_candidate(plan, corrections, floor_pct=floor)
+    assert following is not None, why
+    assert following.memory.total_bytes < chosen.memory.total_bytes
+    assert following.memory.total_bytes * 1.3 <= plan.budget_bytes
+    # 3.5 times the estimate: not even the smallest candidate (15 layers removed) fits 512 MiB
+    corrections = Corrections()
+    corrections.learn(chosen, int(chosen.memory.total_bytes * 3.5), 10.0, quality_failed=False, memory_failed=True)
+    following, why = next_candidate(plan, corrections, floor_pct=floor)
+    assert following is None
+    assert "no candidate left" in why and "x3.50" in why
+
+
+def test_report_json_and_self_contained_html(tmp_path):
+    from types import SimpleNamespace
+
+    from toolkit.deploy.pipeline import DeployOptions
+    from toolkit.deploy.report import write_reports
+
+    facts, profile, plan = tiny_plan()
+    record = {
+        "layers_removed": [3, 7], "layer_scores": {"method": "block-influence", "scores": [0.1 * i for i in range(30)]},
+        "quality": {"original": 10.0, "pruned": 14.0, "healed": 12.0, "quantized": 12.5},
+        "calibration": {"sha256": "c" * 64, "documents": 9, "tokens": 512}, "eval": {"sha256": "e" * 64, "tokens": 64},
+    }
+    result = evaluation(ppl=13.0, ref=10.0)
+    checks = build_checks(result, profile, plan.chosen, plan.budget_bytes)
+    attempt = {"attempt": 1, "candidate": plan.chosen.model_dump(), "plan_reason": plan.reason, "compression": record,
+               "evaluation": result, "checks": [c.to_dict() for c in checks], "passed": True}
+    context = {
+        "options": DeployOptions(profile=str(TINY_PROFILE)), "profile": profile, "facts": facts, "first_plan": plan,
+        "final": {"plan": plan, "compressed": SimpleNamespace(record=record), "evaluation": result, "checks": checks},
+        "attempts": [attempt], "passed": True, "reason": "attempt 1 passed", "source_sha256": "s" * 64,
+        "stages": {name: {"seconds": 1.0, "resumed": False} for name in ("plan", "compress", "export", "validate")},
+        "disk_estimate_bytes": 1, "bundle": None,
+    }
+    report, json_path, html_path = write_reports(tmp_path, context, seconds=3.0)
+    stored = json.loads(json_path.read_text())
+    assert stored["schema_version"] == 1 and stored["status"] == "PASS"
+    assert [c["name"] for c in stored["checks"]] == [c.name for c in checks]
+    assert stored["quality"]["stages"] == {"original": 10.0, "pruned": 14.0, "healed": 12.0, "quantized": 12.5,
+                                           "exported": 13.0}
+    assert stored["speed"]["target"] == "simulator not built"
+    assert stored["layer_selection"]["layers_removed"] == [3, 7]
+    html = html_path.read_text()
+    assert html.count("data:image/png;base64,") == 4
+    assert "src=\"http" not in html and "<script" not in html  # self-contained
+    assert "perplexity_increase_pct" in html and "30.00 %" in html
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2
+
+
+def run_bedside(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def write_model(folder: Path, config: dict, weights: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    if weights:
+        (folder / weights).write_bytes(b"\0" * 16)
+    return folder
+
+
+def llama_config() -> dict:
+    return json.loads((FIXTURES / "smollm2-135m" / "config.json").read_text())
+
+
+def test_unknown_profile_exit_2(tmp_path):
+    assert_one_line_error(run_bedside("deploy", "--profile", "no-such-device", "--out", str(tmp_path)), "no-such-device")
+
+
+def test_pickle_weights_refused_without_allow_pickle(tmp_path):
+    model = write_model(tmp_path / "m", llama_config(), "pytorch_model.bin")
+    result = run_bedside("deploy", "--profile", "jetson4gb", "--model", str(model), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "pytorch_model.bin", "--allow-pickle")
+
+
+def test_remote_code_refused(tmp_path):
+    model = write_model(tmp_path / "m", {**llama_config(), "auto_map": {"AutoModel": "x.Y"}}, "model.safetensors")
+    result = run_bedside("deploy", "--profile", "jetson4gb", "--model", str(model), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "remote code")
+
+
+def test_unsupported_model_exit_2(tmp_path):
+    model = write_model(tmp_path / "m", {"model_type": "mamba", "architectures": ["MambaForCausalLM"]},
+                        "model.safetensors")
+    result = run_bedside("deploy", "--profile", "jetson4gb", "--model", str(model), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_output_folder_not_writable_exit_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_bedside("deploy", "--profile", "jetson4gb", "--out", str(blocker / "sub"))
+    assert_one_line_error(result, "not writable")
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [(None, "missing.jsonl"), ("", "empty.jsonl"), ("{not json\n", "malformed.jsonl")],
+    ids=["missing", "empty", "malformed"],
+)
+def test_bad_calibration_data_exit_2(tmp_path, demo_model_dir, content, needle):
+    path = tmp_path / needle
+    if content is not None:
+        path.write_text(content)
+    result = run_bedside("deploy", "--profile", "jetson4gb", "--calib", str(path), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, needle)
+
+
+def test_not_enough_disk_refused_before_work(tmp_path, demo_model_dir, monkeypatch):
+    from toolkit.deploy import DeployOptions, preflight, run_deploy
+
+    monkeypatch.setattr(preflight, "free_bytes", lambda folder: 10 * 2**20)
+    with pytest.raises(BedsideError, match="not enough disk"):
+        run_deploy(DeployOptions(profile="jetson4gb", out=tmp_path / "o", progress=False))
+    assert not (tmp_path / "o" / "work" / "compress").exists()
+
+
+def test_knob_out_of_range_exit_2(tmp_path):
+    result = run_bedside("deploy", "--profile", "jetson4gb", "--max-attempts", "0", "--out", str(tmp_path))
+    assert_one_line_error(result, "--max-attempts")
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end on the demo model (tiny profile: layer removal + 4-bit), killed after compress, resumed
+
+
+def test_deploy_end_to_end_killed_then_resumed_and_verified(tmp_path, demo_model_dir):
+    out = tmp_path / "deploy"
+    command = [sys.executable, "-m", "toolkit.cli", "deploy", "--profile", str(TINY_PROFILE), "--out", str(out),
+               *FAST_KNOBS]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record = out / "work" / "compress" / "compression.json"
+    try:
+        deadline = time.monotonic() + 900
+        while not record.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert record.exists(), f"compress did not finish (exit code {first.poll()})"
+    finally:
+        first.send_signal(signal.SIGKILL)  # mid-run: after compress, before the bundle
+        first.wait()
+    assert not list(out.glob("bundle-*")), "an interrupted deploy left a bundle"
+
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["schema_version"] == 1 and report["passed"] and report["status"] == "PASS"
+    assert report["stages"]["compress"]["resumed"] is True
+    assert set(report["stages"]) == {"plan", "compress", "export", "validate", "bundle"}
+    chosen = report["attempts"][-1]["candidate"]
+    assert chosen["layers_removed"] >= 1 and chosen["quant"].startswith("Q4")
+    for check in report["checks"]:
+        assert {"name", "passed", "value", "threshold"} <= set(check)
+    quality = report["quality"]["stages"]
+    assert all(quality[name] is not None for name in ("original", "pruned", "healed", "quantized", "exported"))
+    assert quality["pruned"] > quality["original"]  # removing layers costs perplexity
+    assert len(report["layer_selection"]["scores"]) == 30
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "simulator not built" in html
+
+    bundle = out / "bundle-tiny-cpu"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {"files", "profile", "plan", "versions", "source_model_sha256", "data"} <= set(manifest)
+    assert manifest["data"]["calibration"]["sha256"] and manifest["data"]["eval"]["tokens"] > 0
+    assert any(name.endswith(".gguf") for name in manifest["files"])
+    assert "tokenizer/tokenizer.json" in manifest["files"] and "README.md" in manifest["files"]
+    with tarfile.open(out / "bundle-tiny-cpu.tar.gz") as tar:
+        assert "bundle-tiny-cpu/manifest.json" in tar.getnames()
+
+    verified = run_bedside("verify", str(out / "bundle-tiny-cpu.tar.gz"), "--threads", "1", timeout=300)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "FAIL" not in verified.stdout

@@ -1,0 +1,168 @@
+"""`bedside verify`: hashes, tampered and truncated files named, load + smoke prompt + peak memory, exit codes.
+
+The bundle is built with `toolkit.deploy.bundle.make_bundle` from the demo model's original GGUF, so these
+tests need no compression run (the end-to-end deploy test in test_deploy.py verifies a real bundle).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from toolkit.deploy.bundle import make_bundle
+from toolkit.deploy.validate import Check
+from toolkit.deploy.verify import hash_checks, read_manifest, verify_bundle
+from toolkit.facts import facts_from_config
+from toolkit.planner import make_plan
+from toolkit.profiles import load_profile
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY_PROFILE = FIXTURES / "profiles" / "tiny-cpu.yaml"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run_bedside(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, demo_model_dir, demo_gguf_path) -> Path:
+    """A bundle of the demo GGUF for the tiny profile: folder and .tar.gz under one out folder."""
+    out = tmp_path_factory.mktemp("verify")
+    profile = load_profile(str(TINY_PROFILE))
+    facts = facts_from_config(json.loads((FIXTURES / "smollm2-135m" / "config.json").read_text()))
+    plan = make_plan(facts, profile, "demo")
+    export_dir = out / "export"
+    export_dir.mkdir()
+    shutil.copy(demo_gguf_path, export_dir / "model-Q4_1.gguf")
+    (export_dir / "export.json").write_text(json.dumps({"format": "gguf", "file": "model-Q4_1.gguf"}))
+    for name in ("report.json", "report.html"):
+        (out / name).write_text("{}" if name.endswith("json") else "<html></html>")
+    record = {"layers_removed": [], "calibration": {"sha256": "c" * 64, "documents": 3, "tokens": 100},
+              "eval": {"sha256": "e" * 64, "documents": 1, "tokens": 50}}
+    context = {
+        "profile": profile,
+        "options": SimpleNamespace(model="demo"),
+        "first_plan": plan,
+        "source_sha256": "s" * 64,
+        "final": {
+            "plan": plan,
+            "export_dir": export_dir,
+            "artifact": export_dir / "model-Q4_1.gguf",
+            "compressed": SimpleNamespace(checkpoint=demo_model_dir, record=record),
+            "checks": [Check("peak_memory_bytes", True, 170.0 * 2**20, float(plan.budget_bytes), "<=", "bytes")],
+        },
+    }
+    make_bundle(out, "bundle-tiny-cpu", context, out / "report.json", out / "report.html")
+    return out
+
+
+def roomy_profile(tmp_path: Path) -> Path:
+    """The tiny profile with 1 GiB, so memory on a busy test host never decides these tests."""
+    path = tmp_path / "roomy.yaml"
+    path.write_text(TINY_PROFILE.read_text().replace("value: 0.5\n", "value: 1.0\n").replace("name: tiny-cpu", "name: roomy"))
+    return path
+
+
+def copy_of(bundle: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "bundle-tiny-cpu"
+    shutil.copytree(bundle / "bundle-tiny-cpu", target)
+    return target
+
+
+def test_manifest_lists_every_file_with_sha256_and_no_data(bundle):
+    folder = bundle / "bundle-tiny-cpu"
+    manifest = read_manifest(folder)
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    assert all(len(digest) == 64 for digest in manifest["files"].values())
+    assert manifest["data"]["calibration"] == {"sha256": "c" * 64, "documents": 3, "tokens": 100}
+    assert manifest["versions"]["bedside"] and "llama_cpp_python" in manifest["versions"]
+    runtime = json.loads((folder / "runtime.json").read_text())
+    assert runtime["model"] == "model/model-Q4_1.gguf" and runtime["context"] == 256 and runtime["gpu_layers"] == 0
+    assert "bedside verify bundle-tiny-cpu.tar.gz" in (folder / "README.md").read_text()
+    assert all(check.passed for check in hash_checks(folder, manifest))
+
+
+def test_verify_archive_passes_every_check(bundle, tmp_path):
+    result = run_bedside("verify", str(bundle / "bundle-tiny-cpu.tar.gz"), "--profile", str(roomy_profile(tmp_path)),
+                         "--threads", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("sha256 model/model-Q4_1.gguf", "load", "smoke prompt", "peak memory"):
+        assert f"PASS {name}" in result.stdout
+    assert "FAIL" not in result.stdout
+
+
+def test_tampered_model_fails_with_file_named_and_is_not_loaded(bundle, tmp_path):
+    folder = copy_of(bundle, tmp_path)
+    model = folder / "model" / "model-Q4_1.gguf"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    result = verify_bundle(folder, profile=str(roomy_profile(tmp_path)))
+    failed = {c.name: c for c in result.checks if not c.passed}
+    assert set(failed) == {"sha256 model/model-Q4_1.gguf", "load"}
+    assert "not run" in failed["load"].detail
+    cli = run_bedside("verify", str(folder))
+    assert cli.returncode == 1 and "FAIL sha256 model/model-Q4_1.gguf" in cli.stdout
+
+
+def test_truncated_and_extra_files_fail_with_file_named(bundle, tmp_path):
+    folder = copy_of(bundle, tmp_path)
+    tokenizer = folder / "tokenizer" / "tokenizer.json"
+    size = tokenizer.stat().st_size
+    with open(tokenizer, "r+b") as stream:
+        stream.truncate(size // 2)
+    (folder / "model" / "extra.bin").write_bytes(b"x")
+    checks = {c.name: c for c in hash_checks(folder, read_manifest(folder))}
+    truncated = checks["sha256 tokenizer/tokenizer.json"]
+    assert not truncated.passed and "truncated" in truncated.detail and str(size) in truncated.detail
+    assert not checks["unlisted files"].passed and "model/extra.bin" in checks["unlisted files"].detail
+    assert sum(not c.passed for c in checks.values()) == 2
+
+
+def test_missing_file_fails(bundle, tmp_path):
+    folder = copy_of(bundle, tmp_path)
+    (folder / "README.md").unlink()
+    checks = {c.name: c for c in hash_checks(folder, read_manifest(folder))}
+    assert not checks["sha256 README.md"].passed and "missing" in checks["sha256 README.md"].detail
+
+
+def test_bad_input_exit_2(bundle, tmp_path):
+    missing = run_bedside("verify", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    not_bundle = run_bedside("verify", str(empty))
+    assert not_bundle.returncode == 2 and "manifest.json is missing" in not_bundle.stderr
+    archive = bundle / "bundle-tiny-cpu.tar.gz"
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    truncated = run_bedside("verify", str(cut))
+    assert truncated.returncode == 2 and "cut.tar.gz" in truncated.stderr and "Traceback" not in truncated.stderr
+    profile = run_bedside("verify", str(bundle / "bundle-tiny-cpu"), "--profile", "no-such-device")
+    assert profile.returncode == 2 and "no-such-device" in profile.stderr
+
+
+def test_archive_holds_one_folder(bundle):
+    with tarfile.open(bundle / "bundle-tiny-cpu.tar.gz") as tar:
+        roots = {name.split("/")[0] for name in tar.getnames()}
+    assert roots == {"bundle-tiny-cpu"}

@@ -1,0 +1,274 @@
+"""The deployment bundle: a folder and a .tar.gz with the model, tokenizer, runtime config, report, README
+and manifest.json.
+
+Why: hospital IT receives one archive, checks it with `bedside verify`, and runs it; nothing in it
+may hold patient text, so the manifest records the calibration/eval data by sha256 and counts only.
+
+Layout of `bundle-<profile>/`:
+    model/            the exported model file(s) and export.json
+    tokenizer/        tokenizer files and chat template of the compressed checkpoint
+    runtime.json      runtime, model path, context, threads, GPU layers, batch size, KV cache type
+    report.json, report.html
+    README.md         for hospital IT
+    manifest.json     files {relative path: sha256}, profile, plan, versions, source_model_sha256,
+                      calibration/eval hashes and counts, measured peak memory
+
+Atomicity: the folder and the archive are built under temporary names and renamed in at the end,
+so an interrupted deploy leaves no half bundle.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import platform
+import shutil
+import tarfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from toolkit import SCHEMA_VERSION, __version__
+from toolkit.compress_stages import building_folder, write_json_atomic
+
+MANIFEST = "manifest.json"
+RUNTIME_CONFIG = "runtime.json"
+README = "README.md"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+VERSIONED_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "llama_cpp_python",
+    "gguf",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "optimum",
+    "numpy",
+)
+SMOKE_PROMPT = "Summarise in one sentence: Heart size is normal. The lungs are clear. No pleural effusion."
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of bedside, Python and the libraries that produced the bundle (installed ones only)."""
+    versions = {"bedside": __version__, "python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def runtime_config(context: dict[str, Any], model_path: str) -> dict[str, Any]:
+    """runtime.json: how to run the model on the target (from the profile and the chosen candidate)."""
+    profile = context["profile"]
+    candidate = context["final"]["plan"].chosen
+    on_gpu = profile.compute.accelerator == "cuda"
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "runtime": candidate.runtime,
+        "format": candidate.format,
+        "quant": candidate.quant,
+        "model": model_path,
+        "context": profile.context_length,
+        "threads": int(profile.compute.cores.value) if not on_gpu else None,
+        "gpu_layers": -1 if on_gpu else 0,
+        "batch_size": profile.batch_size,
+        "kv_cache_dtype": profile.kv_cache_dtype,
+        "smoke_prompt": SMOKE_PROMPT,
+    }
+
+
+def _data_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Hashes and counts of a data set; never text."""
+    if not record:
+        return None
+    keys = ("source", "sha256", "blocks_sha256", "documents", "sequences", "seq_len", "tokens")
+    return {key: record.get(key) for key in keys if key in record}
+
+
+def _readme(context: dict[str, Any], runtime: dict[str, Any], name: str) -> str:
+    profile = context["profile"]
+    final = context["final"]
+    candidate = final["plan"].chosen
+    checks = "\n".join(
+        f"- {'PASS' if c.passed else 'FAIL'} {c.name}: {c.describe()}{'' if c.blocking else ' (reported only)'}"
+        for c in final["checks"]
+    )
+    threads = f"-t {runtime['threads']} " if runtime["threads"] else ""
+    gpu = "-ngl 99 " if runtime["gpu_layers"] else ""
+    return f"""# {name}: a compressed language model for {profile.name}
+
+Produced by Bedside {__version__} from model `{context['options'].model}` for the device profile
+`{profile.name}` ({profile.description}).
+
+## What is inside
+
+| path | what |
+| --- | --- |
+| `{runtime['model']}` | the model ({candidate.format} {candidate.quant}, {candidate.layers_removed} decoder layers removed) |
+| `tokenizer/` | tokenizer and chat template (the GGUF carries its own copy) |
+| `{RUNTIME_CONFIG}` | runtime settings: context {runtime['context']} tokens, threads, GPU layers |
+| `report.html`, `report.json` | the validation report: every check with its number and threshold |
+| `{MANIFEST}` | sha256 of every file, the profile, the plan, library versions, data hashes |
+
+No patient data is in this bundle: calibration and evaluation data are recorded by sha256 and counts only.
+
+## 1. Check the bundle before installing
+
+```bash
+bedside verify {name}.tar.gz --profile {profile.name}
+```
+
+It checks every file's sha256 against `{MANIFEST}`, loads the model on the local runtime
+({candidate.runtime}), runs a short prompt, and measures peak memory with the KV cache filled to
+{runtime['context']} tokens against the profile's budget. Exit code 0 = all checks pass, 1 = a check
+failed (the output names it), 2 = the bundle or profile could not be read.
+
+## 2. Run it
+
+With llama.cpp (`llama-server` or `llama-cli` of a recent release):
+
+```bash
+llama-server -m {runtime['model']} -c {runtime['context']} {threads}{gpu}--port 8080
+```
+
+Memory: measured peak {_mib(context['final']['checks'], 'peak_memory_bytes')} on the validation host,
+budget {profile.name}: {context['first_plan'].budget_bytes / 2**20:.0f} MiB. Keep the context at
+{runtime['context']} tokens or below; a longer context needs more memory than was validated.
+
+## Checks at build time
+
+{checks}
+
+Speed on the target device was not predicted (simulator not built); the speed above was measured on
+the build host.
+
+## Intended use
+
+A decision-support aid for clinicians; outputs must be reviewed by a qualified person. It is not a
+medical device. Report problems to whoever gave you this bundle, quoting `{MANIFEST}`'s
+`source_model_sha256`.
+"""
+
+
+def _mib(checks: list[Any], name: str) -> str:
+    check = next((c for c in checks if c.name == name), None)
+    return f"{check.value / 2**20:.0f} MiB" if check and check.value is not None else "not measured"
+
+
+def _copy(source: Path, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def _manifest(context: dict[str, Any], folder: Path, runtime: dict[str, Any]) -> dict[str, Any]:
+    final = context["final"]
+    plan = final["plan"]
+    compression = final["compressed"].record
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    memory = next((c for c in final["checks"] if c.name == "peak_memory_bytes"), None)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "bedside-bundle",
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": str(context["options"].model),
+        "files": {p.relative_to(folder).as_posix(): file_sha256(p) for p in files},
+        "sizes": {p.relative_to(folder).as_posix(): p.stat().st_size for p in files},
+        "profile": context["profile"].model_dump(mode="json"),
+        "plan": {
+            "reason": plan.reason,
+            "budget_bytes": plan.budget_bytes,
+            "context_length": plan.context_length,
+            "chosen": plan.chosen.model_dump(mode="json") if plan.chosen else None,
+        },
+        "versions": library_versions(),
+        "source_model_sha256": context["source_sha256"],
+        "layers_removed": list(compression.get("layers_removed") or []),
+        "data": {
+            "calibration": _data_summary(compression.get("calibration")),
+            "eval": _data_summary(compression.get("eval")),
+        },
+        "validation": {
+            "peak_memory_bytes": memory.value if memory else None,
+            "context": runtime["context"],
+        },
+        "runtime": runtime,
+    }
+
+
+def make_bundle(
+    out: Path,
+    name: str,
+    context: dict[str, Any],
+    report_json: Path,
+    report_html: Path,
+    console: Console | None = None,
+) -> tuple[Path, Path]:
+    """Build out/<name>/ and out/<name>.tar.gz atomically; returns (folder, archive)."""
+    final = context["final"]
+    export_dir: Path = final["export_dir"]
+    artifact: Path = final["artifact"]
+    checkpoint: Path = final["compressed"].checkpoint
+    folder = out / name
+    archive = out / f"{name}.tar.gz"
+    temporary_archive = out / f".tmp-{name}.tar.gz-{os.getpid()}"  # pid last: remove_stale_temporaries
+    with building_folder(folder) as building:
+        for path in sorted(export_dir.rglob("*")):
+            if path.is_file():
+                _copy(path, building / "model" / path.relative_to(export_dir))
+        model_path = "model" if artifact.is_dir() else f"model/{artifact.relative_to(export_dir).as_posix()}"
+        for file_name in TOKENIZER_FILES:
+            if (checkpoint / file_name).is_file():
+                _copy(checkpoint / file_name, building / "tokenizer" / file_name)
+        runtime = runtime_config(context, model_path)
+        write_json_atomic(building / RUNTIME_CONFIG, runtime)
+        shutil.copy2(report_json, building / report_json.name)
+        shutil.copy2(report_html, building / report_html.name)
+        (building / README).write_text(_readme(context, runtime, name), encoding="utf-8")
+        for path in building.rglob("*"):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)  # readable by the IT staff who install it
+        write_json_atomic(building / MANIFEST, _manifest(context, building, runtime))
+        os.chmod(building / MANIFEST, 0o644)
+        try:
+            with tarfile.open(temporary_archive, "w:gz", compresslevel=6) as tar:
+                tar.add(building, arcname=name)
+            os.replace(temporary_archive, archive)
+        finally:
+            temporary_archive.unlink(missing_ok=True)
+    if console is not None:
+        console.print(f"  bundle: {folder} ({archive.stat().st_size / 2**20:.1f} MiB archive)")
+    return folder, archive
+
+
+def remove_bundle(out: Path, name: str) -> None:
+    """Remove a bundle of an earlier run (folder and archive)."""
+    shutil.rmtree(out / name, ignore_errors=True)
+    (out / f"{name}.tar.gz").unlink(missing_ok=True)

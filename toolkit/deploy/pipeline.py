@@ -1,0 +1,454 @@
+"""`bedside deploy`: plan -> compress -> export -> validate -> report + bundle, resumable, re-planning on failure.
+
+Why: one command takes a model and a device profile to a bundle that provably fits and works, or
+to a report that says why nothing passed.
+
+Layout of `--out DIR`:
+    DIR/plan.json                     the first plan
+    DIR/work/compress/                toolkit.compress output and its stage cache (resumes itself)
+    DIR/work/exports/<fmt>-<quant>-<hash12>/   one finished export per input hash (renamed in when complete)
+    DIR/work/validate/<hash12>.json   one evaluation per (artifact, reference, data, context, tokens)
+    DIR/report.json, DIR/report.html  written atomically at the end, pass or fail
+    DIR/bundle-<profile>/ and DIR/bundle-<profile>.tar.gz   only when every blocking check passed
+
+Re-plan loop (at most `max_attempts`): validate the chosen candidate; when a blocking check fails
+(quality floor, memory budget), fold the measurements into `toolkit.deploy.replan.Corrections`
+and try the next candidate they allow. Export and validation hashes cover everything they read, so
+a re-run after an interruption reuses every finished stage and says so in the report (`resumed`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from runtimes.base import RuntimeLoadError
+from toolkit.compress_stages import building_folder, remove_stale_temporaries, sha256_json, write_json_atomic
+from toolkit.deploy.preflight import (
+    check_data,
+    check_disk,
+    check_model_config,
+    check_model_weights,
+    check_threads,
+    check_writable,
+)
+from toolkit.deploy.replan import Corrections, next_candidate, with_chosen
+from toolkit.deploy.validate import (
+    Check,
+    blocking_failures,
+    build_checks,
+    explain_failures,
+    measured_memory_bytes,
+    perplexity_increase_pct,
+)
+from toolkit.errors import BedsideError, NothingFitsError
+from toolkit.plan_schema import Candidate, Plan
+
+DEFAULT_DATA = "radiology"
+EVAL_FRACTION = 0.1  # the share compress holds apart when no --eval data is given (same split, same seed)
+STAGE_NAMES = ("plan", "compress", "export", "validate", "bundle")
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """Everything `bedside deploy` takes; the speed knobs trade accuracy of the figures for time."""
+
+    profile: str
+    model: str = "demo"
+    calib: str | None = None
+    eval_data: str | None = None
+    out: Path = Path("out/deploy")
+    max_attempts: int = 3
+    calib_sequences: int = 64
+    heal_steps: int = 40
+    eval_tokens: int = 4096
+    seq_len: int = 256
+    prune_method: str = "activation"
+    quant_method: str = "awq"  # "rtn" skips the AWQ search (faster, lower 4-bit quality)
+    threads: int | None = None
+    allow_pickle: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class DeployResult:
+    """What a deploy produced: pass/fail, the report paths and, when it passed, the bundle."""
+
+    passed: bool
+    reason: str
+    report_json: Path
+    report_html: Path
+    report: dict[str, Any]
+    bundle_dir: Path | None = None
+    tarball: Path | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _check_options(options: DeployOptions) -> None:
+    if options.max_attempts < 1:
+        raise BedsideError(f"--max-attempts must be 1 or more, got {options.max_attempts}")
+    if options.eval_tokens < 2 * 16:
+        raise BedsideError(f"--eval-tokens must be at least 32, got {options.eval_tokens}")
+    if options.heal_steps < 1:
+        raise BedsideError(f"--heal-steps must be 1 or more, got {options.heal_steps}")
+    if not 1 <= options.calib_sequences <= 128:
+        raise BedsideError(f"--calib-sequences must be between 1 and 128, got {options.calib_sequences}")
+    check_threads(options.threads)
+
+
+def _eval_documents(options: DeployOptions, calib_docs: list[Any]) -> list[Any]:
+    """The held-apart documents validation scores: --eval minus anything in the calibration data, else
+    the same split compress holds apart (same fraction and seed, so no calibration document is scored)."""
+    from toolkit.data import split_calibration_eval
+
+    source = options.calib or DEFAULT_DATA
+    if options.eval_data is None:
+        _, eval_docs, _ = split_calibration_eval(calib_docs, EVAL_FRACTION, options.seed, source=source)
+        return list(eval_docs)
+    keys = {document.content_key() for document in calib_docs}
+    eval_docs = [d for d in check_data(options.eval_data, "--eval") if d.content_key() not in keys]
+    if not eval_docs:
+        raise BedsideError(
+            f"every document of --eval '{options.eval_data}' is also in the calibration data: pass different data"
+        )
+    return eval_docs
+
+
+class _Stages:
+    """Prints one header per stage and records its seconds and whether it was resumed."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def start(self, name: str, attempt: int, text: str) -> float:
+        index = STAGE_NAMES.index(name) + 1
+        self.console.rule(f"[bold]{index}/{len(STAGE_NAMES)} {name}[/] (attempt {attempt}): {text}")
+        return time.perf_counter()
+
+    def done(self, name: str, started: float, resumed: bool, **extra: Any) -> None:
+        seconds = round(time.perf_counter() - started, 2)
+        self.records[name] = {"seconds": seconds, "resumed": resumed, **extra}
+        note = "resumed from a finished run" if resumed else "done"
+        self.console.print(f"  {name}: {note} in {seconds:.1f} s")
+
+
+def _compress(
+    options: DeployOptions, model_arg: str, plan: Plan, work: Path
+) -> tuple[Any, bool]:
+    from toolkit.compress import compress, options_from_plan
+
+    compress_options = options_from_plan(
+        plan,
+        calib=options.calib,
+        eval_data=options.eval_data,
+        calib_sequences=options.calib_sequences,
+        heal_steps=options.heal_steps,
+        seq_len=options.seq_len,
+        method=options.prune_method,
+        quant_method=options.quant_method,
+        eval_sequences=max(1, min(16, options.eval_tokens // options.seq_len)),  # per-stage perplexity
+        seed=options.seed,
+    )
+    result = compress(model_arg, work / "compress", compress_options, plan=plan, progress=options.progress)
+    stages = result.record.get("stages", {})
+    ran = [record for record in stages.values() if isinstance(record, dict) and not record.get("skipped")]
+    resumed = bool(ran) and all(record.get("resumed") for record in ran)
+    return result, resumed
+
+
+def _export(compressed: Any, candidate: Candidate, plan: Plan, work: Path) -> tuple[Path, dict[str, Any], bool]:
+    """Export the compressed checkpoint (cached by input hash); returns (folder, export record, resumed)."""
+    import exporters
+    from toolkit.compress_stages import checkpoint_sha256
+
+    record = compressed.record
+    imatrix = compressed.imatrix
+    inputs = {
+        "checkpoint": record.get("checkpoint", {}).get("sha256") or checkpoint_sha256(compressed.checkpoint),
+        "format": candidate.format,
+        "quant": candidate.quant,
+        "imatrix": _file_sha256(imatrix) if imatrix is not None else None,
+        "layers_removed": record.get("layers_removed"),
+    }
+    folder = work / "exports" / f"{candidate.format}-{candidate.quant}-{sha256_json(inputs)[:12]}"
+    record_file = folder / "export.json"
+    if record_file.is_file():
+        import json
+
+        return folder, json.loads(record_file.read_text(encoding="utf-8")), True
+    metadata = {
+        "plan": {"profile": plan.profile, **candidate.model_dump(exclude={"memory"})},
+        "layers_removed": list(record.get("layers_removed") or []),
+        "source_sha256": record.get("model", {}).get("source_sha256"),
+    }
+    with building_folder(folder) as building:
+        result = exporters.export(
+            compressed.checkpoint, candidate.format, candidate.quant, building, imatrix=imatrix, metadata=metadata
+        )
+        export_record = result.record
+        export_record["model_file"] = result.model_file.name
+        write_json_atomic(building / "export.json", export_record)
+    return folder, export_record, False
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_file_of(folder: Path, export_record: dict[str, Any]) -> Path:
+    """The file (GGUF) or folder (ONNX) a runtime loads from an export folder."""
+    name = export_record.get("model_file") or export_record.get("file")
+    if export_record.get("format") == "onnx":
+        return folder
+    if not name:
+        raise BedsideError(f"export record in {folder} names no model file: delete the folder and re-run")
+    return folder / str(name)
+
+
+def _validate(
+    options: DeployOptions,
+    artifact: Path,
+    export_record: dict[str, Any],
+    candidate: Candidate,
+    plan: Plan,
+    source_dir: Path,
+    source_sha: str,
+    eval_docs: list[Any],
+    work: Path,
+) -> tuple[dict[str, Any], bool]:
+    """Evaluate the artifact against the reference on the held-apart data (cached by input hash)."""
+    import json
+
+    from toolkit.data import data_sha256
+
+    seq_len = min(512, plan.context_length)
+    inputs = {
+        "artifact": export_record.get("sha256") or _file_sha256(artifact),
+        "runtime": candidate.runtime,
+        "reference": source_sha,
+        "data": data_sha256(eval_docs),
+        "context": plan.context_length,
+        "max_tokens": options.eval_tokens,
+        "seq_len": seq_len,
+        "threads": options.threads,
+    }
+    path = work / "validate" / f"{sha256_json(inputs)[:12]}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8")), True
+    from toolkit.evaluate import evaluate
+
+    evaluation = evaluate(
+        artifact,
+        runtime=candidate.runtime,
+        reference=source_dir,
+        context=plan.context_length,
+        max_tokens=options.eval_tokens,
+        seq_len=seq_len,
+        n_threads=options.threads,
+        documents=eval_docs,
+        progress=options.progress,
+    )
+    reference = _reference_evaluation(options, source_dir, inputs, seq_len, eval_docs, work)
+    evaluation["reference_perplexity"] = reference.get("perplexity")
+    evaluation["reference_accuracy"] = reference.get("accuracy")
+    write_json_atomic(path, evaluation)
+    return evaluation, False
+
+
+def _reference_evaluation(
+    options: DeployOptions,
+    source_dir: Path,
+    inputs: dict[str, Any],
+    seq_len: int,
+    eval_docs: list[Any],
+    work: Path,
+) -> dict[str, Any]:
+    """The uncompressed model scored alone on the same tokens (its perplexity and accuracy), cached."""
+    import json
+
+    from toolkit.evaluate import evaluate
+
+    key = {k: inputs[k] for k in ("reference", "data", "max_tokens", "seq_len", "threads")}
+    path = work / "validate" / f"reference-{sha256_json(key)[:12]}.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    reference = evaluate(
+        source_dir,
+        context=seq_len,
+        max_tokens=options.eval_tokens,
+        seq_len=seq_len,
+        n_threads=options.threads,
+        documents=eval_docs,
+        progress=options.progress,
+    )
+    write_json_atomic(path, reference)
+    return reference
+
+
+def run_deploy(options: DeployOptions, console: Console | None = None) -> DeployResult:
+    """Run the whole job (see the module docstring); BedsideError for bad input, NothingFitsError when nothing fits."""
+    from toolkit.cli_plan import write_plan
+    from toolkit.deploy.bundle import make_bundle, remove_bundle
+    from toolkit.deploy.report import print_summary, write_reports
+    from toolkit.planner import make_plan
+    from toolkit.profiles import load_profile
+
+    console = console or Console(stderr=True)
+    started = time.perf_counter()
+    _check_options(options)
+    profile = load_profile(options.profile)
+    model_dir, facts = check_model_config(options.model)
+    calib_docs = check_data(options.calib or DEFAULT_DATA, "--calib")
+    eval_docs = _eval_documents(options, calib_docs)
+    out = Path(options.out)
+    check_writable(out)
+    work = out / "work"
+    for folder in (out, work / "exports"):
+        remove_stale_temporaries(folder)  # left by a killed run: never a half bundle or export
+    disk_estimate = check_disk(out, facts.total_params)
+    source_dir = check_model_weights(options.model, model_dir, work, options.allow_pickle)
+    from toolkit.compress_stages import checkpoint_sha256
+
+    source_sha = checkpoint_sha256(source_dir)
+    model_arg = options.model if source_dir == model_dir else str(source_dir)  # converted pickle weights
+
+    stages = _Stages(console)
+    begin = stages.start("plan", 1, f"{options.model} on {profile.name}")
+    plan = make_plan(facts, profile, str(options.model))
+    if not plan.fits or plan.chosen is None:
+        raise NothingFitsError(plan.reason)
+    write_plan(plan, out / "plan.json")
+    first_plan = plan
+    stages.done("plan", begin, False, chosen=plan.reason)
+
+    corrections = Corrections()
+    floor = profile.quality_floor.max_perplexity_increase_pct.value
+    attempts: list[dict[str, Any]] = []
+    passed = False
+    reason = ""
+    final: dict[str, Any] = {}
+    for attempt in range(1, options.max_attempts + 1):
+        candidate = plan.chosen
+        assert candidate is not None
+        label = f"{candidate.format} {candidate.quant}, {candidate.layers_removed} layers removed"
+        begin = stages.start("compress", attempt, label)
+        compressed, resumed = _compress(options, model_arg, plan, work)
+        stages.done("compress", begin, resumed, stages=compressed.record.get("stages"))
+        begin = stages.start("export", attempt, f"{candidate.format} {candidate.quant}")
+        with console.status(f"exporting {candidate.format} {candidate.quant}", spinner="dots"):
+            export_dir, export_record, resumed = _export(compressed, candidate, plan, work)
+        stages.done("export", begin, resumed, folder=str(export_dir))
+        artifact = model_file_of(export_dir, export_record)
+        begin = stages.start("validate", attempt, f"{candidate.runtime}, context {plan.context_length}")
+        try:
+            evaluation, resumed = _validate(
+                options, artifact, export_record, candidate, plan, source_dir, source_sha, eval_docs, work
+            )
+            checks = build_checks(evaluation, profile, candidate, plan.budget_bytes)
+        except RuntimeLoadError as error:  # the runtime crashed or refused the export: a failed check, not bad input
+            evaluation, resumed = {"error": str(error)}, False
+            checks = [Check("runtime_runs", False, None, None, "", detail=str(error))]
+        stages.done("validate", begin, resumed)
+        failures = blocking_failures(checks)
+        record = {
+            "attempt": attempt,
+            "candidate": candidate.model_dump(),
+            "plan_reason": plan.reason,
+            "compression": compressed.record,
+            "export": export_record,
+            "evaluation": evaluation,
+            "checks": [check.to_dict() for check in checks],
+            "passed": not failures,
+            "stages": {name: dict(value) for name, value in stages.records.items()},
+        }
+        attempts.append(record)
+        final = {
+            "plan": plan,
+            "compressed": compressed,
+            "export_dir": export_dir,
+            "export_record": export_record,
+            "artifact": artifact,
+            "evaluation": evaluation,
+            "checks": checks,
+        }
+        _print_checks(console, checks)
+        if not failures:
+            passed = True
+            reason = f"attempt {attempt} passed every blocking check ({label})"
+            break
+        reason = f"attempt {attempt} ({label}): {explain_failures(checks)}"
+        if "error" in evaluation:
+            reason += "; not re-planned: the runtime could not run the export"
+            break
+        corrections.learn(
+            candidate,
+            measured_memory_bytes(evaluation, profile),
+            perplexity_increase_pct(evaluation),
+            quality_failed=any(c.name != "peak_memory_bytes" for c in failures),
+            memory_failed=any(c.name == "peak_memory_bytes" for c in failures),
+        )
+        record["corrections"] = corrections.to_dict()
+        if attempt == options.max_attempts:
+            reason += f"; stopped after --max-attempts {options.max_attempts}"
+            break
+        following, why = next_candidate(first_plan, corrections, floor)
+        record["next"] = why
+        console.print(f"[yellow]re-plan:[/] {reason}; next: {why}")
+        if following is None:
+            reason += f"; {why}"
+            break
+        plan = with_chosen(first_plan, following, f"re-planned after attempt {attempt}: {why}")
+
+    bundle_name = f"bundle-{profile.name}"
+    bundle_dir = out / bundle_name if passed else None
+    tarball = out / f"{bundle_name}.tar.gz" if passed else None
+    context = {
+        "options": options,
+        "profile": profile,
+        "facts": facts,
+        "first_plan": first_plan,
+        "final": final,
+        "attempts": attempts,
+        "passed": passed,
+        "reason": reason,
+        "stages": stages.records,
+        "source_sha256": source_sha,
+        "disk_estimate_bytes": disk_estimate,
+        "bundle": {"folder": bundle_dir.name, "tarball": tarball.name} if bundle_dir and tarball else None,
+    }
+    if passed:
+        begin = stages.start("bundle", len(attempts), str(bundle_dir))
+        stages.records["bundle"] = {"resumed": False, "folder": bundle_name, "tarball": f"{bundle_name}.tar.gz"}
+        report, report_json, report_html = write_reports(out, context, seconds=time.perf_counter() - started)
+        make_bundle(out, bundle_name, context, report_json, report_html, console=console)
+        stages.done("bundle", begin, False, folder=bundle_name, tarball=f"{bundle_name}.tar.gz")
+    else:
+        remove_bundle(out, bundle_name)  # a bundle of an earlier run would contradict this report
+        report, report_json, report_html = write_reports(out, context, seconds=time.perf_counter() - started)
+    print_summary(console, report, out)
+    return DeployResult(passed, reason, report_json, report_html, report, bundle_dir, tarball, attempts)
+
+
+def _print_checks(console: Console, checks: list[Check]) -> None:
+    for check in checks:
+        mark = "[green]PASS[/]" if check.passed else ("[red]FAIL[/]" if check.blocking else "[yellow]FAIL[/]")
+        note = "" if check.blocking else " (reported only)"
+        console.print(f"  {mark} {check.name}: {check.describe()}{note}")
+
+
+def default_threads() -> int:
+    """Threads for runtimes when --threads is not given: every CPU of this host."""
+    return os.cpu_count() or 1

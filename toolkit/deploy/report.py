@@ -1,0 +1,420 @@
+"""The deploy report: report.json (schema-versioned, `checks` as {name, passed, value, threshold, ...}) and a
+self-contained report.html (plots as base64 PNG, no external files), plus the short terminal summary.
+
+Why: hospital IT and the model owner need one file that says what was deployed, whether every check
+passed, and why; the JSON is for machines (verify, CI), the HTML for people.
+
+Plots (matplotlib, Agg backend): memory breakdown against the budget (estimate terms and the measured
+peak), the planner's candidates (estimated memory vs predicted perplexity increase, chosen and tried
+marked), per-layer selection scores (removed layers highlighted), quality per stage (perplexity of
+original, pruned, healed, quantized on the compress evaluation blocks in torch; reference and exported
+on the target runtime over the validation tokens).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from toolkit import SCHEMA_VERSION, __version__
+from toolkit.compress_stages import write_json_atomic
+from toolkit.deploy.validate import Check, format_number
+
+REPORT_JSON = "report.json"
+REPORT_HTML = "report.html"
+MIB = 2**20
+
+
+def _candidate_summary(candidate: Any) -> dict[str, Any]:
+    return {
+        "format": candidate.format,
+        "quant": candidate.quant,
+        "runtime": candidate.runtime,
+        "layers_removed": candidate.layers_removed,
+        "total_bytes": candidate.memory.total_bytes,
+        "predicted_quality_loss": candidate.predicted_quality_loss,
+        "fits": candidate.fits,
+        "passes": candidate.fits and not candidate.reason,  # the planner's reason lists memory/speed misses
+        "reason": candidate.reason,
+    }
+
+
+def layer_scores(compression: dict[str, Any]) -> dict[str, Any] | None:
+    """{method, scores: [per original layer], layers_removed} from a compression record, or None."""
+    raw = compression.get("layer_scores") or {}
+    scores = raw.get("scores") if isinstance(raw, dict) else raw
+    if isinstance(scores, dict):
+        scores = [scores[key] for key in sorted(scores, key=lambda k: int(k))]
+    if not scores:
+        return None
+    return {
+        "method": raw.get("method") if isinstance(raw, dict) else None,
+        "scores": [None if s is None else float(s) for s in scores],
+        "layers_removed": list(compression.get("layers_removed") or []),
+    }
+
+
+def build_report(context: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The report.json content from the pipeline's context (see `toolkit.deploy.pipeline.run_deploy`)."""
+    profile = context["profile"]
+    facts = context["facts"]
+    first_plan = context["first_plan"]
+    final = context["final"]
+    plan = final.get("plan", first_plan)
+    evaluation: dict[str, Any] = final.get("evaluation") or {}
+    compression: dict[str, Any] = final["compressed"].record if final.get("compressed") else {}
+    checks: list[Check] = final.get("checks") or []
+    candidate = plan.chosen
+    quality = compression.get("quality") or {}
+    reference = evaluation.get("reference") if isinstance(evaluation.get("reference"), dict) else {}
+    memory_check = next((c for c in checks if c.name == "peak_memory_bytes"), None)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "bedside-deploy-report",
+        "bedside_version": __version__,
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "passed": context["passed"],
+        "status": "PASS" if context["passed"] else "FAIL",
+        "reason": context["reason"],
+        "model": {
+            "name": str(context["options"].model),
+            "source_sha256": context["source_sha256"],
+            "num_layers": facts.num_layers,
+            "total_params": facts.total_params,
+        },
+        "profile": {
+            "name": profile.name,
+            "context_length": profile.context_length,
+            "budget_bytes": first_plan.budget_bytes,
+            "max_perplexity_increase_pct": profile.quality_floor.max_perplexity_increase_pct.value,
+            "min_accuracy_retention_pct": profile.quality_floor.min_accuracy_retention_pct.value,
+            "min_decode_tokens_per_s": profile.min_decode_tokens_per_s.value,
+        },
+        "checks": [check.to_dict() for check in checks],
+        "attempts": [
+            {
+                "attempt": a["attempt"],
+                "candidate": {k: v for k, v in a["candidate"].items() if k != "reason"},
+                "plan_reason": a["plan_reason"],
+                "checks": a["checks"],
+                "passed": a["passed"],
+                "corrections": a.get("corrections"),
+                "next": a.get("next"),
+                "quality": (a["compression"].get("quality") or {}),
+                "evaluation": a["evaluation"],
+            }
+            for a in context["attempts"]
+        ],
+        "plan": {
+            "reason": plan.reason,
+            "first_reason": first_plan.reason,
+            "budget_bytes": first_plan.budget_bytes,
+            "fp16_bytes": first_plan.fp16_bytes,
+            "chosen": candidate.model_dump() if candidate else None,
+            "candidates": [_candidate_summary(c) for c in first_plan.candidates],
+        },
+        "memory": {
+            "budget_bytes": first_plan.budget_bytes,
+            "estimate": candidate.memory.model_dump() if candidate else None,
+            "measured_peak_bytes": memory_check.value if memory_check else None,
+            "scoring_peak_rss_bytes": evaluation.get("scoring_peak_rss_bytes"),
+            "peak_vram_bytes": evaluation.get("peak_vram_bytes"),
+            "context": evaluation.get("context"),
+        },
+        "speed": {
+            "host_decode_tokens_per_s": evaluation.get("decode_tokens_per_s"),
+            "host_prefill_tokens_per_s": evaluation.get("prefill_tokens_per_s"),
+            "threads": context["options"].threads,
+            "target": "simulator not built",
+        },
+        "quality": {
+            "metric": "perplexity",
+            "stages": {
+                "original": quality.get("original"),
+                "pruned": quality.get("pruned"),
+                "healed": quality.get("healed"),
+                "quantized": quality.get("quantized"),
+                "exported": evaluation.get("perplexity"),
+            },
+            "reference_runtime_perplexity": reference.get("perplexity") or evaluation.get("reference_perplexity"),
+            "kl_divergence": evaluation.get("kl_divergence"),
+            "top1_agreement": evaluation.get("top1_agreement"),
+            "accuracy": evaluation.get("accuracy"),
+            "note": "original..quantized: torch on the compress evaluation blocks; exported: the target runtime "
+            "on the validation tokens (the same held-apart documents)",
+        },
+        "layer_selection": layer_scores(compression),
+        "data": {"calibration": compression.get("calibration"), "eval": compression.get("eval")},
+        "stages": context["stages"],
+        "disk_estimate_bytes": context["disk_estimate_bytes"],
+        "bundle": context["bundle"],
+        "seconds": round(seconds, 2),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _png(figure: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plot_memory(report: dict[str, Any]) -> str | None:
+    """Stacked estimate terms and the measured peak against the budget line."""
+    estimate = report["memory"]["estimate"]
+    if not estimate:
+        return None
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 2.6))
+    left = 0.0
+    for key, label in (
+        ("weights_bytes", "weights"),
+        ("kv_cache_bytes", "KV cache"),
+        ("vision_bytes", "vision"),
+        ("overhead_bytes", "overhead"),
+    ):
+        width = estimate[key] / MIB
+        axis.barh("estimate", width, left=left, label=label)
+        left += width
+    measured = report["memory"]["measured_peak_bytes"]
+    if measured is not None:
+        axis.barh("measured peak", measured / MIB, color="tab:gray", label="measured")
+    axis.axvline(report["memory"]["budget_bytes"] / MIB, color="red", linestyle="--", label="budget")
+    axis.set_xlabel("MiB")
+    axis.legend(loc="lower right", fontsize=7)
+    axis.set_title("Memory against the budget")
+    return _png(figure)
+
+
+def plot_candidates(report: dict[str, Any]) -> str | None:
+    """Planner candidates: estimated memory vs predicted perplexity increase; chosen and tried marked."""
+    candidates = report["plan"]["candidates"]
+    if not candidates:
+        return None
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    passing = [c for c in candidates if c["passes"]]
+    misses = [c for c in candidates if not c["passes"]]
+    for group, colour, label in ((passing, "tab:blue", "passes"), (misses, "tab:gray", "over budget or too slow")):
+        if group:
+            axis.scatter(
+                [c["total_bytes"] / MIB for c in group],
+                [c["predicted_quality_loss"] for c in group],
+                s=14,
+                color=colour,
+                label=label,
+            )
+    for attempt in report["attempts"]:
+        c = attempt["candidate"]
+        axis.scatter(
+            [c["memory"]["total_bytes"] / MIB],
+            [c["predicted_quality_loss"]],
+            marker="*",
+            s=180,
+            color="tab:green" if attempt["passed"] else "tab:red",
+            label=f"attempt {attempt['attempt']} ({c['quant']}, -{c['layers_removed']} layers)",
+        )
+    axis.axvline(report["plan"]["budget_bytes"] / MIB, color="red", linestyle="--", label="budget")
+    axis.axhline(report["profile"]["max_perplexity_increase_pct"], color="orange", linestyle=":", label="floor")
+    axis.set_xlabel("estimated peak memory (MiB)")
+    axis.set_ylabel("predicted perplexity increase (%)")
+    axis.set_yscale("symlog", linthresh=1.0)
+    axis.set_ylim(bottom=0)
+    axis.legend(fontsize=7)
+    axis.set_title("Planner candidates")
+    return _png(figure)
+
+
+def plot_layer_scores(report: dict[str, Any]) -> str | None:
+    """Per-layer selection scores; removed layers in red."""
+    selection = report.get("layer_selection")
+    if not selection:
+        return None
+    import matplotlib.pyplot as plt
+
+    scores = selection["scores"]
+    removed = set(selection["layers_removed"])
+    figure, axis = plt.subplots(figsize=(7, 3))
+    axis.bar(
+        range(len(scores)),
+        [s if s is not None else 0.0 for s in scores],
+        color=["tab:red" if i in removed else "tab:blue" for i in range(len(scores))],
+    )
+    axis.set_xlabel("decoder layer (original index); red = removed")
+    axis.set_ylabel("score")
+    axis.set_title(f"Layer selection scores ({selection.get('method') or 'method not recorded'})")
+    return _png(figure)
+
+
+def plot_quality(report: dict[str, Any]) -> str | None:
+    """Perplexity per stage (and the runtime reference)."""
+    stages = {k: v for k, v in report["quality"]["stages"].items() if v is not None}
+    reference = report["quality"]["reference_runtime_perplexity"]
+    if reference is not None:
+        stages = {**stages, "reference (runtime)": reference}
+    if not stages:
+        return None
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 3))
+    names = list(stages)
+    axis.bar(names, [stages[n] for n in names], color=["tab:purple" if "runtime" in n else "tab:blue" for n in names])
+    for index, name in enumerate(names):
+        axis.text(index, stages[name], f"{stages[name]:.2f}", ha="center", va="bottom", fontsize=8)
+    axis.set_ylabel("perplexity")
+    axis.set_title("Quality per stage")
+    return _png(figure)
+
+
+# ------------------------------------------------------------------------------------------------
+# HTML
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _check_rows(checks: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for data in checks:
+        check = Check(**data)
+        status = "PASS" if check.passed else "FAIL"
+        css = "pass" if check.passed else ("fail" if check.blocking else "warn")
+        rows.append(
+            [
+                f'<span class="{css}">{status}</span>',
+                html.escape(check.name),
+                html.escape(format_number(check.value, check.unit)),
+                html.escape(f"{check.comparison} {format_number(check.threshold, check.unit)}"),
+                "yes" if check.blocking else "reported only",
+                html.escape(check.detail),
+            ]
+        )
+    return rows
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """A self-contained HTML page: status, checks, attempts, stages, data hashes and the four plots."""
+    plots = [
+        ("Memory", plot_memory(report)),
+        ("Planner candidates", plot_candidates(report)),
+        ("Layer selection", plot_layer_scores(report)),
+        ("Quality per stage", plot_quality(report)),
+    ]
+    figures = "".join(
+        f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">'
+        if data
+        else f"<h2>{html.escape(title)}</h2><p>no data (stage skipped)</p>"
+        for title, data in plots
+    )
+    attempts = _table(
+        ["attempt", "candidate", "passed", "next"],
+        [
+            [
+                str(a["attempt"]),
+                html.escape(
+                    f"{a['candidate']['format']} {a['candidate']['quant']}, "
+                    f"{a['candidate']['layers_removed']} layers removed"
+                ),
+                "yes" if a["passed"] else "no",
+                html.escape(a.get("next") or ""),
+            ]
+            for a in report["attempts"]
+        ],
+    )
+    stages = _table(
+        ["stage", "seconds", "resumed"],
+        [
+            [html.escape(name), html.escape(str(value.get("seconds", ""))), "yes" if value.get("resumed") else "no"]
+            for name, value in report["stages"].items()
+        ],
+    )
+    data = report["data"]
+    data_rows = [
+        [html.escape(name), html.escape(str((value or {}).get(key)))]
+        for name, value in data.items()
+        for key in ("source", "sha256", "documents", "tokens")
+        if value
+    ]
+    status_css = "pass" if report["passed"] else "fail"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Bedside deploy report: {html.escape(report['model']['name'])}
+on {html.escape(report['profile']['name'])}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}}.pass{{color:#080;font-weight:bold}}
+.fail{{color:#b00;font-weight:bold}}.warn{{color:#a60;font-weight:bold}}img{{max-width:100%}}</style></head><body>
+<h1>Bedside deploy: {html.escape(report['model']['name'])} on {html.escape(report['profile']['name'])}</h1>
+<p>Status: <span class="{status_css}">{report['status']}</span>. {html.escape(report['reason'])}</p>
+<p>Bedside {html.escape(report['bedside_version'])}, {html.escape(report['created_utc'])}; speed on the target:
+{html.escape(report['speed']['target'])} (figures measured on this host).</p>
+<h2>Checks</h2>{_table(["", "check", "value", "threshold", "blocking", "detail"], _check_rows(report["checks"]))}
+<h2>Attempts</h2>{attempts}
+<h2>Plan</h2><p>{html.escape(report['plan']['reason'])}</p>
+<h2>Stages</h2>{stages}
+<h2>Data (hashes and counts only)</h2>{_table(["set", "value"], data_rows)}
+{figures}
+</body></html>
+"""
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_reports(out: Path, context: dict[str, Any], seconds: float) -> tuple[dict[str, Any], Path, Path]:
+    """Write out/report.json and out/report.html atomically; returns (report, json path, html path)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    report = build_report(context, seconds)
+    json_path, html_path = out / REPORT_JSON, out / REPORT_HTML
+    write_json_atomic(json_path, report)
+    _write_text_atomic(html_path, render_html(report))
+    for path in (json_path, html_path):
+        os.chmod(path, 0o644)
+    return report, json_path, html_path
+
+
+def print_summary(console: Console, report: dict[str, Any], out: Path) -> None:
+    """The short terminal summary: status, the checks, where the report and bundle are."""
+    table = Table(title=f"deploy {report['model']['name']} on {report['profile']['name']}: {report['status']}")
+    for column in ("", "check", "value", "threshold"):
+        table.add_column(column)
+    for data in report["checks"]:
+        check = Check(**data)
+        mark = "[green]PASS[/]" if check.passed else ("[red]FAIL[/]" if check.blocking else "[yellow]FAIL*[/]")
+        table.add_row(mark, check.name, format_number(check.value, check.unit), f"{check.comparison} "
+                      f"{format_number(check.threshold, check.unit)}")
+    console.print(table)
+    console.print("[dim]* reported only; speed on the target: simulator not built (measured on this host)[/]")
+    console.print(f"{report['reason']}")
+    console.print(f"report: {out / REPORT_JSON}, {out / REPORT_HTML}")
+    if report.get("bundle"):
+        console.print(f"bundle: {out / report['bundle']['folder']} and {out / report['bundle']['tarball']}")
