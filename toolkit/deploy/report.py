@@ -265,21 +265,41 @@ def plot_layer_scores(report: dict[str, Any]) -> str | None:
 
 
 def plot_quality(report: dict[str, Any]) -> str | None:
-    """Perplexity per stage (and the runtime reference)."""
-    stages = {k: v for k, v in report["quality"]["stages"].items() if v is not None}
-    reference = report["quality"]["reference_runtime_perplexity"]
-    if reference is not None:
-        stages = {**stages, "reference (runtime)": reference}
-    if not stages:
+    """Perplexity increase per stage, each against the reference scored the same way.
+
+    increase(stage) = 100 * (ppl(stage) / ppl(reference) - 1). The compress stages (pruned, healed,
+    quantized) are torch on the compression's held-apart blocks, against ``original`` on those
+    blocks; ``exported`` is the target runtime on the validation windows, against the uncompressed
+    model on the same windows. The two perplexity scales differ (other texts and windows), so only
+    the relative increases share an axis.
+    """
+    quality = report["quality"]
+    stages = {name: value for name, value in quality["stages"].items() if value is not None}
+    original = stages.get("original")
+    reference = quality["reference_runtime_perplexity"]
+    increases: dict[str, float] = {}
+    for name, value in stages.items():
+        if name == "exported":
+            if reference:
+                increases["exported (runtime)"] = 100.0 * (value / reference - 1.0)
+        elif original and name != "original":
+            increases[name] = 100.0 * (value / original - 1.0)
+    if not increases:
         return None
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 3))
-    names = list(stages)
-    axis.bar(names, [stages[n] for n in names], color=["tab:purple" if "runtime" in n else "tab:blue" for n in names])
+    names = list(increases)
+    colours = ["tab:purple" if "runtime" in name else "tab:blue" for name in names]
+    axis.bar(names, [increases[name] for name in names], color=colours)
     for index, name in enumerate(names):
-        axis.text(index, stages[name], f"{stages[name]:.2f}", ha="center", va="bottom", fontsize=8)
-    axis.set_ylabel("perplexity")
+        axis.text(index, increases[name], f"{increases[name]:+.1f} %", ha="center", va="bottom", fontsize=8)
+    floor = report["profile"].get("max_perplexity_increase_pct")
+    if floor is not None:
+        axis.axhline(floor, color="tab:red", linestyle="--", label=f"floor {floor:g} %")
+        axis.legend(fontsize=7)
+    axis.axhline(0.0, color="black", linewidth=0.5)
+    axis.set_ylabel("perplexity increase vs original (%)")
     axis.set_title("Quality per stage")
     return _png(figure)
 
