@@ -346,15 +346,27 @@ def test_question_answer_data_without_answers_in_the_blocks_is_refused(tiny, tmp
 
 
 def test_rss_sampler_sees_memory_held_inside_the_block():
+    """64 MiB of fresh anonymous pages (mmap, every page written) held inside the block raise the peak.
+
+    Not a torch tensor: after earlier tests the allocator may hand back pages that are already
+    resident, and RSS would not move.
+    """
+    import mmap
+
+    import psutil
+
     from toolkit.compress_stages import RssSampler
 
-    with RssSampler(period_s=0.01) as idle:
-        time.sleep(0.05)
+    size = 64 * 1024**2
+    before = psutil.Process().memory_info().rss
     with RssSampler(period_s=0.01) as busy:
-        held = torch.ones(64 * 1024**2 // 4)  # 64 MiB, touched
-        time.sleep(0.05)
-        del held
-    assert busy.peak_bytes - idle.peak_bytes > 48 * 1024**2
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
+        time.sleep(0.3)
+        block.close()
+    assert busy.peak_bytes - before > 48 * 1024**2
+    assert psutil.Process().memory_info().rss < busy.peak_bytes  # released after the block
 
 
 def plan_with(layers_removed: int, layers: list[int] | None, quant: str = "Q4_0") -> Plan:
