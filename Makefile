@@ -43,7 +43,7 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.runtimes
-	$(BIN)/python -m bench.awq_budget
+	$(BIN)/python -m bench.awq_budget --threads 2
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache
