@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.runtimes
 	$(BIN)/python -m bench.awq_budget --threads 2
+	$(BIN)/python -m bench.mmap_repack
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                        seed=SEED)
                     base = healing.model.eval()
                     base.save_pretrained(cached)
-                    results["heals"][method] = {**healing.to_record(), "time": timer.record()}
+                    results["heals"][method] = {**healing.record.model_dump(mode="json"), "time": timer.record()}
                     checkpoint()
             for quant in PRUNED_QUANTS:
                 name = config_name(method, healed, quant)

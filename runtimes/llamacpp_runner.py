@@ -14,6 +14,13 @@ field of `llama_model_params` that the 0.3.36 `Llama(...)` signature does not ex
 builds it keeps the repack buffers, which speed up Q4_0/Q4_K on AVX2. The test suite proves
 batched quantized decode on the machine it runs on.
 
+No mmap with repack buffers: llama.cpp reads a repacked tensor's file pages to build its interleaved
+copy, and with the file mapped those pages stay resident beside the copy, so the weights count twice.
+Reading the file instead (`use_mmap=False`) keeps one copy: the demo at Q4_0, context 512, peaked at
+235.9 MiB mapped vs 179.8 read, with the repack's prefill speed kept (`python -m bench.mmap_repack`,
+docs/RUNTIMES.md "llama.cpp: mmap and CPU repack"). Mapped files stay the default where nothing is
+repacked (GPU offload, AMX builds).
+
 GPU: layers are offloaded (`n_gpu_layers=-1`) when the build supports offload
 (`llama_supports_gpu_offload()`) and the device is CUDA; a CPU-only build reports device "cpu".
 """
@@ -191,6 +198,11 @@ def build_has_amx() -> bool:
     return "AMX" in system_info()
 
 
+def default_mmap(extra_buffers: bool, offload: bool) -> bool:
+    """Whether the runner maps the GGUF file: not when CPU repack buffers are on (one copy, not two)."""
+    return offload or not extra_buffers
+
+
 @contextlib.contextmanager
 def _model_params_override(**fields: Any) -> Iterator[None]:
     """Make `llama_model_default_params()` return params with `fields` set, while loading a model.
@@ -223,14 +235,18 @@ class LlamaCppRunner(Runner):
     """A GGUF file on llama.cpp: its own tokenizer, chat template and KV cache (f16, n_batch 512).
 
     `extra_buffers` None (default) disables llama.cpp's extra buffer types only when the build
-    has AMX (the crash guard); True/False forces them on/off.
+    has AMX (the crash guard); True/False forces them on/off. `mmap` None (default) maps the file
+    unless weights may be repacked on the CPU (extra buffers on, no offload), see the module docstring.
     """
 
     name = "llama.cpp"
 
-    def __init__(self, batch_size: int | None = None, extra_buffers: bool | None = None) -> None:
+    def __init__(
+        self, batch_size: int | None = None, extra_buffers: bool | None = None, mmap: bool | None = None
+    ) -> None:
         super().__init__(batch_size)
         self.extra_buffers = extra_buffers
+        self.mmap = mmap
         self.llama: Any = None
         self._batch: Any = None
         self._vocab: Any = None
@@ -252,6 +268,7 @@ class LlamaCppRunner(Runner):
 
         offload = device == "cuda" and bool(llama_cpp.llama_supports_gpu_offload())
         extra_buffers = self.extra_buffers if self.extra_buffers is not None else not build_has_amx()
+        use_mmap = self.mmap if self.mmap is not None else default_mmap(extra_buffers, offload)
         self.batch_size = min(self.batch_size, n_ctx)
         try:
             with _model_params_override(use_extra_bufts=extra_buffers):
@@ -263,6 +280,7 @@ class LlamaCppRunner(Runner):
                     n_threads=n_threads,
                     n_threads_batch=n_threads,
                     n_gpu_layers=-1 if offload else 0,
+                    use_mmap=use_mmap,
                     logits_all=False,
                     verbose=False,
                 )
@@ -275,6 +293,7 @@ class LlamaCppRunner(Runner):
         self._n_vocab = int(self.llama.n_vocab())
         self.details = {
             "extra_buffers": extra_buffers,
+            "mmap": use_mmap,
             "n_gpu_layers": -1 if offload else 0,
             "n_batch": self.batch_size,
             "system_info": system_info().strip(),

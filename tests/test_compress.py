@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from toolkit.compress import CompressOptions, _prepare_data, compress, options_from_plan
-from toolkit.compress_stages import checkpoint_sha256, load_tokenizer, perplexity
+from toolkit.compress_stages import load_tokenizer, perplexity, weights_sha256
 from toolkit.errors import BedsideError
 from toolkit.plan_schema import Candidate, MemoryEstimate, Plan
 
@@ -222,7 +222,7 @@ def test_checkpoint_reloads_and_equals_the_pipeline_run_in_memory(awq_run, tiny)
     # quality.quantized is the perplexity of the export grid's weights
     fake_quantize_model(saved, "Q4_0")
     assert perplexity(saved, ids) == pytest.approx(record["quality"]["quantized"], rel=1e-6)
-    assert checkpoint_sha256(result.checkpoint) == record["checkpoint"]["sha256"]
+    assert weights_sha256(result.checkpoint) == record["checkpoint"]["sha256"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -293,6 +293,7 @@ def test_4_bit_quality_in_the_measured_range(evaluated, name):
         ("F16", "gguf"),
         ("Q8_0", "gguf"),
         ("Q4_K_M", "gguf"),
+        ("Q4_0", "gguf"),  # repacked on AVX2: within 10 % only if the runner reads the file (one weight copy)
         ("int4_b32", "onnx"),
     ],
 )

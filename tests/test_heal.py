@@ -114,11 +114,11 @@ def saved_keys(model, folder: Path) -> set[str]:
 
 def test_training_reduces_loss_on_a_repeated_pattern():
     result = heal(tiny_llama(), None, pattern_blocks(), max_steps=20, lr=1e-2, batch_size=4, progress=False)
-    assert result.steps == 20 and result.stopped_by == "steps"
-    assert len(result.losses) == 20
-    assert sum(result.losses[-5:]) / 5 < 0.5 * result.initial_loss
-    assert result.tokens_seen == 20 * 4 * 32
-    assert result.loss_tokens == 20 * 4 * 31  # every position but the first of each block
+    assert result.record.steps == 20 and result.record.stopped_by == "steps"
+    assert len(result.record.losses) == 20
+    assert sum(result.record.losses[-5:]) / 5 < 0.5 * result.record.initial_loss
+    assert result.record.tokens_seen == 20 * 4 * 32
+    assert result.record.loss_tokens == 20 * 4 * 31  # every position but the first of each block
 
 
 def test_merged_model_equals_the_peft_model_and_keeps_the_architecture(tmp_path):
@@ -152,8 +152,8 @@ def test_heal_returns_the_merged_model_as_it_came(tmp_path):
 
 def test_time_budget_stops_early():
     result = heal(tiny_llama(), None, pattern_blocks(), max_steps=1000, max_seconds=1e-3, progress=True)
-    assert result.stopped_by == "time"
-    assert 1 <= result.steps < 5
+    assert result.record.stopped_by == "time"
+    assert 1 <= result.record.steps < 5
 
 
 def test_same_seed_gives_the_same_losses_and_leaves_the_global_rng_alone():
@@ -163,8 +163,8 @@ def test_same_seed_gives_the_same_losses_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     second = heal(tiny_llama(), None, pattern_blocks(), **kwargs)
     other = heal(tiny_llama(), None, pattern_blocks(), **{**kwargs, "seed": 8})
-    assert first.losses == second.losses
-    assert first.losses != other.losses
+    assert first.record.losses == second.record.losses
+    assert first.record.losses != other.record.losses
     torch.testing.assert_close(
         first.model.model.layers[1].mlp.down_proj.weight,
         second.model.model.layers[1].mlp.down_proj.weight,
@@ -190,18 +190,18 @@ def test_labels_mask_counts_only_labelled_tokens_across_accumulated_micro_batche
     result = heal(
         model, None, blocks, train_labels=labels, max_steps=1, batch_size=2, grad_accum=2, progress=False
     )
-    assert result.losses[0] == pytest.approx(float(expected), rel=1e-5)
-    assert result.loss_tokens == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert result.record.losses[0] == pytest.approx(float(expected), rel=1e-5)
+    assert result.record.loss_tokens == int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def test_record_is_json_ready_and_validated():
     result = heal(tiny_llama(), None, pattern_blocks(), max_steps=3, rank=4, alpha=8, progress=False)
-    record = json.loads(json.dumps(result.to_record()))
+    record = json.loads(json.dumps(result.record.model_dump(mode="json")))
     HealRecord.model_validate(record)
     assert record["steps"] == 3 and record["rank"] == 4 and record["alpha"] == 8
     assert record["learning_rate"] == 2e-4
-    assert record["initial_loss"] == result.losses[0] and record["final_loss"] == result.losses[-1]
-    assert record["losses"] == result.losses
+    assert record["initial_loss"] == record["losses"][0] and record["final_loss"] == record["losses"][-1]
+    assert record["losses"] == result.record.losses
     assert record["stopped_by"] == "steps"
     assert record["tokens_seen"] == 3 * 4 * 32
     # rank 4 on 7 projections x 2 layers: r * (in + out) per linear
@@ -256,7 +256,7 @@ def test_question_answer_blocks_label_only_the_answers():
 
     model = tiny_llama(vocab_size=len(tokenizer))
     result = heal(model, tokenizer, blocks.input_ids, train_labels=blocks.labels, max_steps=2, progress=False)
-    assert result.steps == 2 and all(math.isfinite(loss) for loss in result.losses)
+    assert result.record.steps == 2 and all(math.isfinite(loss) for loss in result.record.losses)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,13 +338,14 @@ def test_healing_the_pruned_demo_model_lowers_held_apart_perplexity(demo_model_d
         model, tokenizer, train, max_steps=12, max_seconds=60, batch_size=2, lr=1e-3, progress=False
     )
     healed = perplexity(result.model, held_apart)
+    outcome = result.record
 
     with capsys.disabled():
         print(
             f"\n[heal demo] reports train/eval={record.calibration_documents}/{record.eval_documents} "
             f"layers removed={removed} train blocks={tuple(train.shape)} held-apart blocks={tuple(held_apart.shape)} "
-            f"ppl unhealed={unhealed:.3f} healed={healed:.3f} steps={result.steps} ({result.stopped_by}) "
-            f"heal seconds={result.seconds:.1f} loss {result.initial_loss:.3f}->{result.final_loss:.3f} "
+            f"ppl unhealed={unhealed:.3f} healed={healed:.3f} steps={outcome.steps} ({outcome.stopped_by}) "
+            f"heal seconds={outcome.seconds:.1f} loss {outcome.initial_loss:.3f}->{outcome.final_loss:.3f} "
             f"test seconds={time.perf_counter() - started:.1f} "
             f"peak RSS={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
         )

@@ -28,7 +28,7 @@ from runtimes import (
     runtime_for_path,
 )
 from runtimes.base import render_chat_template, sample_token
-from runtimes.llamacpp_runner import build_has_amx, read_gguf_header
+from runtimes.llamacpp_runner import build_has_amx, default_mmap, read_gguf_header
 from runtimes.measure import MeasureJob, measure_in_child
 
 CHAT_TEMPLATE = (
@@ -346,6 +346,15 @@ def test_llama_batched_quantized_decode_and_scoring(llama_runner):
 def test_llama_crash_guard_matches_the_build(llama_runner):
     assert llama_runner.details["extra_buffers"] is (not build_has_amx())
     assert llama_runner.device == "cpu"
+
+
+@pytest.mark.demo
+def test_llama_reads_rather_than_maps_files_it_repacks(llama_runner):
+    """Repack buffers on the CPU: the file is read, so repacked weights are not resident twice."""
+    assert llama_runner.details["mmap"] is default_mmap(llama_runner.details["extra_buffers"], offload=False)
+    assert default_mmap(extra_buffers=True, offload=False) is False
+    assert default_mmap(extra_buffers=False, offload=False) is True  # AMX builds: nothing repacked
+    assert default_mmap(extra_buffers=True, offload=True) is True  # weights live on the GPU
 
 
 @pytest.mark.demo

@@ -78,7 +78,10 @@ def bundle(tmp_path_factory, demo_model_dir, demo_gguf_path) -> Path:
 def roomy_profile(tmp_path: Path) -> Path:
     """The tiny profile with 1 GiB, so memory on a busy test host never decides these tests."""
     path = tmp_path / "roomy.yaml"
-    path.write_text(TINY_PROFILE.read_text().replace("value: 0.5\n", "value: 1.0\n").replace("name: tiny-cpu", "name: roomy"))
+    text = TINY_PROFILE.read_text()
+    capacity = text.index("capacity_gib:\n      value: ") + len("capacity_gib:\n      value: ")
+    text = text[:capacity] + "1.0" + text[text.index("\n", capacity):]
+    path.write_text(text.replace("name: tiny-cpu", "name: roomy"))
     return path
 
 
@@ -98,7 +101,9 @@ def test_manifest_lists_every_file_with_sha256_and_no_data(bundle):
     assert manifest["versions"]["bedside"] and "llama_cpp_python" in manifest["versions"]
     runtime = json.loads((folder / "runtime.json").read_text())
     assert runtime["model"] == "model/model-Q4_1.gguf" and runtime["context"] == 256 and runtime["gpu_layers"] == 0
-    assert "bedside verify bundle-tiny-cpu.tar.gz" in (folder / "README.md").read_text()
+    assert runtime["mmap"] is False  # the plan's Q4_0 is repacked on this CPU: read, not mapped
+    readme = (folder / "README.md").read_text()
+    assert "bedside verify bundle-tiny-cpu.tar.gz" in readme and "--no-mmap" in readme
     assert all(check.passed for check in hash_checks(folder, manifest))
 
 

@@ -45,7 +45,6 @@ from toolkit import SCHEMA_VERSION, __version__
 from toolkit.compress_stages import (
     StageRunner,
     building_folder,
-    checkpoint_sha256,
     eval_overlap,
     link_checkpoint,
     load_tokenizer,
@@ -53,6 +52,7 @@ from toolkit.compress_stages import (
     sha256_json,
     sha256_tensor,
     stage_hash,
+    weights_sha256,
     write_json_atomic,
 )
 from toolkit.errors import BedsideError
@@ -384,7 +384,7 @@ def _heal_stage(
             seed=options.seed,
             progress=runner.progress,
         )
-        return result.model, {"heal": result.to_record()}
+        return result.model, {"heal": result.record.model_dump(mode="json")}
 
     stored = runner.run("heal", input_hash, inputs, compute)
     return _Outcome(_stage_entry(stored), input_hash, True, stored["details"])
@@ -481,7 +481,7 @@ def compress(
 
     tokenizer = load_tokenizer(source)
     data = _prepare_data(tokenizer, options)
-    source_sha = checkpoint_sha256(source)
+    source_sha = weights_sha256(source)
     runner = StageRunner(source, out, tokenizer, data.eval_ids, progress, _storage_dtype(source))
 
     quality: dict[str, float | None] = {"original": None, "pruned": None, "healed": None, "quantized": None}

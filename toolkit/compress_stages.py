@@ -73,8 +73,12 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix in WEIGHT_SUFFIXES)
 
 
-def checkpoint_sha256(folder: Path) -> str:
-    """sha256 over the names and bytes of a checkpoint's weight files, in name order."""
+def weights_sha256(folder: Path) -> str:
+    """sha256 over the names and bytes of a checkpoint's `*.safetensors` files only, in name order.
+
+    The stage cache's identity of the weights: config and tokenizer do not count (unlike
+    `exporters.base.checkpoint_sha256`, which hashes every file), so hashes differ between the two.
+    """
     files = weight_files(folder)
     if not files:
         raise BedsideError(f"checkpoint folder '{folder}' has no *.safetensors weights")
@@ -372,12 +376,12 @@ class StageRunner:
             if changed is None:
                 link_checkpoint(self.current_dir, building)
                 previous = read_stage_record(self.current_dir) or {}
-                output_sha = previous.get("output_sha256") or checkpoint_sha256(building)
+                output_sha = previous.get("output_sha256") or weights_sha256(building)
             else:
                 model = changed
                 save_checkpoint(model, self.tokenizer, self.source, building, self.storage_dtype)
                 model.to(torch.float32)  # exact: the saved values, widened
-                output_sha = checkpoint_sha256(building)
+                output_sha = weights_sha256(building)
             stored = {
                 "stage": name,
                 "hash": input_hash,

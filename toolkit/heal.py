@@ -42,7 +42,7 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -76,13 +76,16 @@ FALLBACK_LORA_TARGETS: tuple[str, ...] = (
 )
 
 StoppedBy = Literal["steps", "time"]
+SCHEDULE = "linear warm-up, then constant"  # the learning-rate schedule `heal` uses
 
 
 class HealRecord(BaseModel):
     """The heal stage as compression.json records it: settings, budget, outcome and the loss curve.
 
     `losses` has one value per optimizer step (mean loss over that step's labelled tokens), so a
-    report can plot it; `initial_loss`/`final_loss` are its first and last values.
+    report can plot it; `initial_loss`/`final_loss` are its first and last values. `seconds` is the
+    wall time of the training loop (not of attaching or merging the adapters); `tokens_seen` counts
+    input tokens fed forward, `loss_tokens` the tokens that counted in the loss.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -115,72 +118,15 @@ class HealRecord(BaseModel):
 
 @dataclass
 class HealResult:
-    """What `heal` returns: the healed model and how the training went.
+    """What `heal` returns: the healed model and the record of how the training went.
 
     `model` is the merged plain model (the input model, modified in place) unless `heal` was asked
-    not to merge, in which case it is the peft model (see `merge_lora`). `seconds` is the wall time
-    of the training loop (not of attaching or merging the adapters). `tokens_seen` counts input
-    tokens fed forward, `loss_tokens` the tokens that counted in the loss.
+    not to merge, in which case it is the peft model (see `merge_lora`). `record` holds the
+    settings and outcome once, as compression.json stores them (`record.model_dump(mode="json")`).
     """
 
     model: Any
-    losses: list[float]
-    steps: int
-    seconds: float
-    tokens_seen: int
-    loss_tokens: int
-    stopped_by: StoppedBy
-    rank: int
-    alpha: float
-    dropout: float
-    learning_rate: float
-    warmup_steps: int
-    batch_size: int
-    grad_accum: int
-    sequence_length: int
-    target_modules: list[str] | str
-    lora_parameters: int
-    seed: int
-    max_steps: int | None
-    max_seconds: float | None
-    schedule: str = field(default="linear warm-up, then constant")
-
-    @property
-    def initial_loss(self) -> float:
-        """Loss of the first step (the unhealed model, since LoRA starts as a no-op)."""
-        return self.losses[0]
-
-    @property
-    def final_loss(self) -> float:
-        """Loss of the last step."""
-        return self.losses[-1]
-
-    def to_record(self) -> dict[str, Any]:
-        """JSON-ready dict for compression.json (`stages.heal` details), validated by HealRecord."""
-        return HealRecord(
-            rank=self.rank,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            learning_rate=self.learning_rate,
-            schedule=self.schedule,
-            warmup_steps=self.warmup_steps,
-            batch_size=self.batch_size,
-            grad_accum=self.grad_accum,
-            sequence_length=self.sequence_length,
-            target_modules=self.target_modules,
-            lora_parameters=self.lora_parameters,
-            seed=self.seed,
-            max_steps=self.max_steps,
-            max_seconds=self.max_seconds,
-            steps=self.steps,
-            seconds=round(self.seconds, 3),
-            stopped_by=self.stopped_by,
-            tokens_seen=self.tokens_seen,
-            loss_tokens=self.loss_tokens,
-            initial_loss=self.initial_loss,
-            final_loss=self.final_loss,
-            losses=list(self.losses),
-        ).model_dump(mode="json")
+    record: HealRecord
 
 
 @dataclass(frozen=True)
@@ -558,18 +504,12 @@ def heal(
             parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
     result_model.train(was_training)
 
-    return HealResult(
-        model=result_model,
-        losses=losses,
-        steps=len(losses),
-        seconds=seconds,
-        tokens_seen=tokens_seen,
-        loss_tokens=loss_tokens,
-        stopped_by=stopped_by,
+    record = HealRecord(
         rank=rank,
         alpha=float(alpha),
         dropout=float(dropout),
         learning_rate=float(lr),
+        schedule=SCHEDULE,
         warmup_steps=warmup,
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -579,4 +519,13 @@ def heal(
         seed=seed,
         max_steps=max_steps,
         max_seconds=max_seconds,
+        steps=len(losses),
+        seconds=round(seconds, 3),
+        stopped_by=stopped_by,
+        tokens_seen=tokens_seen,
+        loss_tokens=loss_tokens,
+        initial_loss=losses[0],
+        final_loss=losses[-1],
+        losses=losses,
     )
+    return HealResult(model=result_model, record=record)

@@ -13,7 +13,8 @@
   vision    tower + projector weights at the vision dtype + one image's encoder activations + the projected
             image embeddings handed to the decoder.
   overhead  runtime compute buffer + host logits + runtime process (+ llama.cpp's CPU_REPACK copy of the weights
-            its CPU kernels interleave, see llama_cpp_repacked; + onnxruntime's load-time copies: the transposed
+            its CPU kernels interleave when the file is also mapped, see llama_cpp_repacked: the runner reads
+            rather than maps such files, so by default it is not counted; + onnxruntime's load-time copies: the transposed
             tied lm_head of float graphs, ORT_NBITS_PREPACK_FACTOR x the MatMulNBits weights). The CUDA context
             of GPU profiles is part of the profile's reserved_gib, so it is shown (`reserved.cuda_context`) but
             not added.
@@ -66,14 +67,15 @@ LLAMA_CPP_CTX_PAD = 256
 # N - decode_tokens tokens (llama.cpp n_batch 512; OnnxRunner 128 tokens per call), then the decode steps.
 # Exports: exporters.export(resolve_model_dir("demo"), "onnx", "fp32" | "int4_b32", out) and one GGUF conversion
 # (Q4_K_M with keep_f16; Q8_0, Q4_0 quantized from its F16). MiB at context 512 / 1024 / 2048 (/ 4096):
-#   llama.cpp   F16 355.4 / 381.6 / 431.6   Q8_0 235.3 / 261.5 / 311.3
-#               Q4_K_M 205.6 / 231.7 / 281.6   Q4_0 241.2 / 267.3 / 317.3
-#               Q4_0 with extra buffers off 184.6 at 512 (repacked copy: +56.6), Q4_K_M off 197.8 (+7.8)
+#   llama.cpp   F16 354.9 / 380.9 / 430.9   Q8_0 234.7 / 260.8 / 310.7
+#               Q4_K_M 197.7 / 223.9 / 273.8   Q4_0 184.4 / 210.5 / 260.5   (context 256: Q4_0 166.2, Q4_K_M 179.4)
+#               with the runner's default: files it repacks are read, not mapped. Mapped, Q4_0 measured
+#               241.2 / 267.3 / 317.3 and Q4_K_M 205.6 / 231.7 / 281.6 (repacked copy beside the file pages: +56.6, +7.8)
 #   onnxruntime fp32 841.2 / 896.2 / 1097.7 / 1455.4 (2048: mean of 1125.1, 1070.3)
 #               int4_b32 368.4 / 440.6 / 615.9 / 1001.8, 1536: 535.7, 3072: 833.3
 #               resident after loading (session built, heap trimmed): fp32 715.0-715.8, int4_b32 255.8-257.4;
 #               `import onnxruntime` + runner modules: 51.8; `import llama_cpp`: 43.7
-# With the constants below the estimate is 0.6-3.4 % above the llama.cpp runs and within -2.3..+1.4 % of the
+# With the constants below the estimate is 0.7-4.1 % above the llama.cpp runs (5.2 % at context 256) and within -2.3..+1.4 % of the
 # onnxruntime runs (tests/test_memory.py::test_calibration_record; table in docs/RUNTIMES.md).
 
 # Runtime process: the interpreter + the runtime's libraries (measured above) + what the runtime allocates at load
@@ -129,6 +131,8 @@ class RuntimeSettings:
     `Llama(flash_attn=False)` default differs: the runner must pass flash_attn=True on CUDA to match this estimate.
     prefill_tokens: tokens of onnxruntime's longest single call (default ORT_PREFILL_CHUNK, what OnnxRunner
     does; pass the context for a runner that prefills the whole prompt in one call).
+    mmap: whether llama.cpp maps the GGUF file. None is LlamaCppRunner's default (runtimes.llamacpp_runner.
+    default_mmap): mapped unless the CPU repacks weights, so repacked weights count once; True counts them twice.
     """
 
     n_batch: int = 512
@@ -137,6 +141,7 @@ class RuntimeSettings:
     logits_all: bool = False
     prefill_tokens: int | None = None
     images: int = 1
+    mmap: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -342,9 +347,10 @@ def llama_cpp_repacked(tensor: StoredTensor, compute: Compute) -> bool:
     ggml-cpu/repack.cpp ggml_repack_get_optimal_repack_type (llama-cpp-python 0.3.36): matrix-multiplied 2-D
     weights (not the token embedding, a GET_ROWS) of type Q4_0, Q4_K, IQ4_NL or MXFP4 with rows % 8 == 0 on AVX2
     (x86); on ARM with dotprod or i8mm Q4_0, IQ4_NL, MXFP4, Q8_0 (rows % 4) and Q4_K, Q5_K, Q6_K (rows % 8).
-    The copy lives in anonymous memory while the file pages it was read from stay mapped, so those weights count
-    twice: measured on the demo, Q4_0 241.2 vs 184.6 MiB with extra buffers off (+56.6 = its 57.0 MiB of Q4_0),
-    Q4_K_M +7.8 (7.6 MiB Q4_K).
+    The copy lives in anonymous memory; if the file is mapped, the pages it was read from stay resident too, so
+    those weights count twice: measured on the demo mapped, Q4_0 241.2 vs 184.6 MiB with extra buffers off
+    (+56.6 = its 57.0 MiB of Q4_0), Q4_K_M +7.8 (7.6 MiB Q4_K). LlamaCppRunner therefore reads such files
+    (use_mmap=False) and they count once.
     The runner turns extra buffers off on AMX builds (runtimes/llamacpp_runner.py), so AMX profiles get none.
     """
     if tensor.role == "token_embd" or len(tensor.shape) != 2:
@@ -453,7 +459,9 @@ def estimate_memory(
                 for t in (text_tensors if text_tensors is not None else text_weights(facts, deployment))
                 if llama_cpp_repacked(t, profile.compute)
             )
-            if repacked:
+            mapped = settings.mmap if settings.mmap is not None else not repacked
+            detail["param.mmap"] = int(mapped)
+            if repacked and mapped:  # the mapped file pages stay resident beside the copy
                 counted["runtime.repacked_weights"] = repacked
         outputs = settings.n_ubatch if (gpu or settings.logits_all) else batch
         regions = llama_cpp_compute_regions(facts, n_ctx, settings, flash, outputs)

@@ -67,6 +67,8 @@ def runtime_config(context: dict[str, Any], model_path: str) -> dict[str, Any]:
     profile = context["profile"]
     candidate = context["final"]["plan"].chosen
     on_gpu = profile.compute.accelerator == "cuda"
+    # llama.cpp: read rather than map a file whose weights the CPU repacks (memory.RuntimeSettings.mmap)
+    mmap = bool(candidate.memory.detail.get("param.mmap", 1)) if candidate.runtime == "llama.cpp" else None
     return {
         "schema_version": SCHEMA_VERSION,
         "runtime": candidate.runtime,
@@ -76,6 +78,7 @@ def runtime_config(context: dict[str, Any], model_path: str) -> dict[str, Any]:
         "context": profile.context_length,
         "threads": int(profile.compute.cores.value) if not on_gpu else None,
         "gpu_layers": -1 if on_gpu else 0,
+        "mmap": mmap,
         "batch_size": profile.batch_size,
         "kv_cache_dtype": profile.kv_cache_dtype,
         "smoke_prompt": SMOKE_PROMPT,
@@ -100,6 +103,7 @@ def _readme(context: dict[str, Any], runtime: dict[str, Any], name: str) -> str:
     )
     threads = f"-t {runtime['threads']} " if runtime["threads"] else ""
     gpu = "-ngl 99 " if runtime["gpu_layers"] else ""
+    no_mmap = "--no-mmap " if runtime.get("mmap") is False else ""
     return f"""# {name}: a compressed language model for {profile.name}
 
 Produced by Bedside {__version__} from model `{context['options'].model}` for the device profile
@@ -133,9 +137,9 @@ failed (the output names it), 2 = the bundle or profile could not be read.
 With llama.cpp (`llama-server` or `llama-cli` of a recent release):
 
 ```bash
-llama-server -m {runtime['model']} -c {runtime['context']} {threads}{gpu}--port 8080
+llama-server -m {runtime['model']} -c {runtime['context']} {threads}{gpu}{no_mmap}--port 8080
 ```
-
+{_mmap_note(runtime)}
 Memory: measured peak {_mib(context['final']['checks'], 'peak_memory_bytes')} on the validation host,
 budget {profile.name}: {context['first_plan'].budget_bytes / 2**20:.0f} MiB. Keep the context at
 {runtime['context']} tokens or below; a longer context needs more memory than was validated.
@@ -153,6 +157,15 @@ A decision-support aid for clinicians; outputs must be reviewed by a qualified p
 medical device. Report problems to whoever gave you this bundle, quoting `{MANIFEST}`'s
 `source_model_sha256`.
 """
+
+
+def _mmap_note(runtime: dict[str, Any]) -> str:
+    if runtime.get("mmap") is not False:
+        return ""
+    return (
+        "\n`--no-mmap`: llama.cpp's CPU kernels keep a repacked copy of the 4-bit weights; with the file mapped,\n"
+        "its pages would stay resident beside that copy and the weights would count twice against memory.\n"
+    )
 
 
 def _mib(checks: list[Any], name: str) -> str:

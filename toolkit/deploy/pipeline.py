@@ -167,12 +167,12 @@ def _compress(
 def _export(compressed: Any, candidate: Candidate, plan: Plan, work: Path) -> tuple[Path, dict[str, Any], bool]:
     """Export the compressed checkpoint (cached by input hash); returns (folder, export record, resumed)."""
     import exporters
-    from toolkit.compress_stages import checkpoint_sha256
+    from toolkit.compress_stages import weights_sha256
 
     record = compressed.record
     imatrix = compressed.imatrix
     inputs = {
-        "checkpoint": record.get("checkpoint", {}).get("sha256") or checkpoint_sha256(compressed.checkpoint),
+        "checkpoint": record.get("checkpoint", {}).get("sha256") or weights_sha256(compressed.checkpoint),
         "format": candidate.format,
         "quant": candidate.quant,
         "imatrix": file_sha256(imatrix) if imatrix is not None else None,
@@ -311,9 +311,9 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
         remove_stale_temporaries(folder)  # left by a killed run: never a half bundle or export
     disk_estimate = check_disk(out, facts.total_params)
     source_dir = check_model_weights(options.model, model_dir, work, options.allow_pickle)
-    from toolkit.compress_stages import checkpoint_sha256
+    from toolkit.compress_stages import weights_sha256
 
-    source_sha = checkpoint_sha256(source_dir)
+    source_sha = weights_sha256(source_dir)
     model_arg = options.model if source_dir == model_dir else str(source_dir)  # converted pickle weights
 
     stages = _Stages(console)
