@@ -101,6 +101,13 @@ def test_replan_after_quality_failure_takes_fewer_layers_or_more_bits():
     # with a floor below every corrected loss, nothing is left
     nothing, why = next_candidate(roomy, corrections, floor_pct=1.0)
     assert nothing is None and "no candidate left" in why
+    # the speed floor holds in a re-plan as in the plan: a faster minimum than the candidate's prediction skips it
+    slower = following.predicted_decode_tokens_per_s
+    faster, why = next_candidate(roomy, corrections, floor_pct=400.0, min_speed=slower + 0.01)
+    assert faster is None or faster.predicted_decode_tokens_per_s > slower, why
+    none_fast_enough = max(c.predicted_decode_tokens_per_s for c in roomy.candidates) + 1
+    nothing, why = next_candidate(roomy, corrections, floor_pct=400.0, min_speed=none_fast_enough)
+    assert nothing is None and "below the" in why and "speed floor" in why
 
 
 def test_replan_after_memory_failure_scales_estimates_and_can_give_up():
@@ -298,3 +305,51 @@ def test_deploy_end_to_end_killed_then_resumed_and_verified(tmp_path, demo_model
     verified = run_bedside("verify", str(out / "bundle-tiny-cpu.tar.gz"), "--threads", "1", timeout=300)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "FAIL" not in verified.stdout
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_deploy_replans_after_a_measured_memory_overrun_and_compresses_again(tmp_path, demo_model_dir, monkeypatch):
+    """Attempt 1's measured peak is raised 2 % over the budget (a target that needs more than this host):
+    the deploy learns the ratio, removes more layers, compresses, exports and validates again, and the
+    bundle holds attempt 2's model."""
+    from toolkit.deploy import pipeline
+
+    real_validate = pipeline._validate
+    budget = tiny_plan()[2].budget_bytes
+    calls: list[int] = []
+
+    def overrun_once(*args, **kwargs):
+        evaluation, resumed = real_validate(*args, **kwargs)
+        calls.append(evaluation["peak_rss_bytes"])
+        if len(calls) == 1:
+            evaluation = {**evaluation, "peak_rss_bytes": int(budget * 1.02)}
+        return evaluation, resumed
+
+    monkeypatch.setattr(pipeline, "_validate", overrun_once)
+    # a looser quality floor than tiny-cpu's 400 %: 8 layers removed with 4 healing steps measured +473 %
+    profile = tmp_path / "tiny-loose.yaml"
+    profile.write_text(TINY_PROFILE.read_text().replace("    value: 400\n", "    value: 1000\n"))
+    options = pipeline.DeployOptions(
+        profile=str(profile), out=tmp_path / "deploy", calib_sequences=4, heal_steps=4, eval_tokens=512,
+        seq_len=128, prune_method="block-influence", quant_method="rtn", threads=1, progress=False,
+    )
+    result = pipeline.run_deploy(options)
+
+    assert result.passed, result.reason
+    first, second = result.report["attempts"]
+    assert [c["name"] for c in first["checks"] if not c["passed"] and c["name"] == "peak_memory_bytes"]
+    assert first["corrections"]["memory_ratio"] == pytest.approx(
+        budget * 1.02 / first["candidate"]["memory"]["total_bytes"], rel=1e-3
+    )
+    assert second["passed"] and len(calls) == 2
+    assert second["candidate"]["layers_removed"] > first["candidate"]["layers_removed"]
+    assert second["candidate"]["memory"]["total_bytes"] * first["corrections"]["memory_ratio"] <= budget
+    removed = second["layers_removed"]
+    assert len(removed) == second["candidate"]["layers_removed"] and len(first["layers_removed"]) == 6
+    artifact = second["evaluation"]["artifact_sha256"]
+    assert artifact != first["evaluation"]["artifact_sha256"]
+    manifest = json.loads((result.bundle_dir / "manifest.json").read_text())
+    model = next(name for name in manifest["files"] if name.endswith(".gguf"))
+    assert manifest["files"][model] == artifact
+    assert manifest["plan"]["chosen"]["layers_removed"] == second["candidate"]["layers_removed"]

@@ -395,7 +395,7 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
         if attempt == options.max_attempts:
             reason += f"; stopped after --max-attempts {options.max_attempts}"
             break
-        following, why = next_candidate(first_plan, corrections, floor)
+        following, why = next_candidate(first_plan, corrections, floor, profile.min_decode_tokens_per_s.value)
         record["next"] = why
         console.print(f"[yellow]re-plan:[/] {reason}; next: {why}")
         if following is None:

@@ -11,7 +11,9 @@ candidate are corrected by what that attempt showed, and the best candidate that
 
 and, in the direction the failure points: after a quality failure only candidates with a lower
 predicted loss than the failed one (fewer layers removed or more bits); after a memory failure only
-candidates with a smaller estimate. Among those, the planner's own order (chosen rule) decides.
+candidates with a smaller estimate. The planner's other constraint holds too: a candidate whose predicted
+decode speed is below the profile's minimum is not tried. Among the rest, the planner's own order
+(chosen rule) decides.
 Ratios from several attempts are combined by taking the most pessimistic (largest) one.
 """
 
@@ -72,9 +74,11 @@ class Corrections:
         }
 
 
-def next_candidate(plan: Plan, corrections: Corrections, floor_pct: float) -> tuple[Candidate | None, str]:
+def next_candidate(
+    plan: Plan, corrections: Corrections, floor_pct: float, min_speed: float = 0.0
+) -> tuple[Candidate | None, str]:
     """The next candidate to try and why (None and the reason when no candidate is left)."""
-    considered = 0
+    considered = too_slow = 0
     for candidate in plan.candidates:
         if candidate_key(candidate) in corrections.tried:
             continue
@@ -85,6 +89,10 @@ def next_candidate(plan: Plan, corrections: Corrections, floor_pct: float) -> tu
         if corrections.failed_memory_bytes is not None and (
             candidate.memory.total_bytes >= corrections.failed_memory_bytes
         ):
+            continue
+        speed = candidate.predicted_decode_tokens_per_s
+        if speed is not None and speed < min_speed:
+            too_slow += 1
             continue
         considered += 1
         memory = candidate.memory.total_bytes * corrections.memory_ratio
@@ -97,7 +105,8 @@ def next_candidate(plan: Plan, corrections: Corrections, floor_pct: float) -> tu
                 f"(x{corrections.quality_ratio:.2f}) within the {floor_pct:g} % floor"
             )
     return None, (
-        f"no candidate left that the measurements say could pass ({considered} in the direction of the failure; "
+        f"no candidate left that the measurements say could pass ({considered} in the direction of the failure"
+        f"{f', {too_slow} more below the {min_speed:g} tok/s speed floor' if too_slow else ''}; "
         f"memory x{corrections.memory_ratio:.2f}, quality x{corrections.quality_ratio:.2f} against the estimates)"
     )
 

@@ -109,6 +109,7 @@ def build_report(context: dict[str, Any], seconds: float) -> dict[str, Any]:
                 "passed": a["passed"],
                 "corrections": a.get("corrections"),
                 "next": a.get("next"),
+                "layers_removed": a["compression"].get("layers_removed"),
                 "quality": (a["compression"].get("quality") or {}),
                 "evaluation": a["evaluation"],
             }
@@ -355,6 +356,7 @@ def render_html(report: dict[str, Any]) -> str:
                 html.escape(
                     f"{a['candidate']['format']} {a['candidate']['quant']}, "
                     f"{a['candidate']['layers_removed']} layers removed"
+                    + (f" ({', '.join(map(str, a['layers_removed']))})" if a.get("layers_removed") else "")
                 ),
                 "yes" if a["passed"] else "no",
                 html.escape(a.get("next") or ""),
