@@ -163,7 +163,7 @@ def _mmap_note(runtime: dict[str, Any]) -> str:
     if runtime.get("mmap") is not False:
         return ""
     return (
-        "\n`--no-mmap`: llama.cpp's CPU kernels keep a repacked copy of the 4-bit weights; with the file mapped,\n"
+        "\n`--no-mmap`: llama.cpp's CPU kernels keep a repacked copy of the quantized weights; with the file mapped,\n"
         "its pages would stay resident beside that copy and the weights would count twice against memory.\n"
     )
 
