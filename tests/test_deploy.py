@@ -353,3 +353,23 @@ def test_deploy_replans_after_a_measured_memory_overrun_and_compresses_again(tmp
     model = next(name for name in manifest["files"] if name.endswith(".gguf"))
     assert manifest["files"][model] == artifact
     assert manifest["plan"]["chosen"]["layers_removed"] == second["candidate"]["layers_removed"]
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+def test_deploy_that_nothing_passes_exits_1_with_a_report_and_no_bundle(tmp_path, demo_model_dir):
+    """A 50 % perplexity floor: attempt 1 (Q4_0, 6 layers removed) misses it, and every candidate with a lower
+    predicted loss is over the budget, so the deploy stops, says why, and writes the report but no bundle."""
+    profile = tmp_path / "tiny-strict.yaml"
+    profile.write_text(TINY_PROFILE.read_text().replace("    value: 400\n", "    value: 50\n"))
+    out = tmp_path / "deploy"
+    result = run_bedside("deploy", "--profile", str(profile), "--out", str(out), *FAST_KNOBS, timeout=900)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "FAIL" and not report["passed"]
+    assert "perplexity_increase_pct" in report["reason"] and "no candidate left" in report["reason"]
+    (attempt,) = report["attempts"]
+    failed = {c["name"] for c in attempt["checks"] if not c["passed"]}
+    assert "perplexity_increase_pct" in failed and "peak_memory_bytes" not in failed
+    assert (out / "report.html").is_file()
+    assert not list(out.glob("bundle-*"))
