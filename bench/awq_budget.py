@@ -32,6 +32,7 @@ from bench.common import (
     RESULTS_DIR,
     command_line,
     load_average,
+    proc_status_bytes,
     read_json,
     update_benchmarks_doc,
     utc_now,
@@ -42,14 +43,6 @@ RESULTS = RESULTS_DIR / "awq_budget.json"
 SEQUENCES, SEQ_LEN, SEED = 128, 256, 0
 SCHEME = "Q4_0"
 TIME_TARGET_S, MEMORY_TARGET_BYTES = 300.0, 3 * 10**9
-
-
-def proc_status_bytes(field: str) -> int:
-    """A memory figure of this process from /proc/self/status (`VmHWM`, `VmRSS`) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(result_path: Path, threads: int) -> None:

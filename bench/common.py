@@ -21,7 +21,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,11 +28,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from exporters.base import write_json_atomic, write_text_atomic
+
+__all__ = ["write_json_atomic", "write_text_atomic"]  # the benchmarks' atomic writes are the project's
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "docs" / "benchmarks"
 SOURCES: tuple[str, ...] = ("pubmedqa", "medquad")
 EVAL_FRACTION = 0.1
 SPLIT_SEED = 0
+
+
+def proc_status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (`VmHWM`, `VmRSS`, `RssFile`, ...) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def bench_cache_dir(name: str) -> Path:
@@ -64,38 +75,11 @@ def command_line() -> str:
     return " ".join([".venv/bin/python", *sys.argv])
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write `data` as indented JSON to `path` through a temporary file and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2, sort_keys=False)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def read_json(path: Path) -> dict[str, Any]:
     """The JSON object at `path`, or {} when there is none yet."""
     if not path.is_file():
         return {}
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def replace_section(document: str, marker: str, body: str) -> str:

@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -30,22 +29,16 @@ from bench.common import (
     RESULTS_DIR,
     command_line,
     load_average,
+    proc_status_bytes,
     read_json,
     utc_now,
     write_json_atomic,
 )
 
 RESULTS = RESULTS_DIR / "mmap_repack.json"
+MIB = 2**20
 SCHEME, CONTEXT, DECODE, REPEATS = "Q4_0", 512, 64, 2
 SETTINGS: tuple[tuple[bool, bool], ...] = ((True, True), (False, True), (True, False), (False, False))
-
-
-def status_mib(field: str) -> float:
-    """A memory figure of this process from /proc/self/status, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(path: str, mmap: bool, extra_buffers: bool) -> dict[str, Any]:
@@ -75,9 +68,9 @@ def child(path: str, mmap: bool, extra_buffers: bool) -> dict[str, Any]:
     return {
         "mmap": mmap,
         "extra_buffers": extra_buffers,
-        "peak_rss_mib": round(status_mib("VmHWM"), 1),
-        "rss_file_mib": round(status_mib("RssFile"), 1),
-        "rss_anon_mib": round(status_mib("RssAnon"), 1),
+        "peak_rss_mib": round(proc_status_bytes("VmHWM") / MIB, 1),
+        "rss_file_mib": round(proc_status_bytes("RssFile") / MIB, 1),
+        "rss_anon_mib": round(proc_status_bytes("RssAnon") / MIB, 1),
         "prefill_tok_s": round(len(prompt) / (prefilled - start), 1),
         "decode_tok_s": round(DECODE / (done - prefilled), 1),
     }

@@ -174,12 +174,36 @@ def remove_tree(path: Path) -> None:
     path.rmdir()
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync, then rename over `path`.
+
+    The one atomic file write of the project: a reader sees the old file or the new one, never half of
+    one, and an interrupted write leaves no temporary behind. Mode 0644 like an ordinary write (mkstemp's
+    own 0600 would hide reports and bundle files from the people who install them).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fchmod(stream.fileno(), 0o644)
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write `value` as indented JSON (with a final newline), atomically (write_text_atomic)."""
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
 def write_record(out_dir: Path, record: dict[str, Any]) -> Path:
     """Write the export record as `<out_dir>/export.json` (atomically: temp file, then rename)."""
     path = out_dir / RECORD_NAME
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_json_atomic(path, record)
     return path
 
 

@@ -23,13 +23,7 @@ from toolkit.quant.rtn import decoder_linears, fake_quantize_model, rtn
 SCHEME = "Q4_0"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """One torch thread: on a shared 2-core machine, 2 threads spin against other work (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_llama(kv_heads: int = 4, layers: int = 2, seed: int = 0) -> torch.nn.Module:

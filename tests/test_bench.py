@@ -13,13 +13,7 @@ from bench.common import markdown_table, replace_section, score_model, write_jso
 from bench.compression import config_name
 from bench.runtimes import bandwidth_fraction, kv_bytes_per_token
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _FixedLogits(torch.nn.Module):

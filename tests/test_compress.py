@@ -67,33 +67,12 @@ def corpus_text(seed: int, paragraphs: int) -> str:
     )
 
 
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator([" ".join(WORDS), "user assistant"], trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
+def tiny(tmp_path_factory, bpe_tokenizer) -> tuple[Path, Path]:
     """(checkpoint folder of a tiny random Llama with tokenizer, calibration text file)."""
     root = tmp_path_factory.mktemp("tiny")
     folder = root / "tiny-llama"
-    tokenizer = tiny_tokenizer()
+    tokenizer = bpe_tokenizer([" ".join(WORDS), "user assistant"], CHAT_TEMPLATE)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

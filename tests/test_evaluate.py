@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from runtimes.base import log_softmax
 from toolkit.data import load_dataset_spec
@@ -39,13 +38,7 @@ CONTEXT = 512  # KV-cache size of every demo measurement (memory estimate compar
 EVAL = {"max_tokens": 1024, "seq_len": 336, "n_threads": 1, "progress": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> object:
-    """One torch thread: on a shared 2-core machine, 2 threads spin against other work (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------

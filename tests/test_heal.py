@@ -71,31 +71,6 @@ def pattern_blocks(n_blocks: int = 16, seq: int = 32) -> torch.Tensor:
     return torch.stack([stream[i : i + seq] for i in range(n_blocks)])
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer with ChatML-style special tokens and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(
-        ["What is hypertension? Hypertension is persistently high blood pressure.", "user assistant"],
-        trainer,
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
 def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=input_ids, use_cache=False).logits
@@ -235,10 +210,11 @@ def test_lora_targets_come_from_the_architecture_table():
     assert lora_targets_for(unknown) == (list(FALLBACK_LORA_TARGETS), False)
 
 
-def test_question_answer_blocks_label_only_the_answers():
+def test_question_answer_blocks_label_only_the_answers(bpe_tokenizer):
     from toolkit.data.documents import Document, question_answer_document
 
-    tokenizer = tiny_tokenizer()
+    texts = ["What is hypertension? Hypertension is persistently high blood pressure.", "user assistant"]
+    tokenizer = bpe_tokenizer(texts, CHAT_TEMPLATE)
     documents = [
         question_answer_document("What is hypertension?", "High blood pressure."),
         Document(text="Persistently high pressure."),

@@ -5,8 +5,6 @@ stderr), 2 on bad input (BedsideError, handled by toolkit.cli.main).
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from exporters.base import write_text_atomic
 from toolkit.errors import BedsideError, NothingFitsError
 from toolkit.plan_schema import Candidate, Plan
 
@@ -80,25 +79,14 @@ def plan_command(
 
 
 def write_plan(plan: Plan, path: Path) -> None:
-    """Write plan.json atomically: a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write plan.json atomically (exporters.base.write_text_atomic); a folder gets `plan.json` inside."""
     path = Path(path)
     if path.is_dir():
         path = path / "plan.json"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        write_text_atomic(path, plan.model_dump_json(indent=2) + "\n")
     except OSError as error:
         raise BedsideError(f"cannot write {path}: {error.strerror or error}") from None
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(plan.model_dump_json(indent=2))
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _gib(nbytes: float) -> str:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from exporters.base import write_json_atomic
 from toolkit import SCHEMA_VERSION, __version__
 from toolkit.compress_stages import (
     StageRunner,
@@ -53,7 +54,6 @@ from toolkit.compress_stages import (
     sha256_tensor,
     stage_hash,
     weights_sha256,
-    write_json_atomic,
 )
 from toolkit.errors import BedsideError
 

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 
+from exporters.base import write_json_atomic
 from toolkit.errors import BedsideError
 
 STAGE_FORMAT = 1  # bump when a stage's algorithm or folder layout changes: old folders stop matching
@@ -99,22 +99,6 @@ def stage_hash(stage: str, previous: str, inputs: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 # Atomic files and folders
 # ---------------------------------------------------------------------------------------------
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write JSON to a temporary file beside `path`, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(value, stream, indent=2)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _pid_alive(pid: int) -> bool:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
 from xml.etree import ElementTree
 
+from exporters.base import write_text_atomic
 from toolkit.data.documents import Document
 from toolkit.errors import BedsideError
 from toolkit.paths import XRV_WHEEL, cache_dir, downloads_dir
@@ -99,17 +98,9 @@ def parse_reports_wheel(wheel: Path) -> list[Document]:
 
 
 def _write_cache(path: Path, documents: list[Document]) -> None:
-    """Atomic write: a temporary file in the same folder, then rename (no half-written cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            for document in documents:
-                out.write(json.dumps({"id": document.id, "text": document.text}, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    """JSON lines, written atomically (no half-written cache)."""
+    lines = (json.dumps({"id": d.id, "text": d.text}, ensure_ascii=False) + "\n" for d in documents)
+    write_text_atomic(path, "".join(lines))
 
 
 def _read_cache(path: Path) -> list[Document] | None:

@@ -30,9 +30,9 @@ from typing import Any
 
 from rich.console import Console
 
-from exporters.base import TOKENIZER_FILES, file_sha256
+from exporters.base import TOKENIZER_FILES, file_sha256, write_json_atomic
 from toolkit import SCHEMA_VERSION, __version__
-from toolkit.compress_stages import building_folder, write_json_atomic
+from toolkit.compress_stages import building_folder
 
 MANIFEST = "manifest.json"
 RUNTIME_CONFIG = "runtime.json"
@@ -248,7 +248,6 @@ def make_bundle(
         for path in building.rglob("*"):
             os.chmod(path, 0o755 if path.is_dir() else 0o644)  # readable by the IT staff who install it
         write_json_atomic(building / MANIFEST, _manifest(context, building, runtime))
-        os.chmod(building / MANIFEST, 0o644)
         try:
             with tarfile.open(temporary_archive, "w:gz", compresslevel=6) as tar:
                 tar.add(building, arcname=name)

@@ -27,9 +27,9 @@ from typing import Any
 
 from rich.console import Console
 
-from exporters.base import file_sha256
+from exporters.base import file_sha256, write_json_atomic
 from runtimes.base import RuntimeLoadError
-from toolkit.compress_stages import building_folder, remove_stale_temporaries, sha256_json, write_json_atomic
+from toolkit.compress_stages import building_folder, remove_stale_temporaries, sha256_json
 from toolkit.deploy.preflight import (
     check_data,
     check_disk,

@@ -17,16 +17,14 @@ import base64
 import datetime
 import html
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from exporters.base import write_json_atomic, write_text_atomic
 from toolkit import SCHEMA_VERSION, __version__
-from toolkit.compress_stages import write_json_atomic
 from toolkit.deploy.validate import Check, format_number
 
 REPORT_JSON = "report.json"
@@ -399,17 +397,6 @@ td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}}.pass{{color:#080;fo
 """
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_reports(out: Path, context: dict[str, Any], seconds: float) -> tuple[dict[str, Any], Path, Path]:
     """Write out/report.json and out/report.html atomically; returns (report, json path, html path)."""
     import matplotlib
@@ -418,9 +405,7 @@ def write_reports(out: Path, context: dict[str, Any], seconds: float) -> tuple[d
     report = build_report(context, seconds)
     json_path, html_path = out / REPORT_JSON, out / REPORT_HTML
     write_json_atomic(json_path, report)
-    _write_text_atomic(html_path, render_html(report))
-    for path in (json_path, html_path):
-        os.chmod(path, 0o644)
+    write_text_atomic(html_path, render_html(report))
     return report, json_path, html_path
 
 
