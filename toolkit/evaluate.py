@@ -32,7 +32,6 @@ document has options.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -42,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import file_sha256
+from exporters.base import checkpoint_sha256, file_sha256
 from runtimes.base import (
     FORMAT_LABELS,
     FORMAT_RUNTIME,
@@ -164,16 +163,9 @@ def resolve_artifact(artifact: str | Path, runtime: str | None = None) -> Artifa
 
 
 def artifact_sha256(path: str | Path) -> str:
-    """sha256 of a file; of a folder, sha256 of the sorted "relative path NUL file sha256 LF" lines."""
+    """sha256 of a file; of a folder, exporters.base.checkpoint_sha256 (sorted "relative path NUL file sha256 LF")."""
     path = Path(path)
-    if path.is_file():
-        return file_sha256(path)
-    lines = sorted(
-        f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n"
-        for file in path.rglob("*")
-        if file.is_file()
-    )
-    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+    return file_sha256(path) if path.is_file() else checkpoint_sha256(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -165,9 +165,10 @@ def build_checks(
     accuracy = _accuracy_value(evaluation.get("accuracy"))
     reference_accuracy = _accuracy_value(reference_metric(evaluation, "accuracy"))
     if accuracy is not None:
-        retention = accuracy / reference_accuracy * 100.0 if reference_accuracy else None
-        if reference_accuracy == 0:
-            retention = 100.0 if accuracy >= 0 else None
+        if reference_accuracy is None:
+            retention = None
+        else:  # a reference that scores 0 cannot be fallen short of
+            retention = accuracy / reference_accuracy * 100.0 if reference_accuracy else 100.0
         minimum = floor.min_accuracy_retention_pct.value
         checks.append(
             Check(
