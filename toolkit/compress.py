@@ -96,6 +96,11 @@ class CompressResult:
     record: dict[str, Any]  # the content of compression.json
     imatrix: Path | None  # llama.cpp importance matrix (GGUF schemes with AWQ), else None
 
+    @property
+    def source_sha256(self) -> str:
+        """weights_sha256 of the source checkpoint, as compress hashed it (compression.json model.source_sha256)."""
+        return str(self.record["model"]["source_sha256"])
+
 
 # ---------------------------------------------------------------------------------------------
 # Options

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
@@ -49,6 +49,9 @@ from toolkit.deploy.validate import (
 )
 from toolkit.errors import BedsideError, NothingFitsError
 from toolkit.plan_schema import Candidate, Plan
+
+if TYPE_CHECKING:
+    from toolkit.compress import CompressResult
 
 DEFAULT_DATA = "radiology"
 EVAL_FRACTION = 0.1  # the share compress holds apart when no --eval data is given (same split, same seed)
@@ -142,7 +145,7 @@ class _Stages:
 
 def _compress(
     options: DeployOptions, model_arg: str, plan: Plan, work: Path
-) -> tuple[Any, bool]:
+) -> tuple[CompressResult, bool]:
     from toolkit.compress import compress, options_from_plan
 
     compress_options = options_from_plan(
@@ -164,7 +167,7 @@ def _compress(
     return result, resumed
 
 
-def _export(compressed: Any, candidate: Candidate, plan: Plan, work: Path) -> tuple[Path, dict[str, Any], bool]:
+def _export(compressed: CompressResult, candidate: Candidate, plan: Plan, work: Path) -> tuple[Path, dict[str, Any], bool]:
     """Export the compressed checkpoint (cached by input hash); returns (folder, export record, resumed)."""
     import exporters
     from toolkit.compress_stages import weights_sha256
@@ -187,7 +190,7 @@ def _export(compressed: Any, candidate: Candidate, plan: Plan, work: Path) -> tu
     metadata = {
         "plan": {"profile": plan.profile, **candidate.model_dump(exclude={"memory"})},
         "layers_removed": list(record.get("layers_removed") or []),
-        "source_sha256": record.get("model", {}).get("source_sha256"),
+        "source_sha256": compressed.source_sha256,
     }
     with building_folder(folder) as building:
         result = exporters.export(
@@ -311,9 +314,6 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
         remove_stale_temporaries(folder)  # left by a killed run: never a half bundle or export
     disk_estimate = check_disk(out, facts.total_params)
     source_dir = check_model_weights(options.model, model_dir, work, options.allow_pickle)
-    from toolkit.compress_stages import weights_sha256
-
-    source_sha = weights_sha256(source_dir)
     model_arg = options.model if source_dir == model_dir else str(source_dir)  # converted pickle weights
 
     stages = _Stages(console)
@@ -346,7 +346,7 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
         begin = stages.start("validate", attempt, f"{candidate.runtime}, context {plan.context_length}")
         try:
             evaluation, resumed = _validate(
-                options, artifact, export_record, candidate, plan, source_dir, source_sha, eval_docs, work
+                options, artifact, export_record, candidate, plan, source_dir, compressed.source_sha256, eval_docs, work
             )
             checks = build_checks(evaluation, profile, candidate, plan.budget_bytes)
         except RuntimeLoadError as error:  # the runtime crashed or refused the export: a failed check, not bad input
@@ -416,7 +416,7 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
         "passed": passed,
         "reason": reason,
         "stages": stages.records,
-        "source_sha256": source_sha,
+        "source_sha256": final["compressed"].source_sha256,
         "disk_estimate_bytes": disk_estimate,
         "bundle": {"folder": bundle_dir.name, "tarball": tarball.name} if bundle_dir and tarball else None,
     }

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.deploy.bundle import MANIFEST, RUNTIME_CONFIG, SMOKE_PROMPT, file_sha256
-from toolkit.deploy.validate import Check
+from toolkit.deploy.validate import Check, measured_memory_bytes
 from toolkit.errors import BedsideError
 
 SMOKE_TOKENS = 16
@@ -164,10 +164,9 @@ def runtime_checks(folder: Path, manifest: dict[str, Any], device_profile: Any, 
     except RuntimeLoadError as error:
         checks.append(Check("peak memory", False, None, float(budget), "<=", "bytes", detail=str(error)))
         return checks
-    peak = measured.peak_rss_bytes
-    kind = device_profile.model_memory_tier.kind
-    if measured.peak_vram_bytes:
-        peak = measured.peak_vram_bytes if kind == "device" else peak + measured.peak_vram_bytes
+    peak = measured_memory_bytes(
+        {"peak_rss_bytes": measured.peak_rss_bytes, "peak_vram_bytes": measured.peak_vram_bytes}, device_profile
+    )
     checks.append(
         Check(
             "peak memory",
