@@ -10,7 +10,7 @@ a child process (`python -m bench.awq_budget --child RESULT.json`) so that its p
 own: the child reads `VmHWM` from /proc/self/status at the end (the kernel's high-water mark of
 resident memory, as `runtimes/measure.py` does; `getrusage(RUSAGE_CHILDREN)` would carry the
 parent's peak across exec). The child loads the model (float32) and the calibration data, then
-times `toolkit.quant.awq.awq(model, ids, "Q4_0")` with its default knobs (n_grid 10, 1024 search
+times `toolkit.compress.quant.awq.awq(model, ids, "Q4_0")` with its default knobs (n_grid 10, 1024 search
 tokens, 512 clip tokens) on one torch thread: wall time and the process's CPU time (user + system;
 on one thread, what the wall time would be on an otherwise idle core). The load average before
 and after is recorded: other work on the shared machine inflates the wall time.
@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ from bench.common import (
     utc_now,
     write_json_atomic,
 )
+from toolkit.compress.quant.awq import awq
+from toolkit.data import load_dataset_spec, make_blocks, split_calibration_eval
+from toolkit.model.source import resolve_model_dir
 
 RESULTS = RESULTS_DIR / "awq_budget.json"
 SEQUENCES, SEQ_LEN, SEED = 128, 256, 0
@@ -49,10 +53,6 @@ def child(result_path: Path, threads: int) -> None:
     """Load, calibrate, run AWQ; write times and memory to `result_path`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from toolkit.data import load_dataset_spec, make_blocks, split_calibration_eval
-    from toolkit.model_source import resolve_model_dir
-    from toolkit.quant.awq import awq
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -90,7 +90,6 @@ def child(result_path: Path, threads: int) -> None:
 
 def run(threads: int) -> dict[str, Any]:
     """Run the child and combine its figures with the parent's view (wall time, exit status)."""
-    import tempfile
 
     with tempfile.TemporaryDirectory(prefix="bedside-awq-budget-") as folder:
         result_path = Path(folder) / "result.json"
@@ -98,8 +97,18 @@ def run(threads: int) -> dict[str, Any]:
         start = time.perf_counter()
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         completed = subprocess.run(
-            [sys.executable, "-m", "bench.awq_budget", "--child", str(result_path), "--threads", str(threads)],
-            cwd=REPO_ROOT, env=env, check=False,
+            [
+                sys.executable,
+                "-m",
+                "bench.awq_budget",
+                "--child",
+                str(result_path),
+                "--threads",
+                str(threads),
+            ],
+            cwd=REPO_ROOT,
+            env=env,
+            check=False,
         )
         wall = time.perf_counter() - start
         if completed.returncode != 0 or not result_path.is_file():
@@ -127,28 +136,32 @@ def cpu_text(result: dict[str, Any]) -> str:
     if "awq_cpu_seconds" in result:
         return f"CPU time {result['awq_cpu_seconds']:.0f} s"
     if "child_cpu_seconds_sampled" in result:
-        return (f"CPU time of the whole child incl. data and model loading, sampled from /proc: "
-                f"{result['child_cpu_seconds_sampled']:.0f} s")
+        return (
+            f"CPU time of the whole child incl. data and model loading, sampled from /proc: "
+            f"{result['child_cpu_seconds_sampled']:.0f} s"
+        )
     return "CPU time not recorded"
 
 
 def render(result: dict[str, Any]) -> str:
     """The BENCHMARKS.md line."""
-    return "\n".join([
-        "## AWQ budget (bench 2)",
-        "",
-        f"Command: `.venv/bin/python -m bench.awq_budget` (raw: `docs/benchmarks/awq_budget.json`). "
-        f"AWQ {result['scheme']} on the demo model, {result['sequences']} x {result['seq_len']} calibration "
-        f"tokens (PubMedQA + MedQuAD calibration side), default knobs (n_grid {result['awq_record']['n_grid']}, "
-        f"{result['awq_record']['calibration']['search_tokens']} search / 512 clip tokens), "
-        f"{result['threads']} torch thread in a child process: **{result['awq_seconds']:.0f} s** of AWQ wall time "
-        f"({cpu_text(result)}) "
-        f"(target <= {result['time_target_seconds']:.0f} s: {'met' if result['meets_time_target'] else 'NOT met'}), "
-        f"peak RSS (VmHWM of the child, model load included) **{result['vm_hwm_bytes'] / 1e9:.2f} GB** "
-        f"(target <= 3 GB: {'met' if result['meets_memory_target'] else 'NOT met'}; "
-        f"{result['vm_hwm_before_awq_bytes'] / 1e9:.2f} GB before AWQ started). Load average "
-        f"{result['loadavg_awq_start']} at the start and {result['loadavg_awq_end']} at the end (1/5/15 min).",
-    ])
+    return "\n".join(
+        [
+            "## AWQ budget (bench 2)",
+            "",
+            f"Command: `.venv/bin/python -m bench.awq_budget` (raw: `docs/benchmarks/awq_budget.json`). "
+            f"AWQ {result['scheme']} on the demo model, {result['sequences']} x {result['seq_len']} calibration "
+            f"tokens (PubMedQA + MedQuAD calibration side), default knobs (n_grid {result['awq_record']['n_grid']}, "
+            f"{result['awq_record']['calibration']['search_tokens']} search / 512 clip tokens), "
+            f"{result['threads']} torch thread in a child process: **{result['awq_seconds']:.0f} s** of AWQ wall time "
+            f"({cpu_text(result)}) "
+            f"(target <= {result['time_target_seconds']:.0f} s: {'met' if result['meets_time_target'] else 'NOT met'}), "
+            f"peak RSS (VmHWM of the child, model load included) **{result['vm_hwm_bytes'] / 1e9:.2f} GB** "
+            f"(target <= 3 GB: {'met' if result['meets_memory_target'] else 'NOT met'}; "
+            f"{result['vm_hwm_before_awq_bytes'] / 1e9:.2f} GB before AWQ started). Load average "
+            f"{result['loadavg_awq_start']} at the start and {result['loadavg_awq_end']} at the end (1/5/15 min).",
+        ]
+    )
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ with p the original float model and q the model under test, on the same evaluati
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,14 +29,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from exporters.base import write_json_atomic, write_text_atomic
+from toolkit.core.atomic import write_json_atomic, write_text_atomic
+from toolkit.core.records import EVAL_FRACTION
+from toolkit.data import (
+    Document,
+    data_sha256,
+    load_dataset_spec,
+    make_blocks,
+    normalise_text,
+    split_calibration_eval,
+)
 
 __all__ = ["write_json_atomic", "write_text_atomic"]  # the benchmarks' atomic writes are the project's
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "docs" / "benchmarks"
 SOURCES: tuple[str, ...] = ("pubmedqa", "medquad")
-EVAL_FRACTION = 0.1
 SPLIT_SEED = 0
 
 
@@ -128,7 +137,6 @@ def _evaluation_text(source: str, document: Any) -> str | None:
 
 def load_medical_data(sources: Sequence[str] = SOURCES) -> MedicalData:
     """Split each source into calibration / evaluation documents with no text in common."""
-    from toolkit.data import Document, data_sha256, load_dataset_spec, normalise_text, split_calibration_eval
 
     calibration: list[Any] = []
     by_source: dict[str, list[Any]] = {}
@@ -150,14 +158,19 @@ def load_medical_data(sources: Sequence[str] = SOURCES) -> MedicalData:
             "overlap_removed": len([t for t in texts if t]) - len(kept),
             "eval_text_sha256": data_sha256(kept),
         }
-    return MedicalData(calibration=calibration, calibration_by_source=by_source, evaluation_text=evaluation_text, record=record)
+    return MedicalData(
+        calibration=calibration,
+        calibration_by_source=by_source,
+        evaluation_text=evaluation_text,
+        record=record,
+    )
 
 
-def evaluation_blocks(data: MedicalData, tokenizer: Any, block_len: int, blocks_per_source: int, seed: int) -> Any:
+def evaluation_blocks(
+    data: MedicalData, tokenizer: Any, block_len: int, blocks_per_source: int, seed: int
+) -> Any:
     """Evaluation token blocks: `blocks_per_source` blocks of each source's held-apart text, stacked."""
     import torch
-
-    from toolkit.data import make_blocks
 
     parts = [
         make_blocks(data.evaluation_text[source], tokenizer, block_len, blocks_per_source, seed).input_ids
@@ -173,24 +186,28 @@ def calibration_blocks(data: MedicalData, tokenizer: Any, block_len: int, n_bloc
     MedQuAD answers; here block i is the first block of the stream shuffled with seed
     `seed * 1000 + i` from source `i mod len(sources)` (chat-templated QA, as deployed).
     """
-    import hashlib
 
     import torch
 
-    from toolkit.data import make_blocks
-
     sources = list(data.calibration_by_source)
     rows = [
-        make_blocks(data.calibration_by_source[sources[i % len(sources)]], tokenizer, block_len, 1, seed * 1000 + i)
-        .input_ids[0]
+        make_blocks(
+            data.calibration_by_source[sources[i % len(sources)]], tokenizer, block_len, 1, seed * 1000 + i
+        ).input_ids[0]
         for i in range(n_blocks)
     ]
     ids = torch.stack(rows)
     digest = hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest()
     return CalibrationBlocks(
         input_ids=ids,
-        record={"n_blocks": n_blocks, "block_len": block_len, "tokens": n_blocks * block_len, "seed": seed,
-                "sources_in_turn": sources, "input_ids_sha256": digest},
+        record={
+            "n_blocks": n_blocks,
+            "block_len": block_len,
+            "tokens": n_blocks * block_len,
+            "seed": seed,
+            "sources_in_turn": sources,
+            "input_ids_sha256": digest,
+        },
     )
 
 
@@ -216,7 +233,11 @@ class Scores:
     argmax: Any  # (n_blocks, block_len - 1) predicted ids, to serve as the reference of others
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"perplexity": round(self.perplexity, 4), "mean_nll": round(self.mean_nll, 6), "tokens": self.tokens}
+        out = {
+            "perplexity": round(self.perplexity, 4),
+            "mean_nll": round(self.mean_nll, 6),
+            "tokens": self.tokens,
+        }
         if self.top1_agreement is not None:
             out["top1_agreement"] = round(self.top1_agreement, 5)
         return out
@@ -245,7 +266,11 @@ def score_model(model: Any, blocks: Any, reference_argmax: Any | None = None, ba
         agreement = float((argmax == reference_argmax).float().mean())
     mean_nll = total_nll / count
     return Scores(
-        perplexity=math.exp(mean_nll), top1_agreement=agreement, mean_nll=mean_nll, tokens=count, argmax=argmax
+        perplexity=math.exp(mean_nll),
+        top1_agreement=agreement,
+        mean_nll=mean_nll,
+        tokens=count,
+        argmax=argmax,
     )
 
 
@@ -262,4 +287,8 @@ class Timer:
         self.load_end = load_average()
 
     def record(self) -> dict[str, Any]:
-        return {"seconds": round(self.seconds, 2), "loadavg_start": self.load_start, "loadavg_end": self.load_end}
+        return {
+            "seconds": round(self.seconds, 2),
+            "loadavg_start": self.load_start,
+            "loadavg_end": self.load_end,
+        }

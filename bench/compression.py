@@ -5,11 +5,11 @@ Run from the repository root (resumes: finished configurations in the JSON are s
     .venv/bin/python -m bench.compression            # docs/benchmarks/compression.json + BENCHMARKS.md
 
 Setting: SmolLM2-135M-Instruct (30 layers), 6 layers removed (20 %), decoder linears fake-quantized
-on the Q4_0 grid (`toolkit.quant.grids`, bit-exact with the GGUF Q4_0 export; embeddings and the
+on the Q4_0 grid (`toolkit.compress.quant.grids`, bit-exact with the GGUF Q4_0 export; embeddings and the
 tied output head stay float in this emulation). Per method in {last, block-influence, angular,
 activation}: the selection is computed once on 8 x 128 calibration tokens (activation scores
 candidates on the Q4_0-fake-quantized model, `quant_scheme="Q4_0"`, `top_k_candidates=8`), the
-layers are removed, the pruned model is healed once (LoRA, `toolkit.heal.heal`, 40 steps of
+layers are removed, the pruned model is healed once (LoRA, `toolkit.compress.heal.heal`, 40 steps of
 4 x 256-token answer-labelled QA blocks), and RTN and AWQ are applied to copies of the healed and
 the unhealed model. Baselines: the float original, original + RTN, original + AWQ.
 
@@ -43,6 +43,11 @@ from bench.common import (
     utc_now,
     write_json_atomic,
 )
+from toolkit.compress.heal import heal, question_answer_training_blocks
+from toolkit.compress.prune import remove_layers, select_layers
+from toolkit.compress.quant.awq import awq
+from toolkit.compress.quant.rtn import fake_quantize_model, rtn
+from toolkit.model.source import resolve_model_dir
 
 RESULTS = RESULTS_DIR / "compression.json"
 METHODS: tuple[str, ...] = ("last", "block-influence", "angular", "activation")
@@ -78,8 +83,6 @@ def load_model(model_dir: Path) -> Any:
 
 def quantize(model: Any, quant: str, calib_ids: Any) -> dict[str, Any]:
     """Fake-quantize `model` in place with RTN or AWQ (+ the grid); returns the stage record."""
-    from toolkit.quant.awq import awq
-    from toolkit.quant.rtn import fake_quantize_model, rtn
 
     if quant == "float":
         return {"method": "none"}
@@ -94,17 +97,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    from toolkit.heal import heal, question_answer_training_blocks
-    from toolkit.model_source import resolve_model_dir
-    from toolkit.prune import remove_layers, select_layers
-
     torch.set_num_threads(args.threads)
     results = read_json(RESULTS) if not args.fresh else {}
     results.setdefault("configs", {})
     results.setdefault("selections", {})
     results.setdefault("heals", {})
     results.setdefault("runs", [])
-    run_record = {"command": command_line(), "started": utc_now(), "loadavg_start": load_average(), "threads": args.threads}
+    run_record = {
+        "command": command_line(),
+        "started": utc_now(),
+        "loadavg_start": load_average(),
+        "threads": args.threads,
+    }
     start = time.perf_counter()
 
     def checkpoint() -> None:
@@ -134,12 +138,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "selection_calibration": calib_sel.to_dict(),
         "awq_calibration": calib_awq.to_dict(),
         "awq_knobs": AWQ_KNOBS,
-        "heal": {"steps": HEAL_STEPS, "batch_size": HEAL_BATCH, "block_len": HEAL_LEN,
-                 "blocks": int(heal_blocks.input_ids.shape[0]), "loss_tokens": heal_blocks.loss_tokens,
-                 "labels": "answer tokens of calibration QA documents"},
+        "heal": {
+            "steps": HEAL_STEPS,
+            "batch_size": HEAL_BATCH,
+            "block_len": HEAL_LEN,
+            "blocks": int(heal_blocks.input_ids.shape[0]),
+            "loss_tokens": heal_blocks.loss_tokens,
+            "labels": "answer tokens of calibration QA documents",
+        },
         "method_knobs": METHOD_KNOBS,
-        "eval": {"block_len": EVAL_LEN, "blocks_per_source": EVAL_BLOCKS_PER_SOURCE, "seed": EVAL_SEED,
-                 "blocks": int(eval_ids.shape[0]), "scored_tokens": int(eval_ids.shape[0] * (EVAL_LEN - 1))},
+        "eval": {
+            "block_len": EVAL_LEN,
+            "blocks_per_source": EVAL_BLOCKS_PER_SOURCE,
+            "seed": EVAL_SEED,
+            "blocks": int(eval_ids.shape[0]),
+            "scored_tokens": int(eval_ids.shape[0] * (EVAL_LEN - 1)),
+        },
         "threads": args.threads,
     }
     checkpoint()
@@ -150,9 +164,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def finish(name: str, model: Any, extra: dict[str, Any]) -> None:
         scores = score_model(model, eval_ids, reference.argmax)
-        results["configs"][name] = {**extra, **scores.to_dict(), "loadavg": load_average(), "finished": utc_now()}
+        results["configs"][name] = {
+            **extra,
+            **scores.to_dict(),
+            "loadavg": load_average(),
+            "finished": utc_now(),
+        }
         checkpoint()
-        print(f"{name}: perplexity {scores.perplexity:.3f}, top-1 agreement {scores.top1_agreement:.4f}", flush=True)
+        print(
+            f"{name}: perplexity {scores.perplexity:.3f}, top-1 agreement {scores.top1_agreement:.4f}",
+            flush=True,
+        )
 
     if config_name(None, False, None) not in results["configs"]:
         finish(config_name(None, False, None), original, {"layers_removed": []})
@@ -172,7 +194,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         if method not in results["selections"]:
             with Timer() as timer:
-                selection = select_layers(method, original, calib_sel.input_ids, N_REMOVE, **METHOD_KNOBS.get(method, {}))
+                selection = select_layers(
+                    method, original, calib_sel.input_ids, N_REMOVE, **METHOD_KNOBS.get(method, {})
+                )
             results["selections"][method] = {**selection.to_dict(), "time": timer.record()}
             checkpoint()
         layers = results["selections"][method]["layers_to_remove"]
@@ -190,12 +214,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 else:
                     base = copy.deepcopy(pruned)
                     with Timer() as timer:
-                        healing = heal(base, tokenizer, heal_blocks.input_ids, train_labels=heal_blocks.labels,
-                                       max_steps=HEAL_STEPS, max_seconds=HEAL_MAX_SECONDS, batch_size=HEAL_BATCH,
-                                       seed=SEED)
+                        healing = heal(
+                            base,
+                            tokenizer,
+                            heal_blocks.input_ids,
+                            train_labels=heal_blocks.labels,
+                            max_steps=HEAL_STEPS,
+                            max_seconds=HEAL_MAX_SECONDS,
+                            batch_size=HEAL_BATCH,
+                            seed=SEED,
+                        )
                     base = healing.model.eval()
                     base.save_pretrained(cached)
-                    results["heals"][method] = {**healing.record.model_dump(mode="json"), "time": timer.record()}
+                    results["heals"][method] = {
+                        **healing.record.model_dump(mode="json"),
+                        "time": timer.record(),
+                    }
                     checkpoint()
             for quant in PRUNED_QUANTS:
                 name = config_name(method, healed, quant)
@@ -204,7 +238,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 candidate = copy.deepcopy(base)
                 with Timer() as timer:
                     record = quantize(candidate, quant, calib_awq.input_ids)
-                finish(name, candidate, {"layers_removed": layers, "quant": record, "quant_time": timer.record()})
+                finish(
+                    name, candidate, {"layers_removed": layers, "quant": record, "quant_time": timer.record()}
+                )
                 del candidate
     run_record["finished"] = utc_now()
     checkpoint()
@@ -228,9 +264,17 @@ def render(results: dict[str, Any]) -> str:
         for healed in (False, True):
             if not any(config_name(method, healed, q) in configs for q in PRUNED_QUANTS):
                 continue
-            rows.append([method, ",".join(map(str, layers or [])), "yes" if healed else "no",
-                         *(cell(config_name(method, healed, q)) for q in PRUNED_QUANTS)])
-    heal_steps = ", ".join(f"{m}: {h['steps']} steps" for m, h in results.get("heals", {}).items()) or "none yet"
+            rows.append(
+                [
+                    method,
+                    ",".join(map(str, layers or [])),
+                    "yes" if healed else "no",
+                    *(cell(config_name(method, healed, q)) for q in PRUNED_QUANTS),
+                ]
+            )
+    heal_steps = (
+        ", ".join(f"{m}: {h['steps']} steps" for m, h in results.get("heals", {}).items()) or "none yet"
+    )
     runs = results.get("runs", [])
     wall = sum(run.get("wall_seconds", 0.0) for run in runs)
     data = setup.get("data", {}).get("sources", {})
@@ -239,24 +283,28 @@ def render(results: dict[str, Any]) -> str:
         f"(eval sha256 {str(info.get('eval_text_sha256'))[:12]}, calibration sha256 {str(info.get('calibration_sha256'))[:12]})"
         for source, info in data.items()
     )
-    return "\n".join([
-        "## Compression methods (bench 1)",
-        "",
-        "Command: `.venv/bin/python -m bench.compression` (raw: `docs/benchmarks/compression.json`).",
-        f"Demo model, {N_REMOVE} of 30 layers removed, decoder linears fake-quantized on the {SCHEME} grid. "
-        f"Perplexity and top-1 agreement with the float original on {setup.get('eval', {}).get('scored_tokens')} "
-        f"held-apart tokens ({setup.get('eval', {}).get('blocks')} x {EVAL_LEN}); {data_lines}. "
-        f"Selection on {SELECTION_BLOCKS} x {SELECTION_LEN} calibration tokens, AWQ on {AWQ_BLOCKS} x {AWQ_LEN} "
-        f"(n_grid {AWQ_KNOBS['n_grid']}, clip on), healing up to {HEAL_STEPS} LoRA steps of {HEAL_BATCH} x {HEAL_LEN} "
-        f"within {HEAL_MAX_SECONDS:.0f} s ({heal_steps}). "
-        f"Wall time of all runs: {wall / 60:.0f} min on {setup.get('threads')} torch thread(s) "
-        "(shared 2-core machine; load averages in the JSON).",
-        "",
-        "Cells: perplexity / top-1 agreement with the float original (lower / higher is better). "
-        f"`float` = no quantization; `RTN` / `AWQ` = decoder linears on the {SCHEME} grid.",
-        "",
-        markdown_table(["selection", "layers removed", "healed", "float", f"RTN {SCHEME}", f"AWQ {SCHEME}"], rows),
-    ])
+    return "\n".join(
+        [
+            "## Compression methods (bench 1)",
+            "",
+            "Command: `.venv/bin/python -m bench.compression` (raw: `docs/benchmarks/compression.json`).",
+            f"Demo model, {N_REMOVE} of 30 layers removed, decoder linears fake-quantized on the {SCHEME} grid. "
+            f"Perplexity and top-1 agreement with the float original on {setup.get('eval', {}).get('scored_tokens')} "
+            f"held-apart tokens ({setup.get('eval', {}).get('blocks')} x {EVAL_LEN}); {data_lines}. "
+            f"Selection on {SELECTION_BLOCKS} x {SELECTION_LEN} calibration tokens, AWQ on {AWQ_BLOCKS} x {AWQ_LEN} "
+            f"(n_grid {AWQ_KNOBS['n_grid']}, clip on), healing up to {HEAL_STEPS} LoRA steps of {HEAL_BATCH} x {HEAL_LEN} "
+            f"within {HEAL_MAX_SECONDS:.0f} s ({heal_steps}). "
+            f"Wall time of all runs: {wall / 60:.0f} min on {setup.get('threads')} torch thread(s) "
+            "(shared 2-core machine; load averages in the JSON).",
+            "",
+            "Cells: perplexity / top-1 agreement with the float original (lower / higher is better). "
+            f"`float` = no quantization; `RTN` / `AWQ` = decoder linears on the {SCHEME} grid.",
+            "",
+            markdown_table(
+                ["selection", "layers removed", "healed", "float", f"RTN {SCHEME}", f"AWQ {SCHEME}"], rows
+            ),
+        ]
+    )
 
 
 def main() -> None:

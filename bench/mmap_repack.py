@@ -34,9 +34,12 @@ from bench.common import (
     utc_now,
     write_json_atomic,
 )
+from bench.runtimes import export_artifact
+from runtimes.llamacpp_runner import _model_params_override
+from toolkit.core.units import MIB
+from toolkit.model.source import resolve_model_dir
 
 RESULTS = RESULTS_DIR / "mmap_repack.json"
-MIB = 2**20
 SCHEME, CONTEXT, DECODE, REPEATS = "Q4_0", 512, 64, 2
 SETTINGS: tuple[tuple[bool, bool], ...] = ((True, True), (False, True), (True, False), (False, False))
 
@@ -44,8 +47,6 @@ SETTINGS: tuple[tuple[bool, bool], ...] = ((True, True), (False, True), (True, F
 def child(path: str, mmap: bool, extra_buffers: bool) -> dict[str, Any]:
     """Load `path` with the given settings, prefill and decode, return memory and speed."""
     import llama_cpp
-
-    from runtimes.llamacpp_runner import _model_params_override
 
     with _model_params_override(use_extra_bufts=extra_buffers):
         llm = llama_cpp.Llama(
@@ -78,8 +79,6 @@ def child(path: str, mmap: bool, extra_buffers: bool) -> dict[str, Any]:
 
 def run() -> dict[str, Any]:
     """Every setting REPEATS times, each in a fresh process."""
-    from bench.runtimes import export_artifact
-    from toolkit.model_source import resolve_model_dir
 
     model, _ = export_artifact(resolve_model_dir("demo"), "gguf", SCHEME)
     before = load_average()

@@ -21,7 +21,7 @@ average before and after, and
 
 with mean_position = context - decode_tokens / 2 (the decode steps read 2016..2047 cached
 positions), kv_element_bytes 2 for llama.cpp (F16 cache) and the element size of the ONNX graph's
-past_key_values inputs. host_bandwidth is `toolkit.host_profile.measure_memory_bandwidth` (best numpy
+past_key_values inputs. host_bandwidth is `toolkit.target.host.measure_memory_bandwidth` (best numpy
 copy, bytes read + written, STREAM copy convention) with the thread count the runtimes used.
 Exports are cached under ~/.cache/bedside/bench/runtimes (not in the repository).
 """
@@ -34,6 +34,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bench.common import (
     RESULTS_DIR,
@@ -48,6 +50,11 @@ from bench.common import (
     utc_now,
     write_json_atomic,
 )
+from exporters import export
+from runtimes.measure import MeasureJob, measure_in_child
+from toolkit.core.records import EXPORT_RECORD
+from toolkit.model.source import resolve_model_dir
+from toolkit.target.host import measure_memory_bandwidth
 
 RESULTS = RESULTS_DIR / "runtimes.json"
 ARTIFACTS: tuple[tuple[str, str], ...] = (
@@ -67,7 +74,9 @@ def artifact_key(format_name: str, quant: str) -> str:
     return f"{format_name}/{quant}"
 
 
-def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, mean_position: float, element_bytes: int) -> float:
+def kv_bytes_per_token(
+    layers: int, kv_heads: int, head_dim: int, mean_position: float, element_bytes: int
+) -> float:
     """KV-cache bytes one decode step reads: 2 x layers x kv_heads x head_dim x positions x bytes."""
     return 2.0 * layers * kv_heads * head_dim * mean_position * element_bytes
 
@@ -96,7 +105,6 @@ def gguf_weight_bytes(path: Path) -> dict[str, Any]:
 
 
 def _initializer_bytes(initializer: Any) -> int:
-    import numpy as np
     from onnx import helper
 
     if initializer.HasField("raw_data") and initializer.raw_data:
@@ -124,13 +132,20 @@ def onnx_weight_bytes(model_dir: Path) -> dict[str, Any]:
         size = _initializer_bytes(initializer)
         total += size
         ops = consumers.get(initializer.name, set())
-        if ops and all(op.startswith("Gather") for op in ops) and initializer.dims and initializer.dims[0] > 1:
+        if (
+            ops
+            and all(op.startswith("Gather") for op in ops)
+            and initializer.dims
+            and initializer.dims[0] > 1
+        ):
             read += size / int(initializer.dims[0])
             gathered.append(initializer.name)
         else:
             read += size
     kv_types = {
-        value.type.tensor_type.elem_type for value in model.graph.input if value.name.startswith("past_key_values")
+        value.type.tensor_type.elem_type
+        for value in model.graph.input
+        if value.name.startswith("past_key_values")
     }
     element = max((ONNX_ELEMENT_BYTES.get(t, 4) for t in kv_types), default=4)
     return {
@@ -144,10 +159,9 @@ def onnx_weight_bytes(model_dir: Path) -> dict[str, Any]:
 
 def export_artifact(model_dir: Path, format_name: str, quant: str) -> tuple[Path, dict[str, Any]]:
     """The cached export (made on first use): the path a runtime loads and its file sizes."""
-    from exporters import export
 
     out_dir = bench_cache_dir("runtimes") / f"{format_name}-{quant}"
-    record_path = out_dir / "export.json"
+    record_path = out_dir / EXPORT_RECORD
     if not record_path.is_file():
         options = {"threads": 1} if format_name == "gguf" else {}
         export(model_dir, format_name, quant, out_dir, **options)
@@ -158,20 +172,24 @@ def export_artifact(model_dir: Path, format_name: str, quant: str) -> tuple[Path
     else:
         path = out_dir
         model_bytes = sum(p.stat().st_size for p in out_dir.glob("model.onnx*"))
-    return path, {"export_dir": str(out_dir), "model_file_bytes": model_bytes, "export_record_keys": sorted(record)}
+    return path, {
+        "export_dir": str(out_dir),
+        "model_file_bytes": model_bytes,
+        "export_record_keys": sorted(record),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from runtimes.measure import MeasureJob, measure_in_child
-    from toolkit.host_profile import measure_memory_bandwidth
-    from toolkit.model_source import resolve_model_dir
-
     results = read_json(RESULTS) if not args.fresh else {}
     results.setdefault("artifacts", {})
     results.setdefault("runs", [])
-    run_record: dict[str, Any] = {"command": command_line(), "started": utc_now(), "loadavg_start": load_average()}
+    run_record: dict[str, Any] = {
+        "command": command_line(),
+        "started": utc_now(),
+        "loadavg_start": load_average(),
+    }
     results["runs"].append(run_record)
     model_dir = resolve_model_dir("demo")
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
@@ -217,38 +235,50 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         weights = gguf_weight_bytes(path) if format_name == "gguf" else onnx_weight_bytes(path)
         element = 2 if format_name == "gguf" else weights["kv_element_bytes"]
         kv = kv_bytes_per_token(layers, kv_heads, head_dim, mean_position, element)
-        job = MeasureJob(context=CONTEXT, decode_tokens=DECODE_TOKENS, n_threads=args.threads, device="cpu",
-                         prompt_ids=ids, score_ids=score_ids)
+        job = MeasureJob(
+            context=CONTEXT,
+            decode_tokens=DECODE_TOKENS,
+            n_threads=args.threads,
+            device="cpu",
+            prompt_ids=ids,
+            score_ids=score_ids,
+        )
         load_before = load_average()
         measured = measure_in_child(RUNTIME_OF[format_name], path, job, timeout_s=1800)
         load_after = load_average()
         logprobs = measured.score.token_logprobs if measured.score else []
         bytes_per_token = weights["weight_bytes_read"] + kv
-        entry.update({
-            "runtime": RUNTIME_OF[format_name],
-            "perplexity": round(math.exp(-sum(logprobs) / len(logprobs)), 4) if logprobs else None,
-            "scored_tokens": len(logprobs),
-            "prefill_tok_s": round(measured.prefill_tokens_per_s, 2),
-            "decode_tok_s": round(measured.decode_tokens_per_s, 2),
-            "peak_rss_bytes": measured.peak_rss_bytes,
-            "baseline_rss_bytes": measured.baseline_rss_bytes,
-            "load_seconds": round(measured.load_seconds, 3),
-            "weights": weights,
-            "kv_bytes_read": kv,
-            "kv_element_bytes": element,
-            "bytes_per_token": bytes_per_token,
-            "bandwidth_bound_tok_s": round(bandwidth * 1e9 / bytes_per_token, 2),
-            "bandwidth_fraction": round(bandwidth_fraction(measured.decode_tokens_per_s, bandwidth * 1e9,
-                                                           bytes_per_token), 4),
-            "loadavg_before": load_before,
-            "loadavg_after": load_after,
-            "measured": utc_now(),
-        })
+        entry.update(
+            {
+                "runtime": RUNTIME_OF[format_name],
+                "perplexity": round(math.exp(-sum(logprobs) / len(logprobs)), 4) if logprobs else None,
+                "scored_tokens": len(logprobs),
+                "prefill_tok_s": round(measured.prefill_tokens_per_s, 2),
+                "decode_tok_s": round(measured.decode_tokens_per_s, 2),
+                "peak_rss_bytes": measured.peak_rss_bytes,
+                "baseline_rss_bytes": measured.baseline_rss_bytes,
+                "load_seconds": round(measured.load_seconds, 3),
+                "weights": weights,
+                "kv_bytes_read": kv,
+                "kv_element_bytes": element,
+                "bytes_per_token": bytes_per_token,
+                "bandwidth_bound_tok_s": round(bandwidth * 1e9 / bytes_per_token, 2),
+                "bandwidth_fraction": round(
+                    bandwidth_fraction(measured.decode_tokens_per_s, bandwidth * 1e9, bytes_per_token), 4
+                ),
+                "loadavg_before": load_before,
+                "loadavg_after": load_after,
+                "measured": utc_now(),
+            }
+        )
         results["artifacts"][key] = entry
         write_json_atomic(RESULTS, results)
         update_benchmarks_doc("runtimes", render(results))
-        print(f"{key}: ppl {entry['perplexity']}, decode {entry['decode_tok_s']} tok/s, "
-              f"peak RSS {entry['peak_rss_bytes'] / 1e6:.0f} MB, load {load_after}", flush=True)
+        print(
+            f"{key}: ppl {entry['perplexity']}, decode {entry['decode_tok_s']} tok/s, "
+            f"peak RSS {entry['peak_rss_bytes'] / 1e6:.0f} MB, load {load_after}",
+            flush=True,
+        )
     run_record["finished"] = utc_now()
     run_record["loadavg_end"] = load_average()
     write_json_atomic(RESULTS, results)
@@ -263,30 +293,52 @@ def render(results: dict[str, Any]) -> str:
         entry = results.get("artifacts", {}).get(artifact_key(format_name, quant))
         if not entry or "decode_tok_s" not in entry:
             continue
-        rows.append([
-            f"{format_name} {quant}", entry["runtime"], f"{entry['export']['model_file_bytes'] / 1e6:.1f}",
-            f"{entry['perplexity']:.3f}" if entry.get("perplexity") else "-",
-            f"{entry['prefill_tok_s']:.0f}", f"{entry['decode_tok_s']:.1f}",
-            f"{entry['peak_rss_bytes'] / 1e6:.0f}", f"{entry['bytes_per_token'] / 1e6:.1f}",
-            f"{entry['bandwidth_fraction']:.2f}", "/".join(f"{v:.1f}" for v in entry["loadavg_after"]),
-        ])
-    return "\n".join([
-        "## Formats and runtimes (bench 3)",
-        "",
-        "Command: `.venv/bin/python -m bench.runtimes` (raw: `docs/benchmarks/runtimes.json`). Demo model, "
-        f"CPU, {setup.get('threads')} thread(s), context {CONTEXT}: prefill {CONTEXT - DECODE_TOKENS} tokens, "
-        f"decode {DECODE_TOKENS}; perplexity on {setup.get('score_tokens')} held-apart medical tokens "
-        "(PubMedQA contexts + MedQuAD answers). Peak RSS = VmHWM of the measuring child (includes Python and "
-        "the runtime's libraries). Bandwidth fraction = decode tok/s / (host bandwidth / bytes read per "
-        f"token), host bandwidth {setup.get('host_bandwidth_gb_s')} GB/s (numpy copy, read + written, "
-        "`toolkit.host_profile.measure_memory_bandwidth`); bytes per token = weight bytes (embedding table "
-        "that is only gathered from: one row; tied output head: in full) + KV cache read at the mean decode "
-        "position. Load average (1/5/15 min) after each measurement in the last column: timings on this "
-        "shared 2-core machine are inflated by other work.",
-        "",
-        markdown_table(["artifact", "runtime", "model MB", "perplexity", "prefill tok/s", "decode tok/s",
-                        "peak RSS MB", "MB read/token", "bandwidth fraction", "load avg"], rows),
-    ])
+        rows.append(
+            [
+                f"{format_name} {quant}",
+                entry["runtime"],
+                f"{entry['export']['model_file_bytes'] / 1e6:.1f}",
+                f"{entry['perplexity']:.3f}" if entry.get("perplexity") else "-",
+                f"{entry['prefill_tok_s']:.0f}",
+                f"{entry['decode_tok_s']:.1f}",
+                f"{entry['peak_rss_bytes'] / 1e6:.0f}",
+                f"{entry['bytes_per_token'] / 1e6:.1f}",
+                f"{entry['bandwidth_fraction']:.2f}",
+                "/".join(f"{v:.1f}" for v in entry["loadavg_after"]),
+            ]
+        )
+    return "\n".join(
+        [
+            "## Formats and runtimes (bench 3)",
+            "",
+            "Command: `.venv/bin/python -m bench.runtimes` (raw: `docs/benchmarks/runtimes.json`). Demo model, "
+            f"CPU, {setup.get('threads')} thread(s), context {CONTEXT}: prefill {CONTEXT - DECODE_TOKENS} tokens, "
+            f"decode {DECODE_TOKENS}; perplexity on {setup.get('score_tokens')} held-apart medical tokens "
+            "(PubMedQA contexts + MedQuAD answers). Peak RSS = VmHWM of the measuring child (includes Python and "
+            "the runtime's libraries). Bandwidth fraction = decode tok/s / (host bandwidth / bytes read per "
+            f"token), host bandwidth {setup.get('host_bandwidth_gb_s')} GB/s (numpy copy, read + written, "
+            "`toolkit.target.host.measure_memory_bandwidth`); bytes per token = weight bytes (embedding table "
+            "that is only gathered from: one row; tied output head: in full) + KV cache read at the mean decode "
+            "position. Load average (1/5/15 min) after each measurement in the last column: timings on this "
+            "shared 2-core machine are inflated by other work.",
+            "",
+            markdown_table(
+                [
+                    "artifact",
+                    "runtime",
+                    "model MB",
+                    "perplexity",
+                    "prefill tok/s",
+                    "decode tok/s",
+                    "peak RSS MB",
+                    "MB read/token",
+                    "bandwidth fraction",
+                    "load avg",
+                ],
+                rows,
+            ),
+        ]
+    )
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ Registry `EXPORTERS` maps a format name to a function with the common signature
     export(model_dir, quant, out_dir, *, imatrix=None, metadata=None, **options) -> ExportResult
 
 and `export(model_dir, format, quant, out_dir, ...)` dispatches on it. Adding a format is one module and
-one line here. Exporters take plain arguments and never import `toolkit/` (the pipeline depends on them).
+one line here. Exporters take plain arguments and import only `toolkit.core` (the pipeline depends on them).
 Heavy libraries (llama_cpp, optimum, onnxruntime) are imported inside the functions that use them.
 """
 
@@ -16,8 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from exporters.base import ExportError, ExportResult
-from exporters.gguf_exporter import GGUF_FTYPES, export_gguf
-from exporters.onnx_exporter import ONNX_SCHEMES, export_onnx
+from exporters.gguf_exporter import export_gguf
+from exporters.onnx_exporter import export_onnx
+from toolkit.core.formats import FORMATS
 
 Exporter = Callable[..., ExportResult]
 
@@ -26,11 +27,8 @@ EXPORTERS: dict[str, Exporter] = {
     "onnx": export_onnx,
 }
 
-# Scheme names per format (the same names as toolkit/schemes.py FORMATS).
-SCHEMES: dict[str, tuple[str, ...]] = {
-    "gguf": tuple(GGUF_FTYPES),
-    "onnx": tuple(ONNX_SCHEMES),
-}
+# Scheme names per format: the one table in toolkit/core/formats.py.
+SCHEMES = FORMATS
 
 
 def export(

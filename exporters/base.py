@@ -2,7 +2,7 @@
 
 An exporter turns one Hugging Face checkpoint folder into the files of one runtime (llama.cpp's GGUF,
 ONNX Runtime's ONNX) and returns an `ExportResult`. It takes plain arguments (paths, strings, dicts)
-and never imports `toolkit/`: the pipeline depends on exporters, not the other way round, so an
+and imports only `toolkit.core`: the pipeline depends on exporters, not the other way round, so an
 exporter can be run and tested on any folder.
 
 Problems with the user's input (a missing config, a truncated weight file, an unknown scheme, a
@@ -12,18 +12,20 @@ where there is one, the fix; the CLI prints it without a traceback.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import struct
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RECORD_NAME = "export.json"
+from toolkit.core.atomic import remove_tree, staging_dir, write_json_atomic
+from toolkit.core.errors import BedsideError
+from toolkit.core.records import EXPORT_RECORD
+
+__all__ = ["remove_tree", "staging_dir"]  # re-exported for the exporters
+
+RECORD_NAME = EXPORT_RECORD
 RECORD_SCHEMA_VERSION = 1
 
 # Files a tokenizer may consist of; at least one of the first three must exist for a text model.
@@ -41,7 +43,7 @@ TOKENIZER_FILES = (
 )
 
 
-class ExportError(RuntimeError):
+class ExportError(BedsideError):
     """An export that cannot be done as asked; the message is one line saying what and why."""
 
 
@@ -124,80 +126,6 @@ def check_safetensors_file(path: Path) -> None:
         raise ExportError(
             f"{path} is truncated or corrupted: {size} bytes on disk, the header describes {expected}"
         )
-
-
-def checkpoint_sha256(model_dir: str | os.PathLike[str]) -> str:
-    """A content hash of a checkpoint folder: sha256 over (relative path, sha256 of file) of every file.
-
-    Sorted by path, hidden files skipped, so the same weights, config and tokenizer give the same hash
-    wherever the folder lies. Reads every byte once (about 30 s for a 7B model in fp16).
-    """
-    folder = Path(model_dir)
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = path.relative_to(folder).as_posix()
-        if any(part.startswith(".") for part in relative.split("/")):
-            continue
-        digest.update(relative.encode() + b"\0" + file_sha256(path).encode() + b"\n")
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path, chunk_size: int = 1 << 22) -> str:
-    """Hex sha256 of one file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A scratch folder inside `out_dir` (same file system, so finished files move by rename); removed after."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".bedside-export-", dir=out_dir))
-    try:
-        yield scratch
-    finally:
-        remove_tree(scratch)
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a folder and everything in it (no error if it is already gone)."""
-    if not path.exists():
-        return
-    for child in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
-        if child.is_dir() and not child.is_symlink():
-            child.rmdir()
-        else:
-            child.unlink()
-    path.rmdir()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync, then rename over `path`.
-
-    The one atomic file write of the project: a reader sees the old file or the new one, never half of
-    one, and an interrupted write leaves no temporary behind. Mode 0644 like an ordinary write (mkstemp's
-    own 0600 would hide reports and bundle files from the people who install them).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fchmod(stream.fileno(), 0o644)
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Write `value` as indented JSON (with a final newline), atomically (write_text_atomic)."""
-    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
 
 
 def write_record(out_dir: Path, record: dict[str, Any]) -> Path:

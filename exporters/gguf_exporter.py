@@ -51,6 +51,7 @@ quantization 1-3 s, 5-10 s with an imatrix (reading and mapping it included).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -60,31 +61,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from exporters.base import (
-    ExportError,
-    ExportResult,
-    check_checkpoint,
-    checkpoint_sha256,
-    file_sha256,
-    normalise_metadata,
-    staging_dir,
-    write_record,
-)
+from exporters.base import ExportError, ExportResult, check_checkpoint, normalise_metadata, write_record
+from exporters.gguf_imatrix import read_imatrix, to_gguf_names
+from toolkit.core.atomic import staging_dir
+from toolkit.core.formats import GGUF_FTYPES
+from toolkit.core.hashing import checkpoint_sha256, file_sha256
 
 METADATA_SCHEMA_VERSION = 1
 METADATA_PREFIX = "bedside."
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# llama_ftype numbers (llama.h; llama_cpp.LLAMA_FTYPE_MOSTLY_*), largest file first.
-GGUF_FTYPES: dict[str, int] = {
-    "F16": 1,  # LLAMA_FTYPE_MOSTLY_F16
-    "Q8_0": 7,  # LLAMA_FTYPE_MOSTLY_Q8_0
-    "Q6_K": 18,  # LLAMA_FTYPE_MOSTLY_Q6_K
-    "Q5_K_M": 17,  # LLAMA_FTYPE_MOSTLY_Q5_K_M
-    "Q4_K_M": 15,  # LLAMA_FTYPE_MOSTLY_Q4_K_M
-    "Q4_0": 2,  # LLAMA_FTYPE_MOSTLY_Q4_0
-    "Q3_K_M": 12,  # LLAMA_FTYPE_MOSTLY_Q3_K_M
-}
 
 # Runs in the converter's child process: registers the bedside.* keys on gguf-py's writer, then runs
 # convert_hf_to_gguf.py exactly as its command line would.
@@ -117,7 +103,7 @@ def default_llama_cpp_dir() -> Path:
     """Where set-up keeps llama.cpp's converter for the installed llama-cpp-python.
 
     $BEDSIDE_LLAMA_CPP_DIR, else $BEDSIDE_CACHE (default ~/.cache/bedside)/llama.cpp-<llama_cpp version>,
-    the folder toolkit.paths.llama_cpp_source_dir() names.
+    the folder toolkit.core.paths.llama_cpp_source_dir() names.
     """
     if os.environ.get("BEDSIDE_LLAMA_CPP_DIR"):
         return Path(os.environ["BEDSIDE_LLAMA_CPP_DIR"])
@@ -242,11 +228,8 @@ def quantize_in_this_process(
 
     Returns {"seconds", "imatrix_entries"} or {"error": message} for problems found before calling C.
     """
-    import ctypes
 
     import llama_cpp
-
-    from exporters.gguf_imatrix import read_imatrix, to_gguf_names
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype

@@ -9,7 +9,7 @@ Pipeline:
      optimum's own fp16 export.
   3. int8 / int4: onnxruntime's `MatMulNBitsQuantizer` (RTN, QOperator: MatMul -> com.microsoft.MatMulNBits)
      on the fp32 graph, blocks along the input dimension, with zero points unless `symmetric`. Defaults
-     follow toolkit/format_types.py ONNX_SCHEMES (asymmetric; int8 block 32; int4 block 32 or 128).
+     follow toolkit/core/formats.py ONNX_SCHEMES (asymmetric; int8 block 32; int4 block 32 or 128).
      The lm_head and the embedding get 8 bits (LM_HEAD below).
      MatMulNBits nodes get accuracy_level 4 (ACCURACY_LEVEL below).
   4. Tokenizer files and chat template beside model.onnx; Bedside metadata in the model's
@@ -82,26 +82,30 @@ Imports of optimum/onnx/onnxruntime happen inside functions: `import exporters` 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from exporters.base import (
     TOKENIZER_FILES,
     ExportError,
     ExportResult,
     check_checkpoint,
-    checkpoint_sha256,
-    file_sha256,
     normalise_metadata,
-    staging_dir,
     write_record,
 )
+from toolkit.core.atomic import staging_dir
+from toolkit.core.formats import ONNX_SCHEMES, OnnxScheme
+from toolkit.core.hashing import checkpoint_sha256, file_sha256
 
 if TYPE_CHECKING:
     import onnx
@@ -114,29 +118,6 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 MAX_IR_VERSION = 10
 METADATA_PREFIX = "bedside."
 
-
-@dataclass(frozen=True)
-class OnnxScheme:
-    """How one ONNX scheme stores the decoder (mirrors toolkit/format_types.py ONNX_SCHEMES).
-
-    Attributes:
-        float_dtype: "fp32" or "fp16": the graph's float type (scales of MatMulNBits use it too).
-        bits: 4 or 8 for weight-only MatMulNBits, None for a float graph.
-        block_size: inputs per quantization block (along K).
-    """
-
-    float_dtype: str
-    bits: int | None = None
-    block_size: int | None = None
-
-
-ONNX_SCHEMES: dict[str, OnnxScheme] = {
-    "fp32": OnnxScheme("fp32"),
-    "fp16": OnnxScheme("fp16"),
-    "int8": OnnxScheme("fp32", bits=8, block_size=32),
-    "int4_b32": OnnxScheme("fp32", bits=4, block_size=32),
-    "int4_b128": OnnxScheme("fp32", bits=4, block_size=128),
-}
 
 # lm_head and embedding treatments for weight-only schemes (LM_HEAD in the module docstring).
 #   lm_head "int8": own weight (untied from the embedding if tied), MatMulNBits int8 block 32;
@@ -335,7 +316,6 @@ def untie_lm_head(model: onnx.ModelProto, head: onnx.NodeProto) -> bool:
     Returns True when it untied something (False: the head already reads a constant weight). The
     Transpose is removed when nothing else reads it; the embedding stays for the Gather.
     """
-    import numpy as np
     from onnx import numpy_helper
 
     graph = model.graph
@@ -442,7 +422,6 @@ def quantize_embedding_int8(model: onnx.ModelProto, *, block_size: int, symmetri
     (q - zero_point) * scale, with zero point 128 when none is given (symmetric), as MatMulNBits does.
     Returns False when no Gather reads a 2-D float initializer.
     """
-    import numpy as np
     from onnx import helper, numpy_helper
     from onnxruntime.capi._pybind_state import quantize_matmul_8bits
 
@@ -506,8 +485,6 @@ def _run_matmul_nbits(
     exclude: list[str],
     op_types: tuple[str, ...] = ("MatMul",),
 ) -> None:
-    import logging
-
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     quantizer_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
@@ -610,8 +587,6 @@ def copy_tokenizer_files(model_dir: Path, target: Path) -> list[str]:
 
 
 def _tool_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     versions = {}
     for package in (
         "optimum",

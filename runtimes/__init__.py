@@ -12,22 +12,11 @@ loads. It never imports `toolkit` (imports flow toolkit -> runtimes).
 from typing import Any
 
 from runtimes import llamacpp_runner, onnx_runner, torch_runner
-from runtimes.base import (
-    RUNNERS,
-    GenerationResult,
-    MeasureResult,
-    Runner,
-    RuntimeCrashError,
-    RuntimeLoadError,
-    ScoreResult,
-    artifact_format,
-    load_runner,
-    log_softmax,
-    runner_for_path,
-    runtime_for_path,
-)
 from runtimes.llamacpp_runner import LlamaCppRunner
 from runtimes.onnx_runner import OnnxRunner
+from runtimes.registry import RUNNERS, artifact_format, load_runner, runner_for_path, runtime_for_path
+from runtimes.results import GenerationResult, MeasureResult, RuntimeCrashError, RuntimeLoadError, ScoreResult
+from runtimes.runner import Runner, log_softmax
 from runtimes.torch_runner import TorchRunner
 
 __all__ = [

@@ -37,14 +37,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from runtimes.base import (
-    Message,
-    Runner,
-    RuntimeLoadError,
-    register_runner,
-    render_chat_template,
-    require_format,
-)
+from runtimes.registry import register_runner, require_format
+from runtimes.results import RuntimeLoadError
+from runtimes.runner import Message, Runner, render_chat_template
 
 GGUF_MAGIC = b"GGUF"
 # Byte sizes of GGUF metadata scalar types, by type id (8 = string, 9 = array are variable).

@@ -24,6 +24,7 @@ import dataclasses
 import faulthandler
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -36,15 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
-from runtimes.base import (
-    RUNNERS,
-    MeasureResult,
-    RuntimeCrashError,
-    RuntimeLoadError,
-    ScoreResult,
-    first_line,
-)
+from runtimes.registry import RUNNERS
+from runtimes.results import MeasureResult, RuntimeCrashError, RuntimeLoadError, ScoreResult
+from runtimes.runner import first_line
 
 # Imported before the baseline reading, so `baseline_rss_bytes` covers Python and the runtime's
 # libraries and `loaded_rss_bytes - baseline_rss_bytes` is what loading the model added.
@@ -90,8 +87,6 @@ class MeasureJob:
 
 
 def _current_rss() -> int:
-    import psutil
-
     return int(psutil.Process().memory_info().rss)
 
 
@@ -108,7 +103,6 @@ def _peak_rss() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import resource
 
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale

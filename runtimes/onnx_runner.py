@@ -20,6 +20,8 @@ holds the parsed protobuf and the initializers at once. Saved with external data
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import re
 from collections.abc import Sequence
@@ -28,15 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.base import (
-    Message,
-    Runner,
-    RuntimeLoadError,
-    first_line,
-    register_runner,
-    render_chat_template,
-    require_format,
-)
+from runtimes.registry import register_runner, require_format
+from runtimes.results import RuntimeLoadError
+from runtimes.runner import Message, Runner, first_line, render_chat_template
 
 _PAST_NAME = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
@@ -133,8 +129,6 @@ def release_freed_memory() -> None:
     539 MB demo export; after trimming it is a steady 704 MiB. A deployment can do the same, and
     the memory estimate can then be checked against a figure that does not depend on malloc luck.
     """
-    import ctypes
-    import ctypes.util
 
     name = ctypes.util.find_library("c")
     if not name:

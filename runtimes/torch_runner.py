@@ -14,15 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.base import (
-    Message,
-    Runner,
-    RuntimeLoadError,
-    first_line,
-    register_runner,
-    render_chat_template,
-    require_format,
-)
+from runtimes.registry import register_runner, require_format
+from runtimes.results import RuntimeLoadError
+from runtimes.runner import Message, Runner, first_line, render_chat_template
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 

@@ -42,7 +42,10 @@ def bpe_tokenizer():
         )
         backend.train_from_iterator(texts, trainer)
         tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>"
+            tokenizer_object=backend,
+            eos_token="<|im_end|>",
+            bos_token="<|im_start|>",
+            unk_token="<|endoftext|>",
         )
         tokenizer.chat_template = chat_template
         return tokenizer
@@ -53,8 +56,8 @@ def bpe_tokenizer():
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """The demo checkpoint folder (`--model demo`); skips the test when set-up has not built it."""
-    from toolkit import paths
-    from toolkit.demo_model import REQUIRED_FILES
+    from toolkit.core import paths
+    from toolkit.model.demo import REQUIRED_FILES
 
     folder = paths.demo_model_dir()
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
@@ -66,7 +69,7 @@ def demo_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_gguf_path() -> Path:
     """The original Q4_1 GGUF of the demo model; skips the test when set-up has not extracted it."""
-    from toolkit import paths
+    from toolkit.core import paths
 
     path = paths.demo_gguf_path()
     if not path.is_file():

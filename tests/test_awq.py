@@ -1,4 +1,4 @@
-"""AWQ (toolkit.quant.awq) and the RTN baseline (toolkit.quant.rtn).
+"""AWQ (toolkit.compress.quant.awq) and the RTN baseline (toolkit.compress.quant.rtn).
 
 Tiny random Llama models with outlier input channels (a few norm/embedding channels scaled up, as
 in real LLMs) so that activation-aware scaling matters; Q4_0 is the grid (block 32, symmetric: the
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit.architectures import ScaleGroup
-from toolkit.quant.awq import _fold, _scales, awq, search_grid_for
-from toolkit.quant.rtn import decoder_linears, fake_quantize_model, rtn
+from toolkit.compress.quant.awq import _fold, _scales, awq, search_grid_for
+from toolkit.compress.quant.rtn import decoder_linears, fake_quantize_model, rtn
+from toolkit.model.architectures import ScaleGroup
 
 SCHEME = "Q4_0"
 
@@ -195,7 +195,7 @@ def test_kquant_search_uses_stand_in_grid() -> None:
 
 def test_kquant_rows_not_a_multiple_of_256_fall_back_as_llama_cpp_does() -> None:
     """64-wide rows (like the demo model's 576): Q4_K -> Q5_0, Q6_K -> Q8_0 (tensor_type_fallback)."""
-    from toolkit.quant.grids import get_grid, grid_for_row
+    from toolkit.compress.quant.grids import get_grid, grid_for_row
 
     assert grid_for_row("Q4_K_M", 64).name == "Q5_0" and grid_for_row("Q4_K_M", 512).name == "Q4_K"
     assert grid_for_row("Q6_K", 576).name == "Q8_0" and grid_for_row("int4_b128", 64).name == "int4_b128"
@@ -214,9 +214,9 @@ def test_demo_model_awq_beats_rtn(demo_model_dir: Path) -> None:
     """Demo model, Q4_0, 16 x 256 radiology calibration tokens; KL on held-apart radiology blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from toolkit.core.errors import BedsideError
     from toolkit.data.blocks import make_blocks, split_calibration_eval
     from toolkit.data.sources import load_dataset_spec
-    from toolkit.errors import BedsideError
 
     try:
         documents = load_dataset_spec("radiology")

@@ -12,7 +12,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 def run_bedside(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "toolkit.cli", *args],
+        [sys.executable, "-m", "toolkit.cli.main", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -33,8 +33,23 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, *
 def test_help_lists_every_command():
     result = run_bedside("--help")
     assert result.returncode == 0
-    listed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("│ ") and len(line.split()) > 2}
-    expected = {"setup", "profiles", "inspect", "plan", "compress", "export", "eval", "run", "deploy", "verify"}
+    listed = {
+        line.split()[1]
+        for line in result.stdout.splitlines()
+        if line.startswith("│ ") and len(line.split()) > 2
+    }
+    expected = {
+        "setup",
+        "profiles",
+        "inspect",
+        "plan",
+        "compress",
+        "export",
+        "eval",
+        "run",
+        "deploy",
+        "verify",
+    }
     assert expected <= listed, sorted(expected - listed)
 
 
@@ -62,18 +77,23 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
 
 
 def test_plan_json_contract_and_exit_codes(tmp_path):
-    fits = run_bedside("plan", "--model", str(FIXTURES / "llava-1.5-7b"), "--profile", "rtx3050-4gb", "--json")
+    fits = run_bedside(
+        "plan", "--model", str(FIXTURES / "llava-1.5-7b"), "--profile", "rtx3050-4gb", "--json"
+    )
     assert fits.returncode == 0, fits.stderr
     plan = json.loads(fits.stdout)
     assert plan["fits"] is True
     memory = plan["chosen"]["memory"]
     assert memory["total_bytes"] == pytest.approx(
-        sum(memory[k] for k in ("weights_bytes", "kv_cache_bytes", "vision_bytes", "overhead_bytes")), rel=1e-9
+        sum(memory[k] for k in ("weights_bytes", "kv_cache_bytes", "vision_bytes", "overhead_bytes")),
+        rel=1e-9,
     )
     assert memory["total_bytes"] <= 4 * 1024**3
     tiny = tmp_path / "tiny.yaml"
     profile = (Path(__file__).parents[1] / "device_profiles" / "jetson4gb.yaml").read_text()
-    tiny.write_text(profile.replace("name: jetson4gb", "name: tiny").replace("      value: 4\n", "      value: 1.1\n", 1))
+    tiny.write_text(
+        profile.replace("name: jetson4gb", "name: tiny").replace("      value: 4\n", "      value: 1.1\n", 1)
+    )
     none = run_bedside("plan", "--model", str(FIXTURES / "llava-1.5-7b"), "--profile", str(tiny), "--json")
     assert none.returncode == 3, none.stderr
     assert json.loads(none.stdout)["fits"] is False
@@ -82,8 +102,15 @@ def test_plan_json_contract_and_exit_codes(tmp_path):
 
 def test_deploy_with_missing_data_is_one_line_exit_2(tmp_path):
     result = run_bedside(
-        "deploy", "--profile", "rtx3050-4gb", "--model", str(FIXTURES / "llama-2-7b"),
-        "--calib", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "d"),
+        "deploy",
+        "--profile",
+        "rtx3050-4gb",
+        "--model",
+        str(FIXTURES / "llama-2-7b"),
+        "--calib",
+        str(tmp_path / "missing.jsonl"),
+        "--out",
+        str(tmp_path / "d"),
     )
     assert_one_line_error(result, 2, "missing.jsonl")
     assert not (tmp_path / "d").exists()

@@ -21,7 +21,7 @@ NOTES = FIXTURES / "clinical_notes.txt"
 
 def run_bedside(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "toolkit.cli", *args],
+        [sys.executable, "-m", "toolkit.cli.main", *args],
         capture_output=True,
         text=True,
         env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},

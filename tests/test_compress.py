@@ -22,10 +22,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from toolkit.compress import CompressOptions, _prepare_data, compress, options_from_plan
-from toolkit.compress_stages import load_tokenizer, perplexity, weights_sha256
-from toolkit.errors import BedsideError
-from toolkit.plan_schema import Candidate, MemoryEstimate, Plan
+from toolkit.compress.pipeline import CompressOptions, _prepare_data, compress, options_from_plan
+from toolkit.compress.stages import load_tokenizer, perplexity
+from toolkit.core.errors import BedsideError
+from toolkit.core.hashing import weights_sha256
+from toolkit.plan.schema import Candidate, MemoryEstimate, Plan
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -174,10 +175,10 @@ def test_record_contract_keys_and_types(awq_run):
 
 def test_checkpoint_reloads_and_equals_the_pipeline_run_in_memory(awq_run, tiny):
     """Redo prune -> heal -> AWQ by hand on the same data: the saved checkpoint gives the same logits."""
-    from toolkit.heal import heal
-    from toolkit.prune import remove_layers, select_layers
-    from toolkit.quant.awq import awq
-    from toolkit.quant.rtn import fake_quantize_model
+    from toolkit.compress.heal import heal
+    from toolkit.compress.prune import remove_layers, select_layers
+    from toolkit.compress.quant.awq import awq
+    from toolkit.compress.quant.rtn import fake_quantize_model
 
     result, options = awq_run
     record = result.record
@@ -238,7 +239,7 @@ def test_rerun_resumes_every_stage_and_a_changed_option_recomputes_only_later_st
 
 
 def test_interrupted_stage_leaves_no_stage_folder_and_no_checkpoint(tiny, tmp_path, monkeypatch):
-    import toolkit.heal
+    import toolkit.compress.heal
 
     folder, corpus = tiny
     out = tmp_path / "out"
@@ -247,7 +248,7 @@ def test_interrupted_stage_leaves_no_stage_folder_and_no_checkpoint(tiny, tmp_pa
     def killed(*_args, **_kwargs):
         raise RuntimeError("killed during healing")
 
-    monkeypatch.setattr(toolkit.heal, "heal", killed)
+    monkeypatch.setattr(toolkit.compress.heal, "heal", killed)
     with pytest.raises(RuntimeError, match="killed during healing"):
         compress(folder, out, options, progress=False)
     names = sorted(path.name for path in (out / "stages").iterdir())
@@ -270,7 +271,7 @@ def test_interrupted_stage_leaves_no_stage_folder_and_no_checkpoint(tiny, tmp_pa
 
 
 def test_explicit_layers_without_heal_or_quant_equal_plain_surgery(tiny, tmp_path):
-    from toolkit.prune import remove_layers
+    from toolkit.compress.prune import remove_layers
 
     folder, corpus = tiny
     eval_file = tmp_path / "eval.txt"
@@ -334,7 +335,7 @@ def test_rss_sampler_sees_memory_held_inside_the_block():
 
     import psutil
 
-    from toolkit.compress_stages import RssSampler
+    from toolkit.compress.stages import RssSampler
 
     size = 64 * 1024**2
     before = psutil.Process().memory_info().rss
@@ -412,7 +413,7 @@ def test_bad_options_are_refused_before_any_work(tiny, tmp_path, options, needle
 def run_bedside(*args: str) -> subprocess.CompletedProcess[str]:
     """The `bedside` command in a real process (one torch thread: the machine is shared)."""
     return subprocess.run(
-        [sys.executable, "-m", "toolkit.cli", *args],
+        [sys.executable, "-m", "toolkit.cli.main", *args],
         capture_output=True,
         text=True,
         env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "OMP_NUM_THREADS": "1"},
@@ -421,8 +422,8 @@ def run_bedside(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def run_bedside_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """`toolkit.cli.main` as the entry point runs it, in this process: (exit code, stderr)."""
-    from toolkit.cli import main
+    """`toolkit.cli.main.main` as the entry point runs it, in this process: (exit code, stderr)."""
+    from toolkit.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["bedside", *args])
     code = 0
@@ -473,7 +474,7 @@ def test_cli_refusals_are_one_line_exit_2(tiny, tmp_path, monkeypatch, capsys, f
 
 
 def test_cli_follows_a_plan_file_and_a_profile_with_flags_overriding(tiny, tmp_path, monkeypatch, capsys):
-    from toolkit.cli_plan import write_plan
+    from toolkit.plan.schema import write_plan
 
     folder, corpus = tiny
     plan = plan_with(1, [0], quant="Q8_0").model_copy(update={"model": str(folder)})

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.core.errors import BedsideError
+from toolkit.core.paths import shared_data_dir
 from toolkit.data import (
     NAMED_SOURCES,
     RADIOLOGY_LICENSE,
@@ -28,8 +30,6 @@ from toolkit.data import (
     split_calibration_eval,
 )
 from toolkit.data.radiology import REPORTS_MEMBER, radiology_wheel_path
-from toolkit.errors import BedsideError
-from toolkit.paths import shared_data_dir
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 CHAT_TEMPLATE = (

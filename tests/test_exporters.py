@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from exporters import EXPORTERS, SCHEMES, ExportError, export
-from exporters.base import check_checkpoint, checkpoint_sha256
+from exporters.base import check_checkpoint
 from exporters.gguf_imatrix import constant_imatrix, read_imatrix, to_gguf_names, write_imatrix
+from toolkit.core.hashing import checkpoint_sha256
 
 # ------------------------------------------------------------------------------------------------
 # Shared helpers
@@ -110,7 +111,7 @@ def make_tiny_llama(folder: Path, *, layers: int = 3, remove: list[int] | None =
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     if remove:
-        from toolkit.prune.surgery import remove_layers
+        from toolkit.compress.prune.surgery import remove_layers
 
         remove_layers(model, remove)
     model.save_pretrained(folder)
@@ -177,7 +178,7 @@ def gguf_tensor_bytes(path: Path) -> dict[str, bytes]:
 
 
 def test_registry_matches_the_scheme_names_the_toolkit_uses():
-    from toolkit.schemes import FORMATS
+    from toolkit.core.formats import FORMATS
 
     assert set(EXPORTERS) == {"gguf", "onnx"}
     assert dict(SCHEMES) == {name: FORMATS[name] for name in ("gguf", "onnx")}
@@ -571,7 +572,7 @@ def test_demo_with_layers_removed_converts_and_runs(demo_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toolkit.prune.surgery import remove_layers
+    from toolkit.compress.prune.surgery import remove_layers
 
     pruned_dir = tmp_path / "pruned"
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)

@@ -8,10 +8,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from toolkit import cli_model
-from toolkit.architectures import ARCHITECTURES, MULTIMODAL, lora_target_pattern
-from toolkit.errors import BedsideError
-from toolkit.facts import ModelFacts, facts_from_config, read_facts
+from toolkit.cli import model as cli_model
+from toolkit.core.errors import BedsideError
+from toolkit.model.architectures import ARCHITECTURES, MULTIMODAL, lora_target_pattern
+from toolkit.model.facts import ModelFacts, facts_from_config, read_facts
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

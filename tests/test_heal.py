@@ -20,8 +20,7 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from toolkit.errors import BedsideError
-from toolkit.heal import (
+from toolkit.compress.heal import (
     FALLBACK_LORA_TARGETS,
     IGNORE_INDEX,
     HealRecord,
@@ -30,6 +29,7 @@ from toolkit.heal import (
     merge_lora,
     question_answer_training_blocks,
 )
+from toolkit.core.errors import BedsideError
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -243,7 +243,7 @@ def test_question_answer_blocks_label_only_the_answers(bpe_tokenizer):
 def remove_two_layers(model, layers: list[int]) -> None:
     """Prefer the pruning stage's surgery; fall back to doing it here for Llama-style models."""
     try:
-        from toolkit.prune.surgery import remove_layers
+        from toolkit.compress.prune.surgery import remove_layers
     except ImportError:
         remove_layers = None
     if remove_layers is not None:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.errors import BedsideError
-from toolkit.facts import ModelFacts, TensorSpec, read_facts
-from toolkit.format_types import (
+from toolkit.core.errors import BedsideError
+from toolkit.core.formats import FORMATS, KV_CACHE_DTYPES
+from toolkit.model.facts import ModelFacts, TensorSpec, read_facts
+from toolkit.model.ggml_types import GGML_TYPES, ggml_type
+from toolkit.model.storage_types import (
     GGUF_MIXES,
     ONNX_SCHEMES,
     gguf_tensor_types,
@@ -18,8 +20,7 @@ from toolkit.format_types import (
     use_more_bits,
     vision_weight_bytes,
 )
-from toolkit.ggml_types import GGML_TYPES, ggml_type
-from toolkit.memory import (
+from toolkit.plan.memory import (
     ORT_ARENA_KV_BASE,
     ORT_ARENA_KV_PER_DOUBLING,
     ORT_PREFILL_CHUNK,
@@ -34,10 +35,9 @@ from toolkit.memory import (
     onnxruntime_compute_regions,
     text_weights,
 )
-from toolkit.plan_schema import Candidate, Plan
-from toolkit.profiles import Compute, Figure, load_profile
-from toolkit.quality_priors import QUANT_PRIOR_PCT
-from toolkit.schemes import FORMATS, KV_CACHE_DTYPES
+from toolkit.plan.quality_priors import QUANT_PRIOR_PCT
+from toolkit.plan.schema import Candidate, Plan
+from toolkit.target.profiles import Compute, Figure, load_profile
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MIB = 1024**2
@@ -532,7 +532,9 @@ def test_llama_cpp_repacks_q4_0_and_q4_k_on_avx2(smollm):
 
     profile = load_profile("workstation-cpu-16gb")
     deployment = Deployment("gguf", "Q4_0", context=512)
-    read = estimate_memory(smollm, deployment, profile)  # the runner's default: repacked files are read, not mapped
+    read = estimate_memory(
+        smollm, deployment, profile
+    )  # the runner's default: repacked files are read, not mapped
     assert "runtime.repacked_weights" not in read.detail and read.detail["param.mmap"] == 0
     mapped = estimate_memory(smollm, deployment, profile, RuntimeSettings(mmap=True))
     assert mapped.detail["runtime.repacked_weights"] == sum(t.nbytes for t in repacked)

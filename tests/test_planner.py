@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from toolkit.errors import BedsideError
-from toolkit.facts import ModelFacts, read_facts
-from toolkit.memory import GIB
-from toolkit.plan_schema import Plan
-from toolkit.planner import make_plan
-from toolkit.profiles import Figure, load_profile
-from toolkit.quality_priors import (
+from toolkit.core.errors import BedsideError
+from toolkit.core.units import GIB
+from toolkit.model.facts import ModelFacts, read_facts
+from toolkit.plan.planner import make_plan
+from toolkit.plan.quality_priors import (
     QUANT_PRIOR_PCT,
     Sensitivities,
     depth_prior_pct,
@@ -20,6 +18,8 @@ from toolkit.quality_priors import (
     predict_quality,
     predict_quality_loss,
 )
+from toolkit.plan.schema import Plan
+from toolkit.target.profiles import Figure, load_profile
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LLAVA = FIXTURES / "llava-1.5-7b"
@@ -211,7 +211,7 @@ def test_sensitivities_file_round_trip_and_errors(tmp_path, llava):
 
 
 def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from toolkit import cli
+    from toolkit.cli import main as cli
 
     monkeypatch.setattr(sys, "argv", ["bedside", "plan", *args])
     try:

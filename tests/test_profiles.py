@@ -13,12 +13,13 @@ import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from toolkit.cli_profiles import register
-from toolkit.errors import BedsideError
-from toolkit.host_profile import build_host_profile, detect_cpu, detect_host_profile, detect_nvidia_gpu
-from toolkit.paths import PROFILES_DIR
-from toolkit.profiles import (
-    GIB,
+from toolkit.cli.profiles import register
+from toolkit.core.errors import BedsideError
+from toolkit.core.formats import FORMATS, KV_CACHE_DTYPES, RUNTIMES
+from toolkit.core.paths import PROFILES_DIR
+from toolkit.core.units import GIB
+from toolkit.target.host import build_host_profile, detect_cpu, detect_host_profile, detect_nvidia_gpu
+from toolkit.target.profiles import (
     HOST_PROFILE_NAME,
     DeviceProfile,
     Figure,
@@ -29,7 +30,6 @@ from toolkit.profiles import (
     profile_from_mapping,
     profile_to_yaml,
 )
-from toolkit.schemes import FORMATS, KV_CACHE_DTYPES, RUNTIMES
 
 SHIPPED = [name for name in list_profiles() if name != HOST_PROFILE_NAME]
 

@@ -36,8 +36,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from toolkit.errors import BedsideError
-from toolkit.prune import (
+from toolkit.compress.prune import (
     SELECTION_METHODS,
     LayerSelection,
     find_decoder_stack,
@@ -46,6 +45,7 @@ from toolkit.prune import (
     select_layers,
     skip_layers,
 )
+from toolkit.core.errors import BedsideError
 
 NUM_LAYERS = 4
 VOCAB = 256
@@ -315,7 +315,7 @@ def test_activation_limits_calibration(models):
 
 
 class RoundingGrid:
-    """A stand-in quantizer: round every weight to a multiple of `step` (no toolkit.quant needed)."""
+    """A stand-in quantizer: round every weight to a multiple of `step` (no toolkit.compress.quant needed)."""
 
     name = "round-0.05"
 
@@ -345,7 +345,7 @@ def test_activation_quantizes_once_and_restores_weights(models):
 
 
 def test_activation_with_a_real_grid_uses_llama_cpp_fallback(models):
-    pytest.importorskip("toolkit.quant.grids")
+    pytest.importorskip("toolkit.compress.quant.grids")
     selection = select_layers("activation", models["llama"], calibration_ids(), 1, quant_scheme="Q4_K_M")
     # rows of 64 and 128 are not multiples of Q4_K's 256: llama.cpp stores them as Q5_0
     assert selection.details["quant"]["grids"] == {"Q5_0": 7 * NUM_LAYERS}
@@ -513,7 +513,7 @@ def test_a_new_method_is_one_decorated_function(models):
 
 def _medical_token_blocks(tokenizer, n_blocks: int, length: int) -> torch.Tensor:
     """Consecutive blocks of PubMedQA contexts (shared data) or skip when that data is absent."""
-    from toolkit import paths
+    from toolkit.core import paths
 
     data = paths.shared_data_dir()
     source = data / "pubmedqa" / "dev.jsonl" if data is not None else None

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit.errors import BedsideError
-from toolkit.format_types import ONNX_SCHEMES, tensor_types
-from toolkit.quant import GRIDS, BlockShapeError, get_grid
-from toolkit.quant.onnx_blockwise import onnx_grid
-from toolkit.schemes import all_schemes
+from toolkit.compress.quant import GRIDS, BlockShapeError, get_grid
+from toolkit.compress.quant.onnx_blockwise import onnx_grid
+from toolkit.core.errors import BedsideError
+from toolkit.core.formats import all_schemes
+from toolkit.model.storage_types import ONNX_SCHEMES, tensor_types
 
 gguf = pytest.importorskip("gguf")
 
@@ -323,8 +323,8 @@ def test_onnx_grid_with_float16_scales_matches_a_float16_graph(symmetric):
 
 @pytest.mark.parametrize("model", ["smollm2-135m", "llama-2-7b"])
 def test_every_stored_tensor_type_has_a_grid_that_accepts_its_shape(model):
-    from toolkit.facts import read_facts
-    from toolkit.schemes import FORMATS
+    from toolkit.core.formats import FORMATS
+    from toolkit.model.facts import read_facts
 
     facts = read_facts(Path(__file__).parent / "fixtures" / model)
     for format_name, schemes in FORMATS.items():

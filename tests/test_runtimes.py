@@ -27,9 +27,9 @@ from runtimes import (
     runner_for_path,
     runtime_for_path,
 )
-from runtimes.base import render_chat_template, sample_token
 from runtimes.llamacpp_runner import build_has_amx, default_mmap, read_gguf_header
 from runtimes.measure import MeasureJob, measure_in_child
+from runtimes.runner import render_chat_template, sample_token
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -16,11 +16,11 @@ from types import SimpleNamespace
 import pytest
 
 from toolkit.deploy.bundle import make_bundle
-from toolkit.deploy.validate import Check
 from toolkit.deploy.verify import hash_checks, read_manifest, verify_bundle
-from toolkit.facts import facts_from_config
-from toolkit.planner import make_plan
-from toolkit.profiles import load_profile
+from toolkit.model.facts import facts_from_config
+from toolkit.plan.planner import make_plan
+from toolkit.target.profiles import load_profile
+from toolkit.validate.checks import Check
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_PROFILE = FIXTURES / "profiles" / "tiny-cpu.yaml"
@@ -39,8 +39,14 @@ def one_thread():
 
 def run_bedside(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +62,11 @@ def bundle(tmp_path_factory, demo_model_dir, demo_gguf_path) -> Path:
     (export_dir / "export.json").write_text(json.dumps({"format": "gguf", "file": "model-Q4_1.gguf"}))
     for name in ("report.json", "report.html"):
         (out / name).write_text("{}" if name.endswith("json") else "<html></html>")
-    record = {"layers_removed": [], "calibration": {"sha256": "c" * 64, "documents": 3, "tokens": 100},
-              "eval": {"sha256": "e" * 64, "documents": 1, "tokens": 50}}
+    record = {
+        "layers_removed": [],
+        "calibration": {"sha256": "c" * 64, "documents": 3, "tokens": 100},
+        "eval": {"sha256": "e" * 64, "documents": 1, "tokens": 50},
+    }
     context = {
         "profile": profile,
         "options": SimpleNamespace(model="demo"),
@@ -68,7 +77,9 @@ def bundle(tmp_path_factory, demo_model_dir, demo_gguf_path) -> Path:
             "export_dir": export_dir,
             "artifact": export_dir / "model-Q4_1.gguf",
             "compressed": SimpleNamespace(checkpoint=demo_model_dir, record=record),
-            "checks": [Check("peak_memory_bytes", True, 170.0 * 2**20, float(plan.budget_bytes), "<=", "bytes")],
+            "checks": [
+                Check("peak_memory_bytes", True, 170.0 * 2**20, float(plan.budget_bytes), "<=", "bytes")
+            ],
         },
     }
     make_bundle(out, "bundle-tiny-cpu", context, out / "report.json", out / "report.html")
@@ -80,7 +91,7 @@ def roomy_profile(tmp_path: Path) -> Path:
     path = tmp_path / "roomy.yaml"
     text = TINY_PROFILE.read_text()
     capacity = text.index("capacity_gib:\n      value: ") + len("capacity_gib:\n      value: ")
-    text = text[:capacity] + "1.0" + text[text.index("\n", capacity):]
+    text = text[:capacity] + "1.0" + text[text.index("\n", capacity) :]
     path.write_text(text.replace("name: tiny-cpu", "name: roomy"))
     return path
 
@@ -100,7 +111,11 @@ def test_manifest_lists_every_file_with_sha256_and_no_data(bundle):
     assert manifest["data"]["calibration"] == {"sha256": "c" * 64, "documents": 3, "tokens": 100}
     assert manifest["versions"]["bedside"] and "llama_cpp_python" in manifest["versions"]
     runtime = json.loads((folder / "runtime.json").read_text())
-    assert runtime["model"] == "model/model-Q4_1.gguf" and runtime["context"] == 256 and runtime["gpu_layers"] == 0
+    assert (
+        runtime["model"] == "model/model-Q4_1.gguf"
+        and runtime["context"] == 256
+        and runtime["gpu_layers"] == 0
+    )
     assert runtime["mmap"] is False  # the plan's Q4_0 is repacked on this CPU: read, not mapped
     readme = (folder / "README.md").read_text()
     assert "bedside verify bundle-tiny-cpu.tar.gz" in readme and "--no-mmap" in readme
@@ -108,8 +123,14 @@ def test_manifest_lists_every_file_with_sha256_and_no_data(bundle):
 
 
 def test_verify_archive_passes_every_check(bundle, tmp_path):
-    result = run_bedside("verify", str(bundle / "bundle-tiny-cpu.tar.gz"), "--profile", str(roomy_profile(tmp_path)),
-                         "--threads", "1")
+    result = run_bedside(
+        "verify",
+        str(bundle / "bundle-tiny-cpu.tar.gz"),
+        "--profile",
+        str(roomy_profile(tmp_path)),
+        "--threads",
+        "1",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("sha256 model/model-Q4_1.gguf", "load", "smoke prompt", "peak memory"):
         assert f"PASS {name}" in result.stdout
@@ -162,7 +183,9 @@ def test_bad_input_exit_2(bundle, tmp_path):
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     truncated = run_bedside("verify", str(cut))
-    assert truncated.returncode == 2 and "cut.tar.gz" in truncated.stderr and "Traceback" not in truncated.stderr
+    assert (
+        truncated.returncode == 2 and "cut.tar.gz" in truncated.stderr and "Traceback" not in truncated.stderr
+    )
     profile = run_bedside("verify", str(bundle / "bundle-tiny-cpu"), "--profile", "no-such-device")
     assert profile.returncode == 2 and "no-such-device" in profile.stderr
 

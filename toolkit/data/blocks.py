@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from toolkit import SCHEMA_VERSION
+from toolkit.core.errors import BedsideError
+from toolkit.core.hashing import token_ids_sha256
+from toolkit.core.records import SCHEMA_VERSION
 from toolkit.data.documents import NORMALISATION, Document, data_sha256
 from toolkit.data.sources import NAMED_SOURCES
-from toolkit.errors import BedsideError
 
 if TYPE_CHECKING:
     import torch
@@ -72,9 +73,6 @@ class TokenBlocks:
 
     def to_dict(self) -> dict[str, Any]:
         """Counts and a hash of the token ids for records (no text, no ids)."""
-        import hashlib
-
-        digest = hashlib.sha256(self.input_ids.to("cpu").contiguous().numpy().astype("<i8").tobytes())
         return {
             "n_blocks": self.n_blocks,
             "requested_blocks": self.requested_blocks,
@@ -83,7 +81,7 @@ class TokenBlocks:
             "seed": self.seed,
             "documents_used": self.documents_used,
             "tokens_read": self.tokens_read,
-            "input_ids_sha256": digest.hexdigest(),
+            "input_ids_sha256": token_ids_sha256(self.input_ids.cpu()),
         }
 
 

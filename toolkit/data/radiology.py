@@ -20,10 +20,10 @@ import zipfile
 from pathlib import Path
 from xml.etree import ElementTree
 
-from exporters.base import write_text_atomic
+from toolkit.core.atomic import write_text_atomic
+from toolkit.core.errors import BedsideError
+from toolkit.core.paths import XRV_WHEEL, cache_dir, downloads_dir
 from toolkit.data.documents import Document
-from toolkit.errors import BedsideError
-from toolkit.paths import XRV_WHEEL, cache_dir, downloads_dir
 
 RADIOLOGY_LICENSE = "CC BY-NC-ND 4.0"
 RADIOLOGY_LICENSE_URL = "https://creativecommons.org/licenses/by-nc-nd/4.0/"

@@ -20,6 +20,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from toolkit.core.errors import BedsideError
+from toolkit.core.paths import shared_data_dir
+from toolkit.core.records import DEFAULT_DATA
 from toolkit.data.documents import YES_NO_MAYBE, Document, question_answer_document
 from toolkit.data.radiology import (
     RADIOLOGY_CITATION,
@@ -27,8 +30,6 @@ from toolkit.data.radiology import (
     RADIOLOGY_SOURCE,
     load_radiology_reports,
 )
-from toolkit.errors import BedsideError
-from toolkit.paths import shared_data_dir
 
 TEXT_SUFFIXES = {".txt", ".text", ".md"}
 JSON_SUFFIXES = {".jsonl", ".ndjson", ".json"}
@@ -394,7 +395,7 @@ def _named_sources() -> dict[str, NamedSource]:
 
 
 NAMED_SOURCES: dict[str, NamedSource] = _named_sources()
-DEFAULT_SOURCE = "radiology"
+DEFAULT_SOURCE = DEFAULT_DATA
 
 
 def load_dataset_spec(spec: str | Path, text_field: str = "text") -> list[Document]:

@@ -6,6 +6,6 @@ Modules: `pipeline` (orchestration, resume, re-plan loop), `preflight` (bad inpu
 """
 
 from toolkit.deploy.pipeline import DeployOptions, DeployResult, run_deploy
-from toolkit.deploy.validate import Check
+from toolkit.validate.checks import Check
 
 __all__ = ["Check", "DeployOptions", "DeployResult", "run_deploy"]

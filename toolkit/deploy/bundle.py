@@ -30,9 +30,11 @@ from typing import Any
 
 from rich.console import Console
 
-from exporters.base import TOKENIZER_FILES, file_sha256, write_json_atomic
-from toolkit import SCHEMA_VERSION, __version__
-from toolkit.compress_stages import building_folder
+from exporters.base import TOKENIZER_FILES
+from toolkit import __version__
+from toolkit.core.atomic import building_folder, write_json_atomic
+from toolkit.core.hashing import file_sha256
+from toolkit.core.records import SCHEMA_VERSION
 
 MANIFEST = "manifest.json"
 RUNTIME_CONFIG = "runtime.json"
@@ -106,16 +108,16 @@ def _readme(context: dict[str, Any], runtime: dict[str, Any], name: str) -> str:
     no_mmap = "--no-mmap " if runtime.get("mmap") is False else ""
     return f"""# {name}: a compressed language model for {profile.name}
 
-Produced by Bedside {__version__} from model `{context['options'].model}` for the device profile
+Produced by Bedside {__version__} from model `{context["options"].model}` for the device profile
 `{profile.name}` ({profile.description}).
 
 ## What is inside
 
 | path | what |
 | --- | --- |
-| `{runtime['model']}` | the model ({candidate.format} {candidate.quant}, {candidate.layers_removed} decoder layers removed) |
+| `{runtime["model"]}` | the model ({candidate.format} {candidate.quant}, {candidate.layers_removed} decoder layers removed) |
 | `tokenizer/` | tokenizer and chat template (the GGUF carries its own copy) |
-| `{RUNTIME_CONFIG}` | runtime settings: context {runtime['context']} tokens, threads, GPU layers |
+| `{RUNTIME_CONFIG}` | runtime settings: context {runtime["context"]} tokens, threads, GPU layers |
 | `report.html`, `report.json` | the validation report: every check with its number and threshold |
 | `{MANIFEST}` | sha256 of every file, the profile, the plan, library versions, data hashes |
 
@@ -129,7 +131,7 @@ bedside verify {name}.tar.gz --profile {profile.name}
 
 It checks every file's sha256 against `{MANIFEST}`, loads the model on the local runtime
 ({candidate.runtime}), runs a short prompt, and measures peak memory with the KV cache filled to
-{runtime['context']} tokens against the profile's budget. Exit code 0 = all checks pass, 1 = a check
+{runtime["context"]} tokens against the profile's budget. Exit code 0 = all checks pass, 1 = a check
 failed (the output names it), 2 = the bundle or profile could not be read.
 
 ## 2. Run it
@@ -137,12 +139,12 @@ failed (the output names it), 2 = the bundle or profile could not be read.
 With llama.cpp (`llama-server` or `llama-cli` of a recent release):
 
 ```bash
-llama-server -m {runtime['model']} -c {runtime['context']} {threads}{gpu}{no_mmap}--port 8080
+llama-server -m {runtime["model"]} -c {runtime["context"]} {threads}{gpu}{no_mmap}--port 8080
 ```
 {_mmap_note(runtime)}
-Memory: measured peak {_mib(context['final']['checks'], 'peak_memory_bytes')} on the validation host,
-budget {profile.name}: {context['first_plan'].budget_bytes / 2**20:.0f} MiB. Keep the context at
-{runtime['context']} tokens or below; a longer context needs more memory than was validated.
+Memory: measured peak {_mib(context["final"]["checks"], "peak_memory_bytes")} on the validation host,
+budget {profile.name}: {context["first_plan"].budget_bytes / 2**20:.0f} MiB. Keep the context at
+{runtime["context"]} tokens or below; a longer context needs more memory than was validated.
 
 ## Checks at build time
 

@@ -5,20 +5,21 @@ to a report that says why nothing passed.
 
 Layout of `--out DIR`:
     DIR/plan.json                     the first plan
-    DIR/work/compress/                toolkit.compress output and its stage cache (resumes itself)
+    DIR/work/compress/                toolkit.compress.pipeline output and its stage cache (resumes itself)
     DIR/work/exports/<fmt>-<quant>-<hash12>/   one finished export per input hash (renamed in when complete)
     DIR/work/validate/<hash12>.json   one evaluation per (artifact, reference, data, context, tokens)
     DIR/report.json, DIR/report.html  written atomically at the end, pass or fail
     DIR/bundle-<profile>/ and DIR/bundle-<profile>.tar.gz   only when every blocking check passed
 
 Re-plan loop (at most `max_attempts`): validate the chosen candidate; when a blocking check fails
-(quality floor, memory budget), fold the measurements into `toolkit.deploy.replan.Corrections`
+(quality floor, memory budget), fold the measurements into `toolkit.validate.replan.Corrections`
 and try the next candidate they allow. Export and validation hashes cover everything they read, so
 a re-run after an interruption reuses every finished stage and says so in the report (`resumed`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,9 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from exporters.base import file_sha256, write_json_atomic
-from runtimes.base import RuntimeLoadError
-from toolkit.compress_stages import building_folder, remove_stale_temporaries, sha256_json
+import exporters
+from runtimes.results import RuntimeLoadError
+from toolkit.compress.pipeline import compress, options_from_plan
+from toolkit.core.atomic import building_folder, remove_stale_temporaries, write_json_atomic
+from toolkit.core.errors import BedsideError, NothingFitsError
+from toolkit.core.hashing import file_sha256, sha256_json, weights_sha256
+from toolkit.core.records import DEFAULT_DATA, EVAL_FRACTION, EXPORT_RECORD, PLAN_RECORD
+from toolkit.data import data_sha256, split_calibration_eval
+from toolkit.deploy.bundle import make_bundle, remove_bundle
 from toolkit.deploy.preflight import (
     check_data,
     check_disk,
@@ -38,8 +45,11 @@ from toolkit.deploy.preflight import (
     check_threads,
     check_writable,
 )
-from toolkit.deploy.replan import Corrections, next_candidate, with_chosen
-from toolkit.deploy.validate import (
+from toolkit.deploy.report import print_summary, write_reports
+from toolkit.plan.planner import make_plan
+from toolkit.plan.schema import Candidate, Plan, write_plan
+from toolkit.target.profiles import load_profile
+from toolkit.validate.checks import (
     Check,
     blocking_failures,
     build_checks,
@@ -47,14 +57,12 @@ from toolkit.deploy.validate import (
     measured_memory_bytes,
     perplexity_increase_pct,
 )
-from toolkit.errors import BedsideError, NothingFitsError
-from toolkit.plan_schema import Candidate, Plan
+from toolkit.validate.evaluate import evaluate
+from toolkit.validate.replan import Corrections, next_candidate, with_chosen
 
 if TYPE_CHECKING:
-    from toolkit.compress import CompressResult
+    from toolkit.compress.pipeline import CompressResult
 
-DEFAULT_DATA = "radiology"
-EVAL_FRACTION = 0.1  # the share compress holds apart when no --eval data is given (same split, same seed)
 STAGE_NAMES = ("plan", "compress", "export", "validate", "bundle")
 
 
@@ -109,7 +117,6 @@ def _check_options(options: DeployOptions) -> None:
 def _eval_documents(options: DeployOptions, calib_docs: list[Any]) -> list[Any]:
     """The held-apart documents validation scores: --eval minus anything in the calibration data, else
     the same split compress holds apart (same fraction and seed, so no calibration document is scored)."""
-    from toolkit.data import split_calibration_eval
 
     source = options.calib or DEFAULT_DATA
     if options.eval_data is None:
@@ -143,11 +150,7 @@ class _Stages:
         self.console.print(f"  {name}: {note} in {seconds:.1f} s")
 
 
-def _compress(
-    options: DeployOptions, model_arg: str, plan: Plan, work: Path
-) -> tuple[CompressResult, bool]:
-    from toolkit.compress import compress, options_from_plan
-
+def _compress(options: DeployOptions, model_arg: str, plan: Plan, work: Path) -> tuple[CompressResult, bool]:
     compress_options = options_from_plan(
         plan,
         calib=options.calib,
@@ -167,10 +170,10 @@ def _compress(
     return result, resumed
 
 
-def _export(compressed: CompressResult, candidate: Candidate, plan: Plan, work: Path) -> tuple[Path, dict[str, Any], bool]:
+def _export(
+    compressed: CompressResult, candidate: Candidate, plan: Plan, work: Path
+) -> tuple[Path, dict[str, Any], bool]:
     """Export the compressed checkpoint (cached by input hash); returns (folder, export record, resumed)."""
-    import exporters
-    from toolkit.compress_stages import weights_sha256
 
     record = compressed.record
     imatrix = compressed.imatrix
@@ -182,7 +185,7 @@ def _export(compressed: CompressResult, candidate: Candidate, plan: Plan, work: 
         "layers_removed": record.get("layers_removed"),
     }
     folder = work / "exports" / f"{candidate.format}-{candidate.quant}-{sha256_json(inputs)[:12]}"
-    record_file = folder / "export.json"
+    record_file = folder / EXPORT_RECORD
     if record_file.is_file():
         import json
 
@@ -194,11 +197,16 @@ def _export(compressed: CompressResult, candidate: Candidate, plan: Plan, work: 
     }
     with building_folder(folder) as building:
         result = exporters.export(
-            compressed.checkpoint, candidate.format, candidate.quant, building, imatrix=imatrix, metadata=metadata
+            compressed.checkpoint,
+            candidate.format,
+            candidate.quant,
+            building,
+            imatrix=imatrix,
+            metadata=metadata,
         )
         export_record = result.record
         export_record["model_file"] = result.model_file.name
-        write_json_atomic(building / "export.json", export_record)
+        write_json_atomic(building / EXPORT_RECORD, export_record)
     return folder, export_record, False
 
 
@@ -224,9 +232,6 @@ def _validate(
     work: Path,
 ) -> tuple[dict[str, Any], bool]:
     """Evaluate the artifact against the reference on the held-apart data (cached by input hash)."""
-    import json
-
-    from toolkit.data import data_sha256
 
     seq_len = min(512, plan.context_length)
     inputs = {
@@ -242,7 +247,6 @@ def _validate(
     path = work / "validate" / f"{sha256_json(inputs)[:12]}.json"
     if path.is_file():
         return json.loads(path.read_text(encoding="utf-8")), True
-    from toolkit.evaluate import evaluate
 
     evaluation = evaluate(
         artifact,
@@ -271,9 +275,6 @@ def _reference_evaluation(
     work: Path,
 ) -> dict[str, Any]:
     """The uncompressed model scored alone on the same tokens (its perplexity and accuracy), cached."""
-    import json
-
-    from toolkit.evaluate import evaluate
 
     key = {k: inputs[k] for k in ("reference", "data", "max_tokens", "seq_len", "threads")}
     path = work / "validate" / f"reference-{sha256_json(key)[:12]}.json"
@@ -294,11 +295,6 @@ def _reference_evaluation(
 
 def run_deploy(options: DeployOptions, console: Console | None = None) -> DeployResult:
     """Run the whole job (see the module docstring); BedsideError for bad input, NothingFitsError when nothing fits."""
-    from toolkit.cli_plan import write_plan
-    from toolkit.deploy.bundle import make_bundle, remove_bundle
-    from toolkit.deploy.report import print_summary, write_reports
-    from toolkit.planner import make_plan
-    from toolkit.profiles import load_profile
 
     console = console or Console(stderr=True)
     started = time.perf_counter()
@@ -321,7 +317,7 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
     plan = make_plan(facts, profile, str(options.model))
     if not plan.fits or plan.chosen is None:
         raise NothingFitsError(plan.reason)
-    write_plan(plan, out / "plan.json")
+    write_plan(plan, out / PLAN_RECORD)
     first_plan = plan
     stages.done("plan", begin, False, chosen=plan.reason)
 
@@ -346,10 +342,20 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
         begin = stages.start("validate", attempt, f"{candidate.runtime}, context {plan.context_length}")
         try:
             evaluation, resumed = _validate(
-                options, artifact, export_record, candidate, plan, source_dir, compressed.source_sha256, eval_docs, work
+                options,
+                artifact,
+                export_record,
+                candidate,
+                plan,
+                source_dir,
+                compressed.source_sha256,
+                eval_docs,
+                work,
             )
             checks = build_checks(evaluation, profile, candidate, plan.budget_bytes)
-        except RuntimeLoadError as error:  # the runtime crashed or refused the export: a failed check, not bad input
+        except (
+            RuntimeLoadError
+        ) as error:  # the runtime crashed or refused the export: a failed check, not bad input
             evaluation, resumed = {"error": str(error)}, False
             checks = [Check("runtime_runs", False, None, None, "", detail=str(error))]
         stages.done("validate", begin, resumed)
@@ -422,7 +428,11 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
     }
     if passed:
         begin = stages.start("bundle", len(attempts), str(bundle_dir))
-        stages.records["bundle"] = {"resumed": False, "folder": bundle_name, "tarball": f"{bundle_name}.tar.gz"}
+        stages.records["bundle"] = {
+            "resumed": False,
+            "folder": bundle_name,
+            "tarball": f"{bundle_name}.tar.gz",
+        }
         report, report_json, report_html = write_reports(out, context, seconds=time.perf_counter() - started)
         make_bundle(out, bundle_name, context, report_json, report_html, console=console)
         stages.done("bundle", begin, False, folder=bundle_name, tarball=f"{bundle_name}.tar.gz")

@@ -19,7 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import BedsideError
+from toolkit.core.atomic import building_folder
+from toolkit.core.errors import BedsideError
+from toolkit.core.units import GIB
+from toolkit.data import load_dataset_spec
+from toolkit.model.facts import read_facts
+from toolkit.model.source import resolve_model_dir
 
 STAGE_COPIES = 4
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -30,9 +35,13 @@ def refuse_remote_code(model_dir: Path) -> None:
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise BedsideError(f"{model_dir / 'config.json'} is not valid JSON ({error}): pass a Hugging Face checkpoint") from None
+        raise BedsideError(
+            f"{model_dir / 'config.json'} is not valid JSON ({error}): pass a Hugging Face checkpoint"
+        ) from None
     if not isinstance(config, dict):
-        raise BedsideError(f"{model_dir / 'config.json'} is not a JSON object: pass a Hugging Face checkpoint")
+        raise BedsideError(
+            f"{model_dir / 'config.json'} is not a JSON object: pass a Hugging Face checkpoint"
+        )
     if config.get("auto_map"):
         raise BedsideError(
             f"model '{model_dir}' needs custom code (config.json auto_map): Bedside never runs remote code; "
@@ -49,7 +58,6 @@ def pickle_weights(model_dir: Path) -> list[Path]:
 
 def convert_pickle_checkpoint(model_dir: Path, work: Path) -> Path:
     """Load a pickle checkpoint (only with --allow-pickle) and save it as safetensors under `work`."""
-    from toolkit.compress_stages import building_folder
 
     target = work / "source-safetensors"
     if any(target.glob("*.safetensors")):
@@ -66,8 +74,6 @@ def convert_pickle_checkpoint(model_dir: Path, work: Path) -> Path:
 
 def check_model_config(model: str) -> tuple[Path, Any]:
     """Resolve `model` and read its facts from config.json; refuse remote code and unsupported architectures."""
-    from toolkit.facts import read_facts
-    from toolkit.model_source import resolve_model_dir
 
     folder = resolve_model_dir(model)
     refuse_remote_code(folder)
@@ -86,13 +92,14 @@ def check_model_weights(model: str, folder: Path, work: Path, allow_pickle: bool
     if pickles:
         return convert_pickle_checkpoint(folder, work)
     if not any(folder.glob("*.safetensors")):
-        raise BedsideError(f"model folder '{folder}' has no *.safetensors weights: pass a checkpoint with weights")
+        raise BedsideError(
+            f"model folder '{folder}' has no *.safetensors weights: pass a checkpoint with weights"
+        )
     return folder
 
 
 def check_data(spec: str, option: str) -> list[Any]:
     """Load a data spec (fails with one line for missing/empty/malformed data); refuse an empty result."""
-    from toolkit.data import load_dataset_spec
 
     documents = load_dataset_spec(spec)
     if not documents:
@@ -130,8 +137,8 @@ def check_disk(out: Path, total_params: int) -> int:
     free = free_bytes(out)
     if free < need:
         raise BedsideError(
-            f"not enough disk under '{out}': {free / 2**30:.2f} GiB free, a deploy of this model needs about "
-            f"{need / 2**30:.2f} GiB; free space or pass another --out"
+            f"not enough disk under '{out}': {free / GIB:.2f} GiB free, a deploy of this model needs about "
+            f"{need / GIB:.2f} GiB; free space or pass another --out"
         )
     return need
 

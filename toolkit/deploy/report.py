@@ -23,13 +23,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from exporters.base import write_json_atomic, write_text_atomic
-from toolkit import SCHEMA_VERSION, __version__
-from toolkit.deploy.validate import Check, format_number
+from toolkit import __version__
+from toolkit.core.atomic import write_json_atomic, write_text_atomic
+from toolkit.core.records import SCHEMA_VERSION
+from toolkit.core.units import MIB
+from toolkit.validate.checks import Check, format_number
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
-MIB = 2**20
 
 
 def _candidate_summary(candidate: Any) -> dict[str, Any]:
@@ -144,7 +145,8 @@ def build_report(context: dict[str, Any], seconds: float) -> dict[str, Any]:
                 "quantized": quality.get("quantized"),
                 "exported": evaluation.get("perplexity"),
             },
-            "reference_runtime_perplexity": reference.get("perplexity") or evaluation.get("reference_perplexity"),
+            "reference_runtime_perplexity": reference.get("perplexity")
+            or evaluation.get("reference_perplexity"),
             "kl_divergence": evaluation.get("kl_divergence"),
             "top1_agreement": evaluation.get("top1_agreement"),
             "accuracy": evaluation.get("accuracy"),
@@ -212,7 +214,10 @@ def plot_candidates(report: dict[str, Any]) -> str | None:
     figure, axis = plt.subplots(figsize=(7, 4))
     passing = [c for c in candidates if c["passes"]]
     misses = [c for c in candidates if not c["passes"]]
-    for group, colour, label in ((passing, "tab:blue", "passes"), (misses, "tab:gray", "over budget or too slow")):
+    for group, colour, label in (
+        (passing, "tab:blue", "passes"),
+        (misses, "tab:gray", "over budget or too slow"),
+    ):
         if group:
             axis.scatter(
                 [c["total_bytes"] / MIB for c in group],
@@ -232,7 +237,9 @@ def plot_candidates(report: dict[str, Any]) -> str | None:
             label=f"attempt {attempt['attempt']} ({c['quant']}, -{c['layers_removed']} layers)",
         )
     axis.axvline(report["plan"]["budget_bytes"] / MIB, color="red", linestyle="--", label="budget")
-    axis.axhline(report["profile"]["max_perplexity_increase_pct"], color="orange", linestyle=":", label="floor")
+    axis.axhline(
+        report["profile"]["max_perplexity_increase_pct"], color="orange", linestyle=":", label="floor"
+    )
     axis.set_xlabel("estimated peak memory (MiB)")
     axis.set_ylabel("predicted perplexity increase (%)")
     axis.set_yscale("symlog", linthresh=1.0)
@@ -365,7 +372,11 @@ def render_html(report: dict[str, Any]) -> str:
     stages = _table(
         ["stage", "seconds", "resumed"],
         [
-            [html.escape(name), html.escape(str(value.get("seconds", ""))), "yes" if value.get("resumed") else "no"]
+            [
+                html.escape(name),
+                html.escape(str(value.get("seconds", ""))),
+                "yes" if value.get("resumed") else "no",
+            ]
             for name, value in report["stages"].items()
         ],
     )
@@ -378,18 +389,18 @@ def render_html(report: dict[str, Any]) -> str:
     ]
     status_css = "pass" if report["passed"] else "fail"
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Bedside deploy report: {html.escape(report['model']['name'])}
-on {html.escape(report['profile']['name'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>Bedside deploy report: {html.escape(report["model"]["name"])}
+on {html.escape(report["profile"]["name"])}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}}.pass{{color:#080;font-weight:bold}}
 .fail{{color:#b00;font-weight:bold}}.warn{{color:#a60;font-weight:bold}}img{{max-width:100%}}</style></head><body>
-<h1>Bedside deploy: {html.escape(report['model']['name'])} on {html.escape(report['profile']['name'])}</h1>
-<p>Status: <span class="{status_css}">{report['status']}</span>. {html.escape(report['reason'])}</p>
-<p>Bedside {html.escape(report['bedside_version'])}, {html.escape(report['created_utc'])}; speed on the target:
-{html.escape(report['speed']['target'])} (figures measured on this host).</p>
+<h1>Bedside deploy: {html.escape(report["model"]["name"])} on {html.escape(report["profile"]["name"])}</h1>
+<p>Status: <span class="{status_css}">{report["status"]}</span>. {html.escape(report["reason"])}</p>
+<p>Bedside {html.escape(report["bedside_version"])}, {html.escape(report["created_utc"])}; speed on the target:
+{html.escape(report["speed"]["target"])} (figures measured on this host).</p>
 <h2>Checks</h2>{_table(["", "check", "value", "threshold", "blocking", "detail"], _check_rows(report["checks"]))}
 <h2>Attempts</h2>{attempts}
-<h2>Plan</h2><p>{html.escape(report['plan']['reason'])}</p>
+<h2>Plan</h2><p>{html.escape(report["plan"]["reason"])}</p>
 <h2>Stages</h2>{stages}
 <h2>Data (hashes and counts only)</h2>{_table(["set", "value"], data_rows)}
 {figures}
@@ -411,14 +422,22 @@ def write_reports(out: Path, context: dict[str, Any], seconds: float) -> tuple[d
 
 def print_summary(console: Console, report: dict[str, Any], out: Path) -> None:
     """The short terminal summary: status, the checks, where the report and bundle are."""
-    table = Table(title=f"deploy {report['model']['name']} on {report['profile']['name']}: {report['status']}")
+    table = Table(
+        title=f"deploy {report['model']['name']} on {report['profile']['name']}: {report['status']}"
+    )
     for column in ("", "check", "value", "threshold"):
         table.add_column(column)
     for data in report["checks"]:
         check = Check(**data)
-        mark = "[green]PASS[/]" if check.passed else ("[red]FAIL[/]" if check.blocking else "[yellow]FAIL*[/]")
-        table.add_row(mark, check.name, format_number(check.value, check.unit), f"{check.comparison} "
-                      f"{format_number(check.threshold, check.unit)}")
+        mark = (
+            "[green]PASS[/]" if check.passed else ("[red]FAIL[/]" if check.blocking else "[yellow]FAIL*[/]")
+        )
+        table.add_row(
+            mark,
+            check.name,
+            format_number(check.value, check.unit),
+            f"{check.comparison} {format_number(check.threshold, check.unit)}",
+        )
     console.print(table)
     console.print("[dim]* reported only; speed on the target: simulator not built (measured on this host)[/]")
     console.print(f"{report['reason']}")

@@ -25,9 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtimes import RuntimeLoadError, load_runner
+from runtimes.measure import MeasureJob, measure_in_child
+from toolkit.core.errors import BedsideError
 from toolkit.deploy.bundle import MANIFEST, RUNTIME_CONFIG, SMOKE_PROMPT, file_sha256
-from toolkit.deploy.validate import Check, measured_memory_bytes
-from toolkit.errors import BedsideError
+from toolkit.plan.memory import memory_budget
+from toolkit.target.profiles import load_profile, profile_from_mapping
+from toolkit.validate.checks import Check, measured_memory_bytes
 
 SMOKE_TOKENS = 16
 MEASURE_DECODE_TOKENS = 16
@@ -60,7 +64,9 @@ def opened_bundle(path: Path) -> Iterator[Path]:
             with tarfile.open(path, "r:*") as tar:
                 tar.extractall(folder, filter="data")  # refuses absolute paths, '..' and device files
         except (tarfile.TarError, OSError, EOFError) as error:
-            raise BedsideError(f"bundle archive '{path}' cannot be unpacked ({error}): it is truncated or damaged") from None
+            raise BedsideError(
+                f"bundle archive '{path}' cannot be unpacked ({error}): it is truncated or damaged"
+            ) from None
         roots = [p for p in Path(folder).iterdir() if p.is_dir()]
         if len(roots) != 1:
             raise BedsideError(f"bundle archive '{path}' does not hold exactly one bundle folder")
@@ -75,10 +81,18 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise BedsideError(f"{MANIFEST} in '{folder}' is not valid JSON ({error}): the bundle is damaged") from None
-    missing = [key for key in ("files", "profile", "plan", "runtime") if not isinstance(manifest, dict) or key not in manifest]
+        raise BedsideError(
+            f"{MANIFEST} in '{folder}' is not valid JSON ({error}): the bundle is damaged"
+        ) from None
+    missing = [
+        key
+        for key in ("files", "profile", "plan", "runtime")
+        if not isinstance(manifest, dict) or key not in manifest
+    ]
     if missing or not isinstance(manifest.get("files"), dict):
-        raise BedsideError(f"{MANIFEST} in '{folder}' lacks {', '.join(missing) or 'a files map'}: the bundle is damaged")
+        raise BedsideError(
+            f"{MANIFEST} in '{folder}' lacks {', '.join(missing) or 'a files map'}: the bundle is damaged"
+        )
     return manifest
 
 
@@ -88,15 +102,25 @@ def hash_checks(folder: Path, manifest: dict[str, Any]) -> list[Check]:
     for relative, expected in sorted(manifest["files"].items()):
         path = folder / relative
         if not path.is_file():
-            checks.append(Check(f"sha256 {relative}", False, None, None, "==", detail=f"{relative} is missing"))
+            checks.append(
+                Check(f"sha256 {relative}", False, None, None, "==", detail=f"{relative} is missing")
+            )
             continue
         actual = file_sha256(path)
         size = path.stat().st_size
         expected_size = manifest.get("sizes", {}).get(relative)
-        detail = "matches the manifest" if actual == expected else (
-            f"{relative} differs from the manifest (sha256 {actual[:12]} != {str(expected)[:12]}"
-            + (f", {size} of {expected_size} bytes: truncated" if expected_size and size < expected_size else "")
-            + ")"
+        detail = (
+            "matches the manifest"
+            if actual == expected
+            else (
+                f"{relative} differs from the manifest (sha256 {actual[:12]} != {str(expected)[:12]}"
+                + (
+                    f", {size} of {expected_size} bytes: truncated"
+                    if expected_size and size < expected_size
+                    else ""
+                )
+                + ")"
+            )
         )
         checks.append(Check(f"sha256 {relative}", actual == expected, None, None, "==", detail=detail))
     listed = set(manifest["files"]) | {MANIFEST}
@@ -116,18 +140,15 @@ def hash_checks(folder: Path, manifest: dict[str, Any]) -> list[Check]:
 
 
 def _profile(manifest: dict[str, Any], profile: str | None) -> Any:
-    from toolkit.profiles import load_profile, profile_from_mapping
-
     if profile is not None:
         return load_profile(profile)
     return profile_from_mapping(manifest["profile"], f"{MANIFEST} profile")
 
 
-def runtime_checks(folder: Path, manifest: dict[str, Any], device_profile: Any, n_threads: int | None) -> list[Check]:
+def runtime_checks(
+    folder: Path, manifest: dict[str, Any], device_profile: Any, n_threads: int | None
+) -> list[Check]:
     """Load, smoke prompt and peak memory on the local runtime."""
-    from runtimes import RuntimeLoadError, load_runner
-    from runtimes.measure import MeasureJob, measure_in_child
-    from toolkit.memory import memory_budget
 
     runtime = manifest["runtime"]
     model_path = folder / runtime["model"]
@@ -135,8 +156,12 @@ def runtime_checks(folder: Path, manifest: dict[str, Any], device_profile: Any, 
     threads = n_threads or runtime.get("threads")
     checks: list[Check] = []
     try:
-        with load_runner(model_path, runtime["runtime"], n_ctx=min(context, 512), n_threads=threads) as runner:
-            checks.append(Check("load", True, None, None, "", detail=f"{runtime['runtime']} loaded {runtime['model']}"))
+        with load_runner(
+            model_path, runtime["runtime"], n_ctx=min(context, 512), n_threads=threads
+        ) as runner:
+            checks.append(
+                Check("load", True, None, None, "", detail=f"{runtime['runtime']} loaded {runtime['model']}")
+            )
             prompt = runtime.get("smoke_prompt") or SMOKE_PROMPT
             result = runner.generate([{"role": "user", "content": prompt}], max_new_tokens=SMOKE_TOKENS)
             text = result.text.strip().replace("\n", " ")
@@ -159,13 +184,16 @@ def runtime_checks(folder: Path, manifest: dict[str, Any], device_profile: Any, 
         measured = measure_in_child(
             runtime["runtime"],
             model_path,
-            MeasureJob(context=context, decode_tokens=min(MEASURE_DECODE_TOKENS, context - 1), n_threads=threads),
+            MeasureJob(
+                context=context, decode_tokens=min(MEASURE_DECODE_TOKENS, context - 1), n_threads=threads
+            ),
         )
     except RuntimeLoadError as error:
         checks.append(Check("peak memory", False, None, float(budget), "<=", "bytes", detail=str(error)))
         return checks
     peak = measured_memory_bytes(
-        {"peak_rss_bytes": measured.peak_rss_bytes, "peak_vram_bytes": measured.peak_vram_bytes}, device_profile
+        {"peak_rss_bytes": measured.peak_rss_bytes, "peak_vram_bytes": measured.peak_vram_bytes},
+        device_profile,
     )
     checks.append(
         Check(
@@ -193,12 +221,22 @@ def verify_bundle(bundle: Path, profile: str | None = None, n_threads: int | Non
         checks = hash_checks(folder, manifest)
         model_relative = manifest["runtime"]["model"]
         model_failed = [
-            c for c in checks if not c.passed and c.name.startswith("sha256 ")
+            c
+            for c in checks
+            if not c.passed
+            and c.name.startswith("sha256 ")
             and (c.name[7:] == model_relative or c.name[7:].startswith(model_relative.rstrip("/") + "/"))
         ]
         if model_failed:
             checks.append(
-                Check("load", False, None, None, "", detail=f"not run: {model_failed[0].name[7:]} failed its hash check")
+                Check(
+                    "load",
+                    False,
+                    None,
+                    None,
+                    "",
+                    detail=f"not run: {model_failed[0].name[7:]} failed its hash check",
+                )
             )
         else:
             checks.extend(runtime_checks(folder, manifest, device_profile, n_threads))

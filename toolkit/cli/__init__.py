@@ -1,0 +1,1 @@
+"""The `bedside` command line: one module per command, `main.py` wires them. Nothing imports this package."""

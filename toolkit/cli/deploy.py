@@ -1,0 +1,83 @@
+"""`bedside deploy`: the main job, plan -> compress -> export -> validate -> report + bundle (toolkit.deploy).
+
+Exit codes: 0 a bundle was written (every blocking check passed); 1 nothing passed within
+--max-attempts (report.json/report.html say why); 2 bad input; 3 nothing fits the profile at all.
+"""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from toolkit.deploy import DeployOptions, run_deploy
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `deploy` command to the `bedside` app."""
+    app.command("deploy")(deploy_command)
+
+
+def deploy_command(
+    profile: Annotated[str, typer.Option("--profile", help="Device profile name, 'host', or a YAML path.")],
+    model: Annotated[str, typer.Option("--model", help="'demo' or a local checkpoint folder.")] = "demo",
+    calib: Annotated[
+        str | None,
+        typer.Option("--calib", help="Calibration data (path or named source); default radiology."),
+    ] = None,
+    eval_data: Annotated[
+        str | None,
+        typer.Option("--eval", help="Held-apart evaluation data; default: a split of the calibration data."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Output folder (work cache, report, bundle).")] = Path(
+        "out/deploy"
+    ),
+    max_attempts: Annotated[
+        int, typer.Option("--max-attempts", help="Re-plans after failed validation.")
+    ] = 3,
+    calib_sequences: Annotated[
+        int, typer.Option("--calib-sequences", help="Calibration sequences (1-128; fewer is faster).")
+    ] = 64,
+    heal_steps: Annotated[int, typer.Option("--heal-steps", help="LoRA healing steps after pruning.")] = 40,
+    eval_tokens: Annotated[
+        int, typer.Option("--eval-tokens", help="Tokens scored in validation (fewer is faster, noisier).")
+    ] = 4096,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration sequence length in tokens.")] = 256,
+    prune_method: Annotated[
+        str,
+        typer.Option("--prune-method", help="Layer selection: activation, block-influence, angular, last."),
+    ] = "activation",
+    quant_method: Annotated[
+        str, typer.Option("--quant-method", help="awq (default) or rtn (no AWQ search: faster, for tests).")
+    ] = "awq",
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="Runtime threads (default: runtime's).")
+    ] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Accept pickle (*.bin/*.pt) weights; they can run code.")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data split and sampling.")] = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+) -> None:
+    """Compress MODEL for PROFILE, validate it on the target runtime, and write the report and bundle."""
+
+    options = DeployOptions(
+        profile=profile,
+        model=model,
+        calib=calib,
+        eval_data=eval_data,
+        out=out,
+        max_attempts=max_attempts,
+        calib_sequences=calib_sequences,
+        heal_steps=heal_steps,
+        eval_tokens=eval_tokens,
+        seq_len=seq_len,
+        prune_method=prune_method,
+        quant_method=quant_method,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        seed=seed,
+        progress=progress,
+    )
+    result = run_deploy(options)
+    if not result.passed:
+        raise SystemExit(1)

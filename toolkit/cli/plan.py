@@ -1,0 +1,140 @@
+"""`bedside plan`: choose a format, quantization scheme, depth and vision dtype that fit a device.
+
+Exit codes: 0 when a plan fits, 3 when nothing does (the table or JSON is still printed, then one error line on
+stderr), 2 on bad input (BedsideError, handled by toolkit.cli.main.main).
+"""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from toolkit.core.errors import NothingFitsError
+from toolkit.core.units import GIB, MIB
+from toolkit.model.facts import read_facts
+from toolkit.plan.planner import make_plan
+from toolkit.plan.quality_priors import load_sensitivities
+from toolkit.plan.schema import Candidate, Plan, write_plan
+from toolkit.target.profiles import load_profile
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `plan` command to the `bedside` app."""
+    app.command("plan")(plan_command)
+
+
+def plan_command(
+    model: Annotated[str, typer.Option("--model", help="'demo' or a local checkpoint folder (config.json).")],
+    profile: Annotated[str, typer.Option("--profile", help="Device profile name, 'host', or a YAML path.")],
+    format_name: Annotated[
+        str | None, typer.Option("--format", help="Pin the export format (gguf, onnx).")
+    ] = None,
+    quant: Annotated[
+        str | None, typer.Option("--quant", help="Pin the quantization scheme (e.g. Q4_K_M).")
+    ] = None,
+    prune_layers: Annotated[
+        int | None, typer.Option("--prune-layers", help="Pin the number of decoder layers to remove.")
+    ] = None,
+    context: Annotated[
+        int | None, typer.Option("--context", help="Context length to plan for (overrides the profile's).")
+    ] = None,
+    sensitivities: Annotated[
+        Path | None,
+        typer.Option("--sensitivities", help="Measured sensitivities JSON (replaces the quality priors)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Write plan.json here (atomically).")] = None,
+    top: Annotated[int, typer.Option("--top", help="Candidates to show in the table.")] = 8,
+) -> None:
+    """Plan the compression of MODEL for a device: the best candidate that fits, and why."""
+
+    device = load_profile(profile)
+    facts = read_facts(model)
+    measured = load_sensitivities(sensitivities) if sensitivities is not None else None
+    plan = make_plan(
+        facts,
+        device,
+        model,
+        format=format_name,
+        quant=quant,
+        prune_layers=prune_layers,
+        context=context,
+        sensitivities=measured,
+    )
+    if out is not None:
+        write_plan(plan, out)
+    if as_json:
+        typer.echo(json.dumps(plan.model_dump(mode="json")))
+    else:
+        print_plan(plan, top, facts.num_layers)
+    if not plan.fits:
+        raise NothingFitsError(plan.reason)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f}"
+
+
+def candidates_table(plan: Plan, top: int, num_layers: int) -> Table:
+    """The chosen candidate and the next best (or, when nothing fits, the smallest), one row each."""
+    rows: list[Candidate] = plan.candidates[:top]
+    if not plan.fits:
+        rows = sorted(plan.candidates, key=lambda c: c.memory.total_bytes)[:top]
+    table = Table(
+        title=f"Candidates ({len(plan.candidates)} considered; GiB; rm = layers removed of {num_layers})",
+        caption="W weights, KV cache, V vision tower + activations, OH runtime overhead",
+    )
+    for column in ("", "fmt", "quant", "rm", "vis", "W", "KV", "V", "OH", "total", "fits", "ppl+%", "tok/s"):
+        table.add_column(column, justify="left" if column in ("fmt", "quant", "vis") else "right")
+    for candidate in rows:
+        m = candidate.memory
+        mark = "*" if plan.chosen is not None and candidate == plan.chosen else ""
+        table.add_row(
+            mark,
+            candidate.format,
+            candidate.quant,
+            str(candidate.layers_removed),
+            candidate.vision_dtype or "-",
+            _gib(m.weights_bytes),
+            _gib(m.kv_cache_bytes),
+            _gib(m.vision_bytes),
+            _gib(m.overhead_bytes),
+            _gib(m.total_bytes),
+            "yes" if candidate.fits else "[red]no[/red]",
+            f"{candidate.predicted_quality_loss:.2f}",
+            f"{candidate.predicted_decode_tokens_per_s or 0:.1f}",
+        )
+    return table
+
+
+def breakdown_table(candidate: Candidate) -> Table:
+    """Every term of the chosen candidate's memory estimate (toolkit.plan.memory documents each)."""
+    table = Table(title="Memory breakdown of the chosen candidate")
+    table.add_column("term")
+    table.add_column("MiB / value", justify="right")
+    for key, value in candidate.memory.detail.items():
+        shown = str(value) if key.startswith("param.") else f"{value / MIB:.1f}"
+        table.add_row(escape(key), shown)
+    table.add_row(
+        "[bold]total (counted terms)[/bold]", f"[bold]{candidate.memory.total_bytes / MIB:.1f}[/bold]"
+    )
+    return table
+
+
+def print_plan(plan: Plan, top: int, num_layers: int) -> None:
+    """Rich output: header, candidates, the chosen breakdown and the reason."""
+    console = Console()
+    console.print(
+        f"[bold]{escape(plan.model)}[/bold] on [bold]{escape(plan.profile)}[/bold]: context {plan.context_length}, "
+        f"budget {_gib(plan.budget_bytes)} GiB, fp16 weights+vision {_gib(plan.fp16_bytes)} GiB"
+    )
+    console.print(candidates_table(plan, top, num_layers))
+    if plan.chosen is not None:
+        console.print(breakdown_table(plan.chosen))
+    console.print(
+        ("[green]" if plan.fits else "[red]") + escape(plan.reason) + ("[/green]" if plan.fits else "[/red]")
+    )

@@ -1,0 +1,69 @@
+"""`bedside run ARTIFACT --prompt TEXT`: chat with an artifact on its runtime, streamed token by token.
+
+The prompt is sent as one user turn through the artifact's own chat template; the answer is written to
+stdout as it decodes (`Runner.generate(stream=...)`). Temperature 0 is greedy decoding.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from runtimes import load_runner
+from toolkit.core.errors import BedsideError
+from toolkit.validate.evaluate import resolve_artifact
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `run` command to the `bedside` app."""
+    app.command("run")(run_command)
+
+
+def run_command(
+    artifact: Annotated[
+        str, typer.Argument(help="'demo', a checkpoint folder, a .gguf file, or an export folder.")
+    ],
+    prompt: Annotated[str, typer.Option("--prompt", help="The user's message.")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to generate at most.")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 for greedy decoding.")] = 0.0,
+    runtime: Annotated[
+        str | None,
+        typer.Option("--runtime", help="torch, llama.cpp or onnxruntime (default: from the artifact)."),
+    ] = None,
+    context: Annotated[int, typer.Option("--context", help="KV-cache size in tokens.")] = 2048,
+    threads: Annotated[int | None, typer.Option("--threads", help="Runtime threads.")] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Sampling seed (with --temperature > 0).")
+    ] = None,
+) -> None:
+    """Answer PROMPT with ARTIFACT, streaming the text to stdout."""
+
+    if max_tokens < 1:
+        raise BedsideError(f"--max-tokens {max_tokens}: generate at least 1 token")
+    if temperature < 0:
+        raise BedsideError(f"--temperature {temperature}: use 0 (greedy) or a positive value")
+    if not prompt.strip():
+        raise BedsideError("--prompt is empty: give the message to answer")
+    target = resolve_artifact(artifact, runtime)
+    runner = load_runner(target.path, target.runtime, n_ctx=context, n_threads=threads)
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    with runner:
+        try:
+            runner.generate(
+                [{"role": "user", "content": prompt}],
+                max_new_tokens=max_tokens,
+                greedy=temperature == 0,
+                temperature=temperature or 1.0,
+                seed=seed,
+                stream=write,
+            )
+        except ValueError as error:  # the prompt does not fit the context
+            raise BedsideError(f"{error}: pass a larger --context or a shorter prompt") from error
+    sys.stdout.write("\n")
+    sys.stdout.flush()

@@ -1,0 +1,45 @@
+"""`bedside verify BUNDLE`: check a bundle's hashes, load and smoke-test its model, measure peak memory.
+
+Exit codes: 0 every check passed; 1 a check failed (each named with its number and threshold);
+2 bad input (no such bundle, not a bundle, unknown profile).
+"""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from toolkit.deploy.verify import verify_bundle
+from toolkit.validate.checks import format_number
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `verify` command to the `bedside` app."""
+    app.command("verify")(verify_command)
+
+
+def verify_command(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder or its .tar.gz.")],
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Device profile to check against (default: the bundle's).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Runtime threads.")] = None,
+) -> None:
+    """Verify a deployment bundle on this machine; prints PASS/FAIL per check."""
+
+    console = Console()
+    result = verify_bundle(bundle, profile=profile, n_threads=threads)
+    for check in result.checks:
+        mark = "[green]PASS[/]" if check.passed else "[red]FAIL[/]"
+        figure = (
+            f": {format_number(check.value, check.unit)} {check.comparison} {format_number(check.threshold, check.unit)}"
+            if check.threshold is not None
+            else ""
+        )
+        console.print(f"{mark} {check.name}{figure} ({check.detail})", highlight=False, soft_wrap=True)
+    failed = [check.name for check in result.checks if not check.passed]
+    if failed:
+        console.print(f"[red]verify failed:[/] {', '.join(failed)}", highlight=False, soft_wrap=True)
+        raise SystemExit(1)
+    console.print(f"[green]verify passed:[/] {len(result.checks)} checks on {bundle}", highlight=False)

@@ -1,0 +1,531 @@
+"""Healing by supervised fine-tuning: LoRA on domain text after pruning, merged back into the weights.
+
+Why: removing decoder blocks leaves the next block reading activations it was never trained on.
+A short low-rank fine-tune on the user's domain text lets the remaining blocks adapt, and costs
+little: only the adapters train, the base weights stay frozen.
+
+What LoRA does (Hu et al. 2021, arXiv:2106.09685). Each targeted linear W (out x in) gets a
+trainable low-rank update
+
+    W' = W + (alpha / r) * B @ A,    A: r x in (random init), B: out x r (zeros at init)
+
+so training starts from the unhealed model exactly (B = 0) and learns r * (in + out) numbers per
+linear instead of in * out. At the end `merge_and_unload()` folds (alpha / r) * B @ A into W: the
+healed model has the input model's architecture and state-dict keys (no `lora_` tensors), so
+quantization and export see an ordinary checkpoint.
+
+Training recipe (deliberately plain, one torch loop):
+- AdamW over the adapter parameters only, weight decay 0, gradient norm clipped at 1.0.
+- Learning rate 2e-4 with a short linear warm-up and then constant. 2e-4 and a constant schedule
+  are QLoRA's choice for 7B-65B models (Dettmers et al. 2023, arXiv:2305.14314, appendix B) and
+  work for the 135M demo too. Constant rather than cosine because healing usually runs under a
+  wall-clock budget: the number of steps is not known in advance, and a cosine that assumes
+  `max_steps` would be cut off at a high learning rate anyway.
+- Causal LM loss through transformers' `labels`; positions labelled -100 do not count, which is how
+  question/answer data trains on the answer tokens only (`question_answer_training_blocks`).
+  With gradient accumulation the loss is normalised by the labelled tokens of the whole optimizer
+  step (`num_items_in_batch`), so accumulating k micro-batches equals one batch k times bigger.
+- Deterministic for a seed: the adapter initialisation, dropout and the batch order draw from
+  seeded generators (the caller's global RNG state is restored afterwards).
+- Stops after `max_steps` optimizer steps or before a step that would end past `max_seconds`,
+  whichever comes first; at least one step always runs.
+
+Memory: the frozen base weights plus the adapters, their gradients and AdamW moments (3 x the
+adapter size), plus one micro-batch of activations. `gradient_checkpointing=True` trades compute
+for activation memory on large models; `batch_size` x `grad_accum` keeps the effective batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from toolkit.core.errors import BedsideError
+from toolkit.core.records import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    import torch
+
+    from toolkit.data.documents import Document
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_RANK = 8
+DEFAULT_ALPHA = 16.0
+DEFAULT_LEARNING_RATE = 2e-4  # QLoRA (arXiv:2305.14314) for 7B-13B, constant schedule
+DEFAULT_MAX_GRAD_NORM = 1.0
+MAX_WARMUP_STEPS = 10
+IGNORE_INDEX = -100  # transformers' cross-entropy ignore_index: positions that do not count
+# Used when the architecture table has no entry for the model: the Llama-style projection names
+# that Llama, Mistral, Qwen2/3 and Gemma share.
+FALLBACK_LORA_TARGETS: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+StoppedBy = Literal["steps", "time"]
+SCHEDULE = "linear warm-up, then constant"  # the learning-rate schedule `heal` uses
+
+
+class HealRecord(BaseModel):
+    """The heal stage as compression.json records it: settings, budget, outcome and the loss curve.
+
+    `losses` has one value per optimizer step (mean loss over that step's labelled tokens), so a
+    report can plot it; `initial_loss`/`final_loss` are its first and last values. `seconds` is the
+    wall time of the training loop (not of attaching or merging the adapters); `tokens_seen` counts
+    input tokens fed forward, `loss_tokens` the tokens that counted in the loss.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    method: Literal["lora"] = "lora"
+    rank: int
+    alpha: float
+    dropout: float
+    learning_rate: float
+    schedule: str
+    warmup_steps: int
+    batch_size: int
+    grad_accum: int
+    sequence_length: int
+    target_modules: list[str] | str
+    lora_parameters: int
+    seed: int
+    max_steps: int | None
+    max_seconds: float | None
+    steps: int
+    seconds: float
+    stopped_by: StoppedBy
+    tokens_seen: int
+    loss_tokens: int
+    initial_loss: float
+    final_loss: float
+    losses: list[float]
+
+
+@dataclass
+class HealResult:
+    """What `heal` returns: the healed model and the record of how the training went.
+
+    `model` is the merged plain model (the input model, modified in place) unless `heal` was asked
+    not to merge, in which case it is the peft model (see `merge_lora`). `record` holds the
+    settings and outcome once, as compression.json stores them (`record.model_dump(mode="json")`).
+    """
+
+    model: Any
+    record: HealRecord
+
+
+@dataclass(frozen=True)
+class TrainingBlocks:
+    """Token blocks (n, seq) with their labels: the token id where it counts in the loss, else -100."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    documents_used: int
+
+    @property
+    def loss_tokens(self) -> int:
+        """Positions that count in the causal LM loss (a label at t is predicted from tokens < t)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA targets
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_targets_for(model: Any) -> tuple[list[str] | str, bool]:
+    """peft `target_modules` for this model from the architecture table, and whether it was found.
+
+    Text families get a regex anchored on the decoder layers' path (`toolkit.model.architectures.
+    lora_target_pattern`), so a LLaVA's vision tower, which also has q/k/v projections, is left
+    alone. A model the table does not know gets the Llama-style names (`FALLBACK_LORA_TARGETS`)
+    and `False`, so the caller can say so.
+    """
+    config = model.config
+    architectures = getattr(config, "architectures", None) or [None]
+    model_type = getattr(config, "model_type", None)
+    try:
+        from toolkit.model import architectures as table
+    except ImportError:  # the table is optional: healing works without it
+        return list(FALLBACK_LORA_TARGETS), False
+    family = table.text_family_for(architectures[0], model_type)
+    if family is None and architectures[0] is not None:
+        family = table.text_family_for(None, model_type)
+    if family is not None:
+        return table.lora_target_pattern(family, family.layers_path), True
+    wrapper = table.multimodal_wrapper_for(architectures[0], model_type)
+    if wrapper is None and architectures[0] is not None:
+        wrapper = table.multimodal_wrapper_for(None, model_type)
+    if wrapper is not None:
+        text_config = getattr(config, "text_config", None)
+        text_type = getattr(text_config, "model_type", None) or wrapper.default_text_model_type
+        text_family = table.text_family_by_model_type(text_type)
+        if text_family is not None:
+            layers_path = f"{wrapper.text_model_path}.{text_family.layers_name}"
+            return table.lora_target_pattern(text_family, layers_path), True
+    return list(FALLBACK_LORA_TARGETS), False
+
+
+# ---------------------------------------------------------------------------------------------
+# Question/answer data: answer-only labels
+# ---------------------------------------------------------------------------------------------
+
+
+def _common_prefix_length(first: Sequence[int], second: Sequence[int]) -> int:
+    length = 0
+    for a, b in zip(first, second, strict=False):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def _prompt_text(document: Document, tokenizer: Any) -> str:
+    """What precedes the answer in `document.render(tokenizer)`: the templated user turn."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            document.messages()[:1], tokenize=False, add_generation_prompt=True
+        )
+    return f"{document.prompt()}\n"
+
+
+def question_answer_training_blocks(
+    documents: Sequence[Document], tokenizer: Any, block_len: int, n_blocks: int, seed: int
+) -> TrainingBlocks:
+    """Packed training blocks whose labels keep only the answers of question/answer documents.
+
+    Why: healing on QA data should teach the model to answer, not to reproduce the questions (and
+    long PubMedQA contexts would otherwise dominate the loss). Each document is rendered as
+    `Document.render` does (the model's chat template), tokenized, and its prompt tokens are
+    labelled -100; the answer tokens, including the template's end-of-turn, keep their ids. Plain
+    text documents are labelled in full. Like `toolkit.data.make_blocks`, documents are shuffled
+    with the seed, joined with an end-of-sequence separator (labelled -100: it is ours, not the
+    data's) and cut into consecutive blocks, so there is no padding and no attention mask.
+    The prompt/answer boundary is the longest common token prefix of the rendered exchange and the
+    rendered prompt with the generation prompt, which holds whatever the template adds around turns.
+    """
+    import torch
+
+    if block_len < 2 or n_blocks < 1:
+        raise BedsideError(
+            f"block length ({block_len}) must be at least 2 and blocks ({n_blocks}) at least 1"
+        )
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise BedsideError(
+            "the tokenizer has no end-of-sequence token: set eos_token in tokenizer_config.json"
+        )
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    needed = block_len * n_blocks
+    ids: list[int] = []
+    labels: list[int] = []
+    used = 0
+    for index in order:
+        document = documents[index]
+        full = tokenizer(document.render(tokenizer), add_special_tokens=False)["input_ids"]
+        if document.is_question_answer:
+            prompt = tokenizer(_prompt_text(document, tokenizer), add_special_tokens=False)["input_ids"]
+            boundary = _common_prefix_length(full, prompt)
+        else:
+            boundary = 0
+        ids.extend(full)
+        labels.extend([IGNORE_INDEX] * boundary + list(full[boundary:]))
+        ids.append(int(eos))
+        labels.append(IGNORE_INDEX)
+        used += 1
+        if len(ids) >= needed:
+            break
+    available = len(ids) // block_len
+    if available == 0:
+        raise BedsideError(
+            f"the data has {len(ids)} tokens in {len(documents)} documents, fewer than one block of "
+            f"{block_len}: add documents or lower the block length"
+        )
+    made = min(n_blocks, available)
+    return TrainingBlocks(
+        input_ids=torch.tensor(ids[: made * block_len], dtype=torch.long).view(made, block_len),
+        labels=torch.tensor(labels[: made * block_len], dtype=torch.long).view(made, block_len),
+        documents_used=used,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_inputs(
+    train_blocks: torch.Tensor,
+    train_labels: torch.Tensor | None,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    lr: float,
+    max_steps: int | None,
+    max_seconds: float | None,
+    batch_size: int,
+    grad_accum: int,
+) -> None:
+    import torch
+
+    if not isinstance(train_blocks, torch.Tensor) or train_blocks.dim() != 2:
+        raise BedsideError(
+            "healing needs token blocks as a 2-D tensor (blocks, sequence length) of token ids"
+        )
+    if train_blocks.shape[0] < 1 or train_blocks.shape[1] < 2:
+        raise BedsideError(
+            f"healing needs at least one block of at least 2 tokens, got shape {tuple(train_blocks.shape)}"
+        )
+    if train_blocks.dtype not in (torch.int64, torch.int32):
+        raise BedsideError(f"token blocks must hold integer token ids, got {train_blocks.dtype}")
+    if train_labels is not None:
+        if tuple(train_labels.shape) != tuple(train_blocks.shape):
+            raise BedsideError(
+                f"labels shape {tuple(train_labels.shape)} differs from blocks shape {tuple(train_blocks.shape)}"
+            )
+        if not bool((train_labels[:, 1:] != IGNORE_INDEX).any()):
+            raise BedsideError("every label is -100 (masked): there is nothing to train on")
+    if rank < 1 or alpha <= 0 or not 0.0 <= dropout < 1.0 or lr <= 0:
+        raise BedsideError(
+            f"LoRA needs rank >= 1, alpha > 0, 0 <= dropout < 1 and lr > 0 "
+            f"(got rank={rank}, alpha={alpha}, dropout={dropout}, lr={lr})"
+        )
+    if max_steps is None and max_seconds is None:
+        raise BedsideError("healing needs a budget: give max_steps, max_seconds or both")
+    if (max_steps is not None and max_steps < 1) or (max_seconds is not None and max_seconds <= 0):
+        raise BedsideError(f"max_steps must be >= 1 and max_seconds > 0 (got {max_steps}, {max_seconds})")
+    if batch_size < 1 or grad_accum < 1:
+        raise BedsideError(f"batch_size and grad_accum must be >= 1 (got {batch_size}, {grad_accum})")
+
+
+def _batch_indices(n_blocks: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless micro-batches of block indices: a fresh seeded permutation per pass over the data."""
+    import torch
+
+    pending = torch.empty(0, dtype=torch.long)
+    while True:
+        while pending.numel() < batch_size:
+            pending = torch.cat([pending, torch.randperm(n_blocks, generator=generator)])
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def _default_warmup(max_steps: int | None) -> int:
+    """About a tenth of the steps, at most MAX_WARMUP_STEPS (and that many under a time budget)."""
+    if max_steps is None:
+        return MAX_WARMUP_STEPS
+    return max(1, min(MAX_WARMUP_STEPS, max_steps // 10))
+
+
+def _progress_bar(enabled: bool) -> Any:
+    """A rich progress bar (on stderr, so machine-readable stdout stays clean) showing the loss."""
+
+    return Progress(
+        TextColumn("heal (LoRA)"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def merge_lora(peft_model: Any) -> Any:
+    """Fold every adapter into its base weight, W <- W + (alpha / r) B A, and drop the peft wrapper.
+
+    Returns the plain transformers model: same class, same state-dict keys as before LoRA was
+    attached. `safe_merge` refuses to merge adapters holding NaN or inf.
+    """
+    return peft_model.merge_and_unload(safe_merge=True)
+
+
+def heal(
+    model: Any,
+    tokenizer: Any,
+    train_blocks: torch.Tensor,
+    *,
+    train_labels: torch.Tensor | None = None,
+    rank: int = DEFAULT_RANK,
+    alpha: float = DEFAULT_ALPHA,
+    dropout: float = 0.0,
+    lr: float = DEFAULT_LEARNING_RATE,
+    max_steps: int | None = 100,
+    max_seconds: float | None = None,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    warmup_steps: int | None = None,
+    max_grad_norm: float = DEFAULT_MAX_GRAD_NORM,
+    target_modules: Sequence[str] | str | None = None,
+    gradient_checkpointing: bool = False,
+    seed: int = 0,
+    merge: bool = True,
+    progress: bool = True,
+) -> HealResult:
+    """Fine-tune LoRA adapters on `train_blocks` and merge them: W' = W + (alpha / rank) B A.
+
+    `train_blocks` is (n, seq) token ids (from `toolkit.data.make_blocks`, or
+    `question_answer_training_blocks` for QA data). `train_labels`, same shape, marks what counts
+    in the loss (-100 = ignored); without it every token counts. One optimizer step consumes
+    `grad_accum` micro-batches of `batch_size` blocks. Training stops after `max_steps` steps or
+    before the step that would overrun `max_seconds`, whichever is first. `target_modules` (peft
+    names or a regex) defaults to the architecture table's projections for this model family.
+    `tokenizer` is accepted for symmetry with the other stages and is not needed for token blocks.
+
+    The model is modified in place: LoRA layers are attached, trained and merged, and the merged
+    model (same object, same keys) is returned in the result, in the train/eval mode and with the
+    `requires_grad` flags it came with. With `merge=False` the result holds the peft model instead.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    del tokenizer  # token blocks are already ids
+    _check_inputs(
+        train_blocks, train_labels, rank, alpha, dropout, lr, max_steps, max_seconds, batch_size, grad_accum
+    )
+    if target_modules is None:
+        targets, known = lora_targets_for(model)
+        if not known:
+            _log.warning(
+                "the architecture table has no entry for %s: LoRA targets the default projections %s",
+                getattr(model.config, "model_type", type(model).__name__),
+                targets,
+            )
+    else:
+        targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+    warmup = _default_warmup(max_steps) if warmup_steps is None else max(0, warmup_steps)
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    requires_grad = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    n_blocks, seq_len = (int(size) for size in train_blocks.shape)
+    blocks = train_blocks.to(torch.long)
+    labels = blocks if train_labels is None else train_labels.to(torch.long)
+
+    with torch.random.fork_rng(devices=_rng_devices(device)):
+        torch.manual_seed(seed)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as error:  # peft: "Target modules ... not found in the base model"
+            raise BedsideError(f"LoRA found no module to adapt for targets {targets!r}: {error}") from error
+        trainable = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
+        lora_parameters = sum(parameter.numel() for parameter in trainable)
+        if gradient_checkpointing:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        )
+        order = _batch_indices(n_blocks, batch_size, torch.Generator().manual_seed(seed))
+
+        losses: list[float] = []
+        tokens_seen = 0
+        loss_tokens = 0
+        stopped_by: StoppedBy = "steps"
+        peft_model.train()
+        bar = _progress_bar(progress)
+        start = time.perf_counter()
+        with bar:
+            task = bar.add_task("heal", total=max_steps, loss="-")
+            while True:
+                step_start = time.perf_counter()
+                micro_batches = [next(order) for _ in range(grad_accum)]
+                counted = sum(int((labels[index, 1:] != IGNORE_INDEX).sum()) for index in micro_batches)
+                normaliser = torch.tensor(max(1, counted), device=device)
+                step_loss = 0.0
+                for index in micro_batches:
+                    output = peft_model(
+                        input_ids=blocks[index].to(device),
+                        labels=labels[index].to(device),
+                        num_items_in_batch=normaliser,
+                        use_cache=False,
+                    )
+                    output.loss.backward()
+                    step_loss += float(output.loss.detach())
+                    tokens_seen += int(index.numel()) * seq_len
+                if max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not math.isfinite(step_loss):
+                    raise BedsideError(
+                        f"healing diverged (loss {step_loss} at step {len(losses) + 1}): lower --heal-lr"
+                    )
+                losses.append(step_loss)
+                loss_tokens += counted
+                bar.update(task, advance=1, loss=f"{step_loss:.3f}")
+                now = time.perf_counter()
+                if max_steps is not None and len(losses) >= max_steps:
+                    stopped_by = "steps"
+                    break
+                if max_seconds is not None and (now - start) + (now - step_start) > max_seconds:
+                    stopped_by = "time"
+                    break
+        seconds = time.perf_counter() - start
+
+    if gradient_checkpointing:
+        peft_model.gradient_checkpointing_disable()
+    result_model: Any = peft_model
+    if merge:
+        result_model = merge_lora(peft_model)
+        for name, parameter in result_model.named_parameters():
+            parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
+    result_model.train(was_training)
+
+    record = HealRecord(
+        rank=rank,
+        alpha=float(alpha),
+        dropout=float(dropout),
+        learning_rate=float(lr),
+        schedule=SCHEDULE,
+        warmup_steps=warmup,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        sequence_length=seq_len,
+        target_modules=targets,
+        lora_parameters=lora_parameters,
+        seed=seed,
+        max_steps=max_steps,
+        max_seconds=max_seconds,
+        steps=len(losses),
+        seconds=round(seconds, 3),
+        stopped_by=stopped_by,
+        tokens_seen=tokens_seen,
+        loss_tokens=loss_tokens,
+        initial_loss=losses[0],
+        final_loss=losses[-1],
+        losses=losses,
+    )
+    return HealResult(model=result_model, record=record)

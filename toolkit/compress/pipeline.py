@@ -1,0 +1,546 @@
+"""`compress`: prune -> heal -> quantize a checkpoint, with a resumable stage cache and compression.json.
+
+Why: the plan says how many layers to remove and which scheme to export; this turns a source
+checkpoint into export-ready weights and a machine-readable record of everything it did.
+
+Stages (each reads the previous one's checkpoint and writes its own folder, see
+`toolkit.compress.stages` for the cache, hashes and atomic writes):
+
+1. **prune**: choose the layers (`toolkit.compress.prune.select_layers`, or the explicit `layers`, e.g. a
+   plan's) and remove them (`remove_layers`). Skipped when no layer is removed.
+2. **heal**: LoRA fine-tune on the calibration data, merged (`toolkit.compress.heal.heal`); question/answer
+   data trains on the answers only (`question_answer_training_blocks`). Skipped when no layer was
+   removed or with `heal=False`.
+3. **quantize**: AWQ (`toolkit.compress.quant.awq.awq`) folds scales and clipping into *float* weights and
+   writes llama.cpp's importance matrix for GGUF schemes; RTN leaves the weights as they are (the
+   exporter rounds either way, on the grid of `toolkit.compress.quant.get_grid(scheme)`). Skipped without a
+   scheme, or for float schemes (F16, fp16, fp32).
+
+Quality per stage is the token-level perplexity (formula in `toolkit.compress.stages`) on held-apart
+evaluation blocks that share no document with the calibration data: `original`, `pruned`, `healed`
+and `quantized`, the last on the weights fake-quantized with the export grid
+(`fake_quantize_model`), i.e. what the exported file will hold. The fake quantization is applied
+to the in-memory model after the quantize stage has saved its float weights (no second copy of
+the model is held), and that model is then discarded.
+
+Layout of `out/`: `checkpoint/` (HF safetensors + config + tokenizer + chat template),
+`compression.json`, `imatrix.gguf` (GGUF schemes with AWQ), `stages/<stage>-<hash12>/` and
+`stages/quality.json` (perplexities by stage hash and evaluation data, so a resumed run does not
+recompute them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from toolkit import __version__
+from toolkit.compress.heal import heal, question_answer_training_blocks
+from toolkit.compress.prune import check_layer_indices, get_selection_method, remove_layers, select_layers
+from toolkit.compress.quant import get_grid
+from toolkit.compress.quant.awq import awq
+from toolkit.compress.quant.rtn import fake_quantize_model
+from toolkit.compress.stages import StageRunner, eval_overlap, link_checkpoint, load_tokenizer, stage_hash
+from toolkit.core.atomic import building_folder, remove_stale_temporaries, write_json_atomic
+from toolkit.core.errors import BedsideError, NothingFitsError
+from toolkit.core.formats import FORMATS, all_schemes
+from toolkit.core.hashing import sha256_json, weights_sha256
+from toolkit.core.hashing import token_ids_sha256 as token_ids_sha256
+from toolkit.core.records import COMPRESSION_RECORD, DEFAULT_DATA, EVAL_FRACTION, SCHEMA_VERSION
+from toolkit.data import data_sha256, load_dataset_spec, make_blocks, split_calibration_eval
+from toolkit.model.facts import read_facts
+from toolkit.model.source import resolve_model_dir
+
+if TYPE_CHECKING:
+    from toolkit.plan.schema import Plan
+
+STAGES: tuple[str, ...] = ("prune", "heal", "quantize")
+QUANT_METHODS: tuple[str, ...] = ("awq", "rtn")
+MAX_CALIBRATION_SEQUENCES = 128
+DEFAULT_CALIBRATION = DEFAULT_DATA
+IMATRIX_NAME = "imatrix.gguf"
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """What to do to the model; every field takes part in the stage hashes that concern it."""
+
+    prune_layers: int = 0  # number of decoder layers to remove
+    layers: tuple[int, ...] | None = None  # explicit original indices (overrides selection)
+    method: str = "activation"  # prune selection method (registry name)
+    quant: str | None = None  # export scheme (Q4_K_M, Q4_0, int4_b32, ...) or None: no quantize stage
+    quant_method: str = "awq"  # "awq" | "rtn"
+    heal: bool = True
+    heal_steps: int = 40
+    heal_seconds: float | None = None
+    calib: str | None = None  # data spec for load_dataset_spec; None -> the radiology corpus
+    eval_data: str | None = None  # held-apart data for per-stage perplexity; None -> eval split of calib
+    calib_sequences: int = 64  # <= 128
+    seq_len: int = 256
+    eval_sequences: int = 16
+    seed: int = 0
+
+
+@dataclass
+class CompressResult:
+    """Where the compressed checkpoint is, the compression.json content and the importance matrix."""
+
+    checkpoint: Path  # final HF checkpoint folder (out/checkpoint)
+    record: dict[str, Any]  # the content of compression.json
+    imatrix: Path | None  # llama.cpp importance matrix (GGUF schemes with AWQ), else None
+
+    @property
+    def source_sha256(self) -> str:
+        """weights_sha256 of the source checkpoint, as compress hashed it (compression.json model.source_sha256)."""
+        return str(self.record["model"]["source_sha256"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------
+
+
+def layers_to_remove_count(options: CompressOptions) -> int:
+    """How many layers the options remove (the explicit list wins over `prune_layers`)."""
+    return len(options.layers) if options.layers is not None else options.prune_layers
+
+
+def validate_options(options: CompressOptions, num_layers: int | None = None) -> None:
+    """Refuse impossible options with a one-line BedsideError naming the option and the fix."""
+
+    if isinstance(options.prune_layers, bool) or options.prune_layers < 0:
+        raise BedsideError(f"--prune-layers must be 0 or more, got {options.prune_layers}")
+    if num_layers is not None:
+        if options.layers is not None:
+            check_layer_indices(list(options.layers), num_layers)
+        elif options.prune_layers >= num_layers:
+            raise BedsideError(
+                f"cannot remove {options.prune_layers} of {num_layers} decoder layers (all of them or more): "
+                f"use --prune-layers {num_layers - 1} or fewer"
+            )
+    if options.layers is None and options.prune_layers > 0:
+        get_selection_method(options.method)  # names the allowed methods when unknown
+    if options.quant is not None and options.quant not in all_schemes():
+        raise BedsideError(
+            f"unknown quantization scheme {options.quant!r}: choose one of {', '.join(all_schemes())}"
+        )
+    if options.quant_method not in QUANT_METHODS:
+        raise BedsideError(
+            f"unknown quantization method {options.quant_method!r}: choose one of {', '.join(QUANT_METHODS)}"
+        )
+    if not 1 <= options.calib_sequences <= MAX_CALIBRATION_SEQUENCES:
+        raise BedsideError(
+            f"--calib-sequences must be between 1 and {MAX_CALIBRATION_SEQUENCES}, got {options.calib_sequences}"
+        )
+    if options.seq_len < 2:
+        raise BedsideError(f"--seq-len must be at least 2 tokens, got {options.seq_len}")
+    if options.eval_sequences < 1:
+        raise BedsideError(f"eval sequences must be at least 1, got {options.eval_sequences}")
+    if options.heal_steps < 1:
+        raise BedsideError(f"--heal-steps must be at least 1, got {options.heal_steps}")
+    if options.heal_seconds is not None and options.heal_seconds <= 0:
+        raise BedsideError(f"heal seconds must be positive, got {options.heal_seconds}")
+
+
+def options_from_plan(plan: Plan, **overrides: Any) -> CompressOptions:
+    """Options from the plan's chosen candidate (layers removed, their indices, scheme), then `overrides`.
+
+    An override of `prune_layers` drops the plan's explicit layer list (it was chosen for another
+    count). Raises NothingFitsError when the plan chose nothing.
+    """
+
+    if plan.chosen is None:
+        raise NothingFitsError(f"the plan chose no candidate: {plan.reason or 'nothing fits'}")
+    chosen = plan.chosen
+    values: dict[str, Any] = {
+        "prune_layers": chosen.layers_removed,
+        "layers": tuple(chosen.layers) if chosen.layers is not None else None,
+        "quant": chosen.quant,
+    }
+    if "prune_layers" in overrides and "layers" not in overrides:
+        values["layers"] = None
+    values.update(overrides)
+    try:
+        return CompressOptions(**values)
+    except TypeError as error:
+        raise BedsideError(f"unknown compress option: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    calib_ids: torch.Tensor
+    heal_ids: torch.Tensor
+    heal_labels: torch.Tensor | None
+    eval_ids: torch.Tensor
+    calibration: dict[str, Any]
+    evaluation: dict[str, Any]
+    split: dict[str, Any] | None
+
+
+def _prepare_data(tokenizer: Any, options: CompressOptions) -> _Data:
+    """Calibration blocks, healing blocks (answer-only labels for QA data) and evaluation blocks."""
+
+    source = options.calib or DEFAULT_CALIBRATION
+    documents = load_dataset_spec(source)
+    split: dict[str, Any] | None = None
+    if options.eval_data is None:
+        calib_docs, eval_docs, data_record = split_calibration_eval(
+            documents, EVAL_FRACTION, options.seed, source=source
+        )
+        split = data_record.to_dict()
+        duplicates = data_record.eval_duplicates_removed
+        eval_source = f"{source} (held-apart {EVAL_FRACTION:.0%} split, seed {options.seed})"
+    else:
+        calib_docs = list(documents)
+        calib_keys = {document.content_key() for document in calib_docs}
+        drawn = load_dataset_spec(options.eval_data)
+        eval_docs = [document for document in drawn if document.content_key() not in calib_keys]
+        duplicates = len(drawn) - len(eval_docs)
+        eval_source = options.eval_data
+        if not eval_docs:
+            raise BedsideError(
+                f"every document of the evaluation data '{options.eval_data}' also occurs in the "
+                "calibration data: pass different --eval data"
+            )
+    overlap = eval_overlap({d.content_key() for d in calib_docs}, [d.content_key() for d in eval_docs])
+    if overlap:
+        raise AssertionError(f"{overlap} evaluation documents occur in the calibration data")
+
+    calib = make_blocks(calib_docs, tokenizer, options.seq_len, options.calib_sequences, options.seed)
+    evaluation = make_blocks(eval_docs, tokenizer, options.seq_len, options.eval_sequences, options.seed)
+    if any(document.is_question_answer for document in calib_docs):
+        training = question_answer_training_blocks(
+            calib_docs, tokenizer, options.seq_len, options.calib_sequences, options.seed
+        )
+        heal_ids, heal_labels = training.input_ids, training.labels
+        if options.heal and training.loss_tokens == 0:
+            raise BedsideError(
+                f"the question/answer data '{source}' has no answer token in its first "
+                f"{heal_ids.numel()} tokens (the prompts are longer): raise --calib-sequences or --seq-len"
+            )
+    else:
+        heal_ids, heal_labels = calib.input_ids, None
+    calib_ids = calib.input_ids
+    return _Data(
+        calib_ids=calib_ids,
+        heal_ids=heal_ids,
+        heal_labels=heal_labels,
+        eval_ids=evaluation.input_ids,
+        calibration={
+            "source": source,
+            "sha256": data_sha256(calib_docs),
+            "blocks_sha256": token_ids_sha256(calib_ids),
+            "documents": len(calib_docs),
+            "documents_used": calib.documents_used,
+            "sequences": int(calib_ids.shape[0]),
+            "seq_len": int(calib_ids.shape[1]),
+            "tokens": int(calib_ids.numel()),
+            "question_answer": heal_labels is not None,
+        },
+        evaluation={
+            "source": eval_source,
+            "sha256": data_sha256(eval_docs),
+            "blocks_sha256": token_ids_sha256(evaluation.input_ids),
+            "documents": len(eval_docs),
+            "sequences": int(evaluation.input_ids.shape[0]),
+            "seq_len": int(evaluation.input_ids.shape[1]),
+            "tokens": int(evaluation.input_ids.numel()),
+            "overlap_with_calibration": overlap,
+            "duplicates_removed": duplicates,
+        },
+        split=split,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def _publish(weights: Path, out: Path, imatrix_source: Path | None) -> tuple[Path, Path | None]:
+    """Write out/checkpoint (and out/imatrix.gguf) atomically from the last stage's folder."""
+    checkpoint = out / "checkpoint"
+    with building_folder(checkpoint) as building:
+        link_checkpoint(weights, building, skip=("stage.json", IMATRIX_NAME, "bedside-demo.json"))
+    imatrix = out / IMATRIX_NAME
+    if imatrix_source is None:
+        imatrix.unlink(missing_ok=True)  # a stale matrix of an earlier run would mislead the exporter
+        return checkpoint, None
+    temporary = out / f".tmp-{IMATRIX_NAME}-{os.getpid()}"
+    shutil.copy2(imatrix_source, temporary)
+    os.replace(temporary, imatrix)
+    return checkpoint, imatrix
+
+
+@dataclass
+class _Outcome:
+    """One stage's result as the pipeline passes it on."""
+
+    entry: dict[str, Any]  # compression.json `stages.<name>`: timings and resumption, or `skipped`
+    hash: str  # the input hash the next stage chains from (the previous one's when skipped)
+    ran: bool  # the stage produced weights (computed or resumed)
+    details: dict[str, Any]  # what the stage recorded (layers, scores, heal/AWQ records)
+
+
+def _stage_entry(stored: dict[str, Any]) -> dict[str, Any]:
+    keys = ("seconds", "peak_rss_bytes", "resumed", "hash", "folder", "output_sha256")
+    return {key: stored[key] for key in keys}
+
+
+def _say(progress: bool, text: str) -> None:
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(text)
+
+
+def _prune_stage(
+    runner: StageRunner, options: CompressOptions, num_layers: int, previous: str, data: _Data
+) -> _Outcome:
+    """Choose the layers (method or explicit list) and remove them."""
+
+    n_remove = layers_to_remove_count(options)
+    if n_remove == 0:
+        details = {
+            "layers_removed": [],
+            "layer_scores": {"method": None, "scores": [None] * num_layers},
+            "selection": None,
+        }
+        return _Outcome({"skipped": "no layers to remove (prune_layers 0)"}, previous, False, details)
+    explicit = options.layers is not None
+    knobs: dict[str, Any] = {}
+    inputs: dict[str, Any]
+    if explicit:
+        inputs = {"layers": check_layer_indices(list(options.layers or ()), num_layers)}
+    else:
+        method = get_selection_method(options.method)
+        if options.quant is not None and "quant_scheme" in method.knobs:
+            knobs["quant_scheme"] = options.quant  # score layers as the quantized model will run
+        inputs = {"method": options.method, "n_remove": n_remove, "knobs": knobs}
+        if method.needs_calibration:
+            inputs["calibration"] = data.calibration["blocks_sha256"]
+    input_hash = stage_hash("prune", previous, inputs)
+
+    def compute(model: Any, _folder: Path) -> tuple[Any, dict[str, Any]]:
+        if explicit:
+            layers = list(inputs["layers"])
+            selection = None
+            scores: dict[str, Any] = {"method": "explicit", "scores": [None] * num_layers}
+        else:
+            selection = select_layers(options.method, model, data.calib_ids, n_remove, **knobs)
+            layers = list(selection.layers_to_remove)
+            scores = {"method": selection.method, "scores": list(selection.scores)}
+        remove_layers(model, layers)
+        return model, {
+            "layers_removed": layers,
+            "layer_scores": scores,
+            "selection": selection.to_dict() if selection is not None else None,
+        }
+
+    _say(runner.progress, f"prune: removing {n_remove} of {num_layers} layers")
+    stored = runner.run("prune", input_hash, inputs, compute)
+    return _Outcome(_stage_entry(stored), input_hash, True, stored["details"])
+
+
+def _heal_stage(
+    runner: StageRunner, options: CompressOptions, n_removed: int, previous: str, data: _Data
+) -> _Outcome:
+    """LoRA-heal the pruned model on the calibration data (merged into the weights)."""
+
+    if n_removed == 0:
+        return _Outcome({"skipped": "no layer removed: nothing to heal"}, previous, False, {"heal": None})
+    if not options.heal:
+        return _Outcome({"skipped": "healing turned off (--no-heal)"}, previous, False, {"heal": None})
+    inputs = {
+        "max_steps": options.heal_steps,
+        "max_seconds": options.heal_seconds,
+        "seed": options.seed,
+        "blocks": token_ids_sha256(data.heal_ids, data.heal_labels),
+    }
+    input_hash = stage_hash("heal", previous, inputs)
+
+    def compute(model: Any, _folder: Path) -> tuple[Any, dict[str, Any]]:
+        result = heal(
+            model,
+            runner.tokenizer,
+            data.heal_ids,
+            train_labels=data.heal_labels,
+            max_steps=options.heal_steps,
+            max_seconds=options.heal_seconds,
+            seed=options.seed,
+            progress=runner.progress,
+        )
+        return result.model, {"heal": result.record.model_dump(mode="json")}
+
+    stored = runner.run("heal", input_hash, inputs, compute)
+    return _Outcome(_stage_entry(stored), input_hash, True, stored["details"])
+
+
+def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str, data: _Data) -> _Outcome:
+    """AWQ (scales + clipping folded into float weights, importance matrix) or RTN (weights as they are)."""
+
+    scheme = options.quant
+    if scheme is None:
+        return _Outcome({"skipped": "no quantization scheme"}, previous, False, {"quant": None, "awq": None})
+    grid = get_grid(scheme)
+    quant = {
+        "scheme": scheme,
+        "method": options.quant_method,
+        "group_size": grid.group_size,
+        "export_grid": grid.name,
+    }
+    if grid.bits >= 16:
+        quant["method"] = None
+        reason = f"{scheme} stores float weights: nothing to quantize"
+        return _Outcome({"skipped": reason}, previous, False, {"quant": quant, "awq": None})
+    inputs: dict[str, Any] = {"scheme": scheme, "method": options.quant_method}
+    if options.quant_method == "awq":
+        inputs.update(calibration=data.calibration["blocks_sha256"], seed=options.seed)
+    input_hash = stage_hash("quantize", previous, inputs)
+    write_imatrix = scheme in FORMATS["gguf"]
+
+    def compute(model: Any, folder: Path) -> tuple[Any, dict[str, Any]]:
+        if options.quant_method == "rtn":
+            # The exporter rounds to nearest on the same grid: the float weights stay as they are.
+            return None, {"quant": quant, "awq": None}
+
+        imatrix = folder / IMATRIX_NAME if write_imatrix else None
+        result = awq(
+            model, data.calib_ids, scheme, imatrix_path=imatrix, progress=runner.progress, seed=options.seed
+        )
+        record = dict(result.record)
+        record["imatrix"] = IMATRIX_NAME if imatrix is not None else None  # relative to the stage folder
+        return result.model, {"quant": {**quant, "search_grid": record.get("search_grid")}, "awq": record}
+
+    _say(runner.progress, f"quantize: {options.quant_method} for {scheme}")
+    stored = runner.run("quantize", input_hash, inputs, compute)
+    return _Outcome(_stage_entry(stored), input_hash, True, stored["details"])
+
+
+def _plan_record(plan: Plan | None) -> dict[str, Any] | None:
+    """What compression.json keeps of the plan: profile and the chosen candidate's decisions."""
+    if plan is None:
+        return None
+    chosen = plan.chosen
+    return {
+        "profile": plan.profile,
+        "model": plan.model,
+        "format": chosen.format if chosen else None,
+        "quant": chosen.quant if chosen else None,
+        "runtime": chosen.runtime if chosen else None,
+        "layers_removed": chosen.layers_removed if chosen else None,
+        "layers": chosen.layers if chosen else None,
+        "predicted_quality_loss": chosen.predicted_quality_loss if chosen else None,
+    }
+
+
+def compress(
+    model: str | Path,
+    out: Path,
+    options: CompressOptions,
+    *,
+    plan: Plan | None = None,
+    progress: bool = True,
+) -> CompressResult:
+    """Prune, heal and quantize `model` into `out` (layout and stages in the module docstring).
+
+    Re-running with unchanged inputs resumes every finished stage from `out/stages/`. `plan` is
+    recorded in compression.json (turn a plan into options with `options_from_plan`).
+    """
+
+    started = time.perf_counter()
+    source = resolve_model_dir(model, need_weights=True)
+    num_layers = read_facts(source).num_layers
+    validate_options(options, num_layers)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BedsideError(f"--out '{out}' is a file: pass a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    remove_stale_temporaries(out / "stages")
+
+    tokenizer = load_tokenizer(source)
+    data = _prepare_data(tokenizer, options)
+    source_sha = weights_sha256(source)
+    runner = StageRunner(source, out, tokenizer, data.eval_ids, progress, _storage_dtype(source))
+
+    quality: dict[str, float | None] = {"original": None, "pruned": None, "healed": None, "quantized": None}
+    quality["original"] = runner.quality(f"source-{source_sha}", "original")
+    previous = sha256_json({"source_sha256": source_sha})
+    pruned = _prune_stage(runner, options, num_layers, previous, data)
+    if pruned.ran:
+        quality["pruned"] = runner.quality(f"prune-{pruned.hash}", "pruned")
+    healed = _heal_stage(runner, options, len(pruned.details["layers_removed"]), pruned.hash, data)
+    if healed.ran:
+        quality["healed"] = runner.quality(f"heal-{healed.hash}", "healed")
+    quantized = _quantize_stage(runner, options, healed.hash, data)
+    imatrix_source: Path | None = None
+    if options.quant is not None:
+        scheme = options.quant
+        if quantized.ran and (runner.current_dir / IMATRIX_NAME).is_file():
+            imatrix_source = runner.current_dir / IMATRIX_NAME
+        quality["quantized"] = runner.quality(
+            f"quantized-{scheme}-{quantized.hash}", "quantized", lambda m: fake_quantize_model(m, scheme)
+        )
+
+    (out / COMPRESSION_RECORD).unlink(missing_ok=True)  # never a record beside another run's weights
+    checkpoint, imatrix = _publish(runner.current_dir, out, imatrix_source)
+    last_ran = [outcome for outcome in (pruned, healed, quantized) if outcome.ran]
+    checkpoint_sha = last_ran[-1].entry["output_sha256"] if last_ran else source_sha  # same weight files
+    options_record = dataclasses.asdict(options)
+    options_record["layers"] = list(options.layers) if options.layers is not None else None
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "bedside_version": __version__,
+        "model": {
+            "name": str(model),
+            "source": str(source),
+            "source_sha256": source_sha,
+            "num_layers": num_layers,
+        },
+        "options": options_record,
+        "plan": _plan_record(plan),
+        "layers_removed": list(pruned.details["layers_removed"]),
+        "num_layers_after": num_layers - len(pruned.details["layers_removed"]),
+        "layer_scores": pruned.details["layer_scores"],
+        "selection": pruned.details["selection"],
+        "quant": quantized.details["quant"],
+        "awq": quantized.details["awq"],
+        "heal": healed.details["heal"],
+        "calibration": data.calibration,
+        "eval": data.evaluation,
+        "data_split": data.split,
+        "quality": {"metric": "perplexity", **quality},
+        "stages": {"prune": pruned.entry, "heal": healed.entry, "quantize": quantized.entry},
+        "checkpoint": {"path": str(checkpoint), "sha256": checkpoint_sha},
+        "imatrix": str(imatrix) if imatrix is not None else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json_atomic(out / COMPRESSION_RECORD, record)
+    return CompressResult(checkpoint=checkpoint, record=record, imatrix=imatrix)
+
+
+def _storage_dtype(source: Path) -> torch.dtype:
+    """The dtype the source checkpoint stores its weights in (config `dtype`/`torch_dtype`), else float32."""
+
+    try:
+        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    name = config.get("dtype") or config.get("torch_dtype") or text_config.get("dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32

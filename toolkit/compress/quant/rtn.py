@@ -1,0 +1,104 @@
+"""Round-to-nearest (RTN): the no-search baseline, and fake quantization of a whole model.
+
+RTN stores every decoder linear as the export grid rounds it, with no scales and no clipping:
+``W_q = Q(W)`` where ``Q = get_grid(scheme).fake_quantize`` (bit-exact emulation of the exporter).
+``fake_quantize_model`` applies the same ``Q`` in place to any model, e.g. one AWQ has already
+scaled and clipped, to see its quality before export. Embeddings, the final norm and ``lm_head``
+are left in float: only the decoder layers' ``nn.Linear`` weights are touched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from toolkit.compress.quant.base import QuantGrid
+from toolkit.compress.quant.grids import get_grid, grid_for_row
+from toolkit.core.errors import BedsideError
+from toolkit.model.architectures import TextFamily, text_family_for
+
+
+def resolve_text_family(model: nn.Module) -> TextFamily:
+    """The architecture table entry of a ``*ForCausalLM`` model (by class name, then model_type)."""
+    config = getattr(model, "config", None)
+    family = text_family_for(type(model).__name__, None) or text_family_for(
+        None, getattr(config, "model_type", None)
+    )
+    if family is None:
+        raise BedsideError(
+            f"no architecture table entry for {type(model).__name__} "
+            f"(model_type {getattr(config, 'model_type', None)!r}): quantization supports "
+            "Llama/Mistral/Qwen2/Qwen3/Gemma-style decoders"
+        )
+    return family
+
+
+def decoder_layers(model: nn.Module, family: TextFamily | None = None) -> nn.ModuleList:
+    """The decoder layers of a causal LM (``model.layers`` for Llama-style models)."""
+    family = family or resolve_text_family(model)
+    layers = model.get_submodule(family.layers_path)
+    if not isinstance(layers, nn.ModuleList):
+        raise BedsideError(f"{family.layers_path} of {type(model).__name__} is not a list of layers")
+    return layers
+
+
+def decoder_linears(model: nn.Module, family: TextFamily | None = None) -> list[tuple[str, nn.Linear]]:
+    """(full module name, module) of every ``nn.Linear`` inside the decoder layers, in order."""
+    family = family or resolve_text_family(model)
+    prefix = family.layers_path
+    layers = decoder_layers(model, family)
+    return [
+        (f"{prefix}.{name}", module)
+        for name, module in layers.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+
+
+@torch.no_grad()
+def fake_quantize_linear(linear: nn.Linear, grid: QuantGrid) -> None:
+    """Replace ``linear.weight`` by ``Q(W)`` on ``grid`` (float storage, values on the grid)."""
+    weight = linear.weight.data
+    linear.weight.data = grid.fake_quantize(weight.to(torch.float32)).to(weight.dtype)
+
+
+@torch.no_grad()
+def fake_quantize_model(model: nn.Module, scheme: str) -> nn.Module:
+    """Fake-quantize every decoder linear of ``model`` in place with ``scheme``'s grid; returns it.
+
+    Each linear uses ``grid_for_row(scheme, in_features)``: the type llama.cpp falls back to where
+    the scheme's block does not divide the row. Raises ``BlockShapeError`` (a BedsideError) where a
+    weight fits no grid.
+    """
+    for _name, linear in decoder_linears(model):
+        fake_quantize_linear(linear, grid_for_row(scheme, linear.in_features))
+    return model
+
+
+@dataclass
+class RtnResult:
+    """The fake-quantized model and what was done (``method``, ``scheme``, ``grid``, ``tensors``, ``seconds``)."""
+
+    model: nn.Module
+    record: dict[str, Any]
+
+
+def rtn(model: nn.Module, scheme: str) -> RtnResult:
+    """Round-to-nearest baseline: ``W <- Q(W)`` for every decoder linear, in place."""
+    start = time.perf_counter()
+    grid = get_grid(scheme)
+    linears = decoder_linears(model)
+    fake_quantize_model(model, scheme)
+    record = {
+        "method": "rtn",
+        "scheme": scheme,
+        "grid": grid.name,
+        "group_size": grid.group_size,
+        "grids": sorted({grid_for_row(scheme, linear.in_features).name for _name, linear in linears}),
+        "tensors": len(linears),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return RtnResult(model=model, record=record)

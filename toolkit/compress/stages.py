@@ -1,0 +1,325 @@
+"""The machinery under `toolkit.compress.pipeline`: stage folders, input hashes, checkpoints, perplexity, peak RSS.
+
+Why a separate module: `compress.py` reads as the pipeline (prune -> heal -> quantize); this file
+holds what every stage needs and none of them is about.
+
+- **Stage folders.** A stage's result lives in `out/stages/<stage>-<hash12>/` (an HF checkpoint plus
+  `stage.json`). It is built under a temporary name (`.tmp-<stage>-<hash12>-<pid>`) and renamed
+  when complete (`rename` is atomic on one file system), so a folder with the final name is always
+  a finished stage; a killed run leaves only a temporary folder, removed by the next run once its
+  process is gone.
+- **Input hashes.** `hash = sha256(canonical JSON of {stage, previous hash, options, data hashes,
+  STAGE_FORMAT})`: the previous stage's hash chains back to the source checkpoint's sha256, so a
+  stage is reused only when everything that produced it is unchanged.
+- **Perplexity** on held-apart blocks: `ppl = exp( sum_b sum_t -log p(x_{b,t+1} | x_{b,<=t}) / N )`
+  over every predicted position of every block (N = blocks x (seq_len - 1)), the usual token-level
+  perplexity of a causal LM.
+- **Peak RSS per stage.** The kernel's high-water mark (VmHWM) cannot be reset inside a process, so
+  `RssSampler` polls the resident set size (psutil) every 50 ms on a background thread and keeps
+  the maximum; a spike shorter than the period can be missed, so it is a lower bound.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from toolkit.core.atomic import building_folder, write_json_atomic
+from toolkit.core.errors import BedsideError
+from toolkit.core.hashing import sha256_json, token_ids_sha256, weights_sha256
+from toolkit.core.records import STAGE_RECORD
+
+STAGE_FORMAT = 1  # bump when a stage's algorithm or folder layout changes: old folders stop matching
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashes
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_hash(stage: str, previous: str, inputs: dict[str, Any]) -> str:
+    """The input hash of a stage: previous stage's hash + this stage's options and data hashes."""
+    return sha256_json({"stage": stage, "previous": previous, "inputs": inputs, "format": STAGE_FORMAT})
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files and folders
+# ---------------------------------------------------------------------------------------------
+
+
+def link_or_copy(source: Path, destination: Path) -> None:
+    """Hard-link a file (stage files are never rewritten in place), or copy where linking fails."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def link_checkpoint(source: Path, destination: Path, skip: Sequence[str] = (STAGE_RECORD,)) -> None:
+    """Put a checkpoint folder's files (not subfolders, not those named in `skip`) into `destination`."""
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name not in skip and not path.name.startswith("."):
+            link_or_copy(path, destination / path.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """Load an HF causal LM from a local folder (offline, no remote code) in `dtype`, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, low_cpu_mem_usage=True, local_files_only=True
+        )
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BedsideError(f"cannot load the checkpoint in '{folder}' as a causal LM: {first}") from None
+    return model.eval()
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The checkpoint's tokenizer (local files only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BedsideError(f"cannot load the tokenizer in '{folder}': {first}") from None
+
+
+def save_checkpoint(model: Any, tokenizer: Any, source: Path, folder: Path, dtype: torch.dtype) -> None:
+    """Save weights (safetensors, in `dtype`), config, tokenizer and chat template into `folder`.
+
+    The model is cast to `dtype` in place (the caller evaluates what was saved). Files of the
+    source checkpoint that transformers does not rewrite (`chat_template.jinja`,
+    `generation_config.json`) are copied when the save did not produce them.
+    """
+    model.to(dtype)
+    model.config.dtype = dtype
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    for name in ("chat_template.jinja", "generation_config.json"):
+        if (source / name).is_file() and not (folder / name).exists():
+            shutil.copy2(source / name, folder / name)
+
+
+def read_stage_record(folder: Path) -> dict[str, Any] | None:
+    """The `stage.json` of a finished stage folder, or None when absent or unreadable."""
+    path = folder / STAGE_RECORD
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def perplexity(model: Any, blocks: torch.Tensor, batch_size: int = 4, progress: Any = None) -> float:
+    """Token-level perplexity of `model` on `blocks` [n, seq_len] (formula in the module docstring)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    count = 0
+    try:
+        for start in range(0, blocks.shape[0], batch_size):
+            ids = blocks[start : start + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].to(torch.float32)
+            targets = ids[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+            count += targets.numel()
+            if progress is not None:
+                progress(int(ids.shape[0]))
+    finally:
+        model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak resident memory of a stage
+# ---------------------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Maximum resident set size of this process while the `with` block runs (sampled every period)."""
+
+    def __init__(self, period_s: float = 0.05) -> None:
+        self.period_s = period_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while True:
+            self.peak_bytes = max(self.peak_bytes, int(process.memory_info().rss))
+            if self._stop.wait(self.period_s):
+                break
+        self.peak_bytes = max(self.peak_bytes, int(process.memory_info().rss))
+
+    def __enter__(self) -> RssSampler:
+        self._thread = threading.Thread(target=self._sample, name="bedside-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def eval_overlap(calibration_keys: set[str], eval_keys: Sequence[str]) -> int:
+    """How many evaluation documents also occur in the calibration documents (by content key)."""
+    return sum(1 for key in eval_keys if key in calibration_keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running stages
+# ---------------------------------------------------------------------------------------------
+
+# compute(model, folder) -> (model or None when the weights are unchanged, details)
+StageCompute = Callable[[Any, Path], tuple[Any | None, dict[str, Any]]]
+
+
+class StageRunner:
+    """Where the current weights are, the live model (loaded lazily), and the perplexity cache.
+
+    `run` resumes a stage from its folder or computes and saves it; `quality` measures (or reads
+    back) the perplexity of the current weights on the evaluation blocks.
+    """
+
+    def __init__(
+        self,
+        source: Path,
+        out: Path,
+        tokenizer: Any,
+        eval_ids: torch.Tensor,
+        progress: bool,
+        storage_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.source = source
+        self.stages_dir = out / "stages"
+        self.tokenizer = tokenizer
+        self.eval_ids = eval_ids
+        self.eval_key = token_ids_sha256(eval_ids)
+        self.progress = progress
+        self.storage_dtype = storage_dtype
+        self.current_dir = source
+        self.model: Any = None
+        self.quality_path = self.stages_dir / "quality.json"
+        self.quality_cache: dict[str, float] = _read_json_object(self.quality_path)
+
+    def live_model(self) -> Any:
+        """The current weights as a float32 model (loaded from `current_dir` when not live)."""
+        if self.model is None:
+            self.model = load_causal_lm(self.current_dir, torch.float32)
+        return self.model
+
+    def run(
+        self, name: str, input_hash: str, inputs: dict[str, Any], compute: StageCompute
+    ) -> dict[str, Any]:
+        """Resume stage `name` from its folder, or compute it (timed, peak RSS sampled) and save it.
+
+        `compute(model, folder)` returns the stage's model and details; it may write extra files
+        into `folder` (the stage's folder under construction). A returned model of None means
+        "weights unchanged": the previous weights are hard-linked instead of saved again.
+        """
+        folder = self.stages_dir / f"{name}-{input_hash[:12]}"
+        stored = read_stage_record(folder) if folder.is_dir() else None
+        if stored is not None and stored.get("hash") == input_hash:
+            self.current_dir = folder
+            self.model = None  # the next stage loads the resumed weights only if it needs them
+            return {**stored, "resumed": True}
+        model = self.live_model()
+        with building_folder(folder) as building:
+            start = time.perf_counter()
+            with RssSampler() as rss:
+                changed, details = compute(model, building)
+            seconds = time.perf_counter() - start
+            if changed is None:
+                link_checkpoint(self.current_dir, building)
+                previous = read_stage_record(self.current_dir) or {}
+                output_sha = previous.get("output_sha256") or weights_sha256(building)
+            else:
+                model = changed
+                save_checkpoint(model, self.tokenizer, self.source, building, self.storage_dtype)
+                model.to(torch.float32)  # exact: the saved values, widened
+                output_sha = weights_sha256(building)
+            stored = {
+                "stage": name,
+                "hash": input_hash,
+                "inputs": inputs,
+                "details": details,
+                "seconds": round(seconds, 3),
+                "peak_rss_bytes": rss.peak_bytes,
+                "output_sha256": output_sha,
+                "folder": f"stages/{folder.name}",
+            }
+            write_json_atomic(building / STAGE_RECORD, stored)
+        self.current_dir = folder
+        self.model = model
+        return {**stored, "resumed": False}
+
+    def quality(self, key: str, label: str, transform: Callable[[Any], Any] | None = None) -> float:
+        """Perplexity of the current weights on the evaluation blocks, cached under `key`.
+
+        `transform` (e.g. fake quantization) is applied to the live model in place first; the
+        model is then dropped, since it no longer holds the stage's weights.
+        """
+        cache_key = f"{key}|{self.eval_key}"
+        if cache_key in self.quality_cache:
+            return float(self.quality_cache[cache_key])
+        model = self.live_model()
+        if transform is not None:
+            transform(model)
+        value = _perplexity_with_bar(model, self.eval_ids, self.progress, label)
+        if transform is not None:
+            self.model = None
+        self.quality_cache[cache_key] = value
+        write_json_atomic(self.quality_path, self.quality_cache)
+        return value
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _perplexity_with_bar(model: Any, blocks: torch.Tensor, enabled: bool, label: str) -> float:
+    with Progress(
+        TextColumn(f"perplexity ({label})"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    ) as bar:
+        task = bar.add_task("perplexity", total=int(blocks.shape[0]))
+        return perplexity(model, blocks, progress=lambda n: bar.update(task, advance=n))

@@ -1,0 +1,39 @@
+"""Resolve a user's `--model` argument: "demo" or a local folder holding config.json."""
+
+from pathlib import Path
+
+from toolkit.core.errors import BedsideError
+from toolkit.core.paths import demo_model_dir
+
+DEMO_NAME = "demo"
+
+
+def resolve_model_dir(model: str | Path, need_weights: bool = False) -> Path:
+    """Return the checkpoint folder for `model`; refuse anything that is not a local HF folder.
+
+    Offline by design: hub names are refused rather than fetched.
+    """
+    if str(model) == DEMO_NAME:
+        folder = demo_model_dir()
+        if not (folder / "config.json").is_file():
+            raise BedsideError(
+                f"the demo model is not set up at {folder}: run `make setup` (or `bedside setup`) first"
+            )
+    else:
+        folder = Path(model).expanduser()
+        if not folder.exists():
+            raise BedsideError(
+                f"model '{model}' not found: pass 'demo' or a local folder with config.json "
+                "(Bedside works offline and does not download from a model hub)"
+            )
+        if folder.is_file():
+            raise BedsideError(f"model '{model}' is a file: pass the folder that holds config.json")
+        if not (folder / "config.json").is_file():
+            raise BedsideError(
+                f"model folder '{model}' has no config.json: pass a Hugging Face checkpoint folder"
+            )
+    if need_weights and not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        hint = " (pickle .bin weights are refused: convert them to safetensors)" if pickles else ""
+        raise BedsideError(f"model folder '{folder}' has no *.safetensors weights{hint}")
+    return folder

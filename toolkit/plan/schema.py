@@ -1,0 +1,89 @@
+"""plan.json: the planner's decision, consumed by compress, export, validate and deploy; its read and write."""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from toolkit.core.atomic import write_text_atomic
+from toolkit.core.errors import BedsideError
+from toolkit.core.records import PLAN_RECORD, SCHEMA_VERSION
+
+
+class MemoryEstimate(BaseModel):
+    """Estimated peak memory of a deployment, in bytes, every term visible."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    total_bytes: int
+    weights_bytes: int  # text decoder weights in the exported types (incl. embeddings, output, norms)
+    kv_cache_bytes: int
+    vision_bytes: int  # vision tower + projector weights + image-token activations
+    overhead_bytes: int  # runtime compute buffers + fixed runtime/CUDA-context overhead
+    detail: dict[str, int] = {}  # finer terms (per tensor type, compute buffer, context, ...)
+
+
+class Candidate(BaseModel):
+    """One point of the search space with its estimated memory and predicted quality loss."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str
+    quant: str
+    runtime: str
+    layers_removed: int
+    layers: list[int] | None = None  # original indices to remove, once measured
+    vision_dtype: str | None = None
+    memory: MemoryEstimate
+    fits: bool
+    predicted_quality_loss: float  # predicted perplexity increase, percent
+    predicted_decode_tokens_per_s: float | None = None
+    reason: str = ""
+
+
+class Plan(BaseModel):
+    """The planner's output: budget, fp16 reference size, the chosen candidate and all considered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    model: str
+    profile: str
+    context_length: int
+    budget_bytes: int
+    fp16_bytes: int
+    fits: bool
+    chosen: Candidate | None
+    candidates: list[Candidate] = Field(default_factory=list)
+    reason: str = ""
+
+
+def write_plan(plan: Plan, path: Path) -> None:
+    """Write plan.json atomically; a folder gets `plan.json` inside."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PLAN_RECORD
+    try:
+        write_text_atomic(path, plan.model_dump_json(indent=2) + "\n")
+    except OSError as error:
+        raise BedsideError(f"cannot write {path}: {error.strerror or error}") from None
+
+
+def read_plan(path: Path) -> Plan:
+    """Load and validate plan.json; a one-line BedsideError when missing or invalid."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PLAN_RECORD
+    if not path.is_file():
+        raise BedsideError(f"plan file '{path}' not found: write one with `bedside plan ... --out {path}`")
+    try:
+        return Plan.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "file"
+        raise BedsideError(
+            f"plan file '{path}' is not a valid plan.json ({where}: {first.get('msg', 'invalid')}): "
+            "re-create it with `bedside plan --out`"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise BedsideError(f"cannot read plan file '{path}': {error}") from None

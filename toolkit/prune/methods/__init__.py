@@ -1,9 +1,0 @@
-"""Layer-selection methods, one file each; importing this package registers them all.
-
-To add a method: write `toolkit/prune/methods/<name>.py` with a function decorated by
-`@register_selection_method("<name>")` (see `toolkit.prune.registry`), and add its import below.
-"""
-
-from toolkit.prune.methods import activation, angular, block_influence, last
-
-__all__ = ["activation", "angular", "block_influence", "last"]

@@ -1,0 +1,1 @@
+"""The target: device profiles (schema and loading) and the host measured now."""

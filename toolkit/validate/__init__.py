@@ -1,0 +1,1 @@
+"""Validation: evaluate an artifact on its runtime against the reference, pass/fail checks, re-plan."""

@@ -1,0 +1,223 @@
+"""Validation checks of an exported model on the target runtime: every one PASS/FAIL with number and threshold.
+
+Why: the planner's memory and quality figures are estimates; a deployment ships only when what was
+measured on the runtime holds against the device profile. Inputs are the `toolkit.validate.evaluate.evaluate`
+result (compressed artifact scored against the uncompressed reference on held-apart domain data,
+then loaded with its KV cache filled to the profile's context) and the plan's chosen candidate.
+
+Checks (`blocking` ones decide whether deploy re-plans; the others are reported):
+
+- perplexity_increase_pct = (ppl_compressed / ppl_reference - 1) * 100
+  <= profile.quality_floor.max_perplexity_increase_pct                              (blocking)
+- kl_divergence = mean over scored positions t of sum_v p_ref(v|t) * (log p_ref(v|t) - log p_cmp(v|t))
+  <= ln(1 + floor / 100) nats                                                        (blocking)
+  Why that threshold: on text drawn from the reference model, E[-log p_cmp] = H(p_ref) + KL, so a
+  KL of ln(1 + f) is exactly a perplexity increase of f; the profile's floor carries over.
+- top1_agreement (share of positions where both models rank the same token first)
+  >= TOP1_AGREEMENT_MIN                                                           (reported only;
+  a Bedside policy figure, the profile has none)
+- accuracy_retention_pct = accuracy_compressed / accuracy_reference * 100
+  >= profile.quality_floor.min_accuracy_retention_pct  (blocking; only when the eval data has answers)
+- peak_memory_bytes: peak memory of the runtime with the model loaded and the KV cache filled to
+  the profile's context (RSS; plus VRAM on a unified-memory device; VRAM alone on a discrete
+  GPU when measured) <= the profile's budget, the planner's estimate shown beside it (blocking)
+- decode_tokens_per_s measured on this host >= profile.min_decode_tokens_per_s (reported only:
+  the target's speed needs the simulator, which is not built)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from toolkit.plan.schema import Candidate
+from toolkit.target.profiles import DeviceProfile
+
+TOP1_AGREEMENT_MIN = 0.6
+SIMULATOR_NOTE = "predicted speed on the target: simulator not built; measured on this host"
+
+
+@dataclass
+class Check:
+    """One PASS/FAIL line of a report: `passed` is value compared with threshold by `comparison`."""
+
+    name: str
+    passed: bool
+    value: float | None
+    threshold: float | None
+    comparison: str = "<="  # "<=" or ">="
+    unit: str = ""
+    blocking: bool = True
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (report.json `checks` items: name, passed, value, threshold, ...)."""
+        return asdict(self)
+
+    def describe(self) -> str:
+        """`value <= threshold unit` as text, for terminals and the HTML report."""
+        return f"{format_number(self.value, self.unit)} {self.comparison} {format_number(self.threshold, self.unit)}"
+
+
+def format_number(value: float | None, unit: str = "") -> str:
+    """Human text of a figure: bytes as MiB, percentages with 2 decimals, others with 4 significant digits."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if unit == "bytes":
+        return f"{value / 2**20:.1f} MiB"
+    if unit == "%":
+        return f"{value:.2f} %"
+    return f"{value:.4g}{(' ' + unit) if unit else ''}"
+
+
+def _compare(value: float | None, threshold: float, comparison: str) -> bool:
+    if value is None or math.isnan(value):
+        return False
+    return value <= threshold if comparison == "<=" else value >= threshold
+
+
+def reference_metric(evaluation: dict[str, Any], key: str) -> Any:
+    """A metric of the uncompressed reference from an evaluate() result (`reference` dict or `reference_<key>`)."""
+    reference = evaluation.get("reference")
+    if isinstance(reference, dict) and reference.get(key) is not None:
+        return reference[key]
+    return evaluation.get(f"reference_{key}")
+
+
+def _accuracy_value(accuracy: Any) -> float | None:
+    if isinstance(accuracy, dict):
+        value = accuracy.get("overall")
+        return float(value) if value is not None else None
+    return float(accuracy) if isinstance(accuracy, int | float) else None
+
+
+def measured_memory_bytes(evaluation: dict[str, Any], profile: DeviceProfile) -> int | None:
+    """The measured figure that competes for the profile's model tier (see the module docstring)."""
+    rss = evaluation.get("peak_rss_bytes")
+    vram = evaluation.get("peak_vram_bytes")
+    kind = profile.model_memory_tier.kind
+    if kind == "device" and vram:
+        return int(vram)
+    if kind == "unified" and vram and rss is not None:
+        return int(rss) + int(vram)
+    return int(rss) if rss is not None else None
+
+
+def perplexity_increase_pct(evaluation: dict[str, Any]) -> float | None:
+    """(ppl / ppl_reference - 1) * 100, or None when either is missing."""
+    ppl = evaluation.get("perplexity")
+    reference = reference_metric(evaluation, "perplexity")
+    if ppl is None or not reference:
+        return None
+    return (float(ppl) / float(reference) - 1.0) * 100.0
+
+
+def build_checks(
+    evaluation: dict[str, Any], profile: DeviceProfile, candidate: Candidate, budget_bytes: int
+) -> list[Check]:
+    """The checks of one validated attempt (see the module docstring for each formula)."""
+    floor = profile.quality_floor
+    max_increase = floor.max_perplexity_increase_pct.value
+    checks: list[Check] = []
+
+    increase = perplexity_increase_pct(evaluation)
+    checks.append(
+        Check(
+            "perplexity_increase_pct",
+            _compare(increase, max_increase, "<="),
+            increase,
+            max_increase,
+            "<=",
+            "%",
+            detail=f"perplexity {format_number(evaluation.get('perplexity'))} vs reference "
+            f"{format_number(reference_metric(evaluation, 'perplexity'))}; floor: profile "
+            "quality_floor.max_perplexity_increase_pct",
+        )
+    )
+    kl = evaluation.get("kl_divergence")
+    kl_max = math.log1p(max_increase / 100.0)
+    checks.append(
+        Check(
+            "kl_divergence",
+            _compare(kl, kl_max, "<="),
+            None if kl is None else float(kl),
+            round(kl_max, 6),
+            "<=",
+            "nats",
+            detail="mean KL(reference || compressed) per token; threshold ln(1 + perplexity floor)",
+        )
+    )
+    top1 = evaluation.get("top1_agreement")
+    checks.append(
+        Check(
+            "top1_agreement",
+            _compare(top1, TOP1_AGREEMENT_MIN, ">="),
+            None if top1 is None else float(top1),
+            TOP1_AGREEMENT_MIN,
+            ">=",
+            blocking=False,
+            detail="share of positions where compressed and reference rank the same token first "
+            "(Bedside policy figure, reported only)",
+        )
+    )
+    accuracy = _accuracy_value(evaluation.get("accuracy"))
+    reference_accuracy = _accuracy_value(reference_metric(evaluation, "accuracy"))
+    if accuracy is not None:
+        if reference_accuracy is None:
+            retention = None
+        else:  # a reference that scores 0 cannot be fallen short of
+            retention = accuracy / reference_accuracy * 100.0 if reference_accuracy else 100.0
+        minimum = floor.min_accuracy_retention_pct.value
+        checks.append(
+            Check(
+                "accuracy_retention_pct",
+                _compare(retention, minimum, ">="),
+                retention,
+                minimum,
+                ">=",
+                "%",
+                detail=f"task accuracy {accuracy:.3f} vs reference {format_number(reference_accuracy)}",
+            )
+        )
+    memory = measured_memory_bytes(evaluation, profile)
+    checks.append(
+        Check(
+            "peak_memory_bytes",
+            _compare(memory, budget_bytes, "<="),
+            memory,
+            budget_bytes,
+            "<=",
+            "bytes",
+            detail=f"runtime with the KV cache filled to {evaluation.get('context', profile.context_length)} "
+            f"tokens; planner estimate {format_number(candidate.memory.total_bytes, 'bytes')}",
+            extra={"estimate_bytes": candidate.memory.total_bytes},
+        )
+    )
+    speed = evaluation.get("decode_tokens_per_s")
+    minimum_speed = profile.min_decode_tokens_per_s.value
+    checks.append(
+        Check(
+            "decode_tokens_per_s_host",
+            _compare(speed, minimum_speed, ">="),
+            None if speed is None else float(speed),
+            minimum_speed,
+            ">=",
+            "tok/s",
+            blocking=False,
+            detail=SIMULATOR_NOTE,
+        )
+    )
+    return checks
+
+
+def blocking_failures(checks: list[Check]) -> list[Check]:
+    """The failed checks that stop a deployment (quality floor, memory budget)."""
+    return [check for check in checks if check.blocking and not check.passed]
+
+
+def explain_failures(checks: list[Check]) -> str:
+    """One line naming every blocking failure with its number and threshold."""
+    failures = blocking_failures(checks)
+    return "; ".join(f"{check.name} {check.describe()} failed" for check in failures) or "all checks passed"
