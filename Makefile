@@ -20,7 +20,7 @@ export BEDSIDE_CACHE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLEL
 STAMP := $(VENV)/.bedside-setup-stamp
 BIN := $(VENV)/bin
 
-.PHONY: setup deploy test lint clean bench
+.PHONY: setup deploy test test-fast lint clean bench
 
 setup: $(STAMP)
 
@@ -37,7 +37,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check toolkit exporters runtimes tests bench
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# The edit loop: everything but the tests marked heavy (end-to-end deploys, demo exports).
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -q --durations=10 -m "not heavy" $(PYTEST_ARGS)
 
 # Benchmarks (docs/BENCHMARKS.md, raw results in docs/benchmarks/); each script resumes finished parts.
 bench: $(STAMP)

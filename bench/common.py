@@ -7,19 +7,18 @@ and MedQuAD question/answer pairs). Each source is split with
 also occurs (normalised) as a context or answer of a calibration document is dropped, so no
 evaluation token was seen by calibration, selection, healing or AWQ (`overlap_removed` counts them).
 
-Scoring (one definition for every benchmark):
+Scoring (one definition for every benchmark, `toolkit.core.metrics`):
 
     perplexity = exp( mean_t -log q(x_t | x_<t) )          over every predicted position of every block
     top-1 agreement = mean_t [ argmax_v q(v | x_<t) == argmax_v p(v | x_<t) ]
 
 with p the original float model and q the model under test, on the same evaluation tokens.
+Memory figures of a benchmark process come from `toolkit.core.memory_sampling` (`proc_status_bytes`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.core.atomic import write_json_atomic, write_text_atomic
+from toolkit.core.memory_sampling import proc_status_bytes
+from toolkit.core.metrics import perplexity, top1_agreement
 from toolkit.core.records import EVAL_FRACTION
 from toolkit.data import (
     Document,
@@ -40,20 +41,13 @@ from toolkit.data import (
     split_calibration_eval,
 )
 
-__all__ = ["write_json_atomic", "write_text_atomic"]  # the benchmarks' atomic writes are the project's
+# The benchmarks' atomic writes and /proc/self/status reader are the project's.
+__all__ = ["proc_status_bytes", "write_json_atomic", "write_text_atomic"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "docs" / "benchmarks"
 SOURCES: tuple[str, ...] = ("pubmedqa", "medquad")
 SPLIT_SEED = 0
-
-
-def proc_status_bytes(field: str) -> int:
-    """A memory figure of this process from /proc/self/status (`VmHWM`, `VmRSS`, `RssFile`, ...) in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def bench_cache_dir(name: str) -> Path:
@@ -179,49 +173,6 @@ def evaluation_blocks(
     return torch.cat(parts, dim=0)
 
 
-def calibration_blocks(data: MedicalData, tokenizer: Any, block_len: int, n_blocks: int, seed: int) -> Any:
-    """Calibration blocks that start at `n_blocks` different documents, sources taken in turn.
-
-    `make_blocks` packs a shuffled stream, so 8 blocks of 128 tokens would come from two long
-    MedQuAD answers; here block i is the first block of the stream shuffled with seed
-    `seed * 1000 + i` from source `i mod len(sources)` (chat-templated QA, as deployed).
-    """
-
-    import torch
-
-    sources = list(data.calibration_by_source)
-    rows = [
-        make_blocks(
-            data.calibration_by_source[sources[i % len(sources)]], tokenizer, block_len, 1, seed * 1000 + i
-        ).input_ids[0]
-        for i in range(n_blocks)
-    ]
-    ids = torch.stack(rows)
-    digest = hashlib.sha256(ids.numpy().astype("<i8").tobytes()).hexdigest()
-    return CalibrationBlocks(
-        input_ids=ids,
-        record={
-            "n_blocks": n_blocks,
-            "block_len": block_len,
-            "tokens": n_blocks * block_len,
-            "seed": seed,
-            "sources_in_turn": sources,
-            "input_ids_sha256": digest,
-        },
-    )
-
-
-@dataclass
-class CalibrationBlocks:
-    """Calibration token ids (n_blocks, block_len) and their record (counts, seed, hash)."""
-
-    input_ids: Any
-    record: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.record
-
-
 @dataclass
 class Scores:
     """Perplexity and top-1 agreement of one model on the evaluation blocks (see module docstring)."""
@@ -263,10 +214,10 @@ def score_model(model: Any, blocks: Any, reference_argmax: Any | None = None, ba
     argmax = torch.cat(argmaxes, dim=0)
     agreement = None
     if reference_argmax is not None:
-        agreement = float((argmax == reference_argmax).float().mean())
+        agreement = top1_agreement(argmax, reference_argmax)
     mean_nll = total_nll / count
     return Scores(
-        perplexity=math.exp(mean_nll),
+        perplexity=perplexity(total_nll, count),
         top1_agreement=agreement,
         mean_nll=mean_nll,
         tokens=count,

@@ -9,7 +9,7 @@ Per artifact (GGUF F16..Q3_K_M through llama.cpp, ONNX fp32..int4_b128 through O
 one `runtimes.measure.measure_in_child` job at context 2048: prefill 2016 tokens of held-apart
 medical text, decode 32 tokens greedily (the KV cache ends full), then score a fixed held-apart
 text from a fresh cache. Recorded: model file size, perplexity = exp(-mean_t log q(x_t | x_<t))
-over the scored tokens, prefill and decode tokens/s, peak RSS of the child (VmHWM), the load
+over the scored tokens (`toolkit.core.metrics`), prefill and decode tokens/s, peak RSS of the child (VmHWM), the load
 average before and after, and
 
     bandwidth_fraction = decode_tok_s / (host_bandwidth / bytes_per_token)
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ from bench.common import (
 )
 from exporters import export
 from runtimes.measure import MeasureJob, measure_in_child
+from toolkit.core.metrics import perplexity_from_logprobs
 from toolkit.core.records import EXPORT_RECORD
 from toolkit.model.source import resolve_model_dir
 from toolkit.target.host import measure_memory_bandwidth
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         entry.update(
             {
                 "runtime": RUNTIME_OF[format_name],
-                "perplexity": round(math.exp(-sum(logprobs) / len(logprobs)), 4) if logprobs else None,
+                "perplexity": round(perplexity_from_logprobs(logprobs), 4) if logprobs else None,
                 "scored_tokens": len(logprobs),
                 "prefill_tok_s": round(measured.prefill_tokens_per_s, 2),
                 "decode_tok_s": round(measured.decode_tokens_per_s, 2),

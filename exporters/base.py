@@ -129,10 +129,19 @@ def check_safetensors_file(path: Path) -> None:
 
 
 def write_record(out_dir: Path, record: dict[str, Any]) -> Path:
-    """Write the export record as `<out_dir>/export.json` (atomically: temp file, then rename)."""
+    """Write the export record as `<out_dir>/export.json` (atomically: temp file, then rename).
+
+    The exporter that made the files is the one writer of export.json; nothing rewrites it afterwards
+    (a deploy keeps what it adds in its own records). `record["file"]` names the file a runtime loads.
+    """
     path = out_dir / RECORD_NAME
     write_json_atomic(path, record)
     return path
+
+
+def read_record(out_dir: Path) -> dict[str, Any]:
+    """The export record `<out_dir>/export.json` as `write_record` wrote it."""
+    return json.loads((Path(out_dir) / RECORD_NAME).read_text(encoding="utf-8"))
 
 
 def normalise_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:

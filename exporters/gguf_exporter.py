@@ -34,19 +34,9 @@ NULL name, values in_sum2 / counts, plus the `quantize.imatrix.*` KV keys llama-
 Files are written to a scratch folder inside `out_dir` and renamed into place when complete; the F16
 intermediate is deleted unless F16 is what was asked for (or `keep_f16`).
 
-Measured on the demo model (SmolLM2-135M-Instruct; llama.cpp 2 threads; perplexity on a 487-token clinical
-paragraph, torch fp32 21.322; 2-core AVX2 host): conversion to F16 9 s idle (60 s with other jobs running),
-quantization 1-3 s, 5-10 s with an imatrix (reading and mapping it included).
-
-  scheme    file MB   perplexity   with imatrix (6.3k MedQuAD tokens, gathered on the torch model)
-  F16        270.9      21.326
-  Q8_0       144.8      21.547
-  Q6_K       138.4      21.787
-  Q5_K_M     112.1      24.464     (Q5_K falls back to Q5_1/Q5_0 at width 576: off the source's Q4_1 grid)
-  Q4_K_M     105.5      23.087       22.518
-  Q4_0        91.7      27.299       24.449
-  Q3_K_M      93.5      25.456       23.739
-  A constant (all-ones) imatrix is accepted: Q4_K_M 23.066, Q4_0 26.297 (the weighted search alone).
+Measured figures (conversion and quantization time, file size and perplexity per scheme, with and without an
+importance matrix, on the demo model): docs/RUNTIMES.md, section "GGUF schemes on the demo model". A constant
+(all-ones) importance matrix is accepted too (the weighted search alone).
 """
 
 from __future__ import annotations

@@ -15,66 +15,37 @@ Pipeline:
   4. Tokenizer files and chat template beside model.onnx; Bedside metadata in the model's
      metadata_props (bedside.*); export.json.
 
-Measured on the demo model, defaults, 487-token clinical paragraph (torch fp32 perplexity 21.322),
-2-core x86 (AVX2) shared host; export wall time includes optimum's ~25-30 s:
-
-  scheme      file MB   perplexity   export s   decode tok/s (ORT-default graph -> this export)
-  fp32         539.3      21.322        32        35
-  fp16         270.3      21.312        35        32
-  int8         189.6      21.50         32        5 -> 55
-  int4_b32     134.9      29.84         35        35 -> 69
-  int4_b128    128.5      28.73         32        -
-  (decode speeds idle-machine, batch 1 after a 256-token prefill; with other jobs on the host all
-  fall about 3x, the ratios stay: int4 default 2.0x, int8 default 12x the ORT-default graph.)
-  int4 costs +40 % perplexity here because the demo's weights lie on a Q4_1 grid that ORT's integer
-  zero points cannot reproduce (notes: "the demo model's weights are already 4-bit").
+Measured figures (file size, perplexity, export time and decode speed per scheme on the demo model):
+docs/RUNTIMES.md, section "ONNX schemes on the demo model". int4's large perplexity cost on the demo model
+comes from its weights lying on a Q4_1 grid that ORT's integer zero points cannot reproduce
+(docs/ENVIRONMENT.md, section "The demo model's weights are already 4-bit").
 
 LM_HEAD. optimum exports a tied lm_head as MatMul(hidden, Transpose(embedding)); MatMulNBitsQuantizer skips
 it ("MatMul doesn't have const weight"), so it stays fp32, and ORT constant-folds the Transpose at load:
-RAM then holds the fp32 embedding twice. Measured on the demo model (SmolLM2-135M-Instruct, tied,
-vocab 49152 x 576; ORT 1.31 CPU; 487-token clinical paragraph; fp32 perplexity 21.322, torch 21.322;
-RSS = peak of a process that loads the model and scores the paragraph; MatMulNBits accuracy_level 0):
+RAM then holds the fp32 embedding twice. Measured figures (file size, perplexity and peak RSS of every
+lm_head / embedding treatment on the demo model): docs/RUNTIMES.md, section "ONNX lm_head and embedding
+treatments".
 
-  body scheme       lm_head / embedding                      file MB   perplexity   RSS MB
-  int4 b32 asym     tied fp32 (optimum + ORT as they are)     182.7      29.92       1411
-  int4 b32 asym     untied int4 b32 / fp32                    200.8      32.02       1345
-  int4 b32 asym     untied int8 b32 / fp32                    215.4      29.84       1364
-  int4 b32 asym     untied int4 / int4 (ORT Gather quant.)    105.7      32.32       1258
-  int4 b32 asym     untied int8 / int4 b32                    120.3      30.07       1268
-  int4 b32 asym     untied int8 / int8 b32   <- default       134.9      29.82       1283
-  int4 b32 sym      tied fp32                                 181.0      27.24       1434
-  int4 b32 sym      untied int4 / fp32                        198.7      29.38       1317
-  int4 b32 sym      untied int8 / int4                        117.3      28.37       1265
-  int4 b32 sym      untied int8 / int8       <- default       131.5      27.34       1283
-  int4 b128 asym    tied fp32                                 176.3      28.53       1421
-  int4 b128 asym    untied int4 / fp32                        193.1      34.83       1329
-  int4 b128 asym    untied int8 / int4 b128                   111.0      30.32       1245
-  int4 b128 asym    untied int8 / int8 b32   <- default       128.5      28.46       1267
-  int4 b128 sym     tied fp32                                 175.7      30.13       1402
-  int8 b32 asym     tied fp32                                 237.4      21.43       1516
-  int8 b32 asym     untied int8 / fp32                        270.2      21.39       1440
-  (quantizing the Gather while the lm_head stays tied keeps the fp32 table for the Transpose: 200.8 MB.)
-
-  So: a 4-bit lm_head costs 7-22 % perplexity; an 8-bit one costs nothing measurable (the demo's
+  So: a 4-bit lm_head costs clearly measurable perplexity; an 8-bit one costs nothing measurable (the demo's
   embedding came from Q8_0, but llama.cpp keeps token_embd/output at 6-8 bits for the same reason);
-  an int4 embedding costs 0.5-6 %, an int8 one nothing. Default: untie, lm_head MatMulNBits int8
+  an int4 embedding costs a little, an int8 one nothing. Default: untie, lm_head MatMulNBits int8
   block 32, embedding GatherBlockQuantized int8 block 32 (written here: ORT's quantizer only does
-  4-bit Gathers, the contrib op takes uint8 data with bits=8): 26-27 % smaller file and ~130 MB less
-  RAM than the tied fp32 head, at the same perplexity. Options `lm_head` and `embedding` select the
+  4-bit Gathers, the contrib op takes uint8 data with bits=8): a smaller file and less RAM than the
+  tied fp32 head, at the same perplexity. Options `lm_head` and `embedding` select the
   others. (Asymmetric int4 here means ORT's grid: range widened to include 0, integer zero point; it
   does not reproduce the demo's Q4_1 grid, which is why symmetric b32 scores better on this model.)
 
 ACCURACY_LEVEL. MatMulNBits' accuracy_level 0/1 computes in fp32; on CPU that path is slow for 8-bit
-weights (the whole weight is dequantized per call: int8 scheme decode 5 tok/s vs fp32 35). Level 4
-quantizes activations to int8 per block and uses MLAS' integer kernels (AVX2 here; NEON/VNNI elsewhere):
-decode int4_b32 69 tok/s (35 at level 0), int8 55 tok/s; perplexity 29.819 -> 29.837 (int4_b32),
-28.465 -> 28.734 (int4_b128), 21.379 -> 21.50 (int8). Default 4; `accuracy_level=None` leaves ORT's.
+weights (the whole weight is dequantized per call). Level 4 quantizes activations to int8 per block and
+uses MLAS' integer kernels (AVX2 here; NEON/VNNI elsewhere): much faster decode at a small perplexity change.
+Default 4; `accuracy_level=None` leaves ORT's. Measured figures: docs/RUNTIMES.md, section "ONNX MatMulNBits
+accuracy_level".
 
-FP16. optimum's fp16 export on CPU works (dtype="fp16"; peak RSS 1.8 GB vs 3.0 GB for fp32; 290 MB: folding
-leaves the 30 o_proj weights fp32) with perplexity 21.333; converting the fp32 graph with
-onnxruntime.transformers.float16 takes 5 s more after the fp32 export, writes 270 MB (every weight
-fp16, as the planner's byte table counts) with perplexity 21.312. Default "convert"; "optimum" halves
-the export's peak memory, for a model whose fp32 graph does not fit in RAM.
+FP16. optimum's fp16 export on CPU works (dtype="fp16"), but folding leaves the 30 o_proj weights fp32;
+converting the fp32 graph with onnxruntime.transformers.float16 takes a little longer after the fp32 export
+and writes every weight fp16, as the planner's byte table counts. Default "convert"; "optimum" halves
+the export's peak memory, for a model whose fp32 graph does not fit in RAM. Measured figures:
+docs/RUNTIMES.md, section "ONNX fp16: converted graph vs optimum's fp16 export".
 
 Imports of optimum/onnx/onnxruntime happen inside functions: `import exporters` stays light.
 """
@@ -396,7 +367,7 @@ def set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
 
     Level 4 lets MLAS quantize activations to int8 per block and use its integer kernels: measured 2x
     faster decode for int4 and 11x for int8 weights (whose fp32 path dequantizes the whole weight per
-    call) at a perplexity change within 0.6 % (ACCURACY_LEVEL in the module docstring).
+    call) at a perplexity change within 0.6 % (docs/RUNTIMES.md, section "ONNX MatMulNBits accuracy_level").
     """
     from onnx import helper
 

@@ -24,7 +24,6 @@ import dataclasses
 import faulthandler
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -37,11 +36,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 from runtimes.registry import RUNNERS
 from runtimes.results import MeasureResult, RuntimeCrashError, RuntimeLoadError, ScoreResult
 from runtimes.runner import first_line
+from toolkit.core.memory_sampling import current_rss_bytes, peak_rss_bytes
 
 # Imported before the baseline reading, so `baseline_rss_bytes` covers Python and the runtime's
 # libraries and `loaded_rss_bytes - baseline_rss_bytes` is what loading the model added.
@@ -84,28 +83,6 @@ class MeasureJob:
     option_items: list[dict[str, Any]] | None = None
     runner_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Runner class
     kind: str = "measure"
-
-
-def _current_rss() -> int:
-    return int(psutil.Process().memory_info().rss)
-
-
-def _peak_rss() -> int:
-    """High-water resident memory of this process's own address space.
-
-    On Linux this is VmHWM from /proc/self/status, not getrusage's ru_maxrss: ru_maxrss survives
-    exec, so a child started by a toolkit holding 1 GB would report at least 1 GB.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
 class VramMonitor:
@@ -207,13 +184,13 @@ def run_job(
 
     for module in RUNTIME_MODULES.get(runtime, ()):
         __import__(module)
-    baseline = _current_rss()
+    baseline = current_rss_bytes()
     vram = VramMonitor().start()
     name = Path(path).name
     phase(f"loading {name}")
     runner = RUNNERS[runtime](**job.runner_options)
     runner.load(path, n_ctx=job.context, n_threads=job.n_threads, device=job.device)
-    loaded = _current_rss()
+    loaded = current_rss_bytes()
     vram.sample()
 
     if job.prompt_ids:
@@ -234,8 +211,8 @@ def run_job(
     for _ in range(job.decode_tokens):
         token = int(np.argmax(runner.forward([token])[-1]))
     decode_seconds = time.perf_counter() - start
-    rss_at_context = _current_rss()
-    peak_rss = max(_peak_rss(), rss_at_context)  # the high-water mark can lag the live figure
+    rss_at_context = current_rss_bytes()
+    peak_rss = max(peak_rss_bytes(), rss_at_context)  # the high-water mark can lag the live figure
     peak_vram = vram.stop() if runner.device == "cuda" else None  # a CPU run's delta is other processes'
 
     score = None
@@ -331,7 +308,7 @@ def _score(runner: Any, job: MeasureJob) -> ScoreResult:
         tokens=len(ids),
         token_logprobs=[float(v) for v in values],
         seconds=seconds,
-        peak_rss_bytes=_peak_rss(),
+        peak_rss_bytes=peak_rss_bytes(),
         full_logprobs_path=job.score_full_path if rows_total else None,
         token_ids=ids if job.score_texts else None,
         window_lengths=[len(window) for window in windows] if job.score_texts else None,

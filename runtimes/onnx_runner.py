@@ -12,10 +12,9 @@ Present tensors are kept as OrtValues on the session's device through IO binding
 the next step's past, so on the CUDA provider the cache never travels through host memory.
 Exports without past inputs still work (the whole sequence is recomputed each step).
 
-Memory (demo SmolLM2-135M fp32 export, 539 MB, CPU, measured in a child): resident after load
-724 MiB, at a full 2048-token context 1,086 MiB; the load itself peaks at ~1,140 MiB because ORT
-holds the parsed protobuf and the initializers at once. Saved with external data
-(model.onnx + model.onnx_data) the same model loads to 615 MiB and never exceeds 1,009 MiB.
+Memory: the load peaks above what stays resident because ORT holds the parsed protobuf and the
+initializers at once; saved with external data (model.onnx + model.onnx_data) the same model loads
+lower. Measured figures: docs/RUNTIMES.md, section "ONNX Runtime: memory of the fp32 export".
 """
 
 from __future__ import annotations

@@ -11,9 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from toolkit.core.errors import BedsideError
+from toolkit.core.metrics import mean_negative_logprob, perplexity_from_logprobs
 from toolkit.core.records import SCHEMA_VERSION
 
 
@@ -77,13 +76,13 @@ class ScoreResult:
 
     @property
     def mean_negative_logprob(self) -> float:
-        """Mean negative log-likelihood per predicted token (nats)."""
-        return float(-np.mean(self.token_logprobs)) if self.token_logprobs else float("nan")
+        """Mean negative log-likelihood per predicted token (nats); NaN when nothing was scored."""
+        return mean_negative_logprob(self.token_logprobs)
 
     @property
     def perplexity(self) -> float:
-        """exp(mean negative log-likelihood) of the predicted tokens."""
-        return float(np.exp(self.mean_negative_logprob))
+        """exp(mean negative log-likelihood) of the predicted tokens (`toolkit.core.metrics`)."""
+        return perplexity_from_logprobs(self.token_logprobs)
 
 
 @dataclass

@@ -145,8 +145,12 @@ def test_record_has_alpha_and_loss_per_group_per_layer(tiny_result: tuple) -> No
         assert len(layer["groups"]) == 4  # MHA: v -> o applies
         for group in layer["groups"]:
             assert 0.0 <= group["alpha"] <= 1.0
-            assert group["loss"] <= group["loss_rtn"] + 1e-12  # alpha 0 is RTN, so never worse
         assert "self_attn.q_proj" not in layer["clip"] and "mlp.down_proj" in layer["clip"]
+    # The search found scales better than plain rounding somewhere (alpha 0 is RTN, so loss <= loss_rtn
+    # per group holds by construction; a search that never moves off alpha 0 would fail here).
+    groups = [group for layer in record["layers"] for group in layer["groups"]]
+    improved = [g for g in groups if g["alpha"] > 0 and g["loss"] < 0.99 * g["loss_rtn"]]
+    assert len(improved) >= len(groups) // 2, [(g["alpha"], g["loss"], g["loss_rtn"]) for g in groups]
     assert 0.5 <= record["clip_summary"]["mean_ratio"] <= 1.0
     assert record["seconds"] > 0
     json.dumps(record)  # goes into compression.json as is

@@ -114,3 +114,11 @@ def test_deploy_with_missing_data_is_one_line_exit_2(tmp_path):
     )
     assert_one_line_error(result, 2, "missing.jsonl")
     assert not (tmp_path / "d").exists()
+
+
+def test_usage_errors_are_one_line_exit_2():
+    """An unknown option or a bad value is click's usage error (vendored by typer): one line, exit 2."""
+    assert_one_line_error(run_bedside("plan", "--bogus"), 2, "No such option", "--bogus")
+    assert_one_line_error(
+        run_bedside("plan", "--model", "demo", "--profile", "jetson4gb", "--context", "many"), 2, "--context", "integer"
+    )

@@ -239,7 +239,7 @@ def test_rerun_resumes_every_stage_and_a_changed_option_recomputes_only_later_st
 
 
 def test_interrupted_stage_leaves_no_stage_folder_and_no_checkpoint(tiny, tmp_path, monkeypatch):
-    import toolkit.compress.heal
+    import toolkit.compress.pipeline
 
     folder, corpus = tiny
     out = tmp_path / "out"
@@ -248,7 +248,7 @@ def test_interrupted_stage_leaves_no_stage_folder_and_no_checkpoint(tiny, tmp_pa
     def killed(*_args, **_kwargs):
         raise RuntimeError("killed during healing")
 
-    monkeypatch.setattr(toolkit.compress.heal, "heal", killed)
+    monkeypatch.setattr(toolkit.compress.pipeline, "heal", killed)
     with pytest.raises(RuntimeError, match="killed during healing"):
         compress(folder, out, options, progress=False)
     names = sorted(path.name for path in (out / "stages").iterdir())

@@ -145,7 +145,8 @@ def test_replan_after_quality_failure_takes_fewer_layers_or_more_bits():
     # the speed floor holds in a re-plan as in the plan: a faster minimum than the candidate's prediction skips it
     slower = following.predicted_decode_tokens_per_s
     faster, why = next_candidate(roomy, corrections, floor_pct=400.0, min_speed=slower + 0.01)
-    assert faster is None or faster.predicted_decode_tokens_per_s > slower, why
+    assert faster is not None, why
+    assert faster.predicted_decode_tokens_per_s > slower
     none_fast_enough = max(c.predicted_decode_tokens_per_s for c in roomy.candidates) + 1
     nothing, why = next_candidate(roomy, corrections, floor_pct=400.0, min_speed=none_fast_enough)
     assert nothing is None and "below the" in why and "speed floor" in why
@@ -176,9 +177,7 @@ def test_replan_after_memory_failure_scales_estimates_and_can_give_up():
 
 
 def test_report_json_and_self_contained_html(tmp_path):
-    from types import SimpleNamespace
-
-    from toolkit.deploy.pipeline import DeployOptions
+    from toolkit.deploy.outcome import Attempt, DeployOutcome, ModelSummary, StageRecord
     from toolkit.deploy.report import write_reports
 
     facts, profile, plan = tiny_plan()
@@ -191,40 +190,50 @@ def test_report_json_and_self_contained_html(tmp_path):
     }
     result = evaluation(ppl=13.0, ref=10.0)
     checks = build_checks(result, profile, plan.chosen, plan.budget_bytes)
-    attempt = {
-        "attempt": 1,
-        "candidate": plan.chosen.model_dump(),
-        "plan_reason": plan.reason,
-        "compression": record,
-        "evaluation": result,
-        "checks": [c.to_dict() for c in checks],
-        "passed": True,
-    }
-    context = {
-        "options": DeployOptions(profile=str(TINY_PROFILE)),
-        "profile": profile,
-        "facts": facts,
-        "first_plan": plan,
-        "final": {
-            "plan": plan,
-            "compressed": SimpleNamespace(record=record),
-            "evaluation": result,
-            "checks": checks,
-        },
-        "attempts": [attempt],
-        "passed": True,
-        "reason": "attempt 1 passed",
-        "source_sha256": "s" * 64,
-        "stages": {
-            name: {"seconds": 1.0, "resumed": False} for name in ("plan", "compress", "export", "validate")
-        },
-        "disk_estimate_bytes": 1,
-        "bundle": None,
-    }
-    report, json_path, html_path = write_reports(tmp_path, context, seconds=3.0)
+    attempt = Attempt(
+        attempt=1,
+        plan=plan,
+        compression=record,
+        checkpoint=tmp_path / "checkpoint",
+        export_dir=tmp_path / "export",
+        artifact=tmp_path / "export" / "model.gguf",
+        evaluation=result,
+        checks=checks,
+    )
+    stages = {name: StageRecord(seconds=1.0, resumed=False) for name in ("plan", "compress", "export")}
+    outcome = DeployOutcome(
+        model=ModelSummary(
+            name="demo", source_sha256="s" * 64, num_layers=facts.num_layers, total_params=facts.total_params
+        ),
+        threads=None,
+        profile=profile,
+        first_plan=plan,
+        attempts=[attempt],
+        passed=True,
+        reason="attempt 1 passed",
+        stages={**stages, "bundle": StageRecord(resumed=False, folder="b", tarball="b.tar.gz")},  # running
+        disk_estimate_bytes=1,
+    )
+    report, json_path, html_path = write_reports(tmp_path, outcome, seconds=3.0)
     stored = json.loads(json_path.read_text())
+    assert stored == report
     assert stored["schema_version"] == 1 and stored["status"] == "PASS"
     assert [c["name"] for c in stored["checks"]] == [c.name for c in checks]
+    memory = next(c for c in stored["checks"] if c["name"] == "peak_memory_bytes")
+    assert memory["value"] == 150 * 2**20 and isinstance(memory["value"], int)  # bytes stay integers
+    assert memory["extra"] == {"estimate_bytes": plan.chosen.memory.total_bytes}
+    assert stored["memory"]["measured_peak_bytes"] == 150 * 2**20
+    assert stored["memory"]["estimate"] == plan.chosen.memory.model_dump()
+    (listed,) = stored["attempts"]
+    assert listed["passed"] and listed["layers_removed"] == [3, 7] and "reason" not in listed["candidate"]
+    assert stored["stages"]["plan"] == {"seconds": 1.0, "resumed": False}
+    assert stored["stages"]["bundle"] == {"resumed": False, "folder": "b", "tarball": "b.tar.gz"}
+    assert stored["model"] == {
+        "name": "demo",
+        "source_sha256": "s" * 64,
+        "num_layers": facts.num_layers,
+        "total_params": facts.total_params,
+    }
     assert stored["quality"]["stages"] == {
         "original": 10.0,
         "pruned": 14.0,

@@ -1,4 +1,4 @@
-"""Evaluation library (toolkit/evaluate.py): metrics by hand, artifact checks, and the demo model on three runtimes.
+"""Evaluation library (toolkit/validate/evaluate.py): metrics by hand, artifact checks, and the demo model on three runtimes.
 
 Two tiers: the metric and resolution helpers on synthetic inputs (no model, fast); the real demo model
 exported to GGUF (F16, Q8_0, Q4_K_M, Q4_0) and ONNX (fp32, int4_b32), evaluated against the torch

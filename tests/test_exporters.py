@@ -59,7 +59,7 @@ PARAGRAPH = textwrap.dedent(
     """
 )
 
-# Measured on this paragraph (487 tokens), see exporters/onnx_exporter.py: torch fp32 21.322, GGUF F16
+# Measured on this paragraph (487 tokens), see docs/RUNTIMES.md "Exporters on the demo model": torch fp32 21.322, GGUF F16
 # 21.326, Q8_0 21.547, Q4_K_M 23.087, ONNX fp32 21.322, ONNX int4_b32 (defaults: asymmetric, int8
 # lm_head and embedding, accuracy_level 4) 29.837. Tolerances leave room for another x86 CPU's kernels.
 DEMO_PERPLEXITY = {

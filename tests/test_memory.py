@@ -81,12 +81,10 @@ def one_matrix_model(rows: int, cols: int) -> ModelFacts:
 # --- ggml type table --------------------------------------------------------------------------------------
 
 
-def test_ggml_type_table_matches_gguf_py():
-    gguf = pytest.importorskip("gguf")
-    for name, ggml in GGML_TYPES.items():
-        assert gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]] == (ggml.block_size, ggml.type_size), (
-            name
-        )
+def test_ggml_type_table_covers_every_type_a_scheme_stores():
+    """The table is read from gguf-py; every type the GGUF mixes write must be in it."""
+    used = {mix.default for mix in GGUF_MIXES.values()} | {"F32", "F16", "Q6_K", "Q8_0"}
+    assert used <= set(GGML_TYPES), used - set(GGML_TYPES)
 
 
 def test_block_sizes_and_bytes_per_block():
@@ -546,7 +544,7 @@ def test_llama_cpp_repacks_q4_0_and_q4_k_on_avx2(smollm):
     assert "runtime.repacked_weights" not in gpu.detail  # weights offloaded to the GPU are not repacked
 
 
-# Peak RSS (VmHWM) measured on this machine kind, see the calibration record in toolkit/memory.py (llama.cpp rows
+# Peak RSS (VmHWM) measured on this machine kind, see the calibration record in toolkit/plan/memory.py (llama.cpp rows
 # re-measured after the runner stopped mapping files it repacks):
 # measure_in_child(runtime, export, MeasureJob(context=N, decode_tokens=min(32, N // 4), n_threads=1)), what
 # `evaluate(artifact, context=N)` reports as peak_rss_bytes. MiB.

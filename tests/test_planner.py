@@ -160,7 +160,7 @@ def test_depth_prior_grows_with_layers_and_is_harsher_on_small_models(llama2):
     assert depth_prior_pct(llama2, 0) == 0
     assert depth_prior_pct(llama2, 4) < depth_prior_pct(llama2, 8)
     small = read_facts(FIXTURES / "smollm2-135m")
-    assert depth_prior_pct(small, 6) > 100  # the demo lost +155 % at 6 of 30 layers (notes)
+    assert depth_prior_pct(small, 6) > 100  # the demo lost +155 % at 6 of 30 layers (docs/ENVIRONMENT.md)
     assert predict_quality_loss(llama2, "Q4_K_M", 0) == pytest.approx(QUANT_PRIOR_PCT["Q4_K_M"])
 
 

@@ -11,11 +11,11 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from toolkit.deploy.bundle import make_bundle
+from toolkit.deploy.outcome import Attempt, DeployOutcome, ModelSummary
 from toolkit.deploy.verify import hash_checks, read_manifest, verify_bundle
 from toolkit.model.facts import facts_from_config
 from toolkit.plan.planner import make_plan
@@ -67,22 +67,25 @@ def bundle(tmp_path_factory, demo_model_dir, demo_gguf_path) -> Path:
         "calibration": {"sha256": "c" * 64, "documents": 3, "tokens": 100},
         "eval": {"sha256": "e" * 64, "documents": 1, "tokens": 50},
     }
-    context = {
-        "profile": profile,
-        "options": SimpleNamespace(model="demo"),
-        "first_plan": plan,
-        "source_sha256": "s" * 64,
-        "final": {
-            "plan": plan,
-            "export_dir": export_dir,
-            "artifact": export_dir / "model-Q4_1.gguf",
-            "compressed": SimpleNamespace(checkpoint=demo_model_dir, record=record),
-            "checks": [
-                Check("peak_memory_bytes", True, 170.0 * 2**20, float(plan.budget_bytes), "<=", "bytes")
-            ],
-        },
-    }
-    make_bundle(out, "bundle-tiny-cpu", context, out / "report.json", out / "report.html")
+    final = Attempt(
+        attempt=1,
+        plan=plan,
+        compression=record,
+        checkpoint=demo_model_dir,
+        export_dir=export_dir,
+        artifact=export_dir / "model-Q4_1.gguf",
+        checks=[Check("peak_memory_bytes", True, 170.0 * 2**20, float(plan.budget_bytes), "<=", "bytes")],
+    )
+    outcome = DeployOutcome(
+        model=ModelSummary(name="demo", source_sha256="s" * 64, num_layers=30, total_params=1),
+        threads=None,
+        profile=profile,
+        first_plan=plan,
+        attempts=[final],
+        passed=True,
+        reason="attempt 1 passed",
+    )
+    make_bundle(out, "bundle-tiny-cpu", outcome, out / "report.json", out / "report.html")
     return out
 
 
@@ -119,6 +122,9 @@ def test_manifest_lists_every_file_with_sha256_and_no_data(bundle):
     assert runtime["mmap"] is False  # the plan's Q4_0 is repacked on this CPU: read, not mapped
     readme = (folder / "README.md").read_text()
     assert "bedside verify bundle-tiny-cpu.tar.gz" in readme and "--no-mmap" in readme
+    assert "measured peak 170 MiB" in readme
+    assert manifest["validation"] == {"peak_memory_bytes": 170.0 * 2**20, "context": 256}
+    assert manifest["source_model_sha256"] == "s" * 64 and manifest["layers_removed"] == []
     assert all(check.passed for check in hash_checks(folder, manifest))
 
 

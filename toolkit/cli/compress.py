@@ -15,17 +15,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.compress.pipeline import CompressOptions, compress, options_from_plan
+from toolkit.compress.pipeline import compress, options_from_plan
+from toolkit.compress.record import CompressOptions
 from toolkit.core.errors import BedsideError, NothingFitsError
 from toolkit.core.units import MIB
 from toolkit.model.facts import read_facts
 from toolkit.model.source import resolve_model_dir
 from toolkit.plan.planner import make_plan
+from toolkit.plan.schema import read_plan
 from toolkit.target.profiles import load_profile
 
 if TYPE_CHECKING:
     from toolkit.compress.pipeline import CompressResult
-    from toolkit.plan.schema import Plan, read_plan
+    from toolkit.plan.schema import Plan
 
 
 def register(app: typer.Typer) -> None:

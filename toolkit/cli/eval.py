@@ -1,4 +1,4 @@
-"""`bedside eval`: quality, memory and speed of an artifact on its own runtime (see toolkit/evaluate.py).
+"""`bedside eval`: quality, memory and speed of an artifact on its own runtime (see toolkit/validate/evaluate.py).
 
 `--json` prints exactly one JSON object on stdout (progress goes to stderr); without it, a table.
 """

@@ -8,7 +8,6 @@ sha256 of compression.json go into the artifact's metadata, so an export can be 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from exporters import export
+from toolkit.compress.record import read_compression_record
 from toolkit.core.errors import BedsideError
 from toolkit.core.formats import resolve_scheme
+from toolkit.core.hashing import file_sha256
 from toolkit.core.records import COMPRESSION_RECORD
 from toolkit.model.source import resolve_model_dir
 
@@ -47,23 +48,18 @@ def resolve_source(model: str, format_name: str, imatrix: Path | None) -> Export
     folder = Path(model).expanduser()
     if model != "demo" and folder.is_dir() and (folder / COMPRESSION_RECORD).is_file():
         record_path = folder / COMPRESSION_RECORD
-        try:
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise BedsideError(
-                f"{record_path}: unreadable compression record ({error}); run `bedside compress` again"
-            ) from error
+        record = read_compression_record(folder)
         checkpoint = folder / "checkpoint"
         if not (checkpoint / "config.json").is_file():
             raise BedsideError(
                 f"{folder}: compression.json but no checkpoint/config.json; run `bedside compress` again"
             )
         metadata: dict[str, Any] = {
-            "layers_removed": list(record.get("layers_removed") or []),
-            "compression_sha256": hashlib.sha256(record_path.read_bytes()).hexdigest(),
+            "layers_removed": list(record.layers_removed),
+            "compression_sha256": file_sha256(record_path),
         }
-        if record.get("plan"):
-            metadata["plan"] = record["plan"]
+        if record.plan:
+            metadata["plan"] = record.plan
         chosen = imatrix
         if chosen is None and format_name == "gguf" and (folder / IMATRIX_NAME).is_file():
             chosen = folder / IMATRIX_NAME

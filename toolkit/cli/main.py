@@ -63,10 +63,10 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as error:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
+    except Exception as error:
+        # Usage errors (unknown option, bad value) are click's ClickException, which typer >= 0.2x
+        # vendors as typer._click: recognise it by its interface instead of importing either.
+        if callable(getattr(error, "format_message", None)) and hasattr(error, "exit_code"):
             typer.echo(f"error: {error.format_message()}", err=True)
             sys.exit(2)
         raise

@@ -31,7 +31,6 @@ recompute them).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -48,13 +47,13 @@ from toolkit.compress.prune import check_layer_indices, get_selection_method, re
 from toolkit.compress.quant import get_grid
 from toolkit.compress.quant.awq import awq
 from toolkit.compress.quant.rtn import fake_quantize_model
+from toolkit.compress.record import CompressionRecord, CompressOptions
 from toolkit.compress.stages import StageRunner, eval_overlap, link_checkpoint, load_tokenizer, stage_hash
 from toolkit.core.atomic import building_folder, remove_stale_temporaries, write_json_atomic
 from toolkit.core.errors import BedsideError, NothingFitsError
 from toolkit.core.formats import FORMATS, all_schemes
-from toolkit.core.hashing import sha256_json, weights_sha256
-from toolkit.core.hashing import token_ids_sha256 as token_ids_sha256
-from toolkit.core.records import COMPRESSION_RECORD, DEFAULT_DATA, EVAL_FRACTION, SCHEMA_VERSION
+from toolkit.core.hashing import sha256_json, token_ids_sha256, weights_sha256
+from toolkit.core.records import COMPRESSION_RECORD, DEFAULT_DATA, EVAL_FRACTION
 from toolkit.data import data_sha256, load_dataset_spec, make_blocks, split_calibration_eval
 from toolkit.model.facts import read_facts
 from toolkit.model.source import resolve_model_dir
@@ -67,26 +66,6 @@ QUANT_METHODS: tuple[str, ...] = ("awq", "rtn")
 MAX_CALIBRATION_SEQUENCES = 128
 DEFAULT_CALIBRATION = DEFAULT_DATA
 IMATRIX_NAME = "imatrix.gguf"
-
-
-@dataclass(frozen=True)
-class CompressOptions:
-    """What to do to the model; every field takes part in the stage hashes that concern it."""
-
-    prune_layers: int = 0  # number of decoder layers to remove
-    layers: tuple[int, ...] | None = None  # explicit original indices (overrides selection)
-    method: str = "activation"  # prune selection method (registry name)
-    quant: str | None = None  # export scheme (Q4_K_M, Q4_0, int4_b32, ...) or None: no quantize stage
-    quant_method: str = "awq"  # "awq" | "rtn"
-    heal: bool = True
-    heal_steps: int = 40
-    heal_seconds: float | None = None
-    calib: str | None = None  # data spec for load_dataset_spec; None -> the radiology corpus
-    eval_data: str | None = None  # held-apart data for per-stage perplexity; None -> eval split of calib
-    calib_sequences: int = 64  # <= 128
-    seq_len: int = 256
-    eval_sequences: int = 16
-    seed: int = 0
 
 
 @dataclass
@@ -500,10 +479,7 @@ def compress(
     checkpoint, imatrix = _publish(runner.current_dir, out, imatrix_source)
     last_ran = [outcome for outcome in (pruned, healed, quantized) if outcome.ran]
     checkpoint_sha = last_ran[-1].entry["output_sha256"] if last_ran else source_sha  # same weight files
-    options_record = dataclasses.asdict(options)
-    options_record["layers"] = list(options.layers) if options.layers is not None else None
-    record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
+    record = CompressionRecord.model_validate({
         "bedside_version": __version__,
         "model": {
             "name": str(model),
@@ -511,7 +487,7 @@ def compress(
             "source_sha256": source_sha,
             "num_layers": num_layers,
         },
-        "options": options_record,
+        "options": options,
         "plan": _plan_record(plan),
         "layers_removed": list(pruned.details["layers_removed"]),
         "num_layers_after": num_layers - len(pruned.details["layers_removed"]),
@@ -528,7 +504,7 @@ def compress(
         "checkpoint": {"path": str(checkpoint), "sha256": checkpoint_sha},
         "imatrix": str(imatrix) if imatrix is not None else None,
         "seconds": round(time.perf_counter() - started, 3),
-    }
+    }).model_dump(mode="json")
     write_json_atomic(out / COMPRESSION_RECORD, record)
     return CompressResult(checkpoint=checkpoint, record=record, imatrix=imatrix)
 

@@ -13,25 +13,23 @@ holds what every stage needs and none of them is about.
   stage is reused only when everything that produced it is unchanged.
 - **Perplexity** on held-apart blocks: `ppl = exp( sum_b sum_t -log p(x_{b,t+1} | x_{b,<=t}) / N )`
   over every predicted position of every block (N = blocks x (seq_len - 1)), the usual token-level
-  perplexity of a causal LM.
+  perplexity of a causal LM (the formula is `toolkit.core.metrics.perplexity`; this module sums the NLL).
 - **Peak RSS per stage.** The kernel's high-water mark (VmHWM) cannot be reset inside a process, so
-  `RssSampler` polls the resident set size (psutil) every 50 ms on a background thread and keeps
-  the maximum; a spike shorter than the period can be missed, so it is a lower bound.
+  `RssSampler` (`toolkit.core.memory_sampling`) polls the resident set size (psutil) every 50 ms on a
+  background thread and keeps the maximum; a spike shorter than the period can be missed, so it is a
+  lower bound.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -39,6 +37,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from toolkit.core.atomic import building_folder, write_json_atomic
 from toolkit.core.errors import BedsideError
 from toolkit.core.hashing import sha256_json, token_ids_sha256, weights_sha256
+from toolkit.core.memory_sampling import RssSampler
+from toolkit.core.metrics import perplexity as perplexity_from_nll
 from toolkit.core.records import STAGE_RECORD
 
 STAGE_FORMAT = 1  # bump when a stage's algorithm or folder layout changes: old folders stop matching
@@ -156,40 +156,7 @@ def perplexity(model: Any, blocks: torch.Tensor, batch_size: int = 4, progress: 
                 progress(int(ids.shape[0]))
     finally:
         model.train(was_training)
-    return math.exp(total / max(count, 1))
-
-
-# ---------------------------------------------------------------------------------------------
-# Peak resident memory of a stage
-# ---------------------------------------------------------------------------------------------
-
-
-class RssSampler:
-    """Maximum resident set size of this process while the `with` block runs (sampled every period)."""
-
-    def __init__(self, period_s: float = 0.05) -> None:
-        self.period_s = period_s
-        self.peak_bytes = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _sample(self) -> None:
-        process = psutil.Process()
-        while True:
-            self.peak_bytes = max(self.peak_bytes, int(process.memory_info().rss))
-            if self._stop.wait(self.period_s):
-                break
-        self.peak_bytes = max(self.peak_bytes, int(process.memory_info().rss))
-
-    def __enter__(self) -> RssSampler:
-        self._thread = threading.Thread(target=self._sample, name="bedside-rss", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+    return perplexity_from_nll(total, max(count, 1))
 
 
 def eval_overlap(calibration_keys: set[str], eval_keys: Sequence[str]) -> int:

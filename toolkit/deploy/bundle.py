@@ -26,7 +26,7 @@ import shutil
 import tarfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 
@@ -35,6 +35,10 @@ from toolkit import __version__
 from toolkit.core.atomic import building_folder, write_json_atomic
 from toolkit.core.hashing import file_sha256
 from toolkit.core.records import SCHEMA_VERSION
+from toolkit.deploy.outcome import DeployOutcome
+from toolkit.plan.schema import Candidate
+from toolkit.target.profiles import DeviceProfile
+from toolkit.validate.checks import Number, Record
 
 MANIFEST = "manifest.json"
 RUNTIME_CONFIG = "runtime.json"
@@ -64,27 +68,84 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def runtime_config(context: dict[str, Any], model_path: str) -> dict[str, Any]:
+class RuntimeConfig(Record):
     """runtime.json: how to run the model on the target (from the profile and the chosen candidate)."""
-    profile = context["profile"]
-    candidate = context["final"]["plan"].chosen
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    runtime: str
+    format: str
+    quant: str
+    model: str  # path of the model file (GGUF) or folder (ONNX) inside the bundle
+    context: int
+    threads: int | None  # None on a GPU
+    gpu_layers: int  # -1: every layer on the GPU
+    mmap: bool | None  # llama.cpp only: False = read the file (weights the CPU repacks)
+    batch_size: int
+    kv_cache_dtype: str
+    smoke_prompt: str = SMOKE_PROMPT
+
+
+def runtime_config(outcome: DeployOutcome, model_path: str) -> RuntimeConfig:
+    """runtime.json of the deployed candidate on the outcome's profile."""
+    profile = outcome.profile
+    candidate = outcome.candidate
     on_gpu = profile.compute.accelerator == "cuda"
     # llama.cpp: read rather than map a file whose weights the CPU repacks (memory.RuntimeSettings.mmap)
     mmap = bool(candidate.memory.detail.get("param.mmap", 1)) if candidate.runtime == "llama.cpp" else None
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "runtime": candidate.runtime,
-        "format": candidate.format,
-        "quant": candidate.quant,
-        "model": model_path,
-        "context": profile.context_length,
-        "threads": int(profile.compute.cores.value) if not on_gpu else None,
-        "gpu_layers": -1 if on_gpu else 0,
-        "mmap": mmap,
-        "batch_size": profile.batch_size,
-        "kv_cache_dtype": profile.kv_cache_dtype,
-        "smoke_prompt": SMOKE_PROMPT,
-    }
+    return RuntimeConfig(
+        runtime=candidate.runtime,
+        format=candidate.format,
+        quant=candidate.quant,
+        model=model_path,
+        context=profile.context_length,
+        threads=int(profile.compute.cores.value) if not on_gpu else None,
+        gpu_layers=-1 if on_gpu else 0,
+        mmap=mmap,
+        batch_size=profile.batch_size,
+        kv_cache_dtype=profile.kv_cache_dtype,
+    )
+
+
+class ManifestPlan(Record):
+    """The plan the bundle's model follows."""
+
+    reason: str
+    budget_bytes: int
+    context_length: int
+    chosen: Candidate | None
+
+
+class ManifestData(Record):
+    """Calibration and evaluation data by hashes and counts (`_data_summary`), never text."""
+
+    calibration: dict[str, Any] | None
+    eval: dict[str, Any] | None
+
+
+class ManifestValidation(Record):
+    """What validation measured on the build host."""
+
+    peak_memory_bytes: Number | None
+    context: int
+
+
+class Manifest(Record):
+    """manifest.json: every file's sha256 and size, the profile, the plan, versions and data hashes."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["bedside-bundle"] = "bedside-bundle"
+    created_utc: str
+    model: str
+    files: dict[str, str]  # relative path: sha256
+    sizes: dict[str, int]  # relative path: bytes
+    profile: DeviceProfile
+    plan: ManifestPlan
+    versions: dict[str, str]
+    source_model_sha256: str
+    layers_removed: list[int]
+    data: ManifestData
+    validation: ManifestValidation
+    runtime: RuntimeConfig
 
 
 def _data_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -95,29 +156,28 @@ def _data_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
     return {key: record.get(key) for key in keys if key in record}
 
 
-def _readme(context: dict[str, Any], runtime: dict[str, Any], name: str) -> str:
-    profile = context["profile"]
-    final = context["final"]
-    candidate = final["plan"].chosen
+def _readme(outcome: DeployOutcome, runtime: RuntimeConfig, name: str) -> str:
+    profile = outcome.profile
+    candidate = outcome.candidate
     checks = "\n".join(
         f"- {'PASS' if c.passed else 'FAIL'} {c.name}: {c.describe()}{'' if c.blocking else ' (reported only)'}"
-        for c in final["checks"]
+        for c in outcome.checks
     )
-    threads = f"-t {runtime['threads']} " if runtime["threads"] else ""
-    gpu = "-ngl 99 " if runtime["gpu_layers"] else ""
-    no_mmap = "--no-mmap " if runtime.get("mmap") is False else ""
+    threads = f"-t {runtime.threads} " if runtime.threads else ""
+    gpu = "-ngl 99 " if runtime.gpu_layers else ""
+    no_mmap = "--no-mmap " if runtime.mmap is False else ""
     return f"""# {name}: a compressed language model for {profile.name}
 
-Produced by Bedside {__version__} from model `{context["options"].model}` for the device profile
+Produced by Bedside {__version__} from model `{outcome.model.name}` for the device profile
 `{profile.name}` ({profile.description}).
 
 ## What is inside
 
 | path | what |
 | --- | --- |
-| `{runtime["model"]}` | the model ({candidate.format} {candidate.quant}, {candidate.layers_removed} decoder layers removed) |
+| `{runtime.model}` | the model ({candidate.format} {candidate.quant}, {candidate.layers_removed} decoder layers removed) |
 | `tokenizer/` | tokenizer and chat template (the GGUF carries its own copy) |
-| `{RUNTIME_CONFIG}` | runtime settings: context {runtime["context"]} tokens, threads, GPU layers |
+| `{RUNTIME_CONFIG}` | runtime settings: context {runtime.context} tokens, threads, GPU layers |
 | `report.html`, `report.json` | the validation report: every check with its number and threshold |
 | `{MANIFEST}` | sha256 of every file, the profile, the plan, library versions, data hashes |
 
@@ -131,7 +191,7 @@ bedside verify {name}.tar.gz --profile {profile.name}
 
 It checks every file's sha256 against `{MANIFEST}`, loads the model on the local runtime
 ({candidate.runtime}), runs a short prompt, and measures peak memory with the KV cache filled to
-{runtime["context"]} tokens against the profile's budget. Exit code 0 = all checks pass, 1 = a check
+{runtime.context} tokens against the profile's budget. Exit code 0 = all checks pass, 1 = a check
 failed (the output names it), 2 = the bundle or profile could not be read.
 
 ## 2. Run it
@@ -139,12 +199,12 @@ failed (the output names it), 2 = the bundle or profile could not be read.
 With llama.cpp (`llama-server` or `llama-cli` of a recent release):
 
 ```bash
-llama-server -m {runtime["model"]} -c {runtime["context"]} {threads}{gpu}{no_mmap}--port 8080
+llama-server -m {runtime.model} -c {runtime.context} {threads}{gpu}{no_mmap}--port 8080
 ```
 {_mmap_note(runtime)}
-Memory: measured peak {_mib(context["final"]["checks"], "peak_memory_bytes")} on the validation host,
-budget {profile.name}: {context["first_plan"].budget_bytes / 2**20:.0f} MiB. Keep the context at
-{runtime["context"]} tokens or below; a longer context needs more memory than was validated.
+Memory: measured peak {_mib(outcome.memory.measured_peak_bytes)} on the validation host,
+budget {profile.name}: {outcome.first_plan.budget_bytes / 2**20:.0f} MiB. Keep the context at
+{runtime.context} tokens or below; a longer context needs more memory than was validated.
 
 ## Checks at build time
 
@@ -161,8 +221,8 @@ medical device. Report problems to whoever gave you this bundle, quoting `{MANIF
 """
 
 
-def _mmap_note(runtime: dict[str, Any]) -> str:
-    if runtime.get("mmap") is not False:
+def _mmap_note(runtime: RuntimeConfig) -> str:
+    if runtime.mmap is not False:
         return ""
     return (
         "\n`--no-mmap`: llama.cpp's CPU kernels keep a repacked copy of the quantized weights; with the file mapped,\n"
@@ -170,9 +230,8 @@ def _mmap_note(runtime: dict[str, Any]) -> str:
     )
 
 
-def _mib(checks: list[Any], name: str) -> str:
-    check = next((c for c in checks if c.name == name), None)
-    return f"{check.value / 2**20:.0f} MiB" if check and check.value is not None else "not measured"
+def _mib(value: Number | None) -> str:
+    return f"{value / 2**20:.0f} MiB" if value is not None else "not measured"
 
 
 def _copy(source: Path, destination: Path) -> None:
@@ -183,54 +242,50 @@ def _copy(source: Path, destination: Path) -> None:
         shutil.copy2(source, destination)
 
 
-def _manifest(context: dict[str, Any], folder: Path, runtime: dict[str, Any]) -> dict[str, Any]:
-    final = context["final"]
-    plan = final["plan"]
-    compression = final["compressed"].record
+def _manifest(outcome: DeployOutcome, folder: Path, runtime: RuntimeConfig) -> Manifest:
+    final = outcome.final
+    plan = final.plan
+    compression = final.compression
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    memory = next((c for c in final["checks"] if c.name == "peak_memory_bytes"), None)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "bedside-bundle",
-        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "model": str(context["options"].model),
-        "files": {p.relative_to(folder).as_posix(): file_sha256(p) for p in files},
-        "sizes": {p.relative_to(folder).as_posix(): p.stat().st_size for p in files},
-        "profile": context["profile"].model_dump(mode="json"),
-        "plan": {
-            "reason": plan.reason,
-            "budget_bytes": plan.budget_bytes,
-            "context_length": plan.context_length,
-            "chosen": plan.chosen.model_dump(mode="json") if plan.chosen else None,
-        },
-        "versions": library_versions(),
-        "source_model_sha256": context["source_sha256"],
-        "layers_removed": list(compression.get("layers_removed") or []),
-        "data": {
-            "calibration": _data_summary(compression.get("calibration")),
-            "eval": _data_summary(compression.get("eval")),
-        },
-        "validation": {
-            "peak_memory_bytes": memory.value if memory else None,
-            "context": runtime["context"],
-        },
-        "runtime": runtime,
-    }
+    return Manifest(
+        created_utc=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        model=outcome.model.name,
+        files={p.relative_to(folder).as_posix(): file_sha256(p) for p in files},
+        sizes={p.relative_to(folder).as_posix(): p.stat().st_size for p in files},
+        profile=outcome.profile,
+        plan=ManifestPlan(
+            reason=plan.reason,
+            budget_bytes=plan.budget_bytes,
+            context_length=plan.context_length,
+            chosen=plan.chosen,
+        ),
+        versions=library_versions(),
+        source_model_sha256=outcome.model.source_sha256,
+        layers_removed=list(final.layers_removed or []),
+        data=ManifestData(
+            calibration=_data_summary(compression.get("calibration")),
+            eval=_data_summary(compression.get("eval")),
+        ),
+        validation=ManifestValidation(
+            peak_memory_bytes=outcome.memory.measured_peak_bytes, context=runtime.context
+        ),
+        runtime=runtime,
+    )
 
 
 def make_bundle(
     out: Path,
     name: str,
-    context: dict[str, Any],
+    outcome: DeployOutcome,
     report_json: Path,
     report_html: Path,
     console: Console | None = None,
 ) -> tuple[Path, Path]:
-    """Build out/<name>/ and out/<name>.tar.gz atomically; returns (folder, archive)."""
-    final = context["final"]
-    export_dir: Path = final["export_dir"]
-    artifact: Path = final["artifact"]
-    checkpoint: Path = final["compressed"].checkpoint
+    """Build out/<name>/ and out/<name>.tar.gz atomically from the outcome's final attempt; returns (folder, archive)."""
+    final = outcome.final
+    export_dir = final.export_dir
+    artifact = final.artifact
+    checkpoint = final.checkpoint
     folder = out / name
     archive = out / f"{name}.tar.gz"
     temporary_archive = out / f".tmp-{name}.tar.gz-{os.getpid()}"  # pid last: remove_stale_temporaries
@@ -242,14 +297,14 @@ def make_bundle(
         for file_name in TOKENIZER_FILES:
             if (checkpoint / file_name).is_file():
                 _copy(checkpoint / file_name, building / "tokenizer" / file_name)
-        runtime = runtime_config(context, model_path)
-        write_json_atomic(building / RUNTIME_CONFIG, runtime)
+        runtime = runtime_config(outcome, model_path)
+        write_json_atomic(building / RUNTIME_CONFIG, runtime.model_dump(mode="json"))
         shutil.copy2(report_json, building / report_json.name)
         shutil.copy2(report_html, building / report_html.name)
-        (building / README).write_text(_readme(context, runtime, name), encoding="utf-8")
+        (building / README).write_text(_readme(outcome, runtime, name), encoding="utf-8")
         for path in building.rglob("*"):
             os.chmod(path, 0o755 if path.is_dir() else 0o644)  # readable by the IT staff who install it
-        write_json_atomic(building / MANIFEST, _manifest(context, building, runtime))
+        write_json_atomic(building / MANIFEST, _manifest(outcome, building, runtime).model_dump(mode="json"))
         try:
             with tarfile.open(temporary_archive, "w:gz", compresslevel=6) as tar:
                 tar.add(building, arcname=name)

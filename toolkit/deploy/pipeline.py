@@ -15,6 +15,9 @@ Re-plan loop (at most `max_attempts`): validate the chosen candidate; when a blo
 (quality floor, memory budget), fold the measurements into `toolkit.validate.replan.Corrections`
 and try the next candidate they allow. Export and validation hashes cover everything they read, so
 a re-run after an interruption reuses every finished stage and says so in the report (`resumed`).
+
+Every attempt becomes a typed `outcome.Attempt`; the run ends in one `outcome.DeployOutcome` that report and
+bundle read. Each record has one writer: export.json is the exporter's, the pipeline never rewrites it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 
 import exporters
+from exporters.base import read_record
 from runtimes.results import RuntimeLoadError
 from toolkit.compress.pipeline import compress, options_from_plan
 from toolkit.core.atomic import building_folder, remove_stale_temporaries, write_json_atomic
@@ -37,6 +41,7 @@ from toolkit.core.hashing import file_sha256, sha256_json, weights_sha256
 from toolkit.core.records import DEFAULT_DATA, EVAL_FRACTION, EXPORT_RECORD, PLAN_RECORD
 from toolkit.data import data_sha256, split_calibration_eval
 from toolkit.deploy.bundle import make_bundle, remove_bundle
+from toolkit.deploy.outcome import Attempt, BundleNames, DeployOutcome, ModelSummary, StageRecord
 from toolkit.deploy.preflight import (
     check_data,
     check_disk,
@@ -51,7 +56,6 @@ from toolkit.plan.schema import Candidate, Plan, write_plan
 from toolkit.target.profiles import load_profile
 from toolkit.validate.checks import (
     Check,
-    blocking_failures,
     build_checks,
     explain_failures,
     measured_memory_bytes,
@@ -90,7 +94,7 @@ class DeployOptions:
 
 @dataclass
 class DeployResult:
-    """What a deploy produced: pass/fail, the report paths and, when it passed, the bundle."""
+    """What a deploy produced: pass/fail, the report (content and paths), its outcome and, when it passed, the bundle."""
 
     passed: bool
     reason: str
@@ -99,7 +103,8 @@ class DeployResult:
     report: dict[str, Any]
     bundle_dir: Path | None = None
     tarball: Path | None = None
-    attempts: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[Attempt] = field(default_factory=list)
+    outcome: DeployOutcome | None = None
 
 
 def _check_options(options: DeployOptions) -> None:
@@ -136,7 +141,7 @@ class _Stages:
 
     def __init__(self, console: Console) -> None:
         self.console = console
-        self.records: dict[str, dict[str, Any]] = {}
+        self.records: dict[str, StageRecord] = {}
 
     def start(self, name: str, attempt: int, text: str) -> float:
         index = STAGE_NAMES.index(name) + 1
@@ -145,7 +150,7 @@ class _Stages:
 
     def done(self, name: str, started: float, resumed: bool, **extra: Any) -> None:
         seconds = round(time.perf_counter() - started, 2)
-        self.records[name] = {"seconds": seconds, "resumed": resumed, **extra}
+        self.records[name] = StageRecord(seconds=seconds, resumed=resumed, **extra)
         note = "resumed from a finished run" if resumed else "done"
         self.console.print(f"  {name}: {note} in {seconds:.1f} s")
 
@@ -185,17 +190,14 @@ def _export(
         "layers_removed": record.get("layers_removed"),
     }
     folder = work / "exports" / f"{candidate.format}-{candidate.quant}-{sha256_json(inputs)[:12]}"
-    record_file = folder / EXPORT_RECORD
-    if record_file.is_file():
-        import json
-
-        return folder, json.loads(record_file.read_text(encoding="utf-8")), True
+    if (folder / EXPORT_RECORD).is_file():
+        return folder, read_record(folder), True
     metadata = {
         "plan": {"profile": plan.profile, **candidate.model_dump(exclude={"memory"})},
         "layers_removed": list(record.get("layers_removed") or []),
         "source_sha256": compressed.source_sha256,
     }
-    with building_folder(folder) as building:
+    with building_folder(folder) as building:  # the exporter writes export.json; it is not rewritten here
         result = exporters.export(
             compressed.checkpoint,
             candidate.format,
@@ -204,15 +206,12 @@ def _export(
             imatrix=imatrix,
             metadata=metadata,
         )
-        export_record = result.record
-        export_record["model_file"] = result.model_file.name
-        write_json_atomic(building / EXPORT_RECORD, export_record)
-    return folder, export_record, False
+    return folder, result.record, False
 
 
 def model_file_of(folder: Path, export_record: dict[str, Any]) -> Path:
-    """The file (GGUF) or folder (ONNX) a runtime loads from an export folder."""
-    name = export_record.get("model_file") or export_record.get("file")
+    """The file (GGUF) or folder (ONNX) a runtime loads from an export folder (export.json `file`)."""
+    name = export_record.get("file") or export_record.get("model_file")  # model_file: earlier exports
     if export_record.get("format") == "onnx":
         return folder
     if not name:
@@ -323,23 +322,22 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
 
     corrections = Corrections()
     floor = profile.quality_floor.max_perplexity_increase_pct.value
-    attempts: list[dict[str, Any]] = []
+    attempts: list[Attempt] = []
     passed = False
     reason = ""
-    final: dict[str, Any] = {}
-    for attempt in range(1, options.max_attempts + 1):
+    for number in range(1, options.max_attempts + 1):
         candidate = plan.chosen
         assert candidate is not None
         label = f"{candidate.format} {candidate.quant}, {candidate.layers_removed} layers removed"
-        begin = stages.start("compress", attempt, label)
+        begin = stages.start("compress", number, label)
         compressed, resumed = _compress(options, model_arg, plan, work)
         stages.done("compress", begin, resumed, stages=compressed.record.get("stages"))
-        begin = stages.start("export", attempt, f"{candidate.format} {candidate.quant}")
+        begin = stages.start("export", number, f"{candidate.format} {candidate.quant}")
         with console.status(f"exporting {candidate.format} {candidate.quant}", spinner="dots"):
             export_dir, export_record, resumed = _export(compressed, candidate, plan, work)
         stages.done("export", begin, resumed, folder=str(export_dir))
         artifact = model_file_of(export_dir, export_record)
-        begin = stages.start("validate", attempt, f"{candidate.runtime}, context {plan.context_length}")
+        begin = stages.start("validate", number, f"{candidate.runtime}, context {plan.context_length}")
         try:
             evaluation, resumed = _validate(
                 options,
@@ -359,35 +357,27 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
             evaluation, resumed = {"error": str(error)}, False
             checks = [Check("runtime_runs", False, None, None, "", detail=str(error))]
         stages.done("validate", begin, resumed)
-        failures = blocking_failures(checks)
-        record = {
-            "attempt": attempt,
-            "candidate": candidate.model_dump(),
-            "plan_reason": plan.reason,
-            "compression": compressed.record,
-            "export": export_record,
-            "evaluation": evaluation,
-            "checks": [check.to_dict() for check in checks],
-            "passed": not failures,
-            "stages": {name: dict(value) for name, value in stages.records.items()},
-        }
-        attempts.append(record)
-        final = {
-            "plan": plan,
-            "compressed": compressed,
-            "export_dir": export_dir,
-            "export_record": export_record,
-            "artifact": artifact,
-            "evaluation": evaluation,
-            "checks": checks,
-        }
+        attempt = Attempt(
+            attempt=number,
+            plan=plan,
+            compression=compressed.record,
+            checkpoint=compressed.checkpoint,
+            export_dir=export_dir,
+            export=export_record,
+            artifact=artifact,
+            evaluation=evaluation,
+            checks=checks,
+            stages=dict(stages.records),
+        )
+        attempts.append(attempt)
         _print_checks(console, checks)
-        if not failures:
+        if attempt.passed:
             passed = True
-            reason = f"attempt {attempt} passed every blocking check ({label})"
+            reason = f"attempt {number} passed every blocking check ({label})"
             break
-        reason = f"attempt {attempt} ({label}): {explain_failures(checks)}"
-        if "error" in evaluation:
+        failures = attempt.failures
+        reason = f"attempt {number} ({label}): {explain_failures(checks)}"
+        if attempt.runtime_failed:
             reason += "; not re-planned: the runtime could not run the export"
             break
         corrections.learn(
@@ -397,50 +387,58 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
             quality_failed=any(c.name != "peak_memory_bytes" for c in failures),
             memory_failed=any(c.name == "peak_memory_bytes" for c in failures),
         )
-        record["corrections"] = corrections.to_dict()
-        if attempt == options.max_attempts:
+        attempt.corrections = corrections.to_dict()
+        if number == options.max_attempts:
             reason += f"; stopped after --max-attempts {options.max_attempts}"
             break
         following, why = next_candidate(first_plan, corrections, floor, profile.min_decode_tokens_per_s.value)
-        record["next"] = why
+        attempt.next = why
         console.print(f"[yellow]re-plan:[/] {reason}; next: {why}")
         if following is None:
             reason += f"; {why}"
             break
-        plan = with_chosen(first_plan, following, f"re-planned after attempt {attempt}: {why}")
+        plan = with_chosen(first_plan, following, f"re-planned after attempt {number}: {why}")
 
     bundle_name = f"bundle-{profile.name}"
-    bundle_dir = out / bundle_name if passed else None
-    tarball = out / f"{bundle_name}.tar.gz" if passed else None
-    context = {
-        "options": options,
-        "profile": profile,
-        "facts": facts,
-        "first_plan": first_plan,
-        "final": final,
-        "attempts": attempts,
-        "passed": passed,
-        "reason": reason,
-        "stages": stages.records,
-        "source_sha256": final["compressed"].source_sha256,
-        "disk_estimate_bytes": disk_estimate,
-        "bundle": {"folder": bundle_dir.name, "tarball": tarball.name} if bundle_dir and tarball else None,
-    }
-    if passed:
-        begin = stages.start("bundle", len(attempts), str(bundle_dir))
-        stages.records["bundle"] = {
-            "resumed": False,
-            "folder": bundle_name,
-            "tarball": f"{bundle_name}.tar.gz",
-        }
-        report, report_json, report_html = write_reports(out, context, seconds=time.perf_counter() - started)
-        make_bundle(out, bundle_name, context, report_json, report_html, console=console)
-        stages.done("bundle", begin, False, folder=bundle_name, tarball=f"{bundle_name}.tar.gz")
+    bundle = BundleNames(folder=bundle_name, tarball=f"{bundle_name}.tar.gz") if passed else None
+    if bundle is not None:
+        begin = stages.start("bundle", len(attempts), str(out / bundle.folder))
+        stages.records["bundle"] = StageRecord(resumed=False, folder=bundle.folder, tarball=bundle.tarball)
+    outcome = DeployOutcome(
+        model=ModelSummary(
+            name=str(options.model),
+            source_sha256=compressed.source_sha256,  # of the last compress run: every attempt's source
+            num_layers=facts.num_layers,
+            total_params=facts.total_params,
+        ),
+        threads=options.threads,
+        profile=profile,
+        first_plan=first_plan,
+        attempts=attempts,
+        passed=passed,
+        reason=reason,
+        stages=stages.records,
+        disk_estimate_bytes=disk_estimate,
+        bundle=bundle,
+    )
+    report, report_json, report_html = write_reports(out, outcome, seconds=time.perf_counter() - started)
+    if bundle is not None:
+        make_bundle(out, bundle.folder, outcome, report_json, report_html, console=console)
+        stages.done("bundle", begin, False, folder=bundle.folder, tarball=bundle.tarball)
     else:
         remove_bundle(out, bundle_name)  # a bundle of an earlier run would contradict this report
-        report, report_json, report_html = write_reports(out, context, seconds=time.perf_counter() - started)
     print_summary(console, report, out)
-    return DeployResult(passed, reason, report_json, report_html, report, bundle_dir, tarball, attempts)
+    return DeployResult(
+        passed,
+        reason,
+        report_json,
+        report_html,
+        report,
+        out / bundle.folder if bundle else None,
+        out / bundle.tarball if bundle else None,
+        attempts,
+        outcome,
+    )
 
 
 def _print_checks(console: Console, checks: list[Check]) -> None:

@@ -18,7 +18,7 @@ import datetime
 import html
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 from rich.table import Table
@@ -27,139 +27,263 @@ from toolkit import __version__
 from toolkit.core.atomic import write_json_atomic, write_text_atomic
 from toolkit.core.records import SCHEMA_VERSION
 from toolkit.core.units import MIB
-from toolkit.validate.checks import Check, format_number
+from toolkit.deploy.outcome import (
+    Attempt,
+    BundleNames,
+    DeployOutcome,
+    MemoryFigures,
+    ModelSummary,
+    StageRecord,
+)
+from toolkit.plan.schema import Candidate, Plan
+from toolkit.validate.checks import Check, Number, Record, format_number
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+SPEED_TARGET = "simulator not built"
+QUALITY_NOTE = (
+    "original..quantized: torch on the compress evaluation blocks; exported: the target runtime "
+    "on the validation tokens (the same held-apart documents)"
+)
 
 
-def _candidate_summary(candidate: Any) -> dict[str, Any]:
-    return {
-        "format": candidate.format,
-        "quant": candidate.quant,
-        "runtime": candidate.runtime,
-        "layers_removed": candidate.layers_removed,
-        "total_bytes": candidate.memory.total_bytes,
-        "predicted_quality_loss": candidate.predicted_quality_loss,
-        "fits": candidate.fits,
-        "passes": candidate.fits and not candidate.reason,  # the planner's reason lists memory/speed misses
-        "reason": candidate.reason,
-    }
+class ReportProfile(Record):
+    """The device profile's figures the checks compare with."""
+
+    name: str
+    context_length: int
+    budget_bytes: int
+    max_perplexity_increase_pct: float
+    min_accuracy_retention_pct: float
+    min_decode_tokens_per_s: float
 
 
-def layer_scores(compression: dict[str, Any]) -> dict[str, Any] | None:
-    """{method, scores: [per original layer], layers_removed} from a compression record, or None."""
+class ReportAttempt(Record):
+    """One attempt of the re-plan loop as report.json lists it."""
+
+    attempt: int
+    candidate: dict[str, Any]  # the candidate tried, without the planner's reason
+    plan_reason: str
+    checks: list[Check]
+    passed: bool
+    corrections: dict[str, Any] | None
+    next: str | None
+    layers_removed: list[int] | None
+    quality: dict[str, Any]
+    evaluation: dict[str, Any]
+
+    @classmethod
+    def of(cls, attempt: Attempt) -> ReportAttempt:
+        return cls(
+            attempt=attempt.attempt,
+            candidate=attempt.candidate.model_dump(exclude={"reason"}),
+            plan_reason=attempt.plan.reason,
+            checks=attempt.checks,
+            passed=attempt.passed,
+            corrections=attempt.corrections,
+            next=attempt.next,
+            layers_removed=attempt.layers_removed,
+            quality=attempt.quality,
+            evaluation=attempt.evaluation,
+        )
+
+
+class CandidateSummary(Record):
+    """One planner candidate, for the candidates plot."""
+
+    format: str
+    quant: str
+    runtime: str
+    layers_removed: int
+    total_bytes: int
+    predicted_quality_loss: float
+    fits: bool
+    passes: bool  # fits and the planner's reason lists no memory/speed miss
+    reason: str
+
+    @classmethod
+    def of(cls, candidate: Candidate) -> CandidateSummary:
+        return cls(
+            format=candidate.format,
+            quant=candidate.quant,
+            runtime=candidate.runtime,
+            layers_removed=candidate.layers_removed,
+            total_bytes=candidate.memory.total_bytes,
+            predicted_quality_loss=candidate.predicted_quality_loss,
+            fits=candidate.fits,
+            passes=candidate.fits and not candidate.reason,
+            reason=candidate.reason,
+        )
+
+
+class ReportPlan(Record):
+    """The plan the deploy ended with, the first plan's reason and its candidates."""
+
+    reason: str
+    first_reason: str
+    budget_bytes: int
+    fp16_bytes: int
+    chosen: Candidate | None
+    candidates: list[CandidateSummary]
+
+
+class ReportSpeed(Record):
+    """Decode and prefill speed measured on this host (the target's needs the simulator)."""
+
+    host_decode_tokens_per_s: Number | None
+    host_prefill_tokens_per_s: Number | None
+    threads: int | None
+    target: str = SPEED_TARGET
+
+
+class QualityStages(Record):
+    """Perplexity after each stage."""
+
+    original: Any
+    pruned: Any
+    healed: Any
+    quantized: Any
+    exported: Any
+
+
+class ReportQuality(Record):
+    """Perplexity per stage and the runtime's comparison with the reference."""
+
+    metric: Literal["perplexity"] = "perplexity"
+    stages: QualityStages
+    reference_runtime_perplexity: Any
+    kl_divergence: Any
+    top1_agreement: Any
+    accuracy: Any
+    note: str = QUALITY_NOTE
+
+
+class LayerSelection(Record):
+    """Per-layer selection scores (per original layer) and the layers removed."""
+
+    method: str | None
+    scores: list[float | None]
+    layers_removed: list[int]
+
+
+class ReportData(Record):
+    """The calibration and evaluation data records of compress (hashes and counts, never text)."""
+
+    calibration: Any
+    eval: Any
+
+
+class DeployReport(Record):
+    """report.json."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    kind: Literal["bedside-deploy-report"] = "bedside-deploy-report"
+    bedside_version: str = __version__
+    created_utc: str
+    passed: bool
+    status: Literal["PASS", "FAIL"]
+    reason: str
+    model: ModelSummary
+    profile: ReportProfile
+    checks: list[Check]
+    attempts: list[ReportAttempt]
+    plan: ReportPlan
+    memory: MemoryFigures
+    speed: ReportSpeed
+    quality: ReportQuality
+    layer_selection: LayerSelection | None
+    data: ReportData
+    stages: dict[str, StageRecord]
+    disk_estimate_bytes: int
+    bundle: BundleNames | None
+    seconds: float
+
+
+def layer_scores(compression: dict[str, Any]) -> LayerSelection | None:
+    """Per-layer scores and the layers removed, from a compression record (compression.json), or None."""
     raw = compression.get("layer_scores") or {}
     scores = raw.get("scores") if isinstance(raw, dict) else raw
     if isinstance(scores, dict):
         scores = [scores[key] for key in sorted(scores, key=lambda k: int(k))]
     if not scores:
         return None
-    return {
-        "method": raw.get("method") if isinstance(raw, dict) else None,
-        "scores": [None if s is None else float(s) for s in scores],
-        "layers_removed": list(compression.get("layers_removed") or []),
-    }
+    return LayerSelection(
+        method=raw.get("method") if isinstance(raw, dict) else None,
+        scores=[None if s is None else float(s) for s in scores],
+        layers_removed=list(compression.get("layers_removed") or []),
+    )
 
 
-def build_report(context: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """The report.json content from the pipeline's context (see `toolkit.deploy.pipeline.run_deploy`)."""
-    profile = context["profile"]
-    facts = context["facts"]
-    first_plan = context["first_plan"]
-    final = context["final"]
-    plan = final.get("plan", first_plan)
-    evaluation: dict[str, Any] = final.get("evaluation") or {}
-    compression: dict[str, Any] = final["compressed"].record if final.get("compressed") else {}
-    checks: list[Check] = final.get("checks") or []
-    candidate = plan.chosen
-    quality = compression.get("quality") or {}
+def _profile(outcome: DeployOutcome) -> ReportProfile:
+    profile = outcome.profile
+    return ReportProfile(
+        name=profile.name,
+        context_length=profile.context_length,
+        budget_bytes=outcome.first_plan.budget_bytes,
+        max_perplexity_increase_pct=profile.quality_floor.max_perplexity_increase_pct.value,
+        min_accuracy_retention_pct=profile.quality_floor.min_accuracy_retention_pct.value,
+        min_decode_tokens_per_s=profile.min_decode_tokens_per_s.value,
+    )
+
+
+def _plan(plan: Plan, first_plan: Plan) -> ReportPlan:
+    return ReportPlan(
+        reason=plan.reason,
+        first_reason=first_plan.reason,
+        budget_bytes=first_plan.budget_bytes,
+        fp16_bytes=first_plan.fp16_bytes,
+        chosen=plan.chosen,
+        candidates=[CandidateSummary.of(c) for c in first_plan.candidates],
+    )
+
+
+def _quality(final: Attempt) -> ReportQuality:
+    evaluation = final.evaluation
+    quality = final.quality
     reference = evaluation.get("reference") if isinstance(evaluation.get("reference"), dict) else {}
-    memory_check = next((c for c in checks if c.name == "peak_memory_bytes"), None)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "bedside-deploy-report",
-        "bedside_version": __version__,
-        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "passed": context["passed"],
-        "status": "PASS" if context["passed"] else "FAIL",
-        "reason": context["reason"],
-        "model": {
-            "name": str(context["options"].model),
-            "source_sha256": context["source_sha256"],
-            "num_layers": facts.num_layers,
-            "total_params": facts.total_params,
-        },
-        "profile": {
-            "name": profile.name,
-            "context_length": profile.context_length,
-            "budget_bytes": first_plan.budget_bytes,
-            "max_perplexity_increase_pct": profile.quality_floor.max_perplexity_increase_pct.value,
-            "min_accuracy_retention_pct": profile.quality_floor.min_accuracy_retention_pct.value,
-            "min_decode_tokens_per_s": profile.min_decode_tokens_per_s.value,
-        },
-        "checks": [check.to_dict() for check in checks],
-        "attempts": [
-            {
-                "attempt": a["attempt"],
-                "candidate": {k: v for k, v in a["candidate"].items() if k != "reason"},
-                "plan_reason": a["plan_reason"],
-                "checks": a["checks"],
-                "passed": a["passed"],
-                "corrections": a.get("corrections"),
-                "next": a.get("next"),
-                "layers_removed": a["compression"].get("layers_removed"),
-                "quality": (a["compression"].get("quality") or {}),
-                "evaluation": a["evaluation"],
-            }
-            for a in context["attempts"]
-        ],
-        "plan": {
-            "reason": plan.reason,
-            "first_reason": first_plan.reason,
-            "budget_bytes": first_plan.budget_bytes,
-            "fp16_bytes": first_plan.fp16_bytes,
-            "chosen": candidate.model_dump() if candidate else None,
-            "candidates": [_candidate_summary(c) for c in first_plan.candidates],
-        },
-        "memory": {
-            "budget_bytes": first_plan.budget_bytes,
-            "estimate": candidate.memory.model_dump() if candidate else None,
-            "measured_peak_bytes": memory_check.value if memory_check else None,
-            "scoring_peak_rss_bytes": evaluation.get("scoring_peak_rss_bytes"),
-            "peak_vram_bytes": evaluation.get("peak_vram_bytes"),
-            "context": evaluation.get("context"),
-        },
-        "speed": {
-            "host_decode_tokens_per_s": evaluation.get("decode_tokens_per_s"),
-            "host_prefill_tokens_per_s": evaluation.get("prefill_tokens_per_s"),
-            "threads": context["options"].threads,
-            "target": "simulator not built",
-        },
-        "quality": {
-            "metric": "perplexity",
-            "stages": {
-                "original": quality.get("original"),
-                "pruned": quality.get("pruned"),
-                "healed": quality.get("healed"),
-                "quantized": quality.get("quantized"),
-                "exported": evaluation.get("perplexity"),
-            },
-            "reference_runtime_perplexity": reference.get("perplexity")
-            or evaluation.get("reference_perplexity"),
-            "kl_divergence": evaluation.get("kl_divergence"),
-            "top1_agreement": evaluation.get("top1_agreement"),
-            "accuracy": evaluation.get("accuracy"),
-            "note": "original..quantized: torch on the compress evaluation blocks; exported: the target runtime "
-            "on the validation tokens (the same held-apart documents)",
-        },
-        "layer_selection": layer_scores(compression),
-        "data": {"calibration": compression.get("calibration"), "eval": compression.get("eval")},
-        "stages": context["stages"],
-        "disk_estimate_bytes": context["disk_estimate_bytes"],
-        "bundle": context["bundle"],
-        "seconds": round(seconds, 2),
-    }
+    return ReportQuality(
+        stages=QualityStages(
+            original=quality.get("original"),
+            pruned=quality.get("pruned"),
+            healed=quality.get("healed"),
+            quantized=quality.get("quantized"),
+            exported=evaluation.get("perplexity"),
+        ),
+        reference_runtime_perplexity=reference.get("perplexity") or evaluation.get("reference_perplexity"),
+        kl_divergence=evaluation.get("kl_divergence"),
+        top1_agreement=evaluation.get("top1_agreement"),
+        accuracy=evaluation.get("accuracy"),
+    )
+
+
+def build_report(outcome: DeployOutcome, seconds: float) -> DeployReport:
+    """The report.json record of a deploy's outcome (see `toolkit.deploy.pipeline.run_deploy`)."""
+    final = outcome.final
+    evaluation = final.evaluation
+    return DeployReport(
+        created_utc=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        passed=outcome.passed,
+        status="PASS" if outcome.passed else "FAIL",
+        reason=outcome.reason,
+        model=outcome.model,
+        profile=_profile(outcome),
+        checks=final.checks,
+        attempts=[ReportAttempt.of(attempt) for attempt in outcome.attempts],
+        plan=_plan(final.plan, outcome.first_plan),
+        memory=outcome.memory,
+        speed=ReportSpeed(
+            host_decode_tokens_per_s=evaluation.get("decode_tokens_per_s"),
+            host_prefill_tokens_per_s=evaluation.get("prefill_tokens_per_s"),
+            threads=outcome.threads,
+        ),
+        quality=_quality(final),
+        layer_selection=layer_scores(final.compression),
+        data=ReportData(calibration=final.compression.get("calibration"), eval=final.compression.get("eval")),
+        stages=outcome.stages,
+        disk_estimate_bytes=outcome.disk_estimate_bytes,
+        bundle=outcome.bundle,
+        seconds=round(seconds, 2),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,12 +532,12 @@ td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}}.pass{{color:#080;fo
 """
 
 
-def write_reports(out: Path, context: dict[str, Any], seconds: float) -> tuple[dict[str, Any], Path, Path]:
-    """Write out/report.json and out/report.html atomically; returns (report, json path, html path)."""
+def write_reports(out: Path, outcome: DeployOutcome, seconds: float) -> tuple[dict[str, Any], Path, Path]:
+    """Write out/report.json and out/report.html atomically; returns (report.json content, json path, html path)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    report = build_report(context, seconds)
+    report = build_report(outcome, seconds).model_dump(mode="json")
     json_path, html_path = out / REPORT_JSON, out / REPORT_HTML
     write_json_atomic(json_path, report)
     write_text_atomic(html_path, render_html(report))

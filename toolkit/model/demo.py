@@ -5,7 +5,7 @@ module turns it, once, into what every other stage expects from a user's model: 
 config.json, fp32 safetensors, a tokenizer.json and a chat template.
 
 Two things are done by hand rather than left to transformers, for reasons measured on this stack
-(docs: shared/notes/ENVIRONMENT.md, "Demo model"):
+(docs/ENVIRONMENT.md, section "The demo model"):
 - the tokenizer. transformers rebuilds a GGUF "gpt2" vocabulary as a LlamaTokenizerFast with
   byte_fallback, which tokenizes differently from llama.cpp and makes llama.cpp's own converter
   write a SentencePiece vocabulary that aborts llama.cpp. We rebuild SmolLM2's byte-level BPE

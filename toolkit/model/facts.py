@@ -1,7 +1,7 @@
 """Model facts from config.json alone (no weights): shapes and parameter counts per component.
 
 The interface every planning step reads. Filled by `read_facts(model)`; architecture knowledge
-lives in toolkit/architectures.py as data tables, so that a 7B model can be planned on a laptop
+lives in toolkit/model/architectures.py as data tables, so that a 7B model can be planned on a laptop
 without loading (or even having) its weights.
 """
 

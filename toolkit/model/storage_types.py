@@ -21,7 +21,8 @@ MatMul with a constant weight by com.microsoft.MatMulNBits (onnxruntime.quantiza
   B packed uint8 [N, n_blocks, block*bits/8], scales [N * n_blocks] in the graph's float type,
   zero_points (asymmetric only) uint8 [N * ceil(n_blocks * bits / 8)], with n_blocks = ceil(K / block)
   (ORT contrib-op spec, MatMulNBits). The embedding Gather stays float; a tied lm_head is exported as
-  Transpose(embedding) and is not quantized ("MatMul doesn't have const weight", see notes/ENVIRONMENT.md);
+  Transpose(embedding) and is not quantized ("MatMul doesn't have const weight", see docs/ENVIRONMENT.md,
+  section "ONNX export and int4 on the demo model");
   an untied lm_head is an ordinary MatMul and is quantized.
 """
 

@@ -30,7 +30,8 @@ and CPU hosts every term counts.
 `detail` keeps every term: keys starting with `param.` are inputs (tokens, layers), `compute.region.` are the
 candidate peaks the compute buffer is derived from, `host_only.` are outside the model tier, `reserved.` are
 already inside the profile's `reserved_gib` (the CUDA context); all other keys add up to `total_bytes` exactly.
-The CPU constants are calibrated against measured peak RSS of the demo model (record below); the runtimes issue
+The CPU constants are calibrated against measured peak RSS of the demo model (docs/RUNTIMES.md, section
+"Calibration record of the estimator's constants (2026-11-23)"); the runtimes issue
 re-checks `bedside plan --profile host` against its own measurements (target: within 10 %) and calibrates the
 GPU terms marked CALIBRATE on real devices.
 """
@@ -59,25 +60,12 @@ F32 = 4
 # llama.cpp pads the context to a multiple of 256 (llama-context.cpp: cparams.n_ctx = GGML_PAD(n_ctx, 256)).
 LLAMA_CPP_CTX_PAD = 256
 
-# Calibration (2026-11-23, this machine kind: 2 cores AMD EPYC, Python 3.11, llama-cpp-python 0.3.36 AVX2 build,
-# onnxruntime 1.31.1 CPU provider): peak RSS (VmHWM of the child) of the demo model (SmolLM2-135M-Instruct) as
-# `evaluate(artifact, context=N)` measures it: runtimes.measure.measure_in_child(runtime, path,
-# MeasureJob(context=N, decode_tokens=min(32, N // 4), n_threads=1)), i.e. the runner's own prefill of
-# N - decode_tokens tokens (llama.cpp n_batch 512; OnnxRunner 128 tokens per call), then the decode steps.
-# Exports: exporters.export(resolve_model_dir("demo"), "onnx", "fp32" | "int4_b32", out) and one GGUF conversion
-# (Q4_K_M with keep_f16; Q8_0, Q4_0 quantized from its F16). MiB at context 512 / 1024 / 2048 (/ 4096):
-#   llama.cpp   F16 354.9 / 380.9 / 430.9   Q8_0 234.7 / 260.8 / 310.7
-#               Q4_K_M 197.7 / 223.9 / 273.8   Q4_0 184.4 / 210.5 / 260.5   (context 256: Q4_0 166.2, Q4_K_M 179.4)
-#               with the runner's default: files it repacks are read, not mapped. Mapped, Q4_0 measured
-#               241.2 / 267.3 / 317.3 and Q4_K_M 205.6 / 231.7 / 281.6 (repacked copy beside the file pages: +56.6, +7.8)
-#   onnxruntime fp32 841.2 / 896.2 / 1097.7 / 1455.4 (2048: mean of 1125.1, 1070.3)
-#               int4_b32 368.4 / 440.6 / 615.9 / 1001.8, 1536: 535.7, 3072: 833.3
-#               resident after loading (session built, heap trimmed): fp32 715.0-715.8, int4_b32 255.8-257.4;
-#               `import onnxruntime` + runner modules: 51.8; `import llama_cpp`: 43.7
-# With the constants below the estimate is 0.7-4.1 % above the llama.cpp runs (5.2 % at context 256) and within -2.3..+1.4 % of the
-# onnxruntime runs (tests/test_memory.py::test_calibration_record; table in docs/RUNTIMES.md).
+# Calibration: the CPU constants below are fitted on the peak RSS (VmHWM of the measuring child) of the demo model
+# under llama.cpp and onnxruntime at contexts 256-4096. Measured figures, with the command: docs/RUNTIMES.md,
+# section "Calibration record of the estimator's constants (2026-11-23)" (pinned by
+# tests/test_memory.py::test_calibration_record).
 
-# Runtime process: the interpreter + the runtime's libraries (measured above) + what the runtime allocates at load
+# Runtime process: the interpreter + the runtime's libraries (calibration record) + what the runtime allocates at load
 # besides weights, KV cache and compute buffer (llama.cpp: vocab and merges, graph metadata, thread pool; ORT:
 # session state, tokenizer, what the trimmed heap keeps of the parsed protobuf). onnxruntime: the fp32 export
 # resident after loading minus its weights and the transposed tied head (715.0 - 513.1 - 108.0 = 93.9 MiB);
@@ -105,8 +93,9 @@ ORT_HEAD_EMBEDDING_BLOCK = 32
 # the heap is trimmed (the first calibration's 0.7 x was measured without OnnxRunner's malloc_trim).
 ORT_NBITS_PREPACK_FACTOR = 0.36
 # KV-cache copies ORT's arena holds beyond past + present (onnxruntime_arena_kv_factor), fitted on the onnxruntime
-# runs above (least squares on log2(context / 128)): int4_b32 (measured - every other term) / KV = 0.10, 0.39, 0.82,
-# 0.87, 1.34, 1.30 at 512, 1024, 1536, 2048, 3072, 4096; the fp32 runs (not fitted) then agree within 4 %.
+# runs of the calibration record (least squares on log2(context / 128)): int4_b32 (measured - every other term)
+# / KV = 0.10, 0.39, 0.82, 0.87, 1.34, 1.30 at 512, 1024, 1536, 2048, 3072, 4096; the fp32 runs (not fitted) then
+# agree within 4 %.
 ORT_ARENA_KV_BASE = -0.82
 ORT_ARENA_KV_PER_DOUBLING = 0.44
 
@@ -334,7 +323,7 @@ def onnxruntime_arena_kv_factor(kv_tokens: int, chunk: int) -> float:
 
     Each call outputs presents `chunk` positions longer than the pasts it frees, so the best-fit arena cannot put
     them back in place; it extends by doubling regions (kNextPowerOfTwo) and keeps the partly used old ones.
-    Fitted on the demo (calibration record above).
+    Fitted on the demo (docs/RUNTIMES.md, section "Calibration record of the estimator's constants (2026-11-23)").
     """
     doublings = math.log2(max(1.0, kv_tokens / max(1, chunk)))
     return max(0.0, ORT_ARENA_KV_BASE + ORT_ARENA_KV_PER_DOUBLING * doublings)

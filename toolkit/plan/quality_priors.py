@@ -16,12 +16,13 @@ Priors (used when no measurement exists):
     the prior is conservative for Vicuna/LLaVA-1.5.
   * ONNX: fp16 = llama.cpp F16, int8 (MatMulNBits block 32) = Q8_0, int4_b32 (asymmetric block 32, scale +
     zero point) = Q4_1; int4_b128 = Q4_0 with its log-ratio scaled by 1.357, the ratio of block-128 asymmetric to
-    block-32 symmetric RTN measured on the demo model (notes/ENVIRONMENT.md: PPL 23.1 vs 21.5 over 17.58).
+    block-32 symmetric RTN measured on the demo model (PPL 23.1 vs 21.5 over 17.58: docs/ENVIRONMENT.md, sections
+    "ONNX export and int4 on the demo model" and "The demo model").
   * depth: ln(PPL ratio) = c(P) * k / L. c = 1.7 for a 7B model: Kim et al. 2024, "Shortened LLaMA" (arXiv
     2402.02834), one-shot block removal of LLaMA-7B with LoRA healing, about +40 % wikitext-2 perplexity at 20 %
     of blocks removed and about +85 % at 35 % (ln 1.40 / 0.20 = 1.68, ln 1.85 / 0.35 = 1.76). c = 4.7 for the
-    135M demo model: notes/ENVIRONMENT.md, block-influence (ShortGPT, Men et al. 2024, arXiv 2403.03853)
-    removal of 6 of 30 layers gave +155 % (ln 2.55 / 0.2 = 4.68): small models are far less depth-redundant.
+    135M demo model: docs/ENVIRONMENT.md, section "Depth pruning on the demo model", block-influence (ShortGPT,
+    Men et al. 2024, arXiv 2403.03853) removal of 6 of 30 layers gave +155 % (ln 2.55 / 0.2 = 4.68): small models are far less depth-redundant.
     c is interpolated linearly in log10(parameters) between the two and clamped outside; Gromov et al. 2024
     ("The Unreasonable Ineffectiveness of the Deeper Layers", arXiv 2403.17887) show larger models tolerate
     more removal with healing, so clamping at 1.7 above 7B is conservative. The 2025 medical LLaVA study
@@ -65,7 +66,7 @@ LLAMA3_8B_DELTA_PPL_IMATRIX: dict[str, float] = {
     "Q3_K_M": 0.502622,
 }
 
-INT4_B128_OVER_B32_LOG_RATIO = math.log(23.1 / 17.58) / math.log(21.5 / 17.58)  # demo model, ORT RTN (notes)
+INT4_B128_OVER_B32_LOG_RATIO = math.log(23.1 / 17.58) / math.log(21.5 / 17.58)  # demo model, ORT RTN (docs/ENVIRONMENT.md)
 
 
 def _pct(delta_ppl: float) -> float:
@@ -94,7 +95,7 @@ VISION_PRIOR_PCT: dict[str, float] = {"f16": 0.0, "q8_0": QUANT_PRIOR_PCT["Q8_0"
 
 # (parameters, c) with ln(PPL ratio) = c * removed / layers; see the module docstring for both sources.
 DEPTH_PRIOR_POINTS: tuple[tuple[float, float], ...] = (
-    (1.35e8, 4.7),  # SmolLM2-135M demo, ShortGPT block influence, 6 of 30 layers, +155 % (notes)
+    (1.35e8, 4.7),  # SmolLM2-135M demo, ShortGPT block influence, 6 of 30 layers, +155 % (docs/ENVIRONMENT.md)
     (6.7e9, 1.7),  # LLaMA-7B, Shortened LLaMA + LoRA, +40 % at 20 %, +85 % at 35 % (Kim et al. 2024)
 )
 

@@ -235,7 +235,8 @@ def _policy_quality_floor() -> QualityFloor:
         max_perplexity_increase_pct=Figure(
             value=25,
             source="Bedside default policy: admits 4-bit weight-only quantization of a small model "
-            "(ONNX int4 block 32 gave +22 % on the 135M demo model, shared/notes/ENVIRONMENT.md)",
+            "(ONNX int4 block 32 gave +22 % on the 135M demo model, docs/ENVIRONMENT.md, section "
+            "'ONNX export and int4 on the demo model')",
         ),
         min_accuracy_retention_pct=Figure(
             value=90, source="Bedside default policy: keep 90 % of the uncompressed model's accuracy"
@@ -368,7 +369,7 @@ def build_host_profile(cpu_facts: CpuFacts, gpu: GpuFacts | None) -> DeviceProfi
         reserved = gpu.used_bytes / GIB
         reserved_source = (
             f"measured by {MEASURED_BY} on {today}: NVML memory used (driver and other processes); "
-            "our own CUDA context is counted by the memory estimate (toolkit/memory.py)"
+            "our own CUDA context is counted by the memory estimate (toolkit/plan/memory.py)"
         )
         compute = _gpu_compute(gpu, cpu_facts)
         description = f"This machine: {gpu.name} with {cpu_facts.model}"

@@ -28,8 +28,9 @@ Checks (`blocking` ones decide whether deploy re-plans; the others are reported)
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from toolkit.plan.schema import Candidate
 from toolkit.target.profiles import DeviceProfile
@@ -38,23 +39,60 @@ TOP1_AGREEMENT_MIN = 0.6
 SIMULATOR_NOTE = "predicted speed on the target: simulator not built; measured on this host"
 
 
-@dataclass
-class Check:
-    """One PASS/FAIL line of a report: `passed` is value compared with threshold by `comparison`."""
+Number = int | float  # kept as given: a byte count stays an int in the JSON, a ratio a float
+
+
+class Record(BaseModel):
+    """Base of the validate and deploy records (checks, report.json, the bundle's manifest.json and runtime.json).
+
+    One style for all of them: a pydantic model, written with `model_dump(mode="json")`; the top-level
+    records carry `schema_version`. Unknown fields are errors; NaN and infinity are written as JSON's
+    `NaN`/`Infinity` (as `json.dumps` always did), not turned into null.
+    """
+
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+
+class Check(Record):
+    """One PASS/FAIL line of a report: `passed` is value compared with threshold by `comparison`.
+
+    `model_dump(mode="json")` is a report.json `checks` item (name, passed, value, threshold, ...).
+    Positional arguments as well as keywords: `Check("load", True, None, None, "")`.
+    """
 
     name: str
     passed: bool
-    value: float | None
-    threshold: float | None
+    value: Number | None
+    threshold: Number | None
     comparison: str = "<="  # "<=" or ">="
     unit: str = ""
     blocking: bool = True
     detail: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = Field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (report.json `checks` items: name, passed, value, threshold, ...)."""
-        return asdict(self)
+    def __init__(
+        self,
+        name: str,
+        passed: bool,
+        value: Number | None,
+        threshold: Number | None,
+        comparison: str = "<=",
+        unit: str = "",
+        blocking: bool = True,
+        detail: str = "",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            name=name,
+            passed=passed,
+            value=value,
+            threshold=threshold,
+            comparison=comparison,
+            unit=unit,
+            blocking=blocking,
+            detail=detail,
+            extra={} if extra is None else extra,
+        )
 
     def describe(self) -> str:
         """`value <= threshold unit` as text, for terminals and the HTML report."""

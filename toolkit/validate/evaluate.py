@@ -16,6 +16,8 @@ consecutive windows of `seq_len` tokens, each from an empty KV cache. Over the N
     kl_divergence   = (1/N) sum_i sum_v p_ref(v | i) (log p_ref(v | i) - log p_art(v | i))     (nats)
     top1_agreement  = (1/N) sum_i [argmax_v p_ref(v | i) == argmax_v p_art(v | i)]
 
+(perplexity and top-1 agreement as defined once in `toolkit.core.metrics`.)
+
 The full-vocabulary log-probabilities for KL are written by each child to a .npy file [positions, vocab]
 (float32, or float16 when a file would exceed FLOAT32_LIMIT_BYTES) and compared here chunk by chunk, so
 memory stays at a chunk of rows, not the whole evaluation.
@@ -57,6 +59,7 @@ from runtimes.results import MeasureResult, RuntimeLoadError
 from toolkit.core.errors import BedsideError
 from toolkit.core.formats import FORMAT_RUNTIME
 from toolkit.core.hashing import checkpoint_sha256, file_sha256
+from toolkit.core.metrics import top1_matches
 from toolkit.core.records import COMPRESSION_RECORD
 from toolkit.data import DEFAULT_SOURCE, Document, data_sha256, load_dataset_spec
 from toolkit.model.source import DEMO_NAME, resolve_model_dir
@@ -257,7 +260,7 @@ def compare_logprobs(
         log_ref = np.asarray(reference[index, :width], dtype=np.float64)
         log_art = np.asarray(artifact[index, :width], dtype=np.float64)
         kl_total += float((np.exp(log_ref) * (log_ref - log_art)).sum())
-        agree += int((log_ref.argmax(axis=1) == log_art.argmax(axis=1)).sum())
+        agree += top1_matches(log_art.argmax(axis=1), log_ref.argmax(axis=1))
         count += len(index)
     if count == 0:
         return float("nan"), float("nan")

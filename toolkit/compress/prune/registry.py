@@ -5,7 +5,7 @@ A method is a function
     select(model, calib_input_ids, n_remove, *, knob=default, ...) -> LayerSelection
 
 decorated with `@register_selection_method("name")`. Adding one is one file under
-`toolkit/prune/methods/` plus one import line in `toolkit/prune/methods/__init__.py`. The
+`toolkit/compress/prune/methods/` plus one import line in `toolkit/compress/prune/methods/__init__.py`. The
 registry's wrapper (`SelectionMethod.select`) does what every method would otherwise repeat:
 check the request (how many layers, calibration tensor, knob names), time the call, and check the
 answer (count, range, one score per layer).

@@ -1,6 +1,6 @@
 """Layer-selection methods, one file each; importing this package registers them all.
 
-To add a method: write `toolkit/prune/methods/<name>.py` with a function decorated by
+To add a method: write `toolkit/compress/prune/methods/<name>.py` with a function decorated by
 `@register_selection_method("<name>")` (see `toolkit.compress.prune.registry`), and add its import below.
 """
 
