@@ -4,11 +4,22 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 BEDSIDE_CACHE ?= $(HOME)/.cache/bedside
-# CPU wheel by default (lies on this machine's disk). A CUDA machine sets e.g.
-#   make TORCH_SPEC="torch==2.13.0 --extra-index-url <CUDA wheel index>" LLAMA_CMAKE_ARGS="-DGGML_CUDA=ON"
+# GPU set-up in one variable: `make setup GPU=cuda` takes torch's CUDA 12.8 wheel from PyTorch's
+# package index, builds llama.cpp with CUDA, and adds onnxruntime-gpu's CUDA/cuDNN libraries from PyPI.
+# Default GPU=cpu: the CPU torch wheel (on this machine's disk) and a portable AVX2 llama.cpp build
+# without the AMX backend (its quantized batch decode crashes, docs/ENVIRONMENT.md).
+GPU ?= cpu
+ifeq ($(GPU),cuda)
+TORCH_SPEC ?= torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cu128
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_CUDA=ON
+ORT_EXTRAS ?= onnxruntime-gpu[cuda,cudnn]==1.31.1
+else ifeq ($(GPU),cpu)
 TORCH_SPEC ?= torch==2.13.0
-# Portable AVX2 build of llama.cpp without the AMX backend (quantized batch decode crashes there).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+ORT_EXTRAS ?=
+else
+$(error GPU must be cpu or cuda, got '$(GPU)')
+endif
 PROFILE ?= jetson4gb
 MODEL ?= demo
 CALIB ?=
@@ -17,15 +28,15 @@ OUT ?= out/deploy-$(PROFILE)
 PYTEST_ARGS ?=
 
 export BEDSIDE_CACHE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-STAMP := $(VENV)/.bedside-setup-stamp
+STAMP := $(VENV)/.bedside-setup-stamp-$(GPU)
 BIN := $(VENV)/bin
 
-.PHONY: setup deploy test test-fast lint clean bench
+.PHONY: setup deploy test test-fast lint clean bench bench-target
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup_env.sh
-	PYTHON="$(PYTHON)" VENV="$(VENV)" TORCH_SPEC="$(TORCH_SPEC)" LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	PYTHON="$(PYTHON)" VENV="$(VENV)" TORCH_SPEC="$(TORCH_SPEC)" LLAMA_CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" ORT_EXTRAS="$(ORT_EXTRAS)" \
 		bash scripts/setup_env.sh
 	touch $(STAMP)
 
@@ -49,6 +60,10 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.runtimes
 	$(BIN)/python -m bench.awq_budget --threads 2
 	$(BIN)/python -m bench.mmap_repack
+
+# A target with the base install only (no torch) verifies the bundle of `make deploy`.
+bench-target: deploy
+	$(BIN)/python -m bench.target_env --bundle "$(OUT)/bundle-$(PROFILE).tar.gz"
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -57,11 +57,13 @@ def child(result_path: Path, threads: int) -> None:
     torch.set_num_threads(threads)
     start = time.perf_counter()
     model_dir = resolve_model_dir("demo")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     documents = load_dataset_spec("medquad") + load_dataset_spec("pubmedqa")
     calibration, _evaluation, record = split_calibration_eval(documents, 0.1, SEED)
     blocks = make_blocks(calibration, tokenizer, SEQ_LEN, SEQUENCES, SEED)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, trust_remote_code=False
+    ).eval()
     prepared = time.perf_counter() - start
     rss_before = proc_status_bytes("VmRSS")
     hwm_before = proc_status_bytes("VmHWM")

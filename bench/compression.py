@@ -85,7 +85,9 @@ def load_model(model_dir: Path) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, trust_remote_code=False
+    ).eval()
 
 
 def pipeline_root() -> Path:
@@ -210,7 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     results["runs"].append(run_record)
     model_dir = resolve_model_dir(MODEL)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     data = load_medical_data()
     calib_path, eval_path = write_pipeline_data(data, bench_cache_dir("compression") / "data")
     eval_ids = evaluation_blocks(data, tokenizer, EVAL_LEN, EVAL_BLOCKS_PER_SOURCE, EVAL_SEED)

@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     layers = int(config["num_hidden_layers"])
     kv_heads = int(config.get("num_key_value_heads", config["num_attention_heads"]))
     head_dim = int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     data = load_medical_data()
     ids = evaluation_blocks(data, tokenizer, EVAL_LEN, EVAL_BLOCKS_PER_SOURCE, EVAL_SEED).reshape(-1).tolist()
     score_ids = ids[:SCORE_TOKENS]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.core.atomic import remove_tree, staging_dir, write_json_atomic
+from toolkit.core.checkpoint_policy import refuse_custom_code
 from toolkit.core.errors import BedsideError
 from toolkit.core.records import EXPORT_RECORD
 
@@ -96,6 +97,10 @@ def check_checkpoint(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise ExportError(f"{config_path} is not valid JSON ({error})") from None
     if not isinstance(config, dict) or not config.get("model_type"):
         raise ExportError(f"{config_path} names no model_type: not a transformers model config")
+    try:
+        refuse_custom_code(folder)  # converters would import the folder's own code
+    except BedsideError as error:
+        raise ExportError(str(error)) from None
     safetensors = sorted(folder.glob("*.safetensors"))
     if not safetensors and not sorted(folder.glob("pytorch_model*.bin")):
         raise ExportError(f"{folder} has no weights (*.safetensors or pytorch_model*.bin)")

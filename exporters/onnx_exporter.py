@@ -104,7 +104,7 @@ _OPTIMUM_DRIVER = r"""
 import sys
 from optimum.exporters.onnx import main_export
 main_export(sys.argv[1], output=sys.argv[2], task="text-generation-with-past", dtype=sys.argv[3],
-            device="cpu", do_validation=False, local_files_only=True)
+            device="cpu", do_validation=False, local_files_only=True, trust_remote_code=False)
 """
 
 

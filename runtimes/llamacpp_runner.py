@@ -42,8 +42,28 @@ from runtimes.results import RuntimeLoadError
 from runtimes.runner import Message, Runner, render_chat_template
 
 GGUF_MAGIC = b"GGUF"
-# Byte sizes of GGUF metadata scalar types, by type id (8 = string, 9 = array are variable).
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+GGUF_VERSIONS = (2, 3)  # what llama.cpp reads (version 1 had 32-bit counts and is refused there too)
+GGML_MAX_DIMS = 4
+# GGUF metadata value types: id -> (name, struct format); 8 (string) and 9 (array) are variable-sized.
+_SCALAR_TYPES = {
+    0: ("uint8", "<B"),
+    1: ("int8", "<b"),
+    2: ("uint16", "<H"),
+    3: ("int16", "<h"),
+    4: ("uint32", "<I"),
+    5: ("int32", "<i"),
+    6: ("float32", "<f"),
+    7: ("bool", "<?"),
+    10: ("uint64", "<Q"),
+    11: ("int64", "<q"),
+    12: ("float64", "<d"),
+}
+_STRING, _ARRAY = 8, 9
+_TYPE_NAMES = {**{i: name for i, (name, _) in _SCALAR_TYPES.items()}, _STRING: "string", _ARRAY: "array"}
+# Bounds no GGUF writer comes near: beyond them a count or length is corrupted, not cut off.
+MAX_COUNT = 1 << 24  # metadata keys or tensors (real files: tens of keys, hundreds of tensors)
+MAX_ARRAY_ITEMS = 1 << 26  # items of one metadata array (a 256k-token vocabulary is 1 << 18)
+MAX_STRING_BYTES = 1 << 30  # one string (chat templates are kilobytes)
 
 
 @dataclass
@@ -60,56 +80,77 @@ class GGUFHeader:
 
 
 class _Truncated(Exception):
-    pass
+    """The file ends inside the header (a cut-off download or copy)."""
 
 
-def _read(handle: BinaryIO, size: int) -> bytes:
-    data = handle.read(size)
-    if len(data) != size:
-        raise _Truncated
-    return data
+class _Corrupted(Exception):
+    """The header holds something no GGUF writer produces; the message says what."""
 
 
-def _read_string(handle: BinaryIO) -> bytes:
-    (length,) = struct.unpack("<Q", _read(handle, 8))
-    return _read(handle, length)
+class _HeaderReader:
+    """Reads the header fields, checking every length against the bytes the file has left."""
 
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self.handle = handle
+        self.size = size
 
-def _skip_value(handle: BinaryIO, value_type: int) -> Any:
-    """Read a small value (returned) or skip a large one (None), advancing past it."""
-    if value_type == 8:
-        return _read_string(handle).decode("utf-8", errors="replace")
-    if value_type == 9:
-        item_type, count = struct.unpack("<IQ", _read(handle, 12))
-        if item_type in _SCALAR_SIZES:
-            handle.seek(_SCALAR_SIZES[item_type] * count, 1)
-        else:
-            for _ in range(count):
-                _skip_value(handle, item_type)
-        return None
-    if value_type not in _SCALAR_SIZES:
-        raise ValueError(f"unknown metadata value type {value_type}")
-    raw = _read(handle, _SCALAR_SIZES[value_type])
-    formats = {
-        0: "<B",
-        1: "<b",
-        2: "<H",
-        3: "<h",
-        4: "<I",
-        5: "<i",
-        6: "<f",
-        7: "<?",
-        10: "<Q",
-        11: "<q",
-        12: "<d",
-    }
-    return struct.unpack(formats[value_type], raw)[0]
+    @property
+    def left(self) -> int:
+        return self.size - self.handle.tell()
+
+    def need(self, count: int, what: str, plausible: bool = True) -> None:
+        """Raise unless `count` more bytes exist: corrupted when the length itself is implausible, else cut off."""
+        if count <= self.left:
+            return
+        if not plausible:
+            raise _Corrupted(
+                f"{what} runs past the end of the file ({count:,} bytes needed, {self.left:,} left)"
+            )
+        raise _Truncated(f"{what} needs {count:,} bytes, {self.left:,} left")
+
+    def read(self, count: int, what: str) -> bytes:
+        self.need(count, what)
+        return self.handle.read(count)
+
+    def unpack(self, fmt: str, what: str) -> tuple[Any, ...]:
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt), what))
+
+    def string(self, what: str) -> str:
+        (length,) = self.unpack("<Q", what)
+        self.need(length, f"{what}: string length {length:,}", length <= MAX_STRING_BYTES)
+        return self.handle.read(length).decode("utf-8", errors="replace")
+
+    def value(self, value_type: int, what: str) -> Any:
+        """Read a scalar or string (returned), or skip an array (None)."""
+        if value_type == _STRING:
+            return self.string(what)
+        if value_type == _ARRAY:
+            item_type, count = self.unpack("<IQ", what)
+            plausible = count <= MAX_ARRAY_ITEMS
+            if item_type in _SCALAR_TYPES:
+                name, fmt = _SCALAR_TYPES[item_type]
+                self.need(
+                    struct.calcsize(fmt) * count, f"{what}: array of {count:,} {name} values", plausible
+                )
+                self.handle.seek(struct.calcsize(fmt) * count, 1)
+            elif item_type in (_STRING, _ARRAY):
+                self.need(count * 8, f"{what}: array of {count:,} {_TYPE_NAMES[item_type]} values", plausible)
+                for index in range(count):
+                    self.value(item_type, f"{what}[{index}]")
+            else:
+                raise _Corrupted(f"{what}: array of unknown value type {item_type} (known: 0-12)")
+            return None
+        if value_type not in _SCALAR_TYPES:
+            raise _Corrupted(f"{what}: unknown value type {value_type} (known: 0-12)")
+        return self.unpack(_SCALAR_TYPES[value_type][1], what)[0]
 
 
 def read_gguf_header(path: str | Path) -> GGUFHeader:
     """Parse a GGUF header (metadata keys, tensor table) in well under a second, tensors untouched.
 
-    Raises RuntimeLoadError naming the file when it is not GGUF or is cut off inside the header.
+    Raises RuntimeLoadError naming the file and what is wrong: not GGUF, cut off inside the header
+    ("truncated inside the GGUF header"), or a field no writer produces ("corrupted GGUF header: ...",
+    naming the metadata key or tensor and the value).
     """
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -121,35 +162,69 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
             raise RuntimeLoadError(
                 f"{path}: not a GGUF file (starts with {magic!r}, expected {GGUF_MAGIC!r})"
             )
+        reader = _HeaderReader(handle, size)
         try:
-            version, n_tensors, n_kv = struct.unpack("<IQQ", _read(handle, 20))
+            version, n_tensors, n_kv = reader.unpack("<IQQ", "version and counts")
+            if version not in GGUF_VERSIONS:
+                raise _Corrupted(
+                    f"version {version} (llama.cpp reads versions {', '.join(map(str, GGUF_VERSIONS))})"
+                )
+            for count, what in ((n_kv, "metadata keys"), (n_tensors, "tensors")):
+                if count > MAX_COUNT:
+                    raise _Corrupted(f"{count:,} {what} (no GGUF writer makes more than {MAX_COUNT:,})")
             architecture, alignment, keys = None, 32, set()
-            for _ in range(n_kv):
-                key = _read_string(handle).decode("utf-8", errors="replace")
-                (value_type,) = struct.unpack("<I", _read(handle, 4))
-                value = _skip_value(handle, value_type)
+            for index in range(1, n_kv + 1):
+                where = f"metadata key {index} of {n_kv:,}"
+                key = reader.string(where)
+                where = f"{where} '{key}'"
+                (value_type,) = reader.unpack("<I", where)
+                value = reader.value(value_type, where)
                 keys.add(key)
                 if key == "general.architecture":
                     architecture = value
                 elif key == "general.alignment":
-                    alignment = int(value)
+                    if (
+                        isinstance(value, bool)
+                        or not isinstance(value, int)
+                        or value <= 0
+                        or value & (value - 1)
+                    ):
+                        raise _Corrupted(f"general.alignment {value!r} is not a power of two")
+                    alignment = value
             data_end: int | None = 0
-            for _ in range(n_tensors):
-                _read_string(handle)
-                (n_dims,) = struct.unpack("<I", _read(handle, 4))
-                dims = struct.unpack(f"<{n_dims}Q", _read(handle, 8 * n_dims))
-                tensor_type, offset = struct.unpack("<IQ", _read(handle, 12))
+            for index in range(1, n_tensors + 1):
+                where = f"tensor {index} of {n_tensors:,}"
+                name = reader.string(where)
+                where = f"{where} '{name}'"
+                (n_dims,) = reader.unpack("<I", where)
+                if not 1 <= n_dims <= GGML_MAX_DIMS:
+                    raise _Corrupted(f"{where}: {n_dims:,} dimensions (GGUF allows 1 to {GGML_MAX_DIMS})")
+                dims = reader.unpack(f"<{n_dims}Q", where)
+                tensor_type, offset = reader.unpack("<IQ", where)
+                if offset % alignment:
+                    raise _Corrupted(
+                        f"{where}: data offset {offset:,} is not a multiple of the alignment {alignment}"
+                    )
                 try:
                     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(tensor_type)]
                 except (ValueError, KeyError):
-                    data_end = None
+                    data_end = None  # a type newer than this gguf package: its size is unknown
                     continue
+                if dims[0] % block:
+                    raise _Corrupted(
+                        f"{where}: first dimension {dims[0]:,} is not a multiple of its type's block of {block}"
+                    )
+                elements = 1
+                for dim in dims:
+                    elements *= dim
                 if data_end is not None:
-                    data_end = max(data_end, offset + int(np.prod(dims, dtype=np.int64)) // block * type_size)
+                    data_end = max(data_end, offset + elements // block * type_size)
         except _Truncated as error:
-            raise RuntimeLoadError(f"{path}: truncated inside the GGUF header ({size:,} bytes)") from error
-        except (ValueError, struct.error, MemoryError, OverflowError) as error:
-            raise RuntimeLoadError(f"{path}: corrupted GGUF header ({error})") from error
+            raise RuntimeLoadError(
+                f"{path}: truncated inside the GGUF header ({size:,} bytes; {error}): copy or export it again"
+            ) from None
+        except _Corrupted as error:
+            raise RuntimeLoadError(f"{path}: corrupted GGUF header: {error}") from None
         position = handle.tell()
     data_offset = (position + alignment - 1) // alignment * alignment
     return GGUFHeader(

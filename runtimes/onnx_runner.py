@@ -32,6 +32,7 @@ import numpy as np
 from runtimes.registry import register_runner, require_format
 from runtimes.results import RuntimeLoadError
 from runtimes.runner import Message, Runner, first_line, render_chat_template
+from toolkit.core.checkpoint_policy import refuse_custom_code
 
 _PAST_NAME = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
@@ -88,7 +89,8 @@ class FolderTokenizer:
             from transformers import AutoTokenizer
 
             try:
-                self._slow = AutoTokenizer.from_pretrained(folder)
+                refuse_custom_code(folder)  # a tokenizer_config.json auto_map would import the folder's code
+                self._slow = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
             except Exception as error:
                 raise RuntimeLoadError(
                     f"{folder}: tokenizer cannot be loaded ({first_line(error)})"

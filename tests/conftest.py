@@ -1,5 +1,6 @@
 """Shared pytest fixtures. Keep this file small and generic: only what several test modules need."""
 
+import json
 import os
 from pathlib import Path
 
@@ -75,3 +76,98 @@ def demo_gguf_path() -> Path:
     if not path.is_file():
         pytest.skip(f"demo GGUF not found at {path}: run `make setup`")
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Demo exports, made once per session and shared by every module that reads them (test_exporters,
+# test_evaluate). Read-only: a test that changes an export copies it first. Tests that use them are
+# marked `heavy` (`make test-fast` skips them).
+
+
+@pytest.fixture(scope="session")
+def demo_gguf_export(demo_model_dir, tmp_path_factory):
+    """The demo model converted once: Q4_K_M with the F16 kept (the source of every other GGUF scheme), with
+    plan metadata (`bedside.plan`) for the metadata tests. An `exporters.ExportResult`."""
+    from exporters import export
+
+    return export(
+        demo_model_dir,
+        "gguf",
+        "Q4_K_M",
+        tmp_path_factory.mktemp("demo-gguf"),
+        metadata={"plan": {"profile": "test", "scheme": "Q4_K_M"}, "layers_removed": []},
+        keep_f16=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_gguf_file(demo_gguf_export):
+    """Factory: scheme -> the demo GGUF in that scheme, beside the export (F16 and Q4_K_M from the export,
+    any other scheme quantized from the F16 on first use)."""
+    from exporters.gguf_exporter import quantize
+
+    folder = demo_gguf_export.model_file.parent
+    files = {"F16": folder / "model-F16.gguf", "Q4_K_M": demo_gguf_export.model_file}
+
+    def get(scheme: str) -> Path:
+        if scheme not in files:
+            target = folder / f"model-{scheme}.gguf"
+            quantize(files["F16"], target, scheme, threads=1)
+            files[scheme] = target
+        return files[scheme]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def demo_onnx_export(demo_model_dir, tmp_path_factory):
+    """Factory: scheme -> the `exporters.ExportResult` of the demo model's ONNX export in that scheme (default
+    options), exported on first use."""
+    from exporters import export
+
+    results = {}
+
+    def get(scheme: str):
+        if scheme not in results:
+            results[scheme] = export(
+                demo_model_dir, "onnx", scheme, tmp_path_factory.mktemp(f"demo-onnx-{scheme}")
+            )
+        return results[scheme]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def fake_checkpoint():
+    """Factory: build(folder, tokenizer=True) -> a tiny Llama checkpoint folder whose config.json and
+    model.safetensors agree (zero weights, for tests that resolve a checkpoint but never run it), with an
+    empty tokenizer.json unless `tokenizer` is False."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from toolkit.model.checkpoint import expected_tensors
+    from toolkit.model.facts import facts_from_config
+
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 32,
+        "max_position_embeddings": 64,
+    }
+
+    def build(folder: Path, tokenizer: bool = True) -> Path:
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(config))
+        shapes = expected_tensors(facts_from_config(config))
+        weights = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+        save_file(weights, str(folder / "model.safetensors"))
+        if tokenizer:
+            (folder / "tokenizer.json").write_text("{}")
+        return folder
+
+    return build

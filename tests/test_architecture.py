@@ -55,7 +55,7 @@ def test_the_graph_is_read(graph: dict[str, set[str]]) -> None:
     """The reader finds the rooms and real edges (so the rules below cannot pass on an empty graph)."""
     assert {"toolkit.core.errors", "toolkit.cli.main", "exporters.base", "runtimes.runner"} <= set(graph)
     assert "toolkit.core.errors" in graph["exporters.base"]
-    assert "toolkit.deploy" in graph["toolkit.cli.deploy"]
+    assert "toolkit.deploy.pipeline" in graph["toolkit.cli.deploy"]
 
 
 def test_core_imports_nothing_else_of_the_project(graph: dict[str, set[str]]) -> None:

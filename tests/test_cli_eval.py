@@ -67,18 +67,14 @@ def test_export_unknown_format_and_scheme_list_the_allowed_values(tmp_path):
     )
 
 
-def test_eval_missing_artifact_and_empty_data(tmp_path):
+def test_eval_missing_artifact_and_empty_data(tmp_path, fake_checkpoint):
     assert_one_line_error(
         run_bedside("eval", "--artifact", str(tmp_path / "nothing.gguf"), "--data", str(QA)),
         "nothing.gguf' not found",
     )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    checkpoint = tmp_path / "hf"
-    checkpoint.mkdir()
-    (checkpoint / "config.json").write_text('{"model_type": "llama"}')
-    (checkpoint / "model.safetensors").write_bytes(b"\0" * 16)
-    (checkpoint / "tokenizer.json").write_text("{}")
+    checkpoint = fake_checkpoint(tmp_path / "hf")
     assert_one_line_error(
         run_bedside("eval", "--artifact", str(checkpoint), "--data", str(empty)), "is empty"
     )
@@ -184,6 +180,13 @@ def test_run_streams_the_greedy_answer(demo_gguf_path):
     with load_runner(demo_gguf_path, n_ctx=2048, n_threads=1) as runner:
         expected = runner.generate([{"role": "user", "content": prompt}], max_new_tokens=12).text
     assert expected.strip() and result.stdout.strip() == expected.strip()
+    as_json = run_bedside(
+        "run", str(demo_gguf_path), "--prompt", prompt, "--max-tokens", "12", "--threads", "1", "--json"
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    answer = json.loads(as_json.stdout)  # one object, nothing else on stdout
+    assert answer["answer"].strip() == expected.strip() and answer["runtime"] == "llama.cpp"
+    assert 1 <= answer["tokens"] <= 12 and answer["seconds"] > 0 and answer["prompt_tokens"] > 5
 
 
 @pytest.mark.demo

@@ -421,8 +421,8 @@ def run_bedside(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def run_bedside_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """`toolkit.cli.main.main` as the entry point runs it, in this process: (exit code, stderr)."""
+def run_bedside_capturing(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`toolkit.cli.main.main` as the entry point runs it, in this process: (exit code, stdout, stderr)."""
     from toolkit.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["bedside", *args])
@@ -431,7 +431,14 @@ def run_bedside_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         main()
     except SystemExit as exited:
         code = int(exited.code or 0)
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def run_bedside_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """(exit code, stderr) of `run_bedside_capturing`."""
+    code, _out, err = run_bedside_capturing(monkeypatch, capsys, *args)
+    return code, err
 
 
 def assert_one_line_error(code: int, stderr: str, *needles: str) -> None:
@@ -481,12 +488,13 @@ def test_cli_follows_a_plan_file_and_a_profile_with_flags_overriding(tiny, tmp_p
     write_plan(plan, tmp_path / "plan.json")
     common = ["--quant-method", "rtn", "--no-heal", "--calib", str(corpus), "--calib-sequences", "4"]
     common += ["--seq-len", "32", "--no-progress"]
-    code, stderr = run_bedside_in_process(
+    code, stdout, stderr = run_bedside_capturing(
         monkeypatch, capsys, "compress", "--model", str(folder), "--out", str(tmp_path / "a"),
-        "--plan", str(tmp_path / "plan.json"), *common,
+        "--plan", str(tmp_path / "plan.json"), *common, "--json",
     )  # fmt: skip
     assert code == 0, stderr
     record = json.loads((tmp_path / "a" / "compression.json").read_text())
+    assert json.loads(stdout) == record  # --json prints the record and nothing else
     assert record["layers_removed"] == [0] and record["quant"]["scheme"] == "Q8_0"
     assert record["plan"]["profile"] == "test" and record["plan"]["layers"] == [0]
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from toolkit.compress.stages import link_or_copy
 from toolkit.core.errors import BedsideError
 from toolkit.model.facts import facts_from_config
 from toolkit.plan.planner import make_plan
@@ -39,6 +41,17 @@ FAST_KNOBS = (
     "1",
     "--no-progress",
 )
+# The same knobs as DeployOptions fields (the in-process deploys and the shared compress stages below).
+FAST_OPTIONS = {
+    "calib_sequences": 4,
+    "heal_steps": 4,
+    "eval_tokens": 512,
+    "seq_len": 128,
+    "prune_method": "block-influence",
+    "quant_method": "rtn",
+    "threads": 1,
+    "progress": False,
+}
 
 
 def tiny_plan():
@@ -343,7 +356,8 @@ def test_bad_calibration_data_exit_2(tmp_path, demo_model_dir, content, needle):
 
 
 def test_not_enough_disk_refused_before_work(tmp_path, demo_model_dir, monkeypatch):
-    from toolkit.deploy import DeployOptions, preflight, run_deploy
+    from toolkit.deploy import preflight
+    from toolkit.deploy.pipeline import DeployOptions, run_deploy
 
     monkeypatch.setattr(preflight, "free_bytes", lambda folder: 10 * 2**20)
     with pytest.raises(BedsideError, match="not enough disk"):
@@ -358,10 +372,47 @@ def test_knob_out_of_range_exit_2(tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # End to end on the demo model (tiny profile: layer removal + 4-bit), killed after compress, resumed
+#
+# Every deploy below starts with the same attempt (Q4_0, 6 of 30 layers removed, FAST_KNOBS): its compress
+# stages are computed once (`compressed_stages`) and each deploy starts from a hard-linked copy of that stage
+# cache, so its compress step resumes them (and says so) instead of recomputing; it still publishes its own
+# checkpoint and compression.json, and exports, validates and re-plans as before.
 
 
-def test_deploy_end_to_end_killed_then_resumed_and_verified(tmp_path, demo_model_dir):
+@pytest.fixture(scope="module")
+def compressed_stages(demo_model_dir, tmp_path_factory) -> Path:
+    """work/compress/stages of attempt 1 of the deploys below, computed by the deploy's own compress step with
+    their plan and options, on one torch thread like the CLI runs (OMP_NUM_THREADS=1). Read-only."""
+    import torch
+
+    from toolkit.deploy import pipeline
+    from toolkit.deploy.preflight import check_model_config
+
+    options = pipeline.DeployOptions(profile=str(TINY_PROFILE), **FAST_OPTIONS)
+    _, facts = check_model_config(options.model)
+    plan = make_plan(facts, load_profile(options.profile), options.model)
+    work = tmp_path_factory.mktemp("deploy-compress") / "work"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipeline._compress(options, options.model, plan, work)
+    finally:
+        torch.set_num_threads(threads)
+    return work / "compress" / "stages"
+
+
+def seed_compress_stages(compressed_stages: Path, out: Path) -> None:
+    """Hard-link the shared stage cache into `out`'s work folder (stage files are replaced, never rewritten in
+    place, so the shared copy stays intact)."""
+    shutil.copytree(compressed_stages, out / "work" / "compress" / "stages", copy_function=link_or_copy)
+
+
+@pytest.mark.demo
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_deploy_end_to_end_killed_then_resumed_and_verified(tmp_path, compressed_stages):
     out = tmp_path / "deploy"
+    seed_compress_stages(compressed_stages, out)
     command = [
         sys.executable,
         "-m",
@@ -421,8 +472,9 @@ def test_deploy_end_to_end_killed_then_resumed_and_verified(tmp_path, demo_model
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_deploy_replans_after_a_measured_memory_overrun_and_compresses_again(
-    tmp_path, demo_model_dir, monkeypatch
+    tmp_path, compressed_stages, monkeypatch
 ):
     """Attempt 1's measured peak is raised 2 % over the budget (a target that needs more than this host):
     the deploy learns the ratio, removes more layers, compresses, exports and validates again, and the
@@ -444,21 +496,14 @@ def test_deploy_replans_after_a_measured_memory_overrun_and_compresses_again(
     # a looser quality floor than tiny-cpu's 400 %: 8 layers removed with 4 healing steps measured +473 %
     profile = tmp_path / "tiny-loose.yaml"
     profile.write_text(TINY_PROFILE.read_text().replace("    value: 400\n", "    value: 1000\n"))
-    options = pipeline.DeployOptions(
-        profile=str(profile),
-        out=tmp_path / "deploy",
-        calib_sequences=4,
-        heal_steps=4,
-        eval_tokens=512,
-        seq_len=128,
-        prune_method="block-influence",
-        quant_method="rtn",
-        threads=1,
-        progress=False,
-    )
+    options = pipeline.DeployOptions(profile=str(profile), out=tmp_path / "deploy", **FAST_OPTIONS)
+    seed_compress_stages(compressed_stages, options.out)
     result = pipeline.run_deploy(options)
 
     assert result.passed, result.reason
+    attempt_1, attempt_2 = result.attempts
+    assert attempt_1.stages["compress"].resumed  # the shared stages
+    assert not attempt_2.stages["compress"].resumed  # more layers removed: compressed again
     first, second = result.report["attempts"]
     assert [c["name"] for c in first["checks"] if not c["passed"] and c["name"] == "peak_memory_bytes"]
     assert first["corrections"]["memory_ratio"] == pytest.approx(
@@ -479,16 +524,19 @@ def test_deploy_replans_after_a_measured_memory_overrun_and_compresses_again(
 
 @pytest.mark.demo
 @pytest.mark.slow
-def test_deploy_that_nothing_passes_exits_1_with_a_report_and_no_bundle(tmp_path, demo_model_dir):
+@pytest.mark.heavy
+def test_deploy_that_nothing_passes_exits_1_with_a_report_and_no_bundle(tmp_path, compressed_stages):
     """A 50 % perplexity floor: attempt 1 (Q4_0, 6 layers removed) misses it, and every candidate with a lower
     predicted loss is over the budget, so the deploy stops, says why, and writes the report but no bundle."""
     profile = tmp_path / "tiny-strict.yaml"
     profile.write_text(TINY_PROFILE.read_text().replace("    value: 400\n", "    value: 50\n"))
     out = tmp_path / "deploy"
+    seed_compress_stages(compressed_stages, out)
     result = run_bedside("deploy", "--profile", str(profile), "--out", str(out), *FAST_KNOBS, timeout=900)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "FAIL" and not report["passed"]
+    assert report["stages"]["compress"]["resumed"] is True  # the shared stages
     assert "perplexity_increase_pct" in report["reason"] and "no candidate left" in report["reason"]
     (attempt,) = report["attempts"]
     failed = {c["name"] for c in attempt["checks"] if not c["passed"]}

@@ -110,16 +110,7 @@ def test_scoring_texts_render_qa_as_chat_and_stop_early():
     assert len(scoring_texts(notes, max_tokens=10)) == 1  # 10 tokens x 12 characters: one paragraph is enough
 
 
-def _fake_checkpoint(folder: Path, tokenizer: bool = True) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text('{"model_type": "llama"}')
-    (folder / "model.safetensors").write_bytes(b"\0" * 16)
-    if tokenizer:
-        (folder / "tokenizer.json").write_text("{}")
-    return folder
-
-
-def test_resolve_artifact_refuses_bad_input_with_the_fix(tmp_path):
+def test_resolve_artifact_refuses_bad_input_with_the_fix(tmp_path, fake_checkpoint):
     with pytest.raises(BedsideError, match="not found: pass 'demo'"):
         resolve_artifact(tmp_path / "missing")
     fake_gguf = tmp_path / "model.gguf"
@@ -134,15 +125,15 @@ def test_resolve_artifact_refuses_bad_input_with_the_fix(tmp_path):
     with pytest.raises(BedsideError, match="no tokenizer in this ONNX export"):
         resolve_artifact(onnx_folder)
     with pytest.raises(BedsideError, match="no tokenizer in this checkpoint folder"):
-        resolve_artifact(_fake_checkpoint(tmp_path / "hf", tokenizer=False))
-    checkpoint = _fake_checkpoint(tmp_path / "compressed" / "checkpoint")
+        resolve_artifact(fake_checkpoint(tmp_path / "hf", tokenizer=False))
+    checkpoint = fake_checkpoint(tmp_path / "compressed" / "checkpoint")
     (checkpoint.parent / "compression.json").write_text("{}")
     resolved = resolve_artifact(checkpoint.parent)
     assert (resolved.path, resolved.format, resolved.runtime) == (checkpoint, "hf", "torch")
 
 
-def test_evaluate_refuses_empty_documents_and_tiny_settings(tmp_path):
-    checkpoint = _fake_checkpoint(tmp_path / "hf")
+def test_evaluate_refuses_empty_documents_and_tiny_settings(tmp_path, fake_checkpoint):
+    checkpoint = fake_checkpoint(tmp_path / "hf")
     with pytest.raises(BedsideError, match="has no documents"):
         evaluate(checkpoint, documents=[], progress=False)
     with pytest.raises(BedsideError, match="--context 8 is too small"):
@@ -154,33 +145,22 @@ def test_evaluate_refuses_empty_documents_and_tiny_settings(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def demo_exports(demo_model_dir, tmp_path_factory) -> dict[str, Path]:
-    """GGUF F16 / Q8_0 / Q4_K_M / Q4_0 (one conversion) and ONNX fp32 / int4_b32 of the demo model."""
-    from exporters import export
-    from exporters.gguf_exporter import quantize
-
-    gguf = export(demo_model_dir, "gguf", "Q4_K_M", tmp_path_factory.mktemp("gguf"), keep_f16=True)
-    folder = gguf.model_file.parent
-    paths = {"F16": folder / "model-F16.gguf", "Q4_K_M": gguf.model_file}
-    for scheme in ("Q8_0", "Q4_0"):
-        paths[scheme] = folder / f"model-{scheme}.gguf"
-        quantize(paths["F16"], paths[scheme], scheme, threads=1)
-    for scheme in ("fp32", "int4_b32"):
-        paths[scheme] = export(
-            demo_model_dir, "onnx", scheme, tmp_path_factory.mktemp(scheme)
-        ).model_file.parent
-    return paths
+def demo_export(name: str, gguf_file, onnx_export) -> Path:
+    """GGUF F16 / Q8_0 / Q4_K_M / Q4_0 (one conversion) and ONNX fp32 / int4_b32 of the demo model, from the
+    session's shared exports (conftest; test_exporters reads the same files)."""
+    if name in ("fp32", "int4_b32"):
+        return onnx_export(name).model_file.parent
+    return gguf_file(name)
 
 
 @pytest.fixture(scope="module")
-def evaluated(demo_model_dir, demo_exports):
+def evaluated(demo_model_dir, demo_gguf_file, demo_onnx_export):
     """evaluate(artifact, NOTES, reference="demo", context=CONTEXT), each artifact once per module."""
     cache: dict[str, dict] = {}
 
     def get(name: str) -> dict:
         if name not in cache:
-            artifact = "demo" if name == "torch" else demo_exports[name]
+            artifact = "demo" if name == "torch" else demo_export(name, demo_gguf_file, demo_onnx_export)
             cache[name] = evaluate(artifact, NOTES, reference="demo", context=CONTEXT, **EVAL)
         return cache[name]
 
@@ -244,6 +224,7 @@ def _response(document, option: str) -> str:
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["F16", "fp32"])
 def test_float_exports_agree_with_torch(evaluated, name):
     torch_ppl = evaluated("torch")["perplexity"]
@@ -263,12 +244,14 @@ MEASURED_KL = {"Q4_K_M": 0.0610, "int4_b32": 0.3266, "Q4_0": 0.3371}
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_q8_0_within_1_5_percent_of_torch(evaluated):
     assert evaluated("Q8_0")["perplexity"] == pytest.approx(evaluated("torch")["perplexity"], rel=0.015)
 
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["Q4_K_M", "int4_b32", "Q4_0"])
 def test_4_bit_quality_in_the_measured_range(evaluated, name):
     result = evaluated(name)
@@ -280,6 +263,7 @@ def test_4_bit_quality_in_the_measured_range(evaluated, name):
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     ("name", "format_name"),
     [

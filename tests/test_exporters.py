@@ -448,30 +448,21 @@ def demo_ids(demo_model_dir) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def demo_gguf(demo_model_dir, tmp_path_factory):
-    """Q4_K_M with the F16 kept (one conversion serves F16, Q8_0 and the imatrix tests)."""
-    return export(
-        demo_model_dir,
-        "gguf",
-        "Q4_K_M",
-        tmp_path_factory.mktemp("gguf"),
-        metadata={"plan": {"profile": "test", "scheme": "Q4_K_M"}, "layers_removed": []},
-        keep_f16=True,
-    )
+def demo_gguf(demo_gguf_export):
+    """Q4_K_M with the F16 kept and plan metadata (conftest: one conversion per session serves F16, Q8_0, the
+    imatrix tests here and test_evaluate's GGUF schemes). Read-only."""
+    return demo_gguf_export
 
 
 @pytest.fixture(scope="module")
-def demo_q8(demo_gguf):
-    from exporters.gguf_exporter import quantize
-
-    f16 = demo_gguf.model_file.parent / "model-F16.gguf"
-    target = f16.parent / "model-Q8_0.gguf"
-    quantize(f16, target, "Q8_0")
-    return target
+def demo_q8(demo_gguf_file):
+    """model-Q8_0.gguf, quantized from the shared F16 (conftest)."""
+    return demo_gguf_file("Q8_0")
 
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_demo_gguf_files_load_and_carry_bedside_metadata(demo_model_dir, demo_gguf, demo_q8, demo_ids):
     import llama_cpp
 
@@ -506,6 +497,7 @@ def test_demo_gguf_files_load_and_carry_bedside_metadata(demo_model_dir, demo_gg
 
 
 @pytest.mark.demo
+@pytest.mark.heavy
 def test_demo_gguf_tokenizer_gives_the_hf_ids(demo_model_dir, demo_gguf):
     import llama_cpp
     from transformers import AutoTokenizer
@@ -524,6 +516,7 @@ def test_demo_gguf_tokenizer_gives_the_hf_ids(demo_model_dir, demo_gguf):
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_demo_gguf_imatrix_changes_the_rounding_and_ones_are_accepted(demo_gguf, tmp_path):
     from exporters.gguf_exporter import _gguf_tensor_widths, quantize
 
@@ -567,6 +560,7 @@ def test_demo_gguf_imatrix_changes_the_rounding_and_ones_are_accepted(demo_gguf,
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_demo_with_layers_removed_converts_and_runs(demo_model_dir, tmp_path):
     import llama_cpp
     import torch
@@ -596,8 +590,9 @@ def test_demo_with_layers_removed_converts_and_runs(demo_model_dir, tmp_path):
 
 @pytest.mark.demo
 @pytest.mark.slow
-def test_demo_onnx_int4_perplexity_in_measured_range(demo_model_dir, demo_ids, tmp_path):
-    result = export(demo_model_dir, "onnx", "int4_b32", tmp_path / "onnx")
+@pytest.mark.heavy
+def test_demo_onnx_int4_perplexity_in_measured_range(demo_onnx_export, demo_ids):
+    result = demo_onnx_export("int4_b32")  # conftest: the export test_evaluate scores too
     folder = result.model_file.parent
     assert (folder / "chat_template.jinja").is_file() or "chat_template" in json.loads(
         (folder / "tokenizer_config.json").read_text()

@@ -225,7 +225,7 @@ def test_unknown_tier_kind(tmp_path):
     data = base_data()
     data["memory_tiers"][0]["kind"] = "vram"
     message = error_for(write(tmp_path, data))
-    assert "memory_tiers[0].kind: unknown value 'vram' (allowed: 'unified', 'device' or 'host')" in message
+    assert "memory_tiers[0].kind: unknown value 'vram' (allowed: 'unified', 'device', 'host' or 'cxl')" in message
 
 
 def test_model_tier_must_name_a_tier(tmp_path):

@@ -8,6 +8,7 @@ input (BedsideError, one line), 3 when the profile's plan finds nothing that fit
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -75,6 +76,9 @@ def compress_command(
     ] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per calibration sequence.")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print compression.json on stdout instead of the summary (no bars).")
+    ] = False,
 ) -> None:
     """Prune, heal and quantize MODEL into OUT; re-running resumes finished stages."""
 
@@ -105,8 +109,11 @@ def compress_command(
             "nothing to do: give --plan plan.json, --profile NAME, or at least --prune-layers / --quant"
         )
     options = options_from_plan(plan, **overrides) if plan is not None else CompressOptions(**overrides)
-    result = compress(model, out, options, plan=plan, progress=not no_progress)
-    print_summary(result)
+    result = compress(model, out, options, plan=plan, progress=not (no_progress or json_output))
+    if json_output:
+        typer.echo(json.dumps(result.record, indent=2))
+    else:
+        print_summary(result)
 
 
 def check_plan_model(plan: Plan, model: str, plan_path: Path) -> None:

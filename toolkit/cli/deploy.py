@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from toolkit.deploy import DeployOptions, run_deploy
+from toolkit.deploy.pipeline import DeployOptions, run_deploy
 
 
 def register(app: typer.Typer) -> None:
@@ -57,6 +57,12 @@ def deploy_command(
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data split and sampling.")] = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    sign_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--sign-key", help="Ed25519 private key (PEM, `bedside keygen`): sign the bundle's manifest."
+        ),
+    ] = None,
 ) -> None:
     """Compress MODEL for PROFILE, validate it on the target runtime, and write the report and bundle."""
 
@@ -77,6 +83,7 @@ def deploy_command(
         allow_pickle=allow_pickle,
         seed=seed,
         progress=progress,
+        sign_key=sign_key,
     )
     result = run_deploy(options)
     if not result.passed:

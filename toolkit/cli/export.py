@@ -22,8 +22,9 @@ from toolkit.compress.record import read_compression_record
 from toolkit.core.errors import BedsideError
 from toolkit.core.formats import resolve_scheme
 from toolkit.core.hashing import file_sha256
+from toolkit.core.output_dir import check_out_dir
 from toolkit.core.records import COMPRESSION_RECORD
-from toolkit.model.source import resolve_model_dir
+from toolkit.model.checkpoint import loadable_checkpoint
 
 IMATRIX_NAME = "imatrix.gguf"
 
@@ -54,6 +55,7 @@ def resolve_source(model: str, format_name: str, imatrix: Path | None) -> Export
             raise BedsideError(
                 f"{folder}: compression.json but no checkpoint/config.json; run `bedside compress` again"
             )
+        loadable_checkpoint(checkpoint)
         metadata: dict[str, Any] = {
             "layers_removed": list(record.layers_removed),
             "compression_sha256": file_sha256(record_path),
@@ -66,7 +68,7 @@ def resolve_source(model: str, format_name: str, imatrix: Path | None) -> Export
         return ExportSource(
             checkpoint=checkpoint, imatrix=chosen, metadata=metadata, compression_record=record_path
         )
-    return ExportSource(checkpoint=resolve_model_dir(model, need_weights=True), imatrix=imatrix)
+    return ExportSource(checkpoint=loadable_checkpoint(model), imatrix=imatrix)
 
 
 def export_command(
@@ -90,6 +92,7 @@ def export_command(
     """Export MODEL to FORMAT in scheme QUANT, writing OUT/<model file> and OUT/export.json."""
 
     fmt, scheme = resolve_scheme(format_name, quant)
+    check_out_dir(out)  # an existing file or a path under one: refused before any work
     if imatrix is not None and fmt != "gguf":
         raise BedsideError("--imatrix applies to --format gguf only (llama.cpp's quantizer uses it)")
     if imatrix is not None and not imatrix.is_file():

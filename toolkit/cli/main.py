@@ -1,20 +1,14 @@
 """The `bedside` command. Each command registers itself from its own module in toolkit/cli/."""
 
+import importlib
 import os
 import sys
+from collections.abc import Callable
+from typing import Annotated
 
 import typer
 
-from toolkit.cli import compress as cli_compress
-from toolkit.cli import deploy as cli_deploy
-from toolkit.cli import eval as cli_eval
-from toolkit.cli import export as cli_export
-from toolkit.cli import model as cli_model
-from toolkit.cli import plan as cli_plan
-from toolkit.cli import profiles as cli_profiles
-from toolkit.cli import run as cli_run
-from toolkit.cli import setup as cli_setup
-from toolkit.cli import verify as cli_verify
+from toolkit import __version__
 from toolkit.core.errors import BedsideError
 
 # Offline at run time: set-up fetched everything through the package registry.
@@ -32,20 +26,69 @@ app = typer.Typer(
 )
 
 
+# Command modules in help order; each has register(app). Adding a command is one name here.
+COMMANDS = (
+    "setup",
+    "profiles",
+    "model",
+    "plan",
+    "simulate",
+    "compress",
+    "export",
+    "eval",
+    "run",
+    "deploy",
+    "verify",
+    "keygen",
+)
+# Modules that need the build toolchain (torch, transformers, peft, optimum): `pip install bedside[build]`.
+BUILD_COMMANDS = {"compress": ("compress",), "deploy": ("deploy",)}
+
+
+def _unavailable(name: str, missing: str) -> Callable[[], None]:
+    """A command body that explains, in one line, that `bedside NAME` needs the build extras."""
+
+    def unavailable() -> None:
+        raise BedsideError(
+            f"this installation has no {missing}: `bedside {name}` needs the build tools; "
+            "install them with `pip install 'bedside[build]'` (verify, run and profiles work without)"
+        )
+
+    return unavailable
+
+
+def _needs_build_extras(app: typer.Typer, names: tuple[str, ...], missing: str) -> None:
+    """Register `names` as commands that say the build extras are not installed (any arguments accepted)."""
+    for name in names:
+        settings = {"allow_extra_args": True, "ignore_unknown_options": True}
+        app.command(name, context_settings=settings)(_unavailable(name, missing))
+
+
 def _register_all() -> None:
-    for module in (
-        cli_setup,
-        cli_profiles,
-        cli_model,
-        cli_plan,
-        cli_compress,
-        cli_export,
-        cli_eval,
-        cli_run,
-        cli_deploy,
-        cli_verify,
-    ):
+    for module_name in COMMANDS:
+        try:
+            module = importlib.import_module(f"toolkit.cli.{module_name}")
+        except ModuleNotFoundError as error:
+            if module_name not in BUILD_COMMANDS:
+                raise
+            _needs_build_extras(app, BUILD_COMMANDS[module_name], error.name or "build dependency")
+            continue
         module.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bedside {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", callback=_version, is_eager=True)
+    ] = False,
+) -> None:
+    """Compress a medical LM/VLM so that it provably fits and works on a target device."""
 
 
 _register_all()
@@ -53,6 +96,11 @@ _register_all()
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2 (3 when nothing fits)."""
+    # Output that is not a terminal (a pipe, a file, CI) is not wrapped at rich's default 80 columns,
+    # so `bedside profiles | grep NAME` finds whole names.
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    if wide:
+        os.environ["COLUMNS"] = "240"
     try:
         app(standalone_mode=False)
     except BedsideError as error:
@@ -67,9 +115,17 @@ def main() -> None:
         # Usage errors (unknown option, bad value) are click's ClickException, which typer >= 0.2x
         # vendors as typer._click: recognise it by its interface instead of importing either.
         if callable(getattr(error, "format_message", None)) and hasattr(error, "exit_code"):
-            typer.echo(f"error: {error.format_message()}", err=True)
+            # No arguments at all: the help was printed and the error has no text of its own.
+            message = (
+                error.format_message().strip()
+                or "missing command or arguments: see the help above (`bedside --help`)"
+            )
+            typer.echo(f"error: {message}", err=True)
             sys.exit(2)
         raise
+    finally:
+        if wide:
+            del os.environ["COLUMNS"]
 
 
 if __name__ == "__main__":

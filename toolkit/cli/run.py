@@ -6,6 +6,7 @@ stdout as it decodes (`Runner.generate(stream=...)`). Temperature 0 is greedy de
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Annotated
 
@@ -37,6 +38,10 @@ def run_command(
     seed: Annotated[
         int | None, typer.Option("--seed", help="Sampling seed (with --temperature > 0).")
     ] = None,
+    json_output: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON object (answer, tokens, seconds) instead of streaming."),
+    ] = False,
 ) -> None:
     """Answer PROMPT with ARTIFACT, streaming the text to stdout."""
 
@@ -46,6 +51,10 @@ def run_command(
         raise BedsideError(f"--temperature {temperature}: use 0 (greedy) or a positive value")
     if not prompt.strip():
         raise BedsideError("--prompt is empty: give the message to answer")
+    if context < 1:
+        raise BedsideError(f"--context {context}: the KV cache needs at least 1 token (e.g. --context 2048)")
+    if threads is not None and threads < 1:
+        raise BedsideError(f"--threads {threads}: use 1 or more (or leave it out)")
     target = resolve_artifact(artifact, runtime)
     runner = load_runner(target.path, target.runtime, n_ctx=context, n_threads=threads)
 
@@ -55,15 +64,26 @@ def run_command(
 
     with runner:
         try:
-            runner.generate(
+            result = runner.generate(
                 [{"role": "user", "content": prompt}],
                 max_new_tokens=max_tokens,
                 greedy=temperature == 0,
                 temperature=temperature or 1.0,
                 seed=seed,
-                stream=write,
+                stream=None if json_output else write,
             )
         except ValueError as error:  # the prompt does not fit the context
             raise BedsideError(f"{error}: pass a larger --context or a shorter prompt") from error
-    sys.stdout.write("\n")
+    if json_output:
+        answer = {
+            "answer": result.text,
+            "tokens": len(result.token_ids),
+            "prompt_tokens": result.prompt_tokens,
+            "finish_reason": result.finish_reason,
+            "seconds": round(result.prefill_seconds + result.decode_seconds, 3),
+            "runtime": target.runtime,
+        }
+        sys.stdout.write(json.dumps(answer) + "\n")
+    else:
+        sys.stdout.write("\n")
     sys.stdout.flush()

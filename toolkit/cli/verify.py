@@ -1,7 +1,8 @@
 """`bedside verify BUNDLE`: check a bundle's hashes, load and smoke-test its model, measure peak memory.
 
+With `--trusted-key PUB` the bundle must also carry the key's signature of its manifest (`signature`).
 Exit codes: 0 every check passed; 1 a check failed (each named with its number and threshold);
-2 bad input (no such bundle, not a bundle, unknown profile).
+2 bad input (no such bundle, not a bundle, unsafe archive, unknown profile, unreadable key).
 """
 
 from pathlib import Path
@@ -25,11 +26,18 @@ def verify_command(
         str | None, typer.Option("--profile", help="Device profile to check against (default: the bundle's).")
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="Runtime threads.")] = None,
+    trusted_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--trusted-key",
+            help="Ed25519 public key (PEM, keygen's .pub): fail unless manifest.json is signed by it.",
+        ),
+    ] = None,
 ) -> None:
     """Verify a deployment bundle on this machine; prints PASS/FAIL per check."""
 
     console = Console()
-    result = verify_bundle(bundle, profile=profile, n_threads=threads)
+    result = verify_bundle(bundle, profile=profile, n_threads=threads, trusted_key=trusted_key)
     for check in result.checks:
         mark = "[green]PASS[/]" if check.passed else "[red]FAIL[/]"
         figure = (

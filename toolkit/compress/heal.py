@@ -51,6 +51,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from toolkit.core.errors import BedsideError
 from toolkit.core.records import SCHEMA_VERSION
+from toolkit.data.blocks import data_label
 
 if TYPE_CHECKING:
     import torch
@@ -207,7 +208,13 @@ def _prompt_text(document: Document, tokenizer: Any) -> str:
 
 
 def question_answer_training_blocks(
-    documents: Sequence[Document], tokenizer: Any, block_len: int, n_blocks: int, seed: int
+    documents: Sequence[Document],
+    tokenizer: Any,
+    block_len: int,
+    n_blocks: int,
+    seed: int,
+    *,
+    source: str | None = None,
 ) -> TrainingBlocks:
     """Packed training blocks whose labels keep only the answers of question/answer documents.
 
@@ -256,8 +263,8 @@ def question_answer_training_blocks(
     available = len(ids) // block_len
     if available == 0:
         raise BedsideError(
-            f"the data has {len(ids)} tokens in {len(documents)} documents, fewer than one block of "
-            f"{block_len}: add documents or lower the block length"
+            f"{data_label(source)} has {len(ids)} tokens in {len(documents)} documents, fewer than one "
+            f"block of {block_len}: add documents or lower the block length (--seq-len)"
         )
     made = min(n_blocks, available)
     return TrainingBlocks(

@@ -53,10 +53,11 @@ from toolkit.core.atomic import building_folder, remove_stale_temporaries, write
 from toolkit.core.errors import BedsideError, NothingFitsError
 from toolkit.core.formats import FORMATS, all_schemes
 from toolkit.core.hashing import sha256_json, token_ids_sha256, weights_sha256
+from toolkit.core.output_dir import check_out_dir, make_out_dir
 from toolkit.core.records import COMPRESSION_RECORD, DEFAULT_DATA, EVAL_FRACTION
 from toolkit.data import data_sha256, load_dataset_spec, make_blocks, split_calibration_eval
+from toolkit.model.checkpoint import loadable_checkpoint
 from toolkit.model.facts import read_facts
-from toolkit.model.source import resolve_model_dir
 
 if TYPE_CHECKING:
     from toolkit.plan.schema import Plan
@@ -198,11 +199,15 @@ def _prepare_data(tokenizer: Any, options: CompressOptions) -> _Data:
     if overlap:
         raise AssertionError(f"{overlap} evaluation documents occur in the calibration data")
 
-    calib = make_blocks(calib_docs, tokenizer, options.seq_len, options.calib_sequences, options.seed)
-    evaluation = make_blocks(eval_docs, tokenizer, options.seq_len, options.eval_sequences, options.seed)
+    calib = make_blocks(
+        calib_docs, tokenizer, options.seq_len, options.calib_sequences, options.seed, source=source
+    )
+    evaluation = make_blocks(
+        eval_docs, tokenizer, options.seq_len, options.eval_sequences, options.seed, source=eval_source
+    )
     if any(document.is_question_answer for document in calib_docs):
         training = question_answer_training_blocks(
-            calib_docs, tokenizer, options.seq_len, options.calib_sequences, options.seed
+            calib_docs, tokenizer, options.seq_len, options.calib_sequences, options.seed, source=source
         )
         heal_ids, heal_labels = training.input_ids, training.labels
         if options.heal and training.loss_tokens == 0:
@@ -441,18 +446,17 @@ def compress(
     """
 
     started = time.perf_counter()
-    source = resolve_model_dir(model, need_weights=True)
+    source = loadable_checkpoint(model)  # no custom code; config.json describes these weights
     num_layers = read_facts(source).num_layers
     validate_options(options, num_layers)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BedsideError(f"--out '{out}' is a file: pass a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    remove_stale_temporaries(out / "stages")
+    check_out_dir(out)  # refused before any work; created once the data passed too
 
     tokenizer = load_tokenizer(source)
     data = _prepare_data(tokenizer, options)
+    make_out_dir(out)
+    remove_stale_temporaries(out)
+    remove_stale_temporaries(out / "stages")
     source_sha = weights_sha256(source)
     runner = StageRunner(source, out, tokenizer, data.eval_ids, progress, _storage_dtype(source))
 

@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from toolkit.core.atomic import building_folder, write_json_atomic
+from toolkit.core.checkpoint_policy import refuse_custom_code
 from toolkit.core.errors import BedsideError
 from toolkit.core.hashing import sha256_json, token_ids_sha256, weights_sha256
 from toolkit.core.memory_sampling import RssSampler
@@ -83,9 +84,10 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
     """Load an HF causal LM from a local folder (offline, no remote code) in `dtype`, eval mode."""
     from transformers import AutoModelForCausalLM
 
+    refuse_custom_code(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, low_cpu_mem_usage=True, local_files_only=True
+            folder, dtype=dtype, low_cpu_mem_usage=True, local_files_only=True, trust_remote_code=False
         )
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -97,8 +99,9 @@ def load_tokenizer(folder: Path) -> Any:
     """The checkpoint's tokenizer (local files only)."""
     from transformers import AutoTokenizer
 
+    refuse_custom_code(folder)
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BedsideError(f"cannot load the tokenizer in '{folder}': {first}") from None

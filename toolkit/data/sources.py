@@ -36,6 +36,10 @@ JSON_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 OPTION_FIELDS = ("options", "choices")
 CONTEXT_FIELDS = ("context", "contexts")
 YES_NO_MAYBE_FIELDS = ("label", "final_decision")
+# Size caps: a data file is read whole, and one document is tokenized whole, so both are bounded
+# (one 78 MB line once grew compress to 4.5 GB). The largest record of the bundled data sets is 27 KB.
+MAX_DATA_FILE_BYTES = 256 << 20
+MAX_RECORD_BYTES = 1 << 20  # one JSONL line, JSON array item or text paragraph
 
 Record = dict[str, Any]
 
@@ -47,6 +51,12 @@ def read_text_file(path: str | Path) -> str:
         raise BedsideError(f"data file '{path}' not found: check the path")
     if not path.is_file():
         raise BedsideError(f"data path '{path}' is not a file: pass a .txt, .jsonl or .json file")
+    size = path.stat().st_size
+    if size > MAX_DATA_FILE_BYTES:
+        raise BedsideError(
+            f"data file '{path}' is {size:,} bytes, more than the {MAX_DATA_FILE_BYTES:,} a data file may "
+            "hold: pass a sample of it (calibration uses at most 128 sequences)"
+        )
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -66,14 +76,27 @@ def _lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in text.split("\n")]
 
 
+def _too_large(path: Path, where: str, size: int) -> BedsideError:
+    return BedsideError(
+        f"data file '{path}': {where} is {size:,} bytes, more than the {MAX_RECORD_BYTES:,} one record "
+        "may hold: split it into smaller documents"
+    )
+
+
 def load_text_documents(path: str | Path) -> list[Document]:
     """Plain text: one document per paragraph (blocks separated by one or more blank lines)."""
     path = Path(path).expanduser()
     documents: list[Document] = []
     paragraph: list[str] = []
-    for line in [*_lines(read_text_file(path)), ""]:
+    size = first_line = 0
+    for number, line in enumerate([*_lines(read_text_file(path)), ""], start=1):
         if line.strip():
+            if not paragraph:
+                size, first_line = 0, number
             paragraph.append(line.rstrip())
+            size += len(line.encode("utf-8")) + 1
+            if size > MAX_RECORD_BYTES:
+                raise _too_large(path, f"the paragraph from line {first_line}", size)
         elif paragraph:
             documents.append(
                 Document(text="\n".join(paragraph), id=f"{path.name}#{len(documents) + 1}", source=path.name)
@@ -93,17 +116,24 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[int, Record]]:
             raise BedsideError(
                 f"data file '{path}': invalid JSON on line {error.lineno} ({error.msg}): fix the array"
             ) from None
+        if not isinstance(items, list):
+            raise BedsideError(f"data file '{path}': not one JSON array of objects")
         for index, item in enumerate(items, start=1):
             if not isinstance(item, dict):
                 raise BedsideError(
                     f"data file '{path}': item {index} of the JSON array is {type(item).__name__}, "
                     'not an object: each item must be {"field": ...}'
                 )
+            size = len(json.dumps(item, ensure_ascii=False).encode("utf-8"))
+            if size > MAX_RECORD_BYTES:
+                raise _too_large(path, f"item {index} of the JSON array", size)
             yield index, item
         return
     for number, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_RECORD_BYTES or len(line.encode("utf-8")) > MAX_RECORD_BYTES:
+            raise _too_large(path, f"line {number}", len(line.encode("utf-8")))
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
@@ -126,16 +156,26 @@ def _missing_field(path: Path, number: int, field: str, record: Record, hint: st
     )
 
 
-def _string_field(path: Path, number: int, record: Record, field: str) -> str:
-    """A required text field; numbers are accepted as text (e.g. VQA answers like "2")."""
+def _string_field(path: Path, number: int, record: Record, field: str, numbers: bool = False) -> str:
+    """A required text field; with `numbers`, a number is accepted as its text (VQA count answers like 2)."""
     if field not in record or record[field] is None:
         raise _missing_field(path, number, field, record)
     value = record[field]
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
+    allowed = (str, int, float) if numbers else (str,)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        expected = "text or a number" if numbers else "text (a JSON string)"
         raise BedsideError(
-            f"data file '{path}': line {number} field '{field}' is {type(value).__name__}, expected text"
+            f"data file '{path}': line {number} field '{field}' is {_json_type(value)}, expected {expected}"
         )
     return str(value).strip()
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, with the value when it is short."""
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    name = names.get(type(value), type(value).__name__)
+    shown = json.dumps(value)
+    return f"{name} ({shown})" if len(shown) <= 40 else name
 
 
 def load_text_jsonl(path: str | Path, text_field: str = "text") -> list[Document]:
@@ -210,14 +250,14 @@ def _question_answer(
     explanation = None
     if answer_field in record:
         raw_answer = record[answer_field]
-        _string_field(path, number, record, answer_field)
+        _string_field(path, number, record, answer_field, numbers=True)
     else:
         label_field = next((name for name in YES_NO_MAYBE_FIELDS if name in record), None)
         if label_field is None:
             raise _missing_field(
                 path, number, answer_field, record, hint=" (a yes/no/maybe item may give 'label' instead)"
             )
-        raw_answer = _string_field(path, number, record, label_field).lower()
+        raw_answer = _string_field(path, number, record, label_field, numbers=True).lower()
         options = options or YES_NO_MAYBE
         explanation = record.get("long_answer")
     answer = _resolve_answer(path, number, raw_answer, options, labels)
@@ -225,9 +265,13 @@ def _question_answer(
     context = None
     if context_field is not None:
         value = record[context_field]
-        context = (
-            "\n".join(str(part).strip() for part in value) if isinstance(value, list) else str(value).strip()
-        )
+        parts = value if isinstance(value, list) else [value]
+        if not all(isinstance(part, str) for part in parts):
+            raise BedsideError(
+                f"data file '{path}': line {number} field '{context_field}' is {_json_type(value)}, "
+                "expected text (a JSON string) or a list of texts"
+            )
+        context = "\n".join(part.strip() for part in parts)
     return question_answer_document(
         question,
         answer,

@@ -12,6 +12,7 @@ Layout of `bundle-<profile>/`:
     README.md         for hospital IT
     manifest.json     files {relative path: sha256}, profile, plan, versions, source_model_sha256,
                       calibration/eval hashes and counts, measured peak memory
+    manifest.json.sig with `--sign-key`: Ed25519 signature of manifest.json's bytes (toolkit.deploy.signing)
 
 Atomicity: the folder and the archive are built under temporary names and renamed in at the end,
 so an interrupted deploy leaves no half bundle.
@@ -28,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 
 from exporters.base import TOKENIZER_FILES
@@ -36,6 +38,7 @@ from toolkit.core.atomic import building_folder, write_json_atomic
 from toolkit.core.hashing import file_sha256
 from toolkit.core.records import SCHEMA_VERSION
 from toolkit.deploy.outcome import DeployOutcome
+from toolkit.deploy.signing import SIGNATURE, key_fingerprint, sign_manifest
 from toolkit.plan.schema import Candidate
 from toolkit.target.profiles import DeviceProfile
 from toolkit.validate.checks import Number, Record
@@ -246,7 +249,7 @@ def _manifest(outcome: DeployOutcome, folder: Path, runtime: RuntimeConfig) -> M
     final = outcome.final
     plan = final.plan
     compression = final.compression
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST)
     return Manifest(
         created_utc=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         model=outcome.model.name,
@@ -280,8 +283,12 @@ def make_bundle(
     report_json: Path,
     report_html: Path,
     console: Console | None = None,
+    sign_key: Ed25519PrivateKey | None = None,
 ) -> tuple[Path, Path]:
-    """Build out/<name>/ and out/<name>.tar.gz atomically from the outcome's final attempt; returns (folder, archive)."""
+    """Build out/<name>/ and out/<name>.tar.gz atomically from the outcome's final attempt; returns (folder, archive).
+
+    With `sign_key` the manifest's bytes are signed into manifest.json.sig beside it (toolkit.deploy.signing).
+    """
     final = outcome.final
     export_dir = final.export_dir
     artifact = final.artifact
@@ -305,6 +312,8 @@ def make_bundle(
         for path in building.rglob("*"):
             os.chmod(path, 0o755 if path.is_dir() else 0o644)  # readable by the IT staff who install it
         write_json_atomic(building / MANIFEST, _manifest(outcome, building, runtime).model_dump(mode="json"))
+        if sign_key is not None:
+            sign_manifest(building, sign_key)
         try:
             with tarfile.open(temporary_archive, "w:gz", compresslevel=6) as tar:
                 tar.add(building, arcname=name)
@@ -313,6 +322,8 @@ def make_bundle(
             temporary_archive.unlink(missing_ok=True)
     if console is not None:
         console.print(f"  bundle: {folder} ({archive.stat().st_size / 2**20:.1f} MiB archive)")
+        if sign_key is not None:
+            console.print(f"  signed: {SIGNATURE} by key {key_fingerprint(sign_key.public_key())[:16]}")
     return folder, archive
 
 

@@ -34,10 +34,17 @@ from rich.console import Console
 import exporters
 from exporters.base import read_record
 from runtimes.results import RuntimeLoadError
-from toolkit.compress.pipeline import compress, options_from_plan
+from toolkit.compress.pipeline import (
+    MAX_CALIBRATION_SEQUENCES,
+    QUANT_METHODS,
+    compress,
+    options_from_plan,
+)
+from toolkit.compress.prune import get_selection_method
 from toolkit.core.atomic import building_folder, remove_stale_temporaries, write_json_atomic
 from toolkit.core.errors import BedsideError, NothingFitsError
 from toolkit.core.hashing import file_sha256, sha256_json, weights_sha256
+from toolkit.core.output_dir import make_out_dir
 from toolkit.core.records import DEFAULT_DATA, EVAL_FRACTION, EXPORT_RECORD, PLAN_RECORD
 from toolkit.data import data_sha256, split_calibration_eval
 from toolkit.deploy.bundle import make_bundle, remove_bundle
@@ -51,6 +58,7 @@ from toolkit.deploy.preflight import (
     check_writable,
 )
 from toolkit.deploy.report import print_summary, write_reports
+from toolkit.deploy.signing import load_private_key
 from toolkit.plan.planner import make_plan
 from toolkit.plan.schema import Candidate, Plan, write_plan
 from toolkit.target.profiles import load_profile
@@ -90,6 +98,7 @@ class DeployOptions:
     allow_pickle: bool = False
     seed: int = 0
     progress: bool = True
+    sign_key: Path | None = None  # Ed25519 private key (PEM, `bedside keygen`): signs the bundle's manifest
 
 
 @dataclass
@@ -108,14 +117,29 @@ class DeployResult:
 
 
 def _check_options(options: DeployOptions) -> None:
+    """Every option of deploy that needs no file: refused before anything is read or written."""
     if options.max_attempts < 1:
         raise BedsideError(f"--max-attempts must be 1 or more, got {options.max_attempts}")
     if options.eval_tokens < 2 * 16:
         raise BedsideError(f"--eval-tokens must be at least 32, got {options.eval_tokens}")
     if options.heal_steps < 1:
         raise BedsideError(f"--heal-steps must be 1 or more, got {options.heal_steps}")
-    if not 1 <= options.calib_sequences <= 128:
-        raise BedsideError(f"--calib-sequences must be between 1 and 128, got {options.calib_sequences}")
+    if not 1 <= options.calib_sequences <= MAX_CALIBRATION_SEQUENCES:
+        raise BedsideError(
+            f"--calib-sequences must be between 1 and {MAX_CALIBRATION_SEQUENCES}, got {options.calib_sequences}"
+        )
+    if options.seq_len < 2:
+        raise BedsideError(f"--seq-len must be at least 2 tokens, got {options.seq_len}")
+    if options.seed < 0:
+        raise BedsideError(f"--seed must be 0 or more, got {options.seed}")
+    try:
+        get_selection_method(options.prune_method)
+    except BedsideError as error:
+        raise BedsideError(f"--prune-method: {error}") from None
+    if options.quant_method not in QUANT_METHODS:
+        raise BedsideError(
+            f"--quant-method: unknown method {options.quant_method!r}: choose one of {', '.join(QUANT_METHODS)}"
+        )
     check_threads(options.threads)
 
 
@@ -298,17 +322,19 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
     console = console or Console(stderr=True)
     started = time.perf_counter()
     _check_options(options)
+    signing_key = load_private_key(Path(options.sign_key)) if options.sign_key is not None else None
     profile = load_profile(options.profile)
     model_dir, facts = check_model_config(options.model)
     calib_docs = check_data(options.calib or DEFAULT_DATA, "--calib")
     eval_docs = _eval_documents(options, calib_docs)
     out = Path(options.out)
-    check_writable(out)
+    disk_estimate = check_disk(check_writable(out), facts.total_params)  # nothing created yet
     work = out / "work"
+    # --allow-pickle: the pickle is loaded (and refused in one line) before anything is written
+    source_dir = check_model_weights(options.model, model_dir, work, options.allow_pickle)
+    make_out_dir(out)  # only now: a refused deploy leaves no --out folder behind
     for folder in (out, work / "exports"):
         remove_stale_temporaries(folder)  # left by a killed run: never a half bundle or export
-    disk_estimate = check_disk(out, facts.total_params)
-    source_dir = check_model_weights(options.model, model_dir, work, options.allow_pickle)
     model_arg = options.model if source_dir == model_dir else str(source_dir)  # converted pickle weights
 
     stages = _Stages(console)
@@ -423,7 +449,9 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
     )
     report, report_json, report_html = write_reports(out, outcome, seconds=time.perf_counter() - started)
     if bundle is not None:
-        make_bundle(out, bundle.folder, outcome, report_json, report_html, console=console)
+        make_bundle(
+            out, bundle.folder, outcome, report_json, report_html, console=console, sign_key=signing_key
+        )
         stages.done("bundle", begin, False, folder=bundle.folder, tarball=bundle.tarball)
     else:
         remove_bundle(out, bundle_name)  # a bundle of an earlier run would contradict this report

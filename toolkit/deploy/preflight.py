@@ -12,41 +12,23 @@ Disk estimate (bytes the work folder may need at its peak):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from toolkit.core.atomic import building_folder
+from toolkit.core.checkpoint_policy import refuse_custom_code
 from toolkit.core.errors import BedsideError
+from toolkit.core.output_dir import check_out_dir
 from toolkit.core.units import GIB
 from toolkit.data import load_dataset_spec
+from toolkit.model.checkpoint import check_weights_match_config
 from toolkit.model.facts import read_facts
 from toolkit.model.source import resolve_model_dir
 
 STAGE_COPIES = 4
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def refuse_remote_code(model_dir: Path) -> None:
-    """Refuse checkpoints whose config asks for custom code (`auto_map`): Bedside never runs remote code."""
-    try:
-        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise BedsideError(
-            f"{model_dir / 'config.json'} is not valid JSON ({error}): pass a Hugging Face checkpoint"
-        ) from None
-    if not isinstance(config, dict):
-        raise BedsideError(
-            f"{model_dir / 'config.json'} is not a JSON object: pass a Hugging Face checkpoint"
-        )
-    if config.get("auto_map"):
-        raise BedsideError(
-            f"model '{model_dir}' needs custom code (config.json auto_map): Bedside never runs remote code; "
-            "use a checkpoint of a supported architecture"
-        )
 
 
 def pickle_weights(model_dir: Path) -> list[Path]:
@@ -57,15 +39,31 @@ def pickle_weights(model_dir: Path) -> list[Path]:
 
 
 def convert_pickle_checkpoint(model_dir: Path, work: Path) -> Path:
-    """Load a pickle checkpoint (only with --allow-pickle) and save it as safetensors under `work`."""
+    """Load a pickle checkpoint (only with --allow-pickle) and save it as safetensors under `work`.
+
+    The pickle is loaded before anything is written: one that cannot be loaded is a one-line
+    BedsideError and leaves no folder behind.
+    """
 
     target = work / "source-safetensors"
     if any(target.glob("*.safetensors")):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=False, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    refuse_custom_code(model_dir)
+    names = ", ".join(path.name for path in pickle_weights(model_dir)) or "pickle weights"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, use_safetensors=False, trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    except Exception as error:  # unpickling, torch.load and transformers raise many types: all are bad input
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else type(error).__name__
+        raise BedsideError(
+            f"--allow-pickle: cannot load the checkpoint in '{model_dir}' ({names}): {first}; "
+            "convert it to safetensors with the tools that made it"
+        ) from None
     with building_folder(target) as building:
         model.save_pretrained(building, safe_serialization=True)
         tokenizer.save_pretrained(building)
@@ -75,14 +73,14 @@ def convert_pickle_checkpoint(model_dir: Path, work: Path) -> Path:
 def check_model_config(model: str) -> tuple[Path, Any]:
     """Resolve `model` and read its facts from config.json; refuse remote code and unsupported architectures."""
 
-    folder = resolve_model_dir(model)
-    refuse_remote_code(folder)
+    folder = resolve_model_dir(model)  # refuses custom code (auto_map): toolkit.core.checkpoint_policy
     facts = read_facts(str(folder) if model != "demo" else model)  # unsupported architectures raise here
     return folder, facts
 
 
 def check_model_weights(model: str, folder: Path, work: Path, allow_pickle: bool) -> Path:
-    """The folder with safetensors weights: refuse pickle weights unless `allow_pickle` (then convert them)."""
+    """The folder with safetensors weights: refuse pickle weights unless `allow_pickle` (then convert them),
+    and weights that config.json does not describe (toolkit.model.checkpoint)."""
     pickles = pickle_weights(folder)
     if pickles and not allow_pickle:
         raise BedsideError(
@@ -95,6 +93,7 @@ def check_model_weights(model: str, folder: Path, work: Path, allow_pickle: bool
         raise BedsideError(
             f"model folder '{folder}' has no *.safetensors weights: pass a checkpoint with weights"
         )
+    check_weights_match_config(folder)
     return folder
 
 
@@ -107,18 +106,10 @@ def check_data(spec: str, option: str) -> list[Any]:
     return documents
 
 
-def check_writable(out: Path) -> None:
-    """Create `out` and write a probe file in it; refuse a folder that cannot be written."""
-    if out.exists() and not out.is_dir():
-        raise BedsideError(f"--out '{out}' is a file: pass a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-"):
-            pass
-    except OSError as error:
-        raise BedsideError(
-            f"output folder '{out}' is not writable ({error.strerror or error}): pass a writable --out"
-        ) from None
+def check_writable(out: Path) -> Path:
+    """Refuse an `out` that cannot become a writable folder, creating nothing; returns its nearest existing
+    folder (where free disk is measured). The pipeline creates `out` once every input passed."""
+    return check_out_dir(out)
 
 
 def disk_needed_bytes(total_params: int) -> int:

@@ -261,7 +261,11 @@ def _load_model_from_gguf(gguf_path: Path) -> Any:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, low_cpu_mem_usage=True
+        gguf_path.parent,
+        gguf_file=gguf_path.name,
+        dtype=torch.float32,
+        low_cpu_mem_usage=True,
+        trust_remote_code=False,
     )
     model.eval()
     return model

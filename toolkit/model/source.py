@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from toolkit.core.checkpoint_policy import refuse_custom_code
 from toolkit.core.errors import BedsideError
 from toolkit.core.paths import demo_model_dir
 
@@ -11,7 +12,9 @@ DEMO_NAME = "demo"
 def resolve_model_dir(model: str | Path, need_weights: bool = False) -> Path:
     """Return the checkpoint folder for `model`; refuse anything that is not a local HF folder.
 
-    Offline by design: hub names are refused rather than fetched.
+    Offline by design: hub names are refused rather than fetched. A folder that asks for custom code
+    (`auto_map`) is refused here for every command (toolkit.core.checkpoint_policy). Before weights
+    load, `toolkit.model.checkpoint.loadable_checkpoint` also checks that they match the config.
     """
     if str(model) == DEMO_NAME:
         folder = demo_model_dir()
@@ -32,6 +35,7 @@ def resolve_model_dir(model: str | Path, need_weights: bool = False) -> Path:
             raise BedsideError(
                 f"model folder '{model}' has no config.json: pass a Hugging Face checkpoint folder"
             )
+    refuse_custom_code(folder)
     if need_weights and not any(folder.glob("*.safetensors")):
         pickles = sorted(p.name for p in folder.glob("*.bin"))
         hint = " (pickle .bin weights are refused: convert them to safetensors)" if pickles else ""

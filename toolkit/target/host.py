@@ -364,6 +364,9 @@ def build_host_profile(cpu_facts: CpuFacts, gpu: GpuFacts | None) -> DeviceProfi
                         f"x {lane} GB/s per lane after line encoding (PCI-SIG base specifications)",
                     ),
                     latency_ns=PCIE_LATENCY,
+                    kind="pcie",
+                    generation=Figure(value=gpu.pcie_generation, source=f"{nvml} (max link generation)"),
+                    lanes=Figure(value=gpu.pcie_width, source=f"{nvml} (max link width)"),
                 )
             )
         reserved = gpu.used_bytes / GIB

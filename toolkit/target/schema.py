@@ -29,20 +29,25 @@ class Strict(BaseModel):
 class Figure(Strict):
     """A number with its source."""
 
-    value: float = Field(ge=0, allow_inf_nan=False)
+    value: float = Field(ge=0, allow_inf_nan=False, strict=True)  # strict: `true` is not the number 1
     source: str = Field(min_length=3)
 
 
 class MemoryTier(Strict):
-    """One level of the memory hierarchy the model can live in (device, unified, host)."""
+    """One level of the memory hierarchy the model can live in (device, unified, host, CXL-attached expander)."""
 
     name: str = Field(min_length=1)
-    kind: Literal["unified", "device", "host"]
+    kind: Literal["unified", "device", "host", "cxl"]
     capacity_gib: Figure
     bandwidth_gbs: Figure  # GB/s (1e9 bytes per second), peak (datasheet) unless the source says measured
     latency_ns: Figure
     # What a streaming read really reaches (STREAM-like); speed models prefer it over the peak.
     sustained_bandwidth_gbs: Figure | None = None
+    # Optional direction-specific figures (GB/s) for the simulator (toolkit/plan/simulator.py); when absent
+    # reads and writes both run at the sustained (else peak) bandwidth. CXL expanders and some DRAM
+    # configurations write markedly slower than they read.
+    read_bandwidth_gbs: Figure | None = None
+    write_bandwidth_gbs: Figure | None = None
 
     @property
     def capacity_bytes(self) -> int:
@@ -60,12 +65,16 @@ class MemoryTier(Strict):
 
 
 class Link(Strict):
-    """A path between two tiers (e.g. PCIe from host RAM to VRAM)."""
+    """A path between two tiers (e.g. PCIe from host RAM to VRAM, a CXL link to a memory expander)."""
 
     name: str = Field(min_length=1)
     between: tuple[str, str]
-    bandwidth_gbs: Figure
+    bandwidth_gbs: Figure  # per direction, after line encoding
     latency_ns: Figure
+    # Optional description of the link (the bandwidth above is what models use; these say where it comes from).
+    kind: Literal["pcie", "cxl", "nvlink", "c2c", "other"] | None = None
+    generation: Figure | None = None  # PCIe / CXL generation (e.g. 3 for PCIe 3.0)
+    lanes: Figure | None = None  # link width in lanes (x8 -> 8)
 
 
 class Compute(Strict):
@@ -78,6 +87,9 @@ class Compute(Strict):
     int8_tops: Figure
     cpu_model: str | None = None  # the host CPU, which also runs llama.cpp's CPU fallback
     cpu_features: list[str] = []  # ISA extensions the runtimes pick kernels by (avx2, avx512f, amx_tile...)
+    # Peak of the host CPU (FP32-or-better FLOP/s, in TFLOPS) where layers not offloaded to the accelerator run;
+    # optional, the simulator states its assumption when a GPU profile lacks it. On CPU profiles fp16_tflops is it.
+    cpu_tflops: Figure | None = None
 
 
 class QualityFloor(Strict):
@@ -102,8 +114,8 @@ class DeviceProfile(Strict):
     runtimes: list[str] = Field(min_length=1)  # preferred first
     formats: list[str] = Field(min_length=1)  # preferred first
     quant_schemes: list[str] = Field(min_length=1)
-    context_length: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
+    context_length: int = Field(gt=0, strict=True)  # strict: `true` is not a context of 1 token
+    batch_size: int = Field(gt=0, strict=True)
     kv_cache_dtype: str
     quality_floor: QualityFloor
     min_decode_tokens_per_s: Figure

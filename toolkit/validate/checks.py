@@ -20,7 +20,11 @@ Checks (`blocking` ones decide whether deploy re-plans; the others are reported)
   >= profile.quality_floor.min_accuracy_retention_pct  (blocking; only when the eval data has answers)
 - peak_memory_bytes: peak memory of the runtime with the model loaded and the KV cache filled to
   the profile's context (RSS; plus VRAM on a unified-memory device; VRAM alone on a discrete
-  GPU when measured) <= the profile's budget, the planner's estimate shown beside it (blocking)
+  GPU) <= the profile's budget, the planner's estimate shown beside it (blocking). On a profile
+  whose model tier is GPU memory (kind "device") an RSS figure is not a measurement of that tier:
+  without a VRAM figure the check fails instead of passing on the wrong memory.
+- runtime_device (profiles with a GPU-memory model tier only): the runtime ran on the GPU, not
+  on a CPU fallback (blocking)
 - decode_tokens_per_s measured on this host >= profile.min_decode_tokens_per_s (reported only:
   the target's speed needs the simulator, which is not built)
 """
@@ -219,16 +223,32 @@ def build_checks(
                 detail=f"task accuracy {accuracy:.3f} vs reference {format_number(reference_accuracy)}",
             )
         )
+    gpu_tier = profile.model_memory_tier.kind == "device"
+    if gpu_tier:
+        device = str(evaluation.get("device") or "unknown")
+        checks.append(
+            Check(
+                "runtime_device",
+                device.startswith("cuda"),
+                None,
+                None,
+                "",
+                detail=f"ran on {device}; the profile budgets GPU memory ({profile.model_tier}), so a CPU "
+                "fallback is no validation: run on the GPU (`make setup GPU=cuda`)",
+            )
+        )
     memory = measured_memory_bytes(evaluation, profile)
+    vram_missing = gpu_tier and not evaluation.get("peak_vram_bytes")
     checks.append(
         Check(
             "peak_memory_bytes",
-            _compare(memory, budget_bytes, "<="),
+            False if vram_missing else _compare(memory, budget_bytes, "<="),
             memory,
             budget_bytes,
             "<=",
             "bytes",
-            detail=f"runtime with the KV cache filled to {evaluation.get('context', profile.context_length)} "
+            detail=("RSS measured where VRAM was budgeted (no GPU memory figure); " if vram_missing else "")
+            + f"runtime with the KV cache filled to {evaluation.get('context', profile.context_length)} "
             f"tokens; planner estimate {format_number(candidate.memory.total_bytes, 'bytes')}",
             extra={"estimate_bytes": candidate.memory.total_bytes},
         )

@@ -56,12 +56,14 @@ from runtimes.llamacpp_runner import read_gguf_header
 from runtimes.measure import MeasureJob, measure_in_child
 from runtimes.registry import FORMAT_LABELS, RUNNERS, artifact_format
 from runtimes.results import MeasureResult, RuntimeLoadError
+from toolkit.core.checkpoint_policy import refuse_custom_code
 from toolkit.core.errors import BedsideError
 from toolkit.core.formats import FORMAT_RUNTIME
 from toolkit.core.hashing import checkpoint_sha256, file_sha256
 from toolkit.core.metrics import top1_matches
 from toolkit.core.records import COMPRESSION_RECORD
 from toolkit.data import DEFAULT_SOURCE, Document, data_sha256, load_dataset_spec
+from toolkit.model.checkpoint import loadable_checkpoint
 from toolkit.model.source import DEMO_NAME, resolve_model_dir
 
 SCHEMA_VERSION = 1
@@ -162,9 +164,13 @@ def resolve_artifact(artifact: str | Path, runtime: str | None = None) -> Artifa
         if found == "gguf":
             _check_gguf(path)
         elif found == "onnx":
-            _check_tokenizer(path if path.is_dir() else path.parent, "ONNX export")
+            folder = path if path.is_dir() else path.parent
+            refuse_custom_code(folder)  # its tokenizer may load through transformers
+            _check_tokenizer(folder, "ONNX export")
         else:
+            refuse_custom_code(path)
             _check_tokenizer(path, "checkpoint folder")
+            loadable_checkpoint(path)  # the config describes these weights (no random tensors)
     except RuntimeLoadError as error:
         raise BedsideError(str(error)) from error
     return Artifact(path=path, format=found, runtime=runtime or expected)

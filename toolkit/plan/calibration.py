@@ -1,0 +1,102 @@
+"""Efficiencies of the simulator's epoch model, per runtime and processor, read from the host calibration record.
+
+    time(epoch) = sum over segments max(bytes / (bandwidth x bandwidth_efficiency),
+                                        flops / (peak x compute_efficiency)) + step_overhead_s + link transfers
+
+The record, docs/benchmarks/simulator_calibration.json, is written by `python -m bench.simulator calibrate`:
+measured prefill and decode times of llama.cpp and ONNX Runtime on this machine (runtimes.measure jobs, the
+ones `bedside eval` runs), fitted against the epoch model with the memory bandwidth measured beside each run
+(toolkit.target.host.measure_memory_bandwidth) and the profile's compute peak. It holds the commands and the
+fit residuals. Processors the record lacks (GPUs: none here) get DEFAULTS, marked as assumptions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolkit.core.errors import BedsideError
+from toolkit.core.paths import REPO_ROOT
+
+CALIBRATION_PATH = REPO_ROOT / "docs" / "benchmarks" / "simulator_calibration.json"
+CALIBRATION_ENV = "BEDSIDE_SIMULATOR_CALIBRATION"
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of the profile's bandwidth and compute peak a runtime reaches, and its fixed cost per step."""
+
+    bandwidth: float
+    compute: float
+    step_overhead_s: float
+    source: str
+
+
+# Not calibrated on any machine: starting points until a device run fits them (the GPU comparison of issue 15).
+DEFAULTS: dict[str, Efficiency] = {
+    "cpu": Efficiency(0.5, 0.3, 0.002, "assumption, not calibrated: no calibration record for this runtime on a CPU"),
+    "cuda": Efficiency(
+        0.6, 0.3, 0.0005,
+        "assumption, not calibrated (no GPU on the build host): 60 % of peak bandwidth, 30 % of peak compute, "
+        "0.5 ms per step",
+    ),
+}  # fmt: skip
+
+
+def calibration_path() -> Path:
+    return Path(os.environ.get(CALIBRATION_ENV, CALIBRATION_PATH))
+
+
+def read_calibration(path: Path | None = None) -> dict:
+    """The calibration record, or {} when there is none (then DEFAULTS apply)."""
+    path = path or calibration_path()
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise BedsideError(f"simulator calibration {path} is not readable JSON ({error})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("runtimes", {}), dict):
+        raise BedsideError(f"simulator calibration {path} has no 'runtimes' object")
+    return record
+
+
+def efficiency_for(
+    runtime: str, processor: str, record: dict | None = None, scheme: str | None = None
+) -> Efficiency:
+    """Calibrated efficiency of `runtime` on `processor` ("cpu" or "cuda"), else the processor's default.
+
+    A record entry holds the runtime's own figures (the median over the schemes it was fitted on) and, under
+    `schemes`, each measured scheme's bandwidth and compute efficiency: kernels differ by storage type (on the
+    build host llama.cpp streams Q8_0 weights ~1.5x faster per byte than the Q5_0-heavy Q4_K_M of the demo
+    model). A scheme without its own entry gets the runtime's figures.
+    """
+    record = read_calibration() if record is None else record
+    entry = record.get("runtimes", {}).get(runtime, {}).get(processor)
+    if not isinstance(entry, dict):
+        return DEFAULTS.get(processor, DEFAULTS["cpu"])
+    try:
+        bandwidth = float(entry["bandwidth_efficiency"])
+        compute = float(entry["compute_efficiency"])
+        overhead = float(entry["step_overhead_s"])
+        which = "runtime median"
+        by_scheme = entry.get("schemes", {}) or {}
+        if scheme is not None and isinstance(by_scheme.get(scheme), dict):
+            bandwidth = float(by_scheme[scheme]["bandwidth_efficiency"])
+            compute = float(by_scheme[scheme]["compute_efficiency"])
+            which = f"scheme {scheme}"
+        elif scheme is not None:
+            which = f"runtime median; scheme {scheme} not calibrated"
+    except (KeyError, TypeError, ValueError) as error:
+        raise BedsideError(
+            f"simulator calibration: runtimes.{runtime}.{processor} is incomplete ({error})"
+        ) from None
+    return Efficiency(
+        bandwidth=bandwidth,
+        compute=compute,
+        step_overhead_s=overhead,
+        source=f"calibrated on the build host ({which}; `{record.get('command', 'bench.simulator calibrate')}`, "
+        f"{record.get('fitted', 'date unknown')})",
+    )
