@@ -51,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     args = parser.parse_args()
+    args.bundle = args.bundle.resolve()
     if not args.bundle.exists():
         raise SystemExit(
             f"bundle {args.bundle} not found: run `make deploy PROFILE=jetson4gb` first or pass --bundle"

@@ -3,6 +3,7 @@ the bundle, runtime settings from the hashed runtime.json only, and Ed25519-sign
 
 Crafted archives need no model; the bundles are built with `make_bundle` from the demo model's GGUF (as in
 test_verify.py). `load_runner` is replaced where a test proves the model is not loaded, or which file is.
+The launch files (README, Ollama Modelfile, model card) follow the bundle's runtime: GGUF or ONNX.
 """
 
 import io
@@ -16,10 +17,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from toolkit.core.errors import BedsideError
 from toolkit.deploy import verify as verify_module
 from toolkit.deploy.bundle import make_bundle
+from toolkit.deploy.launch import MODEL_CARD, MODELFILE, chat_info, modelfile, parse_modelfile
 from toolkit.deploy.outcome import Attempt, DeployOutcome, ModelSummary
 from toolkit.deploy.signing import (
     SIGNATURE,
@@ -55,11 +58,17 @@ def run_bedside(*args: str) -> subprocess.CompletedProcess[str]:
 def build_bundle(
     out: Path, model_dir: Path, gguf: Path, *, folder_model: bool = False, sign_key=None
 ) -> Path:
-    """make_bundle of the demo GGUF for the tiny profile (or of a folder model, as ONNX exports are) under `out`."""
+    """make_bundle of the demo GGUF for the tiny profile (or of a folder model on onnxruntime, as ONNX exports
+    are) under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     profile = load_profile(str(TINY_PROFILE))
     facts = facts_from_config(json.loads((FIXTURES / "smollm2-135m" / "config.json").read_text()))
     plan = make_plan(facts, profile, "demo")
+    if folder_model:
+        onnx = plan.chosen.model_copy(
+            update={"format": "onnx", "quant": "int4_b32", "runtime": "onnxruntime"}
+        )
+        plan = plan.model_copy(update={"chosen": onnx})
     export_dir = out / "export"
     export_dir.mkdir()
     if folder_model:
@@ -69,7 +78,8 @@ def build_bundle(
     else:
         shutil.copy(gguf, export_dir / "model-Q4_1.gguf")
         artifact = export_dir / "model-Q4_1.gguf"
-    (export_dir / "export.json").write_text(json.dumps({"format": "gguf", "file": artifact.name}))
+    export_format = "onnx" if folder_model else "gguf"
+    (export_dir / "export.json").write_text(json.dumps({"format": export_format, "file": artifact.name}))
     (out / "report.json").write_text("{}")
     (out / "report.html").write_text("<html></html>")
     final = Attempt(
@@ -490,3 +500,95 @@ def test_deploy_refuses_a_bad_sign_key_before_any_work(tmp_path, keys):
     )
     assert cli.returncode == 2 and "signing key" in cli.stderr and "not found" in cli.stderr
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- launch files in the runtime's terms
+
+
+def front_matter(text: str) -> dict:
+    assert text.startswith("---\n"), text[:80]
+    return yaml.safe_load(text[4 : text.index("\n---\n", 4)])
+
+
+def test_gguf_bundle_speaks_llama_cpp_and_ollama(unsigned, tmp_path, loads):
+    folder = copy_of(unsigned, tmp_path)
+    runtime = json.loads((folder / "runtime.json").read_text())
+    assert (
+        runtime["runtime"] == "llama.cpp"
+        and runtime["stop"] == ["<|im_end|>"]
+        and runtime["temperature"] == 0
+    )
+    readme = (folder / "README.md").read_text()
+    assert f"llama-server -m {runtime['model']} -c {runtime['context']}" in readme
+    assert f"ollama create {NAME} -f {MODELFILE}" in readme
+    assert "onnx" not in readme.lower()
+    text = (folder / MODELFILE).read_text()
+    assert f"FROM ./{runtime['model']}\n" in text
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in text  # ChatML in Go-template form
+    parameters = parse_modelfile(text)
+    assert [int(value) for value in parameters["num_ctx"]] == [runtime["context"]]
+    assert parameters["stop"] == runtime["stop"]
+    assert [float(value) for value in parameters["temperature"]] == [runtime["temperature"]]
+    card = (folder / MODEL_CARD).read_text()
+    meta = front_matter(card)
+    assert meta["license"] == "apache-2.0"  # the demo recipe's license
+    assert meta["base_model"] == "SmolLM2-135M-Instruct" and meta["quantized_by"] == "Bedside"
+    assert {"medical", "quantized", "gguf"} <= set(meta["tags"]) and "onnx" not in meta["tags"]
+    assert "Peak memory: 170.0 MiB measured against a budget of" in card
+    assert "Perplexity increase" in card and "KL divergence" in card
+    manifest = read_manifest(folder)
+    assert {MODELFILE, MODEL_CARD} <= set(manifest["files"])
+    assert verify_bundle(folder).passed and loads == [folder / runtime["model"]]
+
+
+def test_onnx_bundle_speaks_onnx_runtime(tmp_path, demo_model_dir, demo_gguf_path, loads):
+    out = build_bundle(tmp_path / "onnx", demo_model_dir, demo_gguf_path, folder_model=True)
+    folder = out / NAME
+    runtime = json.loads((folder / "runtime.json").read_text())
+    assert runtime["runtime"] == "onnxruntime" and runtime["stop"] == ["<|im_end|>"]
+    readme = (folder / "README.md").read_text()
+    assert "import onnxruntime as ort" in readme and 'ort.InferenceSession("model/model.onnx"' in readme
+    assert "<|im_start|>user" in readme  # the prompt follows the model's chat template
+    assert "llama" not in readme.lower() and "ollama" not in readme.lower() and MODELFILE not in readme
+    assert not (folder / MODELFILE).exists()
+    meta = front_matter((folder / MODEL_CARD).read_text())
+    assert {"license", "base_model", "tags", "quantized_by"} <= set(meta)
+    assert {"medical", "quantized", "onnx"} <= set(meta["tags"]) and "gguf" not in meta["tags"]
+    manifest = read_manifest(folder)
+    assert MODEL_CARD in manifest["files"] and MODELFILE not in manifest["files"]
+    assert verify_bundle(folder).passed and loads == [folder / "model"]
+
+
+@pytest.mark.parametrize(
+    ("template", "translated", "stop"),
+    [
+        (
+            "{{ '<|start_header_id|>' + m['role'] }}",
+            "<|start_header_id|>{{ .Role }}<|end_header_id|>",
+            "<|eot_id|>",
+        ),
+        ("{{ '<start_of_turn>' + role }}", "<start_of_turn>{{ if eq .Role", "<end_of_turn>"),
+        ("{{ '[INST] ' + message['content'] + ' [/INST]' }}", None, None),
+    ],
+)
+def test_modelfile_template_translates_known_families_and_says_so_otherwise(
+    tmp_path, template, translated, stop
+):
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": template, "eos_token": "</s>"})
+    )
+    chat = chat_info(tmp_path)
+    runtime = {
+        "model": "model/m.gguf",
+        "context": 512,
+        "stop": chat.stop,
+        "temperature": 0.0,
+        "threads": None,
+    }
+    text = modelfile(runtime, chat, "b")
+    if translated is None:
+        assert "\nTEMPLATE " not in text and "write a TEMPLATE line here by hand" in text
+        assert chat.stop == ["</s>"]
+    else:
+        assert translated in text and chat.stop == [stop, "</s>"]
+    assert parse_modelfile(text)["stop"] == chat.stop

@@ -10,6 +10,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -373,10 +374,12 @@ def test_knob_out_of_range_exit_2(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # End to end on the demo model (tiny profile: layer removal + 4-bit), killed after compress, resumed
 #
-# Every deploy below starts with the same attempt (Q4_0, 6 of 30 layers removed, FAST_KNOBS): its compress
-# stages are computed once (`compressed_stages`) and each deploy starts from a hard-linked copy of that stage
-# cache, so its compress step resumes them (and says so) instead of recomputing; it still publishes its own
-# checkpoint and compression.json, and exports, validates and re-plans as before.
+# Every deploy below starts with the same attempt (Q4_0, 6 of 30 layers removed, FAST_KNOBS), so that attempt is
+# computed once: its compress stages by `compressed_stages`, its export and validation by the killed-then-resumed
+# deploy (which starts from the stages). The other deploys start from a hard-linked copy of that work folder
+# (`seed_work`): attempt 1 resumes every stage (and says so), each deploy publishes its own checkpoint,
+# compression.json, report and bundle, and whatever it does after attempt 1 (re-plan, compress, export,
+# validate) it computes as before.
 
 
 @pytest.fixture(scope="module")
@@ -407,11 +410,20 @@ def seed_compress_stages(compressed_stages: Path, out: Path) -> None:
     shutil.copytree(compressed_stages, out / "work" / "compress" / "stages", copy_function=link_or_copy)
 
 
-@pytest.mark.demo
-@pytest.mark.slow
-@pytest.mark.heavy
-def test_deploy_end_to_end_killed_then_resumed_and_verified(tmp_path, compressed_stages):
-    out = tmp_path / "deploy"
+def seed_work(finished: Path, out: Path) -> None:
+    """Hard-link a finished deploy's caches into `out`'s work folder: compress stages, exports and validations
+    (not the published checkpoint and compression.json, which each deploy writes itself)."""
+    work = finished / "work"
+    seed_compress_stages(work / "compress" / "stages", out)
+    for name in ("exports", "validate"):
+        shutil.copytree(work / name, out / "work" / name, copy_function=link_or_copy)
+
+
+@pytest.fixture(scope="module")
+def killed_then_resumed(tmp_path_factory, compressed_stages) -> SimpleNamespace:
+    """`bedside deploy` on the tiny profile, killed (SIGKILL) once compress has finished and run again to the end,
+    from the shared compress stages: what the end-to-end test checks. Its work folder seeds the other deploys."""
+    out = tmp_path_factory.mktemp("killed-then-resumed") / "deploy"
     seed_compress_stages(compressed_stages, out)
     command = [
         sys.executable,
@@ -431,13 +443,34 @@ def test_deploy_end_to_end_killed_then_resumed_and_verified(tmp_path, compressed
         deadline = time.monotonic() + 900
         while not record.exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert record.exists(), f"compress did not finish (exit code {first.poll()})"
+        compressed, exit_code = record.exists(), first.poll()
     finally:
         first.send_signal(signal.SIGKILL)  # mid-run: after compress, before the bundle
         first.wait()
-    assert not list(out.glob("bundle-*")), "an interrupted deploy left a bundle"
+    bundles_after_kill = list(out.glob("bundle-*"))
+    second = None
+    if compressed:
+        second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return SimpleNamespace(
+        out=out,
+        compressed=compressed,
+        exit_code=exit_code,
+        bundles_after_kill=bundles_after_kill,
+        second=second,
+    )
 
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+@pytest.mark.demo
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_deploy_end_to_end_killed_then_resumed_and_verified(killed_then_resumed):
+    out = killed_then_resumed.out
+    assert killed_then_resumed.compressed, (
+        f"compress did not finish (exit code {killed_then_resumed.exit_code})"
+    )
+    assert not killed_then_resumed.bundles_after_kill, "an interrupted deploy left a bundle"
+
+    result = killed_then_resumed.second
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["schema_version"] == 1 and report["passed"] and report["status"] == "PASS"
@@ -474,7 +507,7 @@ def test_deploy_end_to_end_killed_then_resumed_and_verified(tmp_path, compressed
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_deploy_replans_after_a_measured_memory_overrun_and_compresses_again(
-    tmp_path, compressed_stages, monkeypatch
+    tmp_path, killed_then_resumed, monkeypatch
 ):
     """Attempt 1's measured peak is raised 2 % over the budget (a target that needs more than this host):
     the deploy learns the ratio, removes more layers, compresses, exports and validates again, and the
@@ -497,13 +530,13 @@ def test_deploy_replans_after_a_measured_memory_overrun_and_compresses_again(
     profile = tmp_path / "tiny-loose.yaml"
     profile.write_text(TINY_PROFILE.read_text().replace("    value: 400\n", "    value: 1000\n"))
     options = pipeline.DeployOptions(profile=str(profile), out=tmp_path / "deploy", **FAST_OPTIONS)
-    seed_compress_stages(compressed_stages, options.out)
+    seed_work(killed_then_resumed.out, options.out)
     result = pipeline.run_deploy(options)
 
     assert result.passed, result.reason
     attempt_1, attempt_2 = result.attempts
-    assert attempt_1.stages["compress"].resumed  # the shared stages
-    assert not attempt_2.stages["compress"].resumed  # more layers removed: compressed again
+    assert all(attempt_1.stages[name].resumed for name in ("compress", "export", "validate"))  # shared
+    assert not any(attempt_2.stages[name].resumed for name in ("compress", "export", "validate"))
     first, second = result.report["attempts"]
     assert [c["name"] for c in first["checks"] if not c["passed"] and c["name"] == "peak_memory_bytes"]
     assert first["corrections"]["memory_ratio"] == pytest.approx(
@@ -525,18 +558,24 @@ def test_deploy_replans_after_a_measured_memory_overrun_and_compresses_again(
 @pytest.mark.demo
 @pytest.mark.slow
 @pytest.mark.heavy
-def test_deploy_that_nothing_passes_exits_1_with_a_report_and_no_bundle(tmp_path, compressed_stages):
+def test_deploy_that_nothing_passes_exits_1_with_a_report_and_no_bundle(tmp_path, killed_then_resumed):
     """A 50 % perplexity floor: attempt 1 (Q4_0, 6 layers removed) misses it, and every candidate with a lower
     predicted loss is over the budget, so the deploy stops, says why, and writes the report but no bundle."""
     profile = tmp_path / "tiny-strict.yaml"
     profile.write_text(TINY_PROFILE.read_text().replace("    value: 400\n", "    value: 50\n"))
     out = tmp_path / "deploy"
-    seed_compress_stages(compressed_stages, out)
-    result = run_bedside("deploy", "--profile", str(profile), "--out", str(out), *FAST_KNOBS, timeout=900)
+    seed_work(killed_then_resumed.out, out)
+    result = run_bedside(
+        "deploy", "--profile", str(profile), "--out", str(out), *FAST_KNOBS, "--json", timeout=900
+    )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "FAIL" and not report["passed"]
-    assert report["stages"]["compress"]["resumed"] is True  # the shared stages
+    summary = json.loads(result.stdout)  # --json: one object on stdout, nothing else
+    assert summary["exit_status"] == 1 and summary["passed"] is False and summary["bundle"] is None
+    assert summary["out"] == str(out) and summary["reason"] == report["reason"]
+    assert summary["checks"] == report["checks"] and summary["checks"]
+    assert all(report["stages"][name]["resumed"] for name in ("compress", "export", "validate"))  # shared
     assert "perplexity_increase_pct" in report["reason"] and "no candidate left" in report["reason"]
     (attempt,) = report["attempts"]
     failed = {c["name"] for c in attempt["checks"] if not c["passed"]}

@@ -132,6 +132,7 @@ def evil_checkpoint(demo_model_dir: Path, folder: Path, marker: Path, where: str
     return checkpoint
 
 
+@pytest.mark.demo
 @pytest.mark.parametrize("command", ["run", "eval", "compress", "export"])
 def test_checkpoint_with_auto_map_is_refused_before_its_code_runs(tmp_path, demo_model_dir, command):
     marker = tmp_path / "marker"
@@ -154,6 +155,7 @@ def test_checkpoint_with_auto_map_is_refused_before_its_code_runs(tmp_path, demo
     assert not out.exists()
 
 
+@pytest.mark.demo
 def test_custom_code_in_tokenizer_config_is_refused_too(tmp_path, demo_model_dir):
     from toolkit.core.checkpoint_policy import refuse_custom_code
     from toolkit.validate.evaluate import resolve_artifact
@@ -167,6 +169,7 @@ def test_custom_code_in_tokenizer_config_is_refused_too(tmp_path, demo_model_dir
     refuse_custom_code(demo_model_dir)  # an ordinary checkpoint passes
 
 
+@pytest.mark.demo
 def test_runtimes_refuse_custom_code_when_called_directly(tmp_path, demo_model_dir):
     """runtimes/ is used without the CLI (verify, the measurement child): it applies the same policy."""
     from runtimes import TorchRunner
@@ -183,15 +186,15 @@ def _from_pretrained_calls(path: Path) -> list[tuple[int, bool]]:
     """(line, passes trust_remote_code=False) for each `X.from_pretrained(...)` call in `path`."""
     calls = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-            if node.func.attr == "from_pretrained":
-                explicit = any(
-                    keyword.arg == "trust_remote_code"
-                    and isinstance(keyword.value, ast.Constant)
-                    and keyword.value.value is False
-                    for keyword in node.keywords
-                )
-                calls.append((node.lineno, explicit))
+        call = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        if call and node.func.attr == "from_pretrained":
+            explicit = any(
+                keyword.arg == "trust_remote_code"
+                and isinstance(keyword.value, ast.Constant)
+                and keyword.value.value is False
+                for keyword in node.keywords
+            )
+            calls.append((node.lineno, explicit))
     return calls
 
 
@@ -211,15 +214,19 @@ def test_every_from_pretrained_passes_trust_remote_code_false():
 # Tracebacks that must be one line, exit 2
 
 
+@pytest.mark.demo
 def test_export_out_that_is_a_file_or_under_a_file_is_one_line(tmp_path, demo_model_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     for out in (blocker, blocker / "sub"):
-        result = run_bedside("export", "--model", "demo", "--format", "gguf", "--quant", "Q8_0", "--out", str(out))
+        result = run_bedside(
+            "export", "--model", "demo", "--format", "gguf", "--quant", "Q8_0", "--out", str(out)
+        )
         assert_one_line_error(result, str(out))
     assert blocker.read_text() == "x"
 
 
+@pytest.mark.demo
 def test_compress_out_under_a_file_is_one_line(tmp_path, demo_model_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -231,6 +238,7 @@ def test_compress_out_under_a_file_is_one_line(tmp_path, demo_model_dir):
         assert_one_line_error(result, str(out))
 
 
+@pytest.mark.demo
 @pytest.mark.parametrize("context", ["0", "-5"])
 def test_run_context_must_be_positive(demo_model_dir, context):
     result = run_bedside("run", "demo", "--prompt", "hi", "--context", context)
@@ -244,6 +252,7 @@ def _deploy(tmp_path: Path, *extra: str, model: str = "demo") -> subprocess.Comp
     )  # fmt: skip
 
 
+@pytest.mark.demo
 def test_deploy_seq_len_0_is_one_line_and_writes_nothing(tmp_path, demo_model_dir):
     assert_one_line_error(_deploy(tmp_path, "--seq-len", "0"), "--seq-len")
     assert not (tmp_path / "out").exists()
@@ -274,6 +283,7 @@ def test_deploy_options_are_checked_before_anything_is_written(tmp_path, field, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.demo
 def test_deploy_prune_method_is_one_line_and_writes_nothing(tmp_path, demo_model_dir):
     line = assert_one_line_error(_deploy(tmp_path, "--prune-method", "bogus"), "--prune-method", "bogus")
     assert "block-influence" in line
@@ -298,7 +308,9 @@ def test_one_huge_line_is_refused_naming_file_and_line(tmp_path):
     from toolkit.data import load_dataset_spec, sources
 
     path = tmp_path / "huge.jsonl"
-    path.write_text('{"text": "a short report"}\n' + json.dumps({"text": "x" * (sources.MAX_RECORD_BYTES + 1)}) + "\n")
+    path.write_text(
+        '{"text": "a short report"}\n' + json.dumps({"text": "x" * (sources.MAX_RECORD_BYTES + 1)}) + "\n"
+    )
     with pytest.raises(BedsideError, match=r"huge\.jsonl.*line 2"):
         load_dataset_spec(str(path))
     text = tmp_path / "huge.txt"
@@ -322,6 +334,7 @@ def test_data_file_over_the_cap_is_refused_before_it_is_read(tmp_path, monkeypat
         load_dataset_spec(str(path))
 
 
+@pytest.mark.demo
 def test_compress_with_a_huge_line_is_one_line_naming_the_file(tmp_path, demo_model_dir):
     from toolkit.data import sources
 
@@ -362,6 +375,7 @@ def test_answers_may_stay_numbers(tmp_path):
     assert document.answer == "2"
 
 
+@pytest.mark.demo
 def test_too_little_data_names_the_file(tmp_path, demo_model_dir):
     path = tmp_path / "tiny-notes.txt"
     path.write_text("Chest clear.\n\nNo effusion.\n\nHeart normal.\n")
@@ -379,7 +393,8 @@ def test_boolean_context_length_in_a_profile_is_refused(tmp_path):
     profile.write_text(text.replace("context_length: 2048", "context_length: true"))
     assert_one_line_error(run_bedside("profiles", "show", str(profile)), "context_length", "bool.yaml")
     assert_one_line_error(
-        run_bedside("plan", "--model", str(FIXTURES / "llama-2-7b"), "--profile", str(profile)), "context_length"
+        run_bedside("plan", "--model", str(FIXTURES / "llama-2-7b"), "--profile", str(profile)),
+        "context_length",
     )
 
 
@@ -393,6 +408,7 @@ def test_boolean_figure_in_a_profile_is_refused(tmp_path):
         load_profile(str(profile))
 
 
+@pytest.mark.demo
 def test_config_that_does_not_match_the_weights_is_refused(tmp_path, demo_model_dir):
     """A Qwen2 config (it needs q/k/v biases) over Llama weights would run with random biases."""
     config = json.loads((demo_model_dir / "config.json").read_text())
@@ -409,11 +425,17 @@ def test_config_that_does_not_match_the_weights_is_refused(tmp_path, demo_model_
     with pytest.raises(BedsideError, match="does not match"):
         check_weights_match_config(checkpoint)
     with pytest.raises(BedsideError, match="does not match"):
-        compress(str(checkpoint), tmp_path / "out", CompressOptions(quant="Q8_0", quant_method="rtn"), progress=False)
+        compress(
+            str(checkpoint),
+            tmp_path / "out",
+            CompressOptions(quant="Q8_0", quant_method="rtn"),
+            progress=False,
+        )
     assert not (tmp_path / "out").exists()
     check_weights_match_config(demo_model_dir)  # the real checkpoint matches its own config
 
 
+@pytest.mark.demo
 def test_bert_config_over_llama_weights_is_refused(tmp_path, demo_model_dir):
     bert = {
         "architectures": ["BertForMaskedLM"],
@@ -430,11 +452,14 @@ def test_bert_config_over_llama_weights_is_refused(tmp_path, demo_model_dir):
     assert not result.stdout.strip()
 
 
+@pytest.mark.demo
 def test_shape_mismatch_is_refused(tmp_path, demo_model_dir):
     from toolkit.model.checkpoint import check_weights_match_config
 
     config = json.loads((demo_model_dir / "config.json").read_text())
-    checkpoint = checkpoint_from_demo(demo_model_dir, tmp_path / "wide", {**config, "intermediate_size": 2048})
+    checkpoint = checkpoint_from_demo(
+        demo_model_dir, tmp_path / "wide", {**config, "intermediate_size": 2048}
+    )
     with pytest.raises(BedsideError, match=r"does not match.*mlp\.(gate|up|down)_proj\.weight.*1536"):
         check_weights_match_config(checkpoint)
 
@@ -457,7 +482,9 @@ GGUF_CASES = {
         r"metadata key 1 of 1: string length 4,611,686,018,427,387,904 runs past the end of the file",
     ),
     "array-length": (
-        _gguf(struct.pack("<IQQ", 3, 0, 1), _string(b"tokenizer.ggml.scores"), struct.pack("<IIQ", 9, 6, 2**60)),
+        _gguf(
+            struct.pack("<IQQ", 3, 0, 1), _string(b"tokenizer.ggml.scores"), struct.pack("<IIQ", 9, 6, 2**60)
+        ),
         r"'tokenizer.ggml.scores': array of 1,152,921,504,606,846,976 float32 values runs past the end",
     ),
     "value-type": (

@@ -143,6 +143,31 @@ def test_verify_archive_passes_every_check(bundle, tmp_path):
     assert "FAIL" not in result.stdout
 
 
+def test_verify_json_prints_passed_and_checks_only(bundle, tmp_path):
+    archive = str(bundle / "bundle-tiny-cpu.tar.gz")
+    result = run_bedside(
+        "verify", archive, "--profile", str(roomy_profile(tmp_path)), "--threads", "1", "--json"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    output = json.loads(result.stdout)  # one object and nothing else on stdout
+    assert set(output) == {"passed", "checks"} and output["passed"] is True
+    names = [check["name"] for check in output["checks"]]
+    assert {"sha256 model/model-Q4_1.gguf", "sha256 Modelfile", "sha256 MODEL_CARD.md", "load"} <= set(names)
+    assert {"smoke prompt", "peak memory"} <= set(names) and all(
+        check["passed"] for check in output["checks"]
+    )
+    assert set(output["checks"][0]) == set(
+        Check("x", True, None, None).model_dump(mode="json")
+    )  # report form
+    folder = copy_of(bundle, tmp_path)
+    (folder / "README.md").write_text("changed")
+    failed = run_bedside("verify", str(folder), "--json")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    output = json.loads(failed.stdout)
+    assert output["passed"] is False
+    assert {c["name"] for c in output["checks"] if not c["passed"]} == {"sha256 README.md", "load"}
+
+
 def test_tampered_model_fails_with_file_named_and_is_not_loaded(bundle, tmp_path):
     folder = copy_of(bundle, tmp_path)
     model = folder / "model" / "model-Q4_1.gguf"

@@ -2,14 +2,18 @@
 
 Exit codes: 0 a bundle was written (every blocking check passed); 1 nothing passed within
 --max-attempts (report.json/report.html say why); 2 bad input; 3 nothing fits the profile at all.
+With `--json` (no progress bars) stdout holds one JSON object, `deploy_summary`, and nothing else.
 """
 
+import json
+import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from toolkit.deploy.pipeline import DeployOptions, run_deploy
+from toolkit.core.errors import BedsideError
+from toolkit.deploy.pipeline import DeployOptions, DeployResult, run_deploy
 
 
 def register(app: typer.Typer) -> None:
@@ -63,6 +67,12 @@ def deploy_command(
             "--sign-key", help="Ed25519 private key (PEM, `bedside keygen`): sign the bundle's manifest."
         ),
     ] = None,
+    json_output: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print one JSON summary (exit status, bundle, checks) on stdout; no progress bars."
+        ),
+    ] = False,
 ) -> None:
     """Compress MODEL for PROFILE, validate it on the target runtime, and write the report and bundle."""
 
@@ -82,9 +92,54 @@ def deploy_command(
         threads=threads,
         allow_pickle=allow_pickle,
         seed=seed,
-        progress=progress,
+        progress=progress and not json_output,
         sign_key=sign_key,
     )
-    result = run_deploy(options)
+    if not json_output:
+        result = run_deploy(options)
+        if not result.passed:
+            raise SystemExit(1)
+        return
+    try:
+        result = run_deploy(options)
+    except BedsideError as error:  # bad input (2) or nothing fits (3): still one object, then the error line
+        _print_json(deploy_summary(None, out, error))
+        raise
+    _print_json(deploy_summary(result, out))
     if not result.passed:
         raise SystemExit(1)
+
+
+def deploy_summary(
+    result: DeployResult | None, out: Path, error: BedsideError | None = None
+) -> dict[str, Any]:
+    """`deploy --json`'s object: exit status, out folder, bundle (folder and archive) or null, passed, the
+    final attempt's checks as report.json holds them, and the reason when nothing passed (else null)."""
+    if result is None:
+        reason = str(error) if error is not None else "deploy did not run"
+        status = error.exit_code if error is not None else 2
+        return {
+            "exit_status": status,
+            "out": str(out),
+            "bundle": None,
+            "archive": None,
+            "report": None,
+            "passed": False,
+            "checks": [],
+            "reason": reason,
+        }
+    return {
+        "exit_status": 0 if result.passed else 1,
+        "out": str(out),
+        "bundle": str(result.bundle_dir) if result.bundle_dir else None,
+        "archive": str(result.tarball) if result.tarball else None,
+        "report": str(result.report_json),
+        "passed": result.passed,
+        "checks": result.report.get("checks", []),
+        "reason": None if result.passed else result.reason,
+    }
+
+
+def _print_json(summary: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(summary) + "\n")
+    sys.stdout.flush()

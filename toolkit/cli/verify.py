@@ -3,8 +3,11 @@
 With `--trusted-key PUB` the bundle must also carry the key's signature of its manifest (`signature`).
 Exit codes: 0 every check passed; 1 a check failed (each named with its number and threshold);
 2 bad input (no such bundle, not a bundle, unsafe archive, unknown profile, unreadable key).
+With `--json` stdout holds one JSON object, `passed` and `checks` in report.json's form, and nothing else.
 """
 
+import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -33,11 +36,22 @@ def verify_command(
             help="Ed25519 public key (PEM, keygen's .pub): fail unless manifest.json is signed by it.",
         ),
     ] = None,
+    json_output: Annotated[
+        bool,
+        typer.Option("--json", help="Print one JSON object (passed, checks as in report.json) instead."),
+    ] = False,
 ) -> None:
     """Verify a deployment bundle on this machine; prints PASS/FAIL per check."""
 
     console = Console()
     result = verify_bundle(bundle, profile=profile, n_threads=threads, trusted_key=trusted_key)
+    if json_output:
+        checks = [check.model_dump(mode="json") for check in result.checks]
+        sys.stdout.write(json.dumps({"passed": result.passed, "checks": checks}) + "\n")
+        sys.stdout.flush()
+        if not result.passed:
+            raise SystemExit(1)
+        return
     for check in result.checks:
         mark = "[green]PASS[/]" if check.passed else "[red]FAIL[/]"
         figure = (

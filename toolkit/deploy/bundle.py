@@ -7,9 +7,12 @@ may hold patient text, so the manifest records the calibration/eval data by sha2
 Layout of `bundle-<profile>/`:
     model/            the exported model file(s) and export.json
     tokenizer/        tokenizer files and chat template of the compressed checkpoint
-    runtime.json      runtime, model path, context, threads, GPU layers, batch size, KV cache type
+    runtime.json      runtime, model path, context, threads, GPU layers, batch size, KV cache type,
+                      stop tokens and temperature
     report.json, report.html
-    README.md         for hospital IT
+    README.md         for hospital IT, in the runtime's terms (llama-server and Ollama, or ONNX Runtime)
+    Modelfile         GGUF only: Ollama's Modelfile with runtime.json's settings (toolkit.deploy.launch)
+    MODEL_CARD.md     YAML front matter (license, base_model, tags, quantized_by) and validation figures
     manifest.json     files {relative path: sha256}, profile, plan, versions, source_model_sha256,
                       calibration/eval hashes and counts, measured peak memory
     manifest.json.sig with `--sign-key`: Ed25519 signature of manifest.json's bytes (toolkit.deploy.signing)
@@ -20,6 +23,7 @@ so an interrupted deploy leaves no half bundle.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -30,13 +34,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import Field
 from rich.console import Console
 
 from exporters.base import TOKENIZER_FILES
 from toolkit import __version__
 from toolkit.core.atomic import building_folder, write_json_atomic
+from toolkit.core.errors import BedsideError
 from toolkit.core.hashing import file_sha256
 from toolkit.core.records import SCHEMA_VERSION
+from toolkit.deploy.launch import (
+    MODEL_CARD,
+    MODELFILE,
+    TEMPERATURE,
+    ChatInfo,
+    chat_info,
+    llama_cpp_section,
+    model_card,
+    modelfile,
+    onnx_section,
+    source_facts,
+)
 from toolkit.deploy.outcome import DeployOutcome
 from toolkit.deploy.signing import SIGNATURE, key_fingerprint, sign_manifest
 from toolkit.plan.schema import Candidate
@@ -86,10 +104,12 @@ class RuntimeConfig(Record):
     batch_size: int
     kv_cache_dtype: str
     smoke_prompt: str = SMOKE_PROMPT
+    stop: list[str] = Field(default_factory=list)  # end-of-turn strings of the chat template and tokenizer
+    temperature: float = TEMPERATURE  # 0: greedy, as validated
 
 
-def runtime_config(outcome: DeployOutcome, model_path: str) -> RuntimeConfig:
-    """runtime.json of the deployed candidate on the outcome's profile."""
+def runtime_config(outcome: DeployOutcome, model_path: str, stop: list[str] | None = None) -> RuntimeConfig:
+    """runtime.json of the deployed candidate on the outcome's profile (`stop`: `launch.ChatInfo.stop`)."""
     profile = outcome.profile
     candidate = outcome.candidate
     on_gpu = profile.compute.accelerator == "cuda"
@@ -106,6 +126,7 @@ def runtime_config(outcome: DeployOutcome, model_path: str) -> RuntimeConfig:
         mmap=mmap,
         batch_size=profile.batch_size,
         kv_cache_dtype=profile.kv_cache_dtype,
+        stop=list(stop or []),
     )
 
 
@@ -159,16 +180,26 @@ def _data_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
     return {key: record.get(key) for key in keys if key in record}
 
 
-def _readme(outcome: DeployOutcome, runtime: RuntimeConfig, name: str) -> str:
+def _is_gguf(runtime: RuntimeConfig) -> bool:
+    return runtime.format.lower() == "gguf" or runtime.runtime == "llama.cpp"
+
+
+def _readme(outcome: DeployOutcome, runtime: RuntimeConfig, name: str, chat: ChatInfo) -> str:
     profile = outcome.profile
     candidate = outcome.candidate
     checks = "\n".join(
         f"- {'PASS' if c.passed else 'FAIL'} {c.name}: {c.describe()}{'' if c.blocking else ' (reported only)'}"
         for c in outcome.checks
     )
-    threads = f"-t {runtime.threads} " if runtime.threads else ""
-    gpu = "-ngl 99 " if runtime.gpu_layers else ""
-    no_mmap = "--no-mmap " if runtime.mmap is False else ""
+    settings = runtime.model_dump(mode="json")
+    if _is_gguf(runtime):
+        run_section = llama_cpp_section(settings, name, _mmap_note(runtime))
+        tokenizer_note = "tokenizer and chat template (the GGUF carries its own copy)"
+        launch_rows = f"| `{MODELFILE}` | Ollama Modelfile: the model file, chat template and `{RUNTIME_CONFIG}`'s settings |\n"
+    else:
+        run_section = onnx_section(settings, chat)
+        tokenizer_note = "tokenizer and chat template (the ONNX folder holds the tokenizer it loads)"
+        launch_rows = ""
     return f"""# {name}: a compressed language model for {profile.name}
 
 Produced by Bedside {__version__} from model `{outcome.model.name}` for the device profile
@@ -179,8 +210,9 @@ Produced by Bedside {__version__} from model `{outcome.model.name}` for the devi
 | path | what |
 | --- | --- |
 | `{runtime.model}` | the model ({candidate.format} {candidate.quant}, {candidate.layers_removed} decoder layers removed) |
-| `tokenizer/` | tokenizer and chat template (the GGUF carries its own copy) |
-| `{RUNTIME_CONFIG}` | runtime settings: context {runtime.context} tokens, threads, GPU layers |
+| `tokenizer/` | {tokenizer_note} |
+| `{RUNTIME_CONFIG}` | runtime settings: context {runtime.context} tokens, threads, GPU layers, stop tokens, temperature |
+{launch_rows}| `{MODEL_CARD}` | model card: license, base model, tags and the validation figures |
 | `report.html`, `report.json` | the validation report: every check with its number and threshold |
 | `{MANIFEST}` | sha256 of every file, the profile, the plan, library versions, data hashes |
 
@@ -197,14 +229,9 @@ It checks every file's sha256 against `{MANIFEST}`, loads the model on the local
 {runtime.context} tokens against the profile's budget. Exit code 0 = all checks pass, 1 = a check
 failed (the output names it), 2 = the bundle or profile could not be read.
 
-## 2. Run it
+## 2. Run it on {candidate.runtime}
 
-With llama.cpp (`llama-server` or `llama-cli` of a recent release):
-
-```bash
-llama-server -m {runtime.model} -c {runtime.context} {threads}{gpu}{no_mmap}--port 8080
-```
-{_mmap_note(runtime)}
+{run_section}
 Memory: measured peak {_mib(outcome.memory.measured_peak_bytes)} on the validation host,
 budget {profile.name}: {outcome.first_plan.budget_bytes / 2**20:.0f} MiB. Keep the context at
 {runtime.context} tokens or below; a longer context needs more memory than was validated.
@@ -222,6 +249,32 @@ A decision-support aid for clinicians; outputs must be reviewed by a qualified p
 medical device. Report problems to whoever gave you this bundle, quoting `{MANIFEST}`'s
 `source_model_sha256`.
 """
+
+
+def _source_folders(outcome: DeployOutcome) -> list[Path]:
+    """The source model's folder (if it still resolves) and the compressed checkpoint, for license and name."""
+    from toolkit.model.source import resolve_model_dir
+
+    folders: list[Path] = []
+    with contextlib.suppress(BedsideError):  # a moved or removed source: the checkpoint alone
+        folders.append(resolve_model_dir(outcome.model.name))
+    return [*folders, outcome.final.checkpoint]
+
+
+def _model_card(outcome: DeployOutcome, runtime: RuntimeConfig, name: str) -> str:
+    license_name, base_model = source_facts(_source_folders(outcome), outcome.model.name)
+    return model_card(
+        name=name,
+        runtime=runtime.model_dump(mode="json"),
+        license_name=license_name,
+        base_model=base_model,
+        profile=outcome.profile.name,
+        layers_removed=outcome.candidate.layers_removed,
+        checks=outcome.checks,
+        budget_bytes=outcome.first_plan.budget_bytes,
+        peak_bytes=outcome.memory.measured_peak_bytes,
+        version=__version__,
+    )
 
 
 def _mmap_note(runtime: RuntimeConfig) -> str:
@@ -304,11 +357,16 @@ def make_bundle(
         for file_name in TOKENIZER_FILES:
             if (checkpoint / file_name).is_file():
                 _copy(checkpoint / file_name, building / "tokenizer" / file_name)
-        runtime = runtime_config(outcome, model_path)
+        chat = chat_info(checkpoint)
+        runtime = runtime_config(outcome, model_path, chat.stop)
         write_json_atomic(building / RUNTIME_CONFIG, runtime.model_dump(mode="json"))
         shutil.copy2(report_json, building / report_json.name)
         shutil.copy2(report_html, building / report_html.name)
-        (building / README).write_text(_readme(outcome, runtime, name), encoding="utf-8")
+        (building / README).write_text(_readme(outcome, runtime, name, chat), encoding="utf-8")
+        if _is_gguf(runtime):
+            text = modelfile(runtime.model_dump(mode="json"), chat, name)
+            (building / MODELFILE).write_text(text, encoding="utf-8")
+        (building / MODEL_CARD).write_text(_model_card(outcome, runtime, name), encoding="utf-8")
         for path in building.rglob("*"):
             os.chmod(path, 0o755 if path.is_dir() else 0o644)  # readable by the IT staff who install it
         write_json_atomic(building / MANIFEST, _manifest(outcome, building, runtime).model_dump(mode="json"))
