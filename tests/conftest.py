@@ -171,3 +171,38 @@ def fake_checkpoint():
         return folder
 
     return build
+
+
+@pytest.fixture
+def minimal_compression_record():
+    """Factory: a valid compression.json content (toolkit.compress.record.CompressionRecord), to edit per test."""
+    import dataclasses
+
+    from toolkit.compress.record import CompressOptions
+
+    def build(**changes) -> dict:
+        record = {
+            "bedside_version": "0.1.0",
+            "model": {"name": "demo", "source": "/x", "source_sha256": "ab" * 32, "num_layers": 30},
+            "options": dataclasses.asdict(CompressOptions(prune_layers=2, layers=(12, 13), quant="Q4_0")),
+            "plan": None,
+            "layers_removed": [12, 13],
+            "num_layers_after": 28,
+            "layer_scores": None,
+            "selection": None,
+            "quant": None,
+            "awq": None,
+            "heal": None,
+            "calibration": {},
+            "eval": {},
+            "data_split": None,
+            "quality": {"metric": "perplexity"},
+            "stages": {},
+            "checkpoint": {"path": "/x/checkpoint", "sha256": "cd" * 32},
+            "imatrix": None,
+            "seconds": 1.5,
+        }
+        record.update(changes)
+        return record
+
+    return build

@@ -192,7 +192,7 @@ def test_run_streams_the_greedy_answer(demo_gguf_path):
 @pytest.mark.demo
 @pytest.mark.slow
 def test_export_of_a_compress_folder_uses_its_imatrix_and_records_it(
-    demo_model_dir, demo_gguf_path, tmp_path
+    demo_model_dir, demo_gguf_path, tmp_path, minimal_compression_record
 ):
     import gguf
 
@@ -205,7 +205,8 @@ def test_export_of_a_compress_folder_uses_its_imatrix_and_records_it(
     for file in demo_model_dir.iterdir():
         if file.is_file():
             (checkpoint / file.name).symlink_to(file)
-    (folder / "compression.json").write_text(json.dumps({"layers_removed": [28, 29], "quant": "Q4_0"}))
+    record = minimal_compression_record(layers_removed=[28, 29], num_layers_after=28)
+    (folder / "compression.json").write_text(json.dumps(record))
     _, _, widths = _gguf_tensor_widths(demo_gguf_path)
     sums, counts = constant_imatrix(
         {name: width for name, width in widths.items() if name.startswith("blk.")}

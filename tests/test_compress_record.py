@@ -10,37 +10,13 @@ from toolkit.core.errors import BedsideError
 from toolkit.core.records import COMPRESSION_RECORD
 
 
-def minimal_record() -> dict:
-    return {
-        "bedside_version": "0.1.0",
-        "model": {"name": "demo", "source": "/x", "source_sha256": "ab" * 32, "num_layers": 30},
-        "options": dataclasses.asdict(CompressOptions(prune_layers=2, layers=(12, 13), quant="Q4_0")),
-        "plan": None,
-        "layers_removed": [12, 13],
-        "num_layers_after": 28,
-        "layer_scores": None,
-        "selection": None,
-        "quant": None,
-        "awq": None,
-        "heal": None,
-        "calibration": {},
-        "eval": {},
-        "data_split": None,
-        "quality": {"metric": "perplexity"},
-        "stages": {},
-        "checkpoint": {"path": "/x/checkpoint", "sha256": "cd" * 32},
-        "imatrix": None,
-        "seconds": 1.5,
-    }
-
-
-def test_options_are_checked_and_round_trip_through_json(tmp_path):
+def test_options_are_checked_and_round_trip_through_json(tmp_path, minimal_compression_record):
     options = CompressOptions(prune_layers=2, layers=[12, 13], quant="Q4_0")
     assert options.layers == (12, 13)  # a list from JSON becomes the hashable tuple
     assert dataclasses.replace(options, seed=3).seed == 3
     with pytest.raises(ValueError, match="prune_layers"):
         CompressOptions(prune_layers="many")
-    written = CompressionRecord.model_validate(minimal_record()).model_dump(mode="json")
+    written = CompressionRecord.model_validate(minimal_compression_record()).model_dump(mode="json")
     assert written["schema_version"] == 1 and written["options"]["layers"] == [12, 13]
     (tmp_path / COMPRESSION_RECORD).write_text(json.dumps(written))
     record = read_compression_record(tmp_path)
@@ -56,8 +32,8 @@ def test_options_are_checked_and_round_trip_through_json(tmp_path):
         (lambda r: r.pop("checkpoint"), "checkpoint"),
     ],
 )
-def test_a_foreign_record_is_one_line_error(tmp_path, mutate, needle):
-    record = minimal_record()
+def test_a_foreign_record_is_one_line_error(tmp_path, mutate, needle, minimal_compression_record):
+    record = minimal_compression_record()
     mutate(record)
     (tmp_path / COMPRESSION_RECORD).write_text(json.dumps(record))
     with pytest.raises(BedsideError, match="not a compression record") as error:

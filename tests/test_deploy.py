@@ -384,10 +384,8 @@ def test_knob_out_of_range_exit_2(tmp_path):
 
 @pytest.fixture(scope="module")
 def compressed_stages(demo_model_dir, tmp_path_factory) -> Path:
-    """work/compress/stages of attempt 1 of the deploys below, computed by the deploy's own compress step with
-    their plan and options, on one torch thread like the CLI runs (OMP_NUM_THREADS=1). Read-only."""
-    import torch
-
+    """work/compress/stages of attempt 1 of the deploys below, computed in this process (like the in-process
+    deploy's compress) by the deploy's own compress step with their plan and options. Read-only."""
     from toolkit.deploy import pipeline
     from toolkit.deploy.preflight import check_model_config
 
@@ -395,12 +393,7 @@ def compressed_stages(demo_model_dir, tmp_path_factory) -> Path:
     _, facts = check_model_config(options.model)
     plan = make_plan(facts, load_profile(options.profile), options.model)
     work = tmp_path_factory.mktemp("deploy-compress") / "work"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        pipeline._compress(options, options.model, plan, work)
-    finally:
-        torch.set_num_threads(threads)
+    pipeline._compress(options, options.model, plan, work)
     return work / "compress" / "stages"
 
 
