@@ -214,6 +214,8 @@ def test_kquant_rows_not_a_multiple_of_256_fall_back_as_llama_cpp_does() -> None
     assert get_grid("Q4_K_M").name == "Q4_K"
 
 
+@pytest.mark.demo
+@pytest.mark.heavy
 def test_demo_model_awq_beats_rtn(demo_model_dir: Path) -> None:
     """Demo model, Q4_0, 16 x 256 radiology calibration tokens; KL on held-apart radiology blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -191,6 +191,7 @@ def test_run_streams_the_greedy_answer(demo_gguf_path):
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_export_of_a_compress_folder_uses_its_imatrix_and_records_it(
     demo_model_dir, demo_gguf_path, tmp_path, minimal_compression_record
 ):

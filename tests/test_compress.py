@@ -546,6 +546,7 @@ def test_cli_compresses_and_prints_a_summary(tiny, tmp_path):
 
 
 @pytest.mark.demo
+@pytest.mark.heavy
 def test_demo_model_two_layers_removed_healing_lowers_perplexity(demo_model_dir, tmp_path):
     from toolkit.data import NAMED_SOURCES
 

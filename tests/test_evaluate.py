@@ -207,6 +207,7 @@ def evaluated(demo_model_dir, demo_gguf_file, demo_onnx_export, tmp_path_factory
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_torch_against_itself_and_the_json_contract(demo_model_dir):
     result = evaluate(
         "demo", NOTES, reference="demo", context=256, max_tokens=256, seq_len=128, n_threads=1, progress=False
@@ -232,6 +233,7 @@ def test_torch_against_itself_and_the_json_contract(demo_model_dir):
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_accuracy_equals_option_logprobs_by_hand(demo_model_dir):
     from runtimes import load_runner
 

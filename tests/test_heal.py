@@ -286,6 +286,7 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_healing_the_pruned_demo_model_lowers_held_apart_perplexity(demo_model_dir, capsys):
     """Remove layers 20 and 25 of 30, heal briefly on reports, compare perplexity on held-apart reports.
 

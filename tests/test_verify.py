@@ -225,3 +225,22 @@ def test_archive_holds_one_folder(bundle):
     with tarfile.open(bundle / "bundle-tiny-cpu.tar.gz") as tar:
         roots = {name.split("/")[0] for name in tar.getnames()}
     assert roots == {"bundle-tiny-cpu"}
+
+
+def test_verify_on_a_gpu_memory_profile_fails_a_cpu_run(bundle):
+    """rtx3050-4gb budgets VRAM: a CPU run's RSS (this host has no GPU) is no verification of it."""
+    result = run_bedside(
+        "verify",
+        str(bundle / "bundle-tiny-cpu.tar.gz"),
+        "--profile",
+        "rtx3050-4gb",
+        "--threads",
+        "1",
+        "--json",
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    checks = {check["name"]: check for check in json.loads(result.stdout)["checks"]}
+    memory = checks["peak memory"]
+    assert not memory["passed"] and memory["value"] < memory["threshold"]  # fits, but in the wrong memory
+    assert "RSS measured where VRAM was budgeted" in memory["detail"]
+    assert checks["load"]["passed"] and checks["smoke prompt"]["passed"]
