@@ -50,7 +50,7 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
-# The edit loop: everything but the tests marked heavy (end-to-end deploys, demo exports).
+# The edit loop: everything but the tests marked heavy (demo exports, compress, evaluations, end-to-end deploys).
 test-fast: $(STAMP) lint
 	$(BIN)/python -m pytest -q --durations=10 -m "not heavy" $(PYTEST_ARGS)
 

@@ -152,6 +152,7 @@ def test_truncated_gguf_and_wrong_runtime(tmp_path, demo_gguf_path):
 
 
 @pytest.mark.demo
+@pytest.mark.heavy
 def test_eval_json_is_one_object_on_stdout(demo_gguf_path):
     result = run_bedside(
         "eval", "--artifact", str(demo_gguf_path), "--data", str(QA), "--json",
@@ -169,6 +170,7 @@ def test_eval_json_is_one_object_on_stdout(demo_gguf_path):
 
 
 @pytest.mark.demo
+@pytest.mark.heavy
 def test_run_streams_the_greedy_answer(demo_gguf_path):
     from runtimes import load_runner
 

@@ -221,6 +221,7 @@ def _mean_nll_from_logits(logits: np.ndarray, ids: list[int]) -> float:
 
 
 @pytest.mark.demo
+@pytest.mark.heavy
 def test_perplexity_matches_llama_cpp(
     hf_tokenizer, hf_model, demo_gguf_path, batch_decode_result, record_property
 ):

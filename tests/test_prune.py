@@ -542,6 +542,7 @@ def _kl_of_removal(model: nn.Module, layers: list[int], ids: torch.Tensor) -> fl
 
 @pytest.mark.demo
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_demo_activation_beats_last_on_held_apart_text(demo_model_dir):
     from transformers import AutoTokenizer
 

@@ -227,6 +227,7 @@ def test_archive_holds_one_folder(bundle):
     assert roots == {"bundle-tiny-cpu"}
 
 
+@pytest.mark.heavy
 def test_verify_on_a_gpu_memory_profile_fails_a_cpu_run(bundle):
     """rtx3050-4gb budgets VRAM: a CPU run's RSS (this host has no GPU) is no verification of it."""
     result = run_bedside(
