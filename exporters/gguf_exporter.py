@@ -26,8 +26,10 @@ Keys (all strings unless noted; GGUF arrays cannot be empty, so lists are JSON t
                                                           JSON text for lists and dicts)
 
 Quantization goes through `llama_cpp.llama_model_quantize` (the library has no llama-quantize binary),
-in a child process: llama.cpp aborts the whole process on some errors (GGML_ABORT), which must fail the
-export, not kill the toolkit. An importance matrix (see exporters/gguf_imatrix.py) is handed over as
+whose refusal of a low-bit type without an importance matrix becomes a one-line ExportError naming the fix
+(`imatrix_refusal`); `export.json` lists the tensor types the file really holds (`tensor_types`, read back with
+gguf-py), fallbacks included. It runs in a child process: llama.cpp aborts the whole process on some errors
+(GGML_ABORT), which must fail the export, not kill the toolkit. An importance matrix (see exporters/gguf_imatrix.py) is handed over as
 llama.cpp 0.3.36 expects it: a C array of `llama_model_imatrix_data {name, data, size}` closed by a
 NULL name, values in_sum2 / counts, plus the `quantize.imatrix.*` KV keys llama-quantize writes.
 
@@ -44,6 +46,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -199,6 +202,9 @@ def quantize(
         capture_output=True, text=True, env=environment, cwd=REPO_ROOT,
     )  # fmt: skip
     report_line = completed.stdout.strip().splitlines()[-1] if completed.stdout.strip() else ""
+    refusal = imatrix_refusal(completed.stderr, quant, imatrix is not None)
+    if refusal:
+        raise ExportError(refusal)
     if completed.returncode == 0 and report_line.startswith("{"):
         report = json.loads(report_line)
         if report.get("error"):
@@ -209,6 +215,32 @@ def quantize(
     if completed.returncode < 0:
         reason = f"killed by signal {-completed.returncode} ({reason})"
     raise ExportError(f"llama.cpp quantization to {quant} failed: {reason}")
+
+
+# llama-quant.cpp refuses, before writing anything, a tensor whose type needs an importance matrix
+# (tensor_requires_imatrix: IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS) when none is given, or when the
+# given matrix has no entry for it.
+_NO_IMATRIX = re.compile(r"offending tensor:\s*(\S+)\s+- target type:\s*(\S+)")
+_IMATRIX_ENTRY_MISSING = re.compile(r"Missing importance matrix for tensor (\S+)")
+
+
+def imatrix_refusal(log: str, quant: str, imatrix_given: bool) -> str | None:
+    """The one-line error for llama.cpp's refusal to quantize without an importance matrix, or None."""
+    found = _NO_IMATRIX.search(log)
+    if found:
+        tensor, type_name = found.group(1), found.group(2).upper()
+        return (
+            f"GGUF {quant} needs an importance matrix here: llama.cpp writes {tensor} as {type_name} only with one; "
+            "pass --imatrix FILE (a llama-imatrix GGUF), export a `bedside compress` folder made with AWQ (it "
+            "writes imatrix.gguf), or choose a scheme without IQ2/IQ3_XXS types (IQ4_XS, IQ3_M, Q2_K)"
+        )
+    found = _IMATRIX_ENTRY_MISSING.search(log)
+    if found and imatrix_given:
+        return (
+            f"the importance matrix has no entry for {found.group(1)}, which GGUF {quant} writes at a type "
+            "llama.cpp stores only with one: gather the matrix on this checkpoint (`bedside compress` with AWQ)"
+        )
+    return None
 
 
 def quantize_in_this_process(
@@ -339,7 +371,9 @@ def export_gguf(
 
     Args:
         model_dir: checkpoint folder (config.json, safetensors, tokenizer).
-        quant: F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0 or Q3_K_M.
+        quant: a scheme of toolkit.core.formats.GGUF_FTYPES (F16 ... Q3_K_M, IQ4_XS, IQ3_M, IQ3_XXS, Q2_K,
+            IQ2_M). IQ3_XXS and IQ2_M need `imatrix` wherever llama.cpp writes an IQ2/IQ3_XXS tensor (on rows
+            that are not a multiple of 256 it falls back to IQ4_NL, which does not): ExportError otherwise.
         out_dir: folder for `model-<quant>.gguf` (or `file_name`) and export.json.
         imatrix: llama-imatrix GGUF file (see exporters/gguf_imatrix.py); used for every scheme but F16.
         metadata: written as bedside.* keys; recognised: `plan` (dict, JSON text), `layers_removed`

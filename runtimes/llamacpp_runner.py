@@ -23,6 +23,15 @@ repacked (GPU offload, AMX builds).
 
 GPU: layers are offloaded (`n_gpu_layers=-1`) when the build supports offload
 (`llama_supports_gpu_offload()`) and the device is CUDA; a CPU-only build reports device "cpu".
+
+KV cache and placement (a plan's choices, runtime.json's settings; `runner_options` maps one to the other):
+`kv_cache_dtype` f16 (llama.cpp's default), q8_0 or q4_0 is passed as type_k and type_v (the GGML_TYPE_*
+numbers of llama_cpp); a quantized V cache needs flash attention, so `flash_attn` None turns it on for a
+quantized cache and on CUDA (what llama.cpp's own LLAMA_FLASH_ATTN_TYPE_AUTO does and the memory estimate
+assumes; llama-cpp-python's `Llama(flash_attn=False)` default would refuse a quantized V cache). `kv_offload`
+False keeps the KV cache in host memory (offload_kqv = false); `gpu_layers` N is llama.cpp's n_gpu_layers (the
+output head and the last N - 1 layers on the GPU), None every layer. On CPU-only runs the placement options
+have nothing to place and are ignored.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -40,6 +49,7 @@ import numpy as np
 from runtimes.registry import register_runner, require_format
 from runtimes.results import RuntimeLoadError
 from runtimes.runner import Message, Runner, render_chat_template
+from toolkit.core.formats import KV_CACHE_DTYPES, QUANTIZED_KV_CACHE_DTYPES
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)  # what llama.cpp reads (version 1 had 32-bit counts and is refused there too)
@@ -268,6 +278,37 @@ def build_has_amx() -> bool:
     return "AMX" in system_info()
 
 
+KV_CACHE_TYPES = tuple(KV_CACHE_DTYPES)  # each is llama_cpp.GGML_TYPE_<NAME>
+QUANTIZED_KV = QUANTIZED_KV_CACHE_DTYPES
+
+
+def ggml_type(kv_cache_dtype: str) -> int:
+    """llama_cpp's GGML_TYPE_* number of a KV-cache dtype name (f16 -> GGML_TYPE_F16 = 1, q8_0 -> 8, q4_0 -> 2)."""
+    import llama_cpp
+
+    if kv_cache_dtype not in KV_CACHE_TYPES:
+        raise RuntimeLoadError(
+            f"unknown KV-cache dtype {kv_cache_dtype!r} (llama.cpp runner: {', '.join(KV_CACHE_TYPES)})"
+        )
+    return int(getattr(llama_cpp, f"GGML_TYPE_{kv_cache_dtype.upper()}"))
+
+
+def runner_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """LlamaCppRunner keyword arguments from a bundle's runtime.json (toolkit.deploy.bundle.RuntimeConfig) or a
+    plan's settings: kv_cache_dtype, flash_attn, kv_offload, gpu_layers (-1 / 0 / None: the runner's default)."""
+    options: dict[str, Any] = {}
+    if settings.get("kv_cache_dtype"):
+        options["kv_cache_dtype"] = str(settings["kv_cache_dtype"])
+    if isinstance(settings.get("flash_attn"), bool):
+        options["flash_attn"] = settings["flash_attn"]
+    if settings.get("kv_offload") is False:
+        options["kv_offload"] = False
+    layers = settings.get("gpu_layers")
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > 0:
+        options["gpu_layers"] = layers
+    return options
+
+
 def default_mmap(extra_buffers: bool, offload: bool) -> bool:
     """Whether the runner maps the GGUF file: not when CPU repack buffers are on (one copy, not two)."""
     return offload or not extra_buffers
@@ -302,21 +343,43 @@ def _model_params_override(**fields: Any) -> Iterator[None]:
 
 @register_runner
 class LlamaCppRunner(Runner):
-    """A GGUF file on llama.cpp: its own tokenizer, chat template and KV cache (f16, n_batch 512).
+    """A GGUF file on llama.cpp: its own tokenizer, chat template and KV cache (f16 unless told, n_batch 512).
 
     `extra_buffers` None (default) disables llama.cpp's extra buffer types only when the build
     has AMX (the crash guard); True/False forces them on/off. `mmap` None (default) maps the file
     unless weights may be repacked on the CPU (extra buffers on, no offload), see the module docstring.
+    `kv_cache_dtype`, `flash_attn`, `kv_offload`, `gpu_layers`: the KV cache and placement (module docstring).
     """
 
     name = "llama.cpp"
 
     def __init__(
-        self, batch_size: int | None = None, extra_buffers: bool | None = None, mmap: bool | None = None
+        self,
+        batch_size: int | None = None,
+        extra_buffers: bool | None = None,
+        mmap: bool | None = None,
+        kv_cache_dtype: str = "f16",
+        flash_attn: bool | None = None,
+        kv_offload: bool = True,
+        gpu_layers: int | None = None,
     ) -> None:
         super().__init__(batch_size)
+        if kv_cache_dtype not in KV_CACHE_TYPES:
+            raise RuntimeLoadError(
+                f"unknown KV-cache dtype {kv_cache_dtype!r} (llama.cpp runner: {', '.join(KV_CACHE_TYPES)})"
+            )
+        if flash_attn is False and kv_cache_dtype in QUANTIZED_KV:
+            raise RuntimeLoadError(
+                f"a {kv_cache_dtype} KV cache needs flash attention in llama.cpp (quantized V): leave flash_attn on"
+            )
+        if gpu_layers is not None and gpu_layers < 0:
+            raise RuntimeLoadError(f"gpu_layers must be 0 or more (None: every layer), got {gpu_layers}")
         self.extra_buffers = extra_buffers
         self.mmap = mmap
+        self.kv_cache_dtype = kv_cache_dtype
+        self.flash_attn = flash_attn
+        self.kv_offload = kv_offload
+        self.gpu_layers = gpu_layers
         self.llama: Any = None
         self._batch: Any = None
         self._vocab: Any = None
@@ -338,7 +401,17 @@ class LlamaCppRunner(Runner):
 
         offload = device == "cuda" and bool(llama_cpp.llama_supports_gpu_offload())
         extra_buffers = self.extra_buffers if self.extra_buffers is not None else not build_has_amx()
-        use_mmap = self.mmap if self.mmap is not None else default_mmap(extra_buffers, offload)
+        n_gpu_layers = (-1 if self.gpu_layers is None else self.gpu_layers) if offload else 0
+        # weights of layers left on the CPU may be repacked there: read the file then, as on a CPU-only run
+        use_mmap = (
+            self.mmap if self.mmap is not None else default_mmap(extra_buffers, offload and n_gpu_layers < 0)
+        )
+        flash_attn = (
+            self.flash_attn
+            if self.flash_attn is not None
+            else (offload or self.kv_cache_dtype in QUANTIZED_KV)
+        )
+        kv_type = ggml_type(self.kv_cache_dtype)
         self.batch_size = min(self.batch_size, n_ctx)
         try:
             with _model_params_override(use_extra_bufts=extra_buffers):
@@ -349,9 +422,13 @@ class LlamaCppRunner(Runner):
                     n_ubatch=self.batch_size,
                     n_threads=n_threads,
                     n_threads_batch=n_threads,
-                    n_gpu_layers=-1 if offload else 0,
+                    n_gpu_layers=n_gpu_layers,
                     use_mmap=use_mmap,
                     logits_all=False,
+                    type_k=kv_type,
+                    type_v=kv_type,
+                    flash_attn=flash_attn,
+                    offload_kqv=self.kv_offload,
                     verbose=False,
                 )
         except ValueError as error:
@@ -364,7 +441,10 @@ class LlamaCppRunner(Runner):
         self.details = {
             "extra_buffers": extra_buffers,
             "mmap": use_mmap,
-            "n_gpu_layers": -1 if offload else 0,
+            "n_gpu_layers": n_gpu_layers,
+            "kv_cache_dtype": self.kv_cache_dtype,
+            "flash_attn": flash_attn,
+            "kv_offload": self.kv_offload,
             "n_batch": self.batch_size,
             "system_info": system_info().strip(),
         }

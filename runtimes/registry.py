@@ -7,7 +7,7 @@ name (toolkit/core/formats.py RUNTIMES) to its Runner class; adding a runtime is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runtimes.results import RuntimeLoadError
 from toolkit.core.formats import FORMAT_RUNTIME
@@ -81,12 +81,16 @@ def load_runner(
     n_ctx: int = 2048,
     n_threads: int | None = None,
     device: str = "auto",
+    options: dict[str, Any] | None = None,
 ) -> Runner:
-    """Create and load the runner for `path` (or the named `runtime`), ready to score and generate."""
+    """Create and load the runner for `path` (or the named `runtime`), ready to score and generate.
+
+    `options`: keyword arguments of the Runner class (e.g. LlamaCppRunner's kv_cache_dtype, gpu_layers).
+    """
     name = runtime or runtime_for_path(path)
     if name not in RUNNERS:
         raise RuntimeLoadError(f"unknown runtime {name!r} (known: {', '.join(sorted(RUNNERS))})")
-    return RUNNERS[name]().load(path, n_ctx=n_ctx, n_threads=n_threads, device=device)
+    return RUNNERS[name](**(options or {})).load(path, n_ctx=n_ctx, n_threads=n_threads, device=device)
 
 
 def require_format(path: str | Path, expected: str, runtime: str) -> Path:

@@ -10,6 +10,33 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test` runs two workers on a 2-core machine) each worker gets one BLAS/OpenMP thread:
+# two workers with two threads each would spin against each other.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Modules that share the session's demo exports run in one xdist group, so the exports are made once.
+SHARED_EXPORT_MODULES = ("test_evaluate.py", "test_exporters.py")
+
+
+def _xdist_group(item: pytest.Item) -> str:
+    """A test's xdist group: its module (module fixtures are built once per worker), or the shared-export group."""
+    module = item.path.name
+    return "demo-exports" if module in SHARED_EXPORT_MODULES else module
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With `-n N --dist loadgroup`: group tests by module (see _xdist_group) and hand out the groups with the
+    most heavy tests first, so the long groups start at once instead of finishing last on one worker."""
+    if config.getoption("dist", default="no") != "loadgroup":
+        return
+    heavy: dict[str, int] = {}
+    for item in items:
+        group = _xdist_group(item)
+        item.add_marker(pytest.mark.xdist_group(group))
+        heavy[group] = heavy.get(group, 0) + (item.get_closest_marker("heavy") is not None)
+    items.sort(key=lambda item: -heavy[_xdist_group(item)])  # stable: a module keeps its order
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +144,28 @@ def demo_gguf_file(demo_gguf_export):
         return files[scheme]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_gguf_iq(demo_gguf_export):
+    """The session's one IQ export of the demo: IQ4_XS quantized from the shared F16 with a constant (all-ones)
+    importance matrix, beside the export. (GGUF path, imatrix path). On the 576-wide rows llama.cpp writes
+    IQ4_NL instead (tensor_type_fallback); only ffn_down (1536 wide) holds IQ4_XS."""
+    from exporters.gguf_exporter import _gguf_tensor_widths, quantize
+    from exporters.gguf_imatrix import constant_imatrix, write_imatrix
+
+    folder = demo_gguf_export.model_file.parent
+    f16 = folder / "model-F16.gguf"
+    _, _, widths = _gguf_tensor_widths(f16)
+    sums, counts = constant_imatrix(
+        {name: width for name, width in widths.items() if name.startswith("blk.")}
+    )
+    matrix = write_imatrix(
+        folder / "imatrix-ones.gguf", sums, counts, datasets=["ones"], chunk_count=1, chunk_size=1
+    )
+    target = folder / "model-IQ4_XS.gguf"
+    quantize(f16, target, "IQ4_XS", imatrix=matrix, threads=2)
+    return target, matrix
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,14 @@ The launch files (README, Ollama Modelfile, model card) follow the bundle's runt
 
 import io
 import json
-import os
 import shutil
 import stat
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_runner import bedside as run_bedside
 
 from toolkit.core.errors import BedsideError
 from toolkit.deploy import verify as verify_module
@@ -42,17 +40,6 @@ TINY_PROFILE = FIXTURES / "profiles" / "tiny-cpu.yaml"
 REPO = Path(__file__).resolve().parents[1]
 NAME = "bundle-tiny-cpu"
 
-
-def run_bedside(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "toolkit.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
 
 
 def build_bundle(

@@ -9,24 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import bedside as run_bedside
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 QA = FIXTURES / "pubmedqa_mini.jsonl"
 NOTES = FIXTURES / "clinical_notes.txt"
 
-
-def run_bedside(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "toolkit.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
-        timeout=timeout,
-    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -60,9 +51,9 @@ def test_export_unknown_format_and_scheme_list_the_allowed_values(tmp_path):
     )
     assert_one_line_error(
         run_bedside(
-            "export", "--model", "demo", "--format", "gguf", "--quant", "Q2_K", "--out", str(tmp_path)
+            "export", "--model", "demo", "--format", "gguf", "--quant", "IQ1_S", "--out", str(tmp_path)
         ),
-        "unknown gguf scheme 'Q2_K'",
+        "unknown gguf scheme 'IQ1_S'",
         "Q4_K_M",
     )
 

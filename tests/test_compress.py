@@ -12,7 +12,6 @@ import json
 import math
 import random
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import bedside as run_bedside
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from toolkit.compress.pipeline import CompressOptions, _prepare_data, compress, options_from_plan
@@ -409,16 +409,6 @@ def test_bad_options_are_refused_before_any_work(tiny, tmp_path, options, needle
 # CLI
 # ---------------------------------------------------------------------------------------------
 
-
-def run_bedside(*args: str) -> subprocess.CompletedProcess[str]:
-    """The `bedside` command in a real process (one torch thread: the machine is shared)."""
-    return subprocess.run(
-        [sys.executable, "-m", "toolkit.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "OMP_NUM_THREADS": "1"},
-        timeout=300,
-    )
 
 
 def run_bedside_capturing(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cli_runner import bedside as run_bedside
 
 from toolkit.compress.stages import link_or_copy
 from toolkit.core.errors import BedsideError
@@ -264,19 +265,90 @@ def test_report_json_and_self_contained_html(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Bad input: one line, exit 2
+# The plan's KV precision and placement in runtime.json, the launch files and validation (no model needed)
 
 
-def run_bedside(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "toolkit.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=timeout,
+def _deployed(facts, profile_name: str, **pins):
+    """runtime.json, llama-server flags and Modelfile of the plan's chosen candidate (what make_bundle writes)."""
+    from toolkit.deploy.bundle import runtime_config
+    from toolkit.deploy.launch import ChatInfo, llama_cpp_flags, modelfile
+
+    profile = load_profile(profile_name)
+    plan = make_plan(facts, profile, "m", **pins)
+    outcome = SimpleNamespace(profile=profile, candidate=plan.chosen)
+    runtime = runtime_config(outcome, "model/model.gguf", ["<|im_end|>"]).model_dump(mode="json")  # type: ignore[arg-type]
+    chat = ChatInfo(template=None, bos_token="", eos_token="", family=None)
+    return plan.chosen, runtime, llama_cpp_flags(runtime), modelfile(runtime, chat, "b")
+
+
+def test_runtime_json_and_launch_files_carry_kv_precision_and_gpu_layers():
+    from runtimes.llamacpp_runner import runner_options
+    from toolkit.deploy.launch import parse_modelfile
+    from toolkit.deploy.pipeline import deployed_runner_options
+
+    llama2 = facts_from_config(json.loads((FIXTURES / "llama-2-7b" / "config.json").read_text()))
+    chosen, runtime, flags, text = _deployed(llama2, "rtx3050-4gb", quant="Q4_K_M", prune_layers=0)
+    assert chosen.gpu_layers is not None  # Q4_K_M of a 7B model does not fit 4 GB: -ngl N
+    assert runtime["gpu_layers"] == chosen.gpu_layers and runtime["kv_cache_dtype"] == chosen.kv_cache_dtype
+    assert runtime["flash_attn"] is True and runtime["kv_offload"] is True  # CUDA: flash attention on
+    assert f"-ngl {chosen.gpu_layers} " in flags and "-fa on " in flags and "--no-kv-offload" not in flags
+    assert parse_modelfile(text)["num_gpu"] == [str(chosen.gpu_layers)]
+    expected = {"flash_attn": True, "gpu_layers": chosen.gpu_layers, "kv_cache_dtype": chosen.kv_cache_dtype}
+    assert runner_options(runtime) == expected  # what `bedside verify` loads
+    assert deployed_runner_options(chosen, load_profile("rtx3050-4gb")) == expected  # what validation ran
+
+
+def test_runtime_json_and_launch_files_carry_a_quantized_kv_cache_in_host_memory():
+    from runtimes.llamacpp_runner import runner_options
+
+    llama2 = facts_from_config(json.loads((FIXTURES / "llama-2-7b" / "config.json").read_text()))
+    profile = load_profile("rtx3050-4gb")
+    plan = make_plan(llama2, profile, "m", quant="Q3_K_M", prune_layers=0, kv_cache_dtype="q8_0")
+    candidate = next(c for c in plan.candidates if c.kv_on_host and c.fits)
+    from toolkit.deploy.bundle import runtime_config
+    from toolkit.deploy.launch import ChatInfo, llama_cpp_flags, modelfile
+
+    runtime = runtime_config(
+        SimpleNamespace(profile=profile, candidate=candidate), "model/m.gguf"
+    ).model_dump()  # type: ignore[arg-type]
+    assert (
+        runtime["kv_cache_dtype"] == "q8_0" and runtime["kv_offload"] is False and runtime["gpu_layers"] == -1
     )
+    flags = llama_cpp_flags(runtime)
+    assert "-ngl 99 -ctk q8_0 -ctv q8_0 -fa on --no-kv-offload " in flags
+    text = modelfile(runtime, ChatInfo(template=None, bos_token="", eos_token="", family=None), "b")
+    assert "OLLAMA_KV_CACHE_TYPE=q8_0 OLLAMA_FLASH_ATTENTION=1" in text and "--no-kv-offload" in text
+    assert runner_options(runtime) == {"kv_cache_dtype": "q8_0", "flash_attn": True, "kv_offload": False}
+
+
+def test_cpu_bundle_states_flash_attention_off_and_onnx_its_float_cache():
+    """A CPU profile with an f16 cache: -fa off, as validated (llama.cpp's own auto would turn it on);
+    ONNX Runtime's runtime.json records its graph's float cache and no llama.cpp settings."""
+    smollm = facts_from_config(json.loads((FIXTURES / "smollm2-135m" / "config.json").read_text()))
+    chosen, runtime, flags, text = _deployed(smollm, "workstation-cpu-8gb", quant="Q8_0", prune_layers=0)
+    assert chosen.kv_cache_dtype == "f16" and runtime["flash_attn"] is False and runtime["gpu_layers"] == 0
+    assert "-fa off " in flags and "-ctk" not in flags and "-ngl" not in flags and "num_gpu" not in text
+    pinned, runtime, flags, _ = _deployed(
+        smollm, "workstation-cpu-8gb", quant="Q8_0", prune_layers=0, kv_cache_dtype="q8_0"
+    )
+    assert runtime["kv_cache_dtype"] == "q8_0" and "-ctk q8_0 -ctv q8_0 -fa on " in flags
+    onnx, runtime, _, _ = _deployed(
+        smollm, "workstation-cpu-16gb", format="onnx", quant="int4_b32", prune_layers=0
+    )
+    assert (
+        runtime["kv_cache_dtype"] == "f32" and runtime["flash_attn"] is None and runtime["kv_offload"] is None
+    )
+
+
+def test_replan_tells_kv_precision_and_placement_apart():
+    llama2 = facts_from_config(json.loads((FIXTURES / "llama-2-7b" / "config.json").read_text()))
+    plan = make_plan(llama2, load_profile("rtx3050-4gb"), "m", quant="Q3_K_M", prune_layers=0)
+    keys = {candidate_key(c) for c in plan.candidates}
+    assert len(keys) == len(plan.candidates)  # same scheme and depth, other KV cache or placement: other keys
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -369,6 +441,13 @@ def test_not_enough_disk_refused_before_work(tmp_path, demo_model_dir, monkeypat
 def test_knob_out_of_range_exit_2(tmp_path):
     result = run_bedside("deploy", "--profile", "jetson4gb", "--max-attempts", "0", "--out", str(tmp_path))
     assert_one_line_error(result, "--max-attempts")
+
+
+def test_kv_cache_the_profile_does_not_allow_exit_2(tmp_path):
+    out = tmp_path / "o"
+    result = run_bedside("deploy", "--profile", str(TINY_PROFILE), "--kv-cache", "q8_0", "--out", str(out))
+    assert_one_line_error(result, "--kv-cache q8_0: profile 'tiny-cpu' allows f16")
+    assert not out.exists()  # refused before anything is written
 
 
 # ------------------------------------------------------------------------------------------------

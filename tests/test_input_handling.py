@@ -8,10 +8,10 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_runner import bedside as run_bedside
 
 from toolkit.core.errors import BedsideError
 
@@ -28,24 +28,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 
-
-def run_bedside(*args: str, stdin: str | None = None, env: dict[str, str] | None = None, timeout: int = 300):
-    """`bedside ARGS` as a user runs it (a real process); `stdin` is what the user would type."""
-    return subprocess.run(
-        [sys.executable, "-m", "toolkit.cli.main", *args],
-        input=stdin if stdin is not None else "",
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={
-            "COLUMNS": "200",
-            "PATH": "/usr/bin:/bin",
-            "HOME": str(Path.home()),
-            "OMP_NUM_THREADS": "1",
-            **(env or {}),
-        },
-        timeout=timeout,
-    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: str, code: int = 2) -> str:

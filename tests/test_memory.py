@@ -181,6 +181,46 @@ def test_gguf_sizes_match_published_llama2_files(llama2, scheme):
     assert total / 1e9 == pytest.approx(PUBLISHED_LLAMA2_7B_GGUF_GB[scheme], rel=0.003)
 
 
+# Model sizes of llama.cpp's Llama-3-8B scoreboard (tools/perplexity/README.md, "LLaMA 3 8b Scoreboard", GiB); IQ
+# rows were quantized with an importance matrix ("WT 10m"), the others without.
+LLAMA3_8B_SCOREBOARD_GIB = {
+    "F16": 14.97,
+    "Q8_0": 7.96,
+    "Q6_K": 6.14,
+    "Q5_K_M": 5.33,
+    "Q4_K_M": 4.58,
+    "Q4_0": 4.34,
+    "IQ4_XS": 4.14,
+    "Q3_K_M": 3.74,
+    "IQ3_M": 3.53,
+    "IQ3_XXS": 3.05,
+    "Q2_K": 2.96,
+    "IQ2_M": 2.74,
+}
+
+
+def _llama3_8b() -> ModelFacts:
+    """Llama-3-8B's text model: Mistral-7B's layers (4096, 14336, 32 heads, 8 KV heads) with a 128256 vocabulary."""
+    import dataclasses
+
+    mistral = read_facts(FIXTURES / "mistral-7b")
+    vocab = 128256
+    globals_ = tuple(
+        TensorSpec(t.role, (vocab, t.shape[1]), t.name) if t.role in ("token_embd", "output") else t
+        for t in mistral.global_tensors
+    )
+    return dataclasses.replace(mistral, vocab_size=vocab, global_tensors=globals_)
+
+
+@pytest.mark.parametrize("scheme", sorted(LLAMA3_8B_SCOREBOARD_GIB))
+def test_gguf_sizes_match_llama3_8b_scoreboard(scheme):
+    imatrix = scheme.startswith("IQ")
+    total = sum(t.nbytes for t in tensor_types(_llama3_8b(), "gguf", scheme, imatrix=imatrix))
+    assert total / GIB == pytest.approx(
+        LLAMA3_8B_SCOREBOARD_GIB[scheme], rel=0.005
+    )  # files add ~5 MiB of vocab
+
+
 def test_rows_of_576_fall_back_as_notes_measured(smollm):
     """Q4_K_M on hidden 576: 180 of 272 tensors fall back (q4_K -> q5_0, q6_K -> q8_0); ffn_down keeps K-quants."""
     tensors = tensor_types(smollm, "gguf", "Q4_K_M")
@@ -192,8 +232,13 @@ def test_rows_of_576_fall_back_as_notes_measured(smollm):
     assert next(t for t in tensors if t.role == "token_embd").dtype == "Q8_0"  # tied, 576 % 256 != 0
 
 
-def _llama_cpp_dry_run_types(source: Path, ftype: int, prune: list[int]) -> dict[str, str]:
-    """Per-tensor target types that llama.cpp's own quantizer chooses (dry run: nothing written)."""
+def _llama_cpp_dry_run_types(
+    source: Path, ftype: int, prune: list[int], imatrix: bool = False
+) -> dict[str, str]:
+    """Per-tensor target types that llama.cpp's own quantizer chooses (dry run: nothing written).
+
+    `imatrix`: hand over a one-entry importance matrix, which is all llama.cpp's rules look at (has_imatrix).
+    """
     llama_cpp = pytest.importorskip("llama_cpp")
     log: list[str] = []
 
@@ -207,10 +252,19 @@ def _llama_cpp_dry_run_types(source: Path, ftype: int, prune: list[int]) -> dict
         params.ftype = ftype
         params.allow_requantize = True
         params.dry_run = True
-        keep_alive = None
+        keep_alive: list[object] = []
         if prune:
-            keep_alive = (ctypes.c_int32 * (len(prune) + 1))(*prune, -1)
-            params.prune_layers = ctypes.cast(keep_alive, ctypes.POINTER(ctypes.c_int32))
+            layers = (ctypes.c_int32 * (len(prune) + 1))(*prune, -1)
+            params.prune_layers = ctypes.cast(layers, ctypes.POINTER(ctypes.c_int32))
+            keep_alive.append(layers)
+        if imatrix:
+            value = (ctypes.c_float * 1)(1.0)
+            entries = (llama_cpp.llama_model_imatrix_data * 2)()
+            entries[0].name, entries[0].size = b"unused.weight", 1
+            entries[0].data = ctypes.cast(value, ctypes.POINTER(ctypes.c_float))
+            entries[1].name = None
+            params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+            keep_alive += [value, entries]
         assert llama_cpp.llama_model_quantize(str(source).encode(), b"/dev/null", ctypes.byref(params)) == 0
     finally:
         llama_cpp.llama_log_set(ctypes.cast(None, llama_cpp.llama_log_callback), ctypes.c_void_p(0))
@@ -220,23 +274,154 @@ def _llama_cpp_dry_run_types(source: Path, ftype: int, prune: list[int]) -> dict
     return {name: (new or current).upper() for name, current, new in rows}
 
 
-LLAMA_FTYPES = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}
+LLAMA_FTYPES = {
+    "F16": 1,
+    "Q4_0": 2,
+    "Q8_0": 7,
+    "Q2_K": 10,
+    "Q3_K_M": 12,
+    "Q4_K_M": 15,
+    "Q5_K_M": 17,
+    "Q6_K": 18,
+    "IQ3_XXS": 23,
+    "IQ3_M": 27,
+    "IQ2_M": 29,
+    "IQ4_XS": 30,
+}
+# Schemes whose rules depend on whether an importance matrix is given (llama-quant.cpp: has_imatrix).
+IMATRIX_DEPENDENT = ("Q4_0", "IQ4_XS", "IQ3_XXS")
+
+
+def test_gguf_ftype_numbers_are_llama_cpps():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from toolkit.core.formats import GGUF_FTYPES
+
+    assert GGUF_FTYPES == LLAMA_FTYPES
+    for scheme, number in GGUF_FTYPES.items():
+        assert getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{scheme}") == number, scheme
 
 
 @pytest.mark.demo
 @pytest.mark.parametrize(
-    ("scheme", "prune"), [(s, []) for s in FORMATS["gguf"]] + [("Q4_K_M", [3, 11, 20, 27])]
+    ("scheme", "prune", "imatrix"),
+    [(s, [], False) for s in FORMATS["gguf"]]
+    + [(s, [], True) for s in IMATRIX_DEPENDENT]
+    + [("Q4_K_M", [3, 11, 20, 27], False)],
 )
-def test_gguf_types_equal_llama_cpp_quantizer(demo_gguf_path, smollm, scheme, prune):
-    """Our type table against llama.cpp's quantizer on the demo GGUF (dry run, ~0.2 s each)."""
+def test_gguf_types_equal_llama_cpp_quantizer(demo_gguf_path, smollm, scheme, prune, imatrix):
+    """Our type table against llama.cpp's quantizer on the demo GGUF (dry run, ~0.2 s each).
+
+    The demo's 576-wide rows make llama.cpp fall back: IQ types -> IQ4_NL, Q2_K/Q3_K -> Q4_0 (tensor_type_fallback).
+    """
     assert set(LLAMA_FTYPES) == set(FORMATS["gguf"])
-    real = _llama_cpp_dry_run_types(demo_gguf_path, LLAMA_FTYPES[scheme], prune)
+    real = _llama_cpp_dry_run_types(demo_gguf_path, LLAMA_FTYPES[scheme], prune, imatrix)
     # llama.cpp's own prune_layers keeps the source's block count for the ffn_down rules (n_layer_all)
     kept = smollm.num_layers - len(prune)
-    tensors = gguf_tensor_types(smollm, scheme, kept, n_layer_all=smollm.num_layers if prune else None)
+    tensors = gguf_tensor_types(
+        smollm, scheme, kept, imatrix=imatrix, n_layer_all=smollm.num_layers if prune else None
+    )
     ours = {t.name: t.dtype for t in tensors}
     assert len(real) == len(ours)
     assert ours == real
+
+
+# A small Llama with grouped-query attention (8 heads, 2 KV heads: n_gqa = 4), untied output and rows that hold
+# whole 256-blocks: the branches the demo model (n_gqa 3, tied, 576-wide rows) never reaches.
+GQA4_SIZES = {"hidden": 256, "ffn": 512, "layers": 16, "vocab": 256, "heads": 8, "kv_heads": 2}
+
+
+def _gqa4_facts() -> ModelFacts:
+    h, f, kv = GQA4_SIZES["hidden"], GQA4_SIZES["ffn"], GQA4_SIZES["hidden"] // 4
+    layer = (
+        TensorSpec("attn_norm", (h,)),
+        TensorSpec("attn_q", (h, h)),
+        TensorSpec("attn_k", (kv, h)),
+        TensorSpec("attn_v", (kv, h)),
+        TensorSpec("attn_output", (h, h)),
+        TensorSpec("ffn_norm", (h,)),
+        TensorSpec("ffn_gate", (f, h)),
+        TensorSpec("ffn_up", (f, h)),
+        TensorSpec("ffn_down", (h, f)),
+    )
+    vocab = GQA4_SIZES["vocab"]
+    return ModelFacts(
+        architecture="LlamaForCausalLM",
+        family="llama",
+        num_layers=GQA4_SIZES["layers"],
+        hidden_size=h,
+        intermediate_size=f,
+        num_heads=GQA4_SIZES["heads"],
+        num_kv_heads=GQA4_SIZES["kv_heads"],
+        head_dim=h // GQA4_SIZES["heads"],
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+        max_position_embeddings=256,
+        layer_tensors=layer,
+        global_tensors=(
+            TensorSpec("token_embd", (vocab, h)),
+            TensorSpec("output_norm", (h,)),
+            TensorSpec("output", (vocab, h)),
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def gqa4_gguf(tmp_path_factory) -> tuple[ModelFacts, Path]:
+    """The model of _gqa4_facts as an F16 GGUF of zeros (9 MB): enough for llama.cpp's dry run."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    facts = _gqa4_facts()
+    path = tmp_path_factory.mktemp("gqa4") / "tiny-gqa4.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(facts.hidden_size)
+    writer.add_feed_forward_length(facts.intermediate_size)
+    writer.add_block_count(facts.num_layers)
+    writer.add_head_count(facts.num_heads)
+    writer.add_head_count_kv(facts.num_kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(facts.head_dim)
+    writer.add_file_type(1)
+    specs = [("token_embd.weight", facts.global_tensors[0])]
+    specs += [(f"blk.{i}.{t.role}.weight", t) for i in range(facts.num_layers) for t in facts.layer_tensors]
+    specs += [(f"{t.role}.weight", t) for t in facts.global_tensors[1:]]
+    for name, spec in specs:
+        dtype = np.float32 if len(spec.shape) == 1 else np.float16
+        writer.add_tensor(name, np.zeros(spec.shape, dtype=dtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return facts, path
+
+
+@pytest.mark.parametrize("scheme", FORMATS["gguf"])
+def test_gguf_types_equal_llama_cpp_quantizer_with_gqa_and_untied_output(gqa4_gguf, scheme):
+    """The GQA >= 4, untied-output and imatrix rules against llama.cpp's dry run (both with and without one)."""
+    facts, path = gqa4_gguf
+    for imatrix in (False, True):
+        real = _llama_cpp_dry_run_types(path, LLAMA_FTYPES[scheme], [], imatrix)
+        ours = {t.name: t.dtype for t in gguf_tensor_types(facts, scheme, imatrix=imatrix)}
+        assert ours == real, (scheme, imatrix)
+
+
+def test_iq_mixes_by_hand(llama2):
+    """Llama-2-7B (n_gqa 1, untied, 4096-wide rows): rules read off llama_tensor_get_type_impl."""
+    iq2_m = {t.name: t.dtype for t in tensor_types(llama2, "gguf", "IQ2_M", imatrix=True)}
+    assert iq2_m["token_embd.weight"] == "IQ3_S" and iq2_m["output.weight"] == "Q5_K"
+    assert iq2_m["blk.0.attn_v.weight"] == "IQ3_S" and iq2_m["blk.0.attn_output.weight"] == "IQ3_S"
+    assert iq2_m["blk.3.ffn_down.weight"] == "IQ3_S" and iq2_m["blk.4.ffn_down.weight"] == "IQ2_S"
+    assert iq2_m["blk.9.attn_q.weight"] == "IQ2_S" and iq2_m["blk.9.ffn_up.weight"] == "IQ2_S"
+    iq3_xxs = {t.name: t.dtype for t in tensor_types(llama2, "gguf", "IQ3_XXS", imatrix=False)}
+    assert iq3_xxs["blk.0.attn_v.weight"] == "IQ3_S" and iq3_xxs["blk.0.attn_q.weight"] == "IQ2_S"
+    assert iq3_xxs["blk.3.ffn_down.weight"] == "Q4_K" and iq3_xxs["blk.4.ffn_down.weight"] == "Q3_K"
+    q2_k = {t.name: t.dtype for t in tensor_types(llama2, "gguf", "Q2_K")}
+    assert q2_k["blk.0.attn_v.weight"] == "Q3_K" and q2_k["blk.5.ffn_down.weight"] == "Q3_K"
+    assert q2_k["blk.5.attn_q.weight"] == "Q2_K" and q2_k["output.weight"] == "Q6_K"
+    total = {s: sum(t.nbytes for t in tensor_types(llama2, "gguf", s, imatrix=True)) for s in FORMATS["gguf"]}
+    order = ["Q4_0", "IQ4_XS", "Q3_K_M", "IQ3_M", "IQ3_XXS", "Q2_K", "IQ2_M"]
+    assert [total[s] for s in order] == sorted((total[s] for s in order), reverse=True)
 
 
 # --- ONNX MatMulNBits -------------------------------------------------------------------------------------
@@ -584,3 +769,178 @@ def test_calibration_record(smollm, format_name, quant, context):
     estimate = estimate_memory(smollm, Deployment(format_name, quant, context=context), profile)
     measured = MEASURED_PEAK_RSS_MIB[(format_name, quant, context)] * MIB
     assert estimate.total_bytes == pytest.approx(measured, rel=0.05 if format_name == "gguf" else 0.07)
+
+
+# --- KV-cache precision and placement (issue 18) ---------------------------------------------------------
+
+
+def test_kv_cache_precisions_are_priced_per_element(llama2):
+    """q8_0 stores 34 bytes and q4_0 18 bytes per 32 elements; a quantized cache turns flash attention on."""
+    profile = load_profile("workstation-cpu-16gb")
+    sizes = {}
+    for kv in ("f16", "q8_0", "q4_0"):
+        estimate = estimate_memory(
+            llama2, Deployment("gguf", "Q4_K_M", context=2048, kv_cache_dtype=kv), profile
+        )
+        sizes[kv] = estimate.kv_cache_bytes
+        assert estimate.detail["kv_cache.k"] == estimate.detail["kv_cache.v"]
+        assert estimate.detail["param.flash_attn"] == (kv != "f16")  # CPU: only a quantized cache needs it
+    elements = 2 * 32 * 32 * 128 * 2048
+    assert sizes == {"f16": elements * 2, "q8_0": elements * 34 // 32, "q4_0": elements * 18 // 32}
+    assert KV_CACHE_DTYPES["q4_0"] == 18 / 32
+    default = estimate_memory(llama2, Deployment("gguf", "Q4_K_M", context=2048), profile)
+    assert default.kv_cache_bytes == sizes[profile.kv_cache_dtype]  # no choice given: the profile's default
+    with pytest.raises(BedsideError, match="unknown KV-cache dtype"):
+        estimate_memory(llama2, Deployment("gguf", "Q4_K_M", kv_cache_dtype="q2"), profile)
+
+
+def test_decode_bytes_read_the_cache_at_its_precision(llama2):
+    from toolkit.plan.memory import decode_bytes_per_token
+
+    profile = load_profile("jetson4gb")
+    f16 = decode_bytes_per_token(
+        llama2, Deployment("gguf", "Q4_K_M", context=2048, kv_cache_dtype="f16"), profile
+    )
+    q4 = decode_bytes_per_token(
+        llama2, Deployment("gguf", "Q4_K_M", context=2048, kv_cache_dtype="q4_0"), profile
+    )
+    assert f16 - q4 == 2 * 32 * 32 * 128 * 2048 * (2 - 18 / 32)
+
+
+def _layer_bytes(llama2, quant: str) -> dict[int, int]:
+    sizes: dict[int, int] = {}
+    for tensor in text_weights(llama2, Deployment("gguf", quant)):
+        if tensor.layer is not None:
+            sizes[tensor.layer] = sizes.get(tensor.layer, 0) + tensor.nbytes
+    return sizes
+
+
+def test_gpu_layers_move_the_first_layers_and_their_cache_to_host(llama2):
+    """llama.cpp -ngl N: the head and the last N - 1 of 32 layers on the GPU (llama-model.cpp i_gpu_start =
+    n_layer + 1 - N); the first 33 - N layers, their weights and their KV cache, in host memory."""
+    from toolkit.plan.memory import host_budget
+
+    profile = load_profile("rtx3050-4gb")
+    device = estimate_memory(llama2, Deployment("gguf", "Q4_K_M", context=4096), profile)
+    placed = estimate_memory(llama2, Deployment("gguf", "Q4_K_M", context=4096, gpu_layers=21), profile)
+    on_host = 32 + 1 - 21  # 12 layers
+    layers = _layer_bytes(llama2, "Q4_K_M")
+    moved_weights = sum(v for k, v in placed.detail.items() if k.startswith("host_only.weights.layers."))
+    assert moved_weights == sum(layers[i] for i in range(on_host))
+    assert not any(k.startswith("host_only.weights.output.") for k in placed.detail)  # head on the GPU
+    assert placed.detail["host_only.kv_cache.k"] == kv_cache_bytes(llama2, on_host, 4096, 2) // 2
+    assert placed.kv_cache_bytes == kv_cache_bytes(llama2, 32 - on_host, 4096, 2)
+    assert placed.weights_bytes == device.weights_bytes - moved_weights
+    # the GPU copies one host layer in for a prefill batch (op offload); the CPU has its own one-token buffer
+    assert placed.detail["compute.offload_copy"] == max(layers[i] for i in range(on_host))
+    assert placed.detail["host_only.compute.buffer"] > 0
+    assert placed.host_bytes == sum(v for k, v in placed.detail.items() if k.startswith("host_only."))
+    assert placed.host_bytes <= host_budget(profile) == int(16 * GIB * 0.9)
+    nothing = estimate_memory(llama2, Deployment("gguf", "Q4_K_M", context=4096, gpu_layers=0), profile)
+    assert any(k.startswith("host_only.weights.output.") for k in nothing.detail)  # -ngl 0: the head too
+    assert nothing.kv_cache_bytes == 0 and nothing.weights_bytes == 0
+
+
+def test_kv_cache_in_host_memory(llama2):
+    """offload_kqv = false: the whole cache in host memory, one layer's K and V copied in for a prefill batch."""
+    profile = load_profile("rtx3050-4gb")
+    device = estimate_memory(
+        llama2, Deployment("gguf", "Q3_K_M", context=4096, kv_cache_dtype="q8_0"), profile
+    )
+    placed = estimate_memory(
+        llama2, Deployment("gguf", "Q3_K_M", context=4096, kv_cache_dtype="q8_0", kv_on_host=True), profile
+    )
+    assert placed.kv_cache_bytes == 0 and placed.weights_bytes == device.weights_bytes
+    host_kv = placed.detail["host_only.kv_cache.k"] + placed.detail["host_only.kv_cache.v"]
+    assert host_kv == device.kv_cache_bytes
+    assert placed.detail["compute.offload_copy"] == kv_cache_bytes(llama2, 1, 4096, 34 / 32)
+    assert (
+        placed.total_bytes
+        == device.total_bytes - device.kv_cache_bytes + placed.detail["compute.offload_copy"]
+    )
+
+
+def test_decode_bytes_by_tier_follow_the_placement(llama2):
+    from toolkit.plan.memory import decode_bytes_by_tier, decode_bytes_per_token, decode_seconds_per_token
+
+    profile = load_profile("rtx3050-4gb")
+    deployment = Deployment("gguf", "Q4_K_M", context=4096, gpu_layers=21)
+    reads = decode_bytes_by_tier(llama2, deployment, profile)
+    layers = _layer_bytes(llama2, "Q4_K_M")
+    embedding_row = next(
+        t.nbytes // t.shape[0] for t in text_weights(llama2, deployment) if t.role == "token_embd"
+    )
+    assert reads["ddr4"] == (
+        sum(layers[i] for i in range(12)) + kv_cache_bytes(llama2, 12, 4096, 2) + embedding_row
+    )
+    assert sum(reads.values()) == decode_bytes_per_token(
+        llama2, Deployment("gguf", "Q4_K_M", context=4096), profile
+    )
+    seconds = decode_seconds_per_token(llama2, deployment, profile)
+    assert seconds == pytest.approx(reads["gddr6"] / 192e9 + reads["ddr4"] / 51.2e9)
+    one_tier = decode_bytes_by_tier(
+        llama2, Deployment("gguf", "Q4_K_M", context=4096), load_profile("jetson4gb")
+    )
+    assert list(one_tier) == ["lpddr5"]
+
+
+def test_placement_needs_a_discrete_gpu_with_host_memory(llama2):
+    for name in ("jetson4gb", "workstation-cpu-16gb"):
+        with pytest.raises(BedsideError, match="discrete GPU with host memory"):
+            estimate_memory(llama2, Deployment("gguf", "Q4_K_M", kv_on_host=True), load_profile(name))
+    with pytest.raises(BedsideError, match="gpu layers must be between 0 and 33"):
+        estimate_memory(llama2, Deployment("gguf", "Q4_K_M", gpu_layers=34), load_profile("rtx3050-4gb"))
+    with pytest.raises(BedsideError, match="discrete GPU"):
+        estimate_memory(llama2, Deployment("onnx", "int4_b32", kv_on_host=True), load_profile("rtx3050-4gb"))
+
+
+def test_candidates_carry_kv_precision_and_placement(llama2):
+    from toolkit.plan.memory import deployment_of
+
+    profile = load_profile("rtx3050-4gb")
+    deployment = Deployment("gguf", "Q4_K_M", context=4096, kv_cache_dtype="q8_0", gpu_layers=24)
+    memory = estimate_memory(llama2, deployment, profile)
+    candidate = Candidate(
+        format="gguf",
+        quant="Q4_K_M",
+        runtime="llama.cpp",
+        layers_removed=0,
+        kv_cache_dtype="q8_0",
+        gpu_layers=24,
+        memory=memory,
+        fits=True,
+        predicted_quality_loss=0.0,
+    )
+    assert deployment_of(candidate, 4096) == Deployment(
+        "gguf", "Q4_K_M", 0, None, "llama.cpp", 4096, kv_cache_dtype="q8_0", gpu_layers=24
+    )
+    assert estimate_memory(llama2, candidate, profile, context=4096) == memory
+    old = Candidate.model_validate_json(candidate.model_dump_json(exclude={"kv_cache_dtype", "gpu_layers"}))
+    assert old.kv_cache_dtype is None and old.gpu_layers is None  # plans written before issue 18 still load
+
+
+# Peak RSS (VmHWM of the measuring child) of the demo with a quantized KV cache: `python -m bench.kv_cache`
+# (docs/benchmarks/kv_cache.json, docs/BENCHMARKS.md "Bench 6"), i.e. measure_in_child("llama.cpp", export,
+# MeasureJob(context=N, decode_tokens=min(32, N // 4), n_threads=1, runner_options={"kv_cache_dtype": KV})). MiB.
+MEASURED_PEAK_RSS_QUANTIZED_KV_MIB = {
+    ("Q8_0", "q8_0", 512): 223.3,
+    ("Q8_0", "q4_0", 512): 220.3,
+    ("Q4_K_M", "q8_0", 512): 186.7,
+    ("Q4_K_M", "q4_0", 512): 184.0,
+    ("Q8_0", "q8_0", 1024): 231.5,
+    ("Q8_0", "q4_0", 1024): 226.0,
+    ("Q4_K_M", "q8_0", 1024): 195.1,
+    ("Q4_K_M", "q4_0", 1024): 189.5,
+    ("Q8_0", "q8_0", 2048): 244.8,
+    ("Q8_0", "q4_0", 2048): 233.4,
+    ("Q4_K_M", "q8_0", 2048): 208.3,
+    ("Q4_K_M", "q4_0", 2048): 197.1,
+}
+
+
+@pytest.mark.parametrize(("quant", "kv", "context"), sorted(MEASURED_PEAK_RSS_QUANTIZED_KV_MIB))
+def test_quantized_kv_estimate_within_5_percent_of_the_measured_peak(smollm, quant, kv, context):
+    profile = load_profile("workstation-cpu-16gb").model_copy(update={"batch_size": 1})
+    estimate = estimate_memory(smollm, Deployment("gguf", quant, context=context, kv_cache_dtype=kv), profile)
+    measured = MEASURED_PEAK_RSS_QUANTIZED_KV_MIB[(quant, kv, context)] * MIB
+    assert estimate.total_bytes == pytest.approx(measured, rel=0.05)

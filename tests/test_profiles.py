@@ -93,7 +93,7 @@ def test_shipped_profile_loads_with_a_source_for_every_figure(name):
         assert figure.source.strip(), f"{name}: {where} has no source"
     assert 0 < available_bytes(profile) < budget_bytes(profile) < profile.model_memory_tier.capacity_bytes
     assert set(profile.formats) <= set(FORMATS) and set(profile.runtimes) <= set(RUNTIMES)
-    assert profile.kv_cache_dtype in KV_CACHE_DTYPES
+    assert profile.kv_cache_dtype in KV_CACHE_DTYPES and set(profile.kv_cache_dtypes) <= set(KV_CACHE_DTYPES)
 
 
 def test_shipped_figures_match_the_datasheets():
@@ -216,9 +216,23 @@ def test_quant_scheme_must_belong_to_the_profiles_formats(tmp_path):
 
 def test_unknown_kv_dtype(tmp_path):
     data = base_data()
-    data["kv_cache_dtype"] = "q4"
+    data["kv_cache_dtypes"] = ["f16", "q4"]
     message = error_for(write(tmp_path, data))
-    assert "kv_cache_dtype: unknown KV cache dtype 'q4' (allowed: f32, f16, q8_0)" in message
+    assert "kv_cache_dtypes[1]: unknown KV cache dtype 'q4' (allowed: f32, f16, q8_0, q4_0)" in message
+
+
+def test_an_older_profile_with_one_kv_cache_dtype_still_loads(tmp_path):
+    """`kv_cache_dtype: f16` alone (profiles before the planner chose KV precision) allows that one precision."""
+    data = base_data()
+    del data["kv_cache_dtypes"]
+    data["kv_cache_dtype"] = "q8_0"
+    profile = load_profile(str(write(tmp_path, data)))
+    assert profile.kv_cache_dtypes == ["q8_0"] and profile.kv_cache_dtype == "q8_0"
+    shipped = load_profile("jetson4gb")
+    assert shipped.kv_cache_dtypes == ["f16", "q8_0", "q4_0"] and shipped.kv_cache_dtype == "f16"
+    data["kv_cache_dtypes"] = ["f16", "q4_0"]  # both given: the single one must be among the list
+    message = error_for(write(tmp_path, data))
+    assert "kv_cache_dtype: 'q8_0' is not one of kv_cache_dtypes (f16, q4_0)" in message
 
 
 def test_unknown_tier_kind(tmp_path):

@@ -5,14 +5,12 @@ tests need no compression run (the end-to-end deploy test in test_deploy.py veri
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from cli_runner import bedside as run_bedside
 
 from toolkit.deploy.bundle import make_bundle
 from toolkit.deploy.outcome import Attempt, DeployOutcome, ModelSummary
@@ -35,18 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def run_bedside(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "toolkit.cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -228,13 +214,22 @@ def test_archive_holds_one_folder(bundle):
 
 
 @pytest.mark.heavy
-def test_verify_on_a_gpu_memory_profile_fails_a_cpu_run(bundle):
-    """rtx3050-4gb budgets VRAM: a CPU run's RSS (this host has no GPU) is no verification of it."""
+def test_verify_on_a_gpu_memory_profile_fails_a_cpu_run(bundle, tmp_path):
+    """rtx3050-4gb budgets VRAM: a CPU run's RSS (this host has no GPU) is no verification of it. The profile's
+    context is cut to the tiny profile's 256 tokens: the check is the same, the measurement 16x shorter."""
+    import yaml
+
+    from toolkit.core.paths import PROFILES_DIR
+
+    profile = yaml.safe_load((PROFILES_DIR / "rtx3050-4gb.yaml").read_text())
+    profile["context_length"] = yaml.safe_load(TINY_PROFILE.read_text())["context_length"]
+    gpu_profile = tmp_path / "rtx3050-4gb-short.yaml"
+    gpu_profile.write_text(yaml.safe_dump(profile))
     result = run_bedside(
         "verify",
         str(bundle / "bundle-tiny-cpu.tar.gz"),
         "--profile",
-        "rtx3050-4gb",
+        str(gpu_profile),
         "--threads",
         "1",
         "--json",
@@ -245,3 +240,47 @@ def test_verify_on_a_gpu_memory_profile_fails_a_cpu_run(bundle):
     assert not memory["passed"] and memory["value"] < memory["threshold"]  # fits, but in the wrong memory
     assert "RSS measured where VRAM was budgeted" in memory["detail"]
     assert checks["load"]["passed"] and checks["smoke prompt"]["passed"]
+
+
+def test_verify_loads_and_measures_with_runtime_json_kv_settings(tmp_path, monkeypatch):
+    """The KV precision and placement of runtime.json reach the runner that loads and the child that measures."""
+    from types import SimpleNamespace
+
+    from toolkit.deploy import verify
+
+    seen: dict[str, object] = {}
+
+    class Runner:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def generate(self, messages, max_new_tokens):
+            return SimpleNamespace(text="ok", token_ids=[1])
+
+    def load_runner(path, runtime, n_ctx, n_threads, options=None):
+        seen["load"] = options
+        return Runner()
+
+    def measure_in_child(runtime, path, job):
+        seen["measure"] = job.runner_options
+        return SimpleNamespace(
+            peak_rss_bytes=100, peak_vram_bytes=None, device="cpu", decode_tokens_per_s=10.0
+        )
+
+    monkeypatch.setattr(verify, "load_runner", load_runner)
+    monkeypatch.setattr(verify, "measure_in_child", measure_in_child)
+    runtime = {
+        "runtime": "llama.cpp",
+        "model": "model/m.gguf",
+        "kv_cache_dtype": "q8_0",
+        "flash_attn": True,
+        "kv_offload": True,
+        "gpu_layers": 0,
+    }
+    checks = verify.runtime_checks(tmp_path, runtime, load_profile(str(TINY_PROFILE)), 1)
+    assert seen["load"] == seen["measure"] == {"kv_cache_dtype": "q8_0", "flash_attn": True}
+    memory = next(c for c in checks if c.name == "peak memory")
+    assert "KV cache (q8_0)" in memory.detail

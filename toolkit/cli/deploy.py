@@ -56,6 +56,12 @@ def deploy_command(
     threads: Annotated[
         int | None, typer.Option("--threads", help="Runtime threads (default: runtime's).")
     ] = None,
+    kv_cache: Annotated[
+        str | None,
+        typer.Option(
+            "--kv-cache", help="Pin llama.cpp's KV-cache precision (one of the profile's: f16, q8_0, q4_0)."
+        ),
+    ] = None,
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Accept pickle (*.bin/*.pt) weights; they can run code.")
     ] = False,
@@ -90,6 +96,7 @@ def deploy_command(
         prune_method=prune_method,
         quant_method=quant_method,
         threads=threads,
+        kv_cache_dtype=kv_cache,
         allow_pickle=allow_pickle,
         seed=seed,
         progress=progress and not json_output,

@@ -11,8 +11,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from toolkit.core.errors import BedsideError
+from toolkit.core.formats import KV_CACHE_DTYPES
 from toolkit.core.units import MIB
-from toolkit.validate.evaluate import evaluate, to_json
+from toolkit.validate.evaluate import evaluate, resolve_artifact, to_json
 
 
 def register(app: typer.Typer) -> None:
@@ -48,6 +50,10 @@ def eval_command(
     threads: Annotated[
         int | None, typer.Option("--threads", help="Runtime threads (default: the runtime's).")
     ] = None,
+    kv_cache: Annotated[
+        str | None,
+        typer.Option("--kv-cache", help="llama.cpp KV-cache precision: f16 (default), q8_0 or q4_0."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
 ) -> None:
     """Score ARTIFACT on DATA: perplexity, KL and top-1 agreement against a reference, accuracy, memory, speed."""
@@ -62,11 +68,25 @@ def eval_command(
         seq_len=seq_len,
         n_threads=threads,
         max_items=max_items,
+        runner_options=_kv_options(kv_cache, artifact, runtime),
     )
     if as_json:
         typer.echo(to_json(result))
         return
     Console().print(result_table(result))
+
+
+def _kv_options(kv_cache: str | None, artifact: str, runtime: str | None) -> dict[str, Any] | None:
+    """LlamaCppRunner options for --kv-cache; a BedsideError when the artifact does not run on llama.cpp."""
+    if kv_cache is None:
+        return None
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise BedsideError(
+            f"--kv-cache: unknown KV-cache dtype '{kv_cache}'; known: {', '.join(KV_CACHE_DTYPES)}"
+        )
+    if resolve_artifact(artifact, runtime).runtime != "llama.cpp":
+        raise BedsideError("--kv-cache is a llama.cpp setting (ONNX Runtime and torch keep a float KV cache)")
+    return {"kv_cache_dtype": kv_cache}
 
 
 def _number(value: Any, digits: int = 4) -> str:
@@ -97,6 +117,10 @@ def result_table(result: dict[str, Any]) -> Table:
         ("peak RSS while scoring", _mib(result["scoring_peak_rss_bytes"])),
         ("peak VRAM", _mib(result["peak_vram_bytes"])),
         ("prefill tok/s", _number(result["prefill_tokens_per_s"], 1)),
+        (
+            "runner options",
+            ", ".join(f"{k}={v}" for k, v in (result.get("runner_options") or {}).items()) or "-",
+        ),
         ("decode tok/s", _number(result["decode_tokens_per_s"], 1)),
         ("reference", result["reference"] or "-"),
         ("data", f"{data['source']} ({data['documents']} documents, sha256 {data['sha256'][:12]})"),

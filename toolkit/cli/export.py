@@ -80,7 +80,11 @@ def export_command(
         str,
         typer.Option(
             "--quant",
-            help="GGUF: F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M; ONNX: fp32, fp16, int8, int4, int4_b32, int4_b128.",
+            help=(
+                "GGUF: F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, Q3_K_M, IQ3_M, IQ3_XXS, Q2_K, IQ2_M "
+                "(IQ3_XXS / IQ2_M need --imatrix where llama.cpp writes IQ2/IQ3_XXS tensors); "
+                "ONNX: fp32, fp16, int8, int4, int4_b32, int4_b128."
+            ),
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder to write the artifact and export.json into.")],

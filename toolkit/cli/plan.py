@@ -1,4 +1,5 @@
-"""`bedside plan`: choose a format, quantization scheme, depth and vision dtype that fit a device.
+"""`bedside plan`: choose a format, quantization scheme, depth, vision dtype, KV-cache precision and (beside a GPU)
+placement that fit a device.
 
 Exit codes: 0 when a plan fits, 3 when nothing does (the table or JSON is still printed, then one error line on
 stderr), 2 on bad input (BedsideError, handled by toolkit.cli.main.main).
@@ -16,7 +17,7 @@ from rich.table import Table
 from toolkit.core.errors import NothingFitsError
 from toolkit.core.units import GIB, MIB
 from toolkit.model.facts import read_facts
-from toolkit.plan.planner import make_plan
+from toolkit.plan.planner import make_plan, placement_label
 from toolkit.plan.quality_priors import load_sensitivities
 from toolkit.plan.schema import Candidate, Plan, write_plan
 from toolkit.target.profiles import load_profile
@@ -42,6 +43,19 @@ def plan_command(
     context: Annotated[
         int | None, typer.Option("--context", help="Context length to plan for (overrides the profile's).")
     ] = None,
+    kv_cache: Annotated[
+        str | None,
+        typer.Option(
+            "--kv-cache", help="Pin llama.cpp's KV-cache precision (one of the profile's: f16, q8_0, q4_0)."
+        ),
+    ] = None,
+    host_placement: Annotated[
+        bool,
+        typer.Option(
+            "--host-placement/--device-only",
+            help="Beside a discrete GPU, also consider the KV cache or some layers in host memory (llama.cpp).",
+        ),
+    ] = True,
     sensitivities: Annotated[
         Path | None,
         typer.Option("--sensitivities", help="Measured sensitivities JSON (replaces the quality priors)."),
@@ -64,6 +78,8 @@ def plan_command(
         prune_layers=prune_layers,
         context=context,
         sensitivities=measured,
+        kv_cache_dtype=kv_cache,
+        host_placement=host_placement,
     )
     if out is not None:
         write_plan(plan, out)
@@ -79,6 +95,16 @@ def _gib(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f}"
 
 
+def _placement_cell(candidate: Candidate) -> str:
+    """Short placement: "device", "-ngl N", "KV host", or both."""
+    parts = []
+    if candidate.gpu_layers is not None:
+        parts.append(f"-ngl {candidate.gpu_layers}")
+    if candidate.kv_on_host:
+        parts.append("KV host")
+    return ", ".join(parts) or "device"
+
+
 def candidates_table(plan: Plan, top: int, num_layers: int) -> Table:
     """The chosen candidate and the next best (or, when nothing fits, the smallest), one row each."""
     rows: list[Candidate] = plan.candidates[:top]
@@ -86,10 +112,16 @@ def candidates_table(plan: Plan, top: int, num_layers: int) -> Table:
         rows = sorted(plan.candidates, key=lambda c: c.memory.total_bytes)[:top]
     table = Table(
         title=f"Candidates ({len(plan.candidates)} considered; GiB; rm = layers removed of {num_layers})",
-        caption="W weights, KV cache, V vision tower + activations, OH runtime overhead",
+        caption="W weights, KV cache (kv: its precision), V vision tower + activations, OH runtime overhead, "
+        "host: bytes in host memory beside a GPU; placement: -ngl N (head and N - 1 layers on the GPU) and KV "
+        "cache in host memory",
     )
-    for column in ("", "fmt", "quant", "rm", "vis", "W", "KV", "V", "OH", "total", "fits", "ppl+%", "tok/s"):
-        table.add_column(column, justify="left" if column in ("fmt", "quant", "vis") else "right")
+    columns = ("", "fmt", "quant", "rm", "vis", "kv", "placement", "W", "KV", "V", "OH", "total", "host", "fits",
+               "ppl+%", "tok/s")  # fmt: skip
+    for column in columns:
+        table.add_column(
+            column, justify="left" if column in ("fmt", "quant", "vis", "kv", "placement") else "right"
+        )
     for candidate in rows:
         m = candidate.memory
         mark = "*" if plan.chosen is not None and candidate == plan.chosen else ""
@@ -99,11 +131,14 @@ def candidates_table(plan: Plan, top: int, num_layers: int) -> Table:
             candidate.quant,
             str(candidate.layers_removed),
             candidate.vision_dtype or "-",
+            candidate.kv_cache_dtype or "-",
+            _placement_cell(candidate),
             _gib(m.weights_bytes),
             _gib(m.kv_cache_bytes),
             _gib(m.vision_bytes),
             _gib(m.overhead_bytes),
             _gib(m.total_bytes),
+            _gib(m.host_bytes) if m.host_bytes else "-",
             "yes" if candidate.fits else "[red]no[/red]",
             f"{candidate.predicted_quality_loss:.2f}",
             f"{candidate.predicted_decode_tokens_per_s or 0:.1f}",
@@ -134,6 +169,10 @@ def print_plan(plan: Plan, top: int, num_layers: int) -> None:
     )
     console.print(candidates_table(plan, top, num_layers))
     if plan.chosen is not None:
+        console.print(
+            f"chosen KV cache {plan.chosen.kv_cache_dtype or '-'} on {escape(plan.chosen.runtime)}; placement: "
+            f"{escape(placement_label(plan.chosen, num_layers))}"
+        )
         console.print(breakdown_table(plan.chosen))
     console.print(
         ("[green]" if plan.fits else "[red]") + escape(plan.reason) + ("[/green]" if plan.fits else "[/red]")

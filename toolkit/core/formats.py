@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from toolkit.core.errors import BedsideError
 
-# llama_ftype numbers (llama.h; llama_cpp.LLAMA_FTYPE_MOSTLY_*), largest file first.
+# llama_ftype numbers (llama.h; llama_cpp.LLAMA_FTYPE_MOSTLY_*), largest file first (Llama-3-8B sizes of
+# llama.cpp's tools/perplexity/README.md scoreboard). IQ3_XXS and IQ2_M need an importance matrix wherever
+# their low-bit types are written (toolkit.compress.quant.ggml_lib.IMATRIX_REQUIRED).
 GGUF_FTYPES: dict[str, int] = {
     "F16": 1,  # LLAMA_FTYPE_MOSTLY_F16
     "Q8_0": 7,  # LLAMA_FTYPE_MOSTLY_Q8_0
@@ -19,7 +21,12 @@ GGUF_FTYPES: dict[str, int] = {
     "Q5_K_M": 17,  # LLAMA_FTYPE_MOSTLY_Q5_K_M
     "Q4_K_M": 15,  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     "Q4_0": 2,  # LLAMA_FTYPE_MOSTLY_Q4_0
+    "IQ4_XS": 30,  # LLAMA_FTYPE_MOSTLY_IQ4_XS
     "Q3_K_M": 12,  # LLAMA_FTYPE_MOSTLY_Q3_K_M
+    "IQ3_M": 27,  # LLAMA_FTYPE_MOSTLY_IQ3_M
+    "IQ3_XXS": 23,  # LLAMA_FTYPE_MOSTLY_IQ3_XXS
+    "Q2_K": 10,  # LLAMA_FTYPE_MOSTLY_Q2_K
+    "IQ2_M": 29,  # LLAMA_FTYPE_MOSTLY_IQ2_M
 }
 
 
@@ -68,8 +75,11 @@ RUNTIMES: dict[str, tuple[str, ...]] = {
 # The runtime that reads each format (the inverse of RUNTIMES).
 FORMAT_RUNTIME: dict[str, str] = {fmt: runtime for runtime, formats in RUNTIMES.items() for fmt in formats}
 
-# Bytes per KV-cache element (q8_0: 34 bytes per block of 32).
-KV_CACHE_DTYPES: dict[str, float] = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
+# Bytes per KV-cache element, largest first (ggml block sizes: q8_0 34 bytes and q4_0 18 bytes per block of 32).
+# llama.cpp stores K and V in these types (-ctk/-ctv; llama_context_params.type_k/type_v = GGML_TYPE_<NAME>); a
+# quantized V cache needs flash attention. ONNX Runtime keeps the graph's float type (f32 or f16).
+KV_CACHE_DTYPES: dict[str, float] = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+QUANTIZED_KV_CACHE_DTYPES: tuple[str, ...] = ("q8_0", "q4_0")
 
 
 def all_schemes() -> list[str]:

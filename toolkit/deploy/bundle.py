@@ -7,8 +7,9 @@ may hold patient text, so the manifest records the calibration/eval data by sha2
 Layout of `bundle-<profile>/`:
     model/            the exported model file(s) and export.json
     tokenizer/        tokenizer files and chat template of the compressed checkpoint
-    runtime.json      runtime, model path, context, threads, GPU layers, batch size, KV cache type,
-                      stop tokens and temperature
+    runtime.json      runtime, model path, context, threads, GPU layers, batch size, KV cache type, flash
+                      attention, KV cache offload, stop tokens and temperature (the plan's KV precision
+                      and placement: what validation ran and `bedside verify` loads)
     report.json, report.html
     README.md         for hospital IT, in the runtime's terms (llama-server and Ollama, or ONNX Runtime)
     Modelfile         GGUF only: Ollama's Modelfile with runtime.json's settings (toolkit.deploy.launch)
@@ -57,6 +58,7 @@ from toolkit.deploy.launch import (
 )
 from toolkit.deploy.outcome import DeployOutcome
 from toolkit.deploy.signing import SIGNATURE, key_fingerprint, sign_manifest
+from toolkit.plan.memory import deployment_of, flash_attention, kv_cache_dtype_of
 from toolkit.plan.schema import Candidate
 from toolkit.target.profiles import DeviceProfile
 from toolkit.validate.checks import Number, Record
@@ -99,10 +101,16 @@ class RuntimeConfig(Record):
     model: str  # path of the model file (GGUF) or folder (ONNX) inside the bundle
     context: int
     threads: int | None  # None on a GPU
-    gpu_layers: int  # -1: every layer on the GPU
+    gpu_layers: (
+        int  # -1: every layer on the GPU, 0: CPU; N: llama.cpp's -ngl N (head and N - 1 layers on the GPU)
+    )
     mmap: bool | None  # llama.cpp only: False = read the file (weights the CPU repacks)
     batch_size: int
-    kv_cache_dtype: str
+    kv_cache_dtype: str  # llama.cpp -ctk/-ctv (f16, q8_0, q4_0); ONNX: the graph's float type, for the record
+    flash_attn: bool | None = (
+        None  # llama.cpp only: on for a quantized KV cache (quantized V needs it) and on CUDA
+    )
+    kv_offload: bool | None = None  # llama.cpp only: False = the KV cache in host memory (--no-kv-offload)
     smoke_prompt: str = SMOKE_PROMPT
     stop: list[str] = Field(default_factory=list)  # end-of-turn strings of the chat template and tokenizer
     temperature: float = TEMPERATURE  # 0: greedy, as validated
@@ -113,8 +121,12 @@ def runtime_config(outcome: DeployOutcome, model_path: str, stop: list[str] | No
     profile = outcome.profile
     candidate = outcome.candidate
     on_gpu = profile.compute.accelerator == "cuda"
+    llama = candidate.runtime == "llama.cpp"
+    deployment = deployment_of(candidate)
     # llama.cpp: read rather than map a file whose weights the CPU repacks (memory.RuntimeSettings.mmap)
-    mmap = bool(candidate.memory.detail.get("param.mmap", 1)) if candidate.runtime == "llama.cpp" else None
+    mmap = bool(candidate.memory.detail.get("param.mmap", 1)) if llama else None
+    all_layers = -1 if candidate.gpu_layers is None else candidate.gpu_layers
+    gpu_layers = all_layers if on_gpu else 0
     return RuntimeConfig(
         runtime=candidate.runtime,
         format=candidate.format,
@@ -122,10 +134,12 @@ def runtime_config(outcome: DeployOutcome, model_path: str, stop: list[str] | No
         model=model_path,
         context=profile.context_length,
         threads=int(profile.compute.cores.value) if not on_gpu else None,
-        gpu_layers=-1 if on_gpu else 0,
+        gpu_layers=gpu_layers,
         mmap=mmap,
         batch_size=profile.batch_size,
-        kv_cache_dtype=profile.kv_cache_dtype,
+        kv_cache_dtype=candidate.kv_cache_dtype or kv_cache_dtype_of(deployment, profile),
+        flash_attn=flash_attention(deployment, profile) if llama else None,
+        kv_offload=(not candidate.kv_on_host) if llama else None,
         stop=list(stop or []),
     )
 
@@ -211,7 +225,7 @@ Produced by Bedside {__version__} from model `{outcome.model.name}` for the devi
 | --- | --- |
 | `{runtime.model}` | the model ({candidate.format} {candidate.quant}, {candidate.layers_removed} decoder layers removed) |
 | `tokenizer/` | {tokenizer_note} |
-| `{RUNTIME_CONFIG}` | runtime settings: context {runtime.context} tokens, threads, GPU layers, stop tokens, temperature |
+| `{RUNTIME_CONFIG}` | runtime settings: context {runtime.context} tokens, threads, GPU layers, KV cache {runtime.kv_cache_dtype}{_placement_note(runtime)}, stop tokens, temperature |
 {launch_rows}| `{MODEL_CARD}` | model card: license, base model, tags and the validation figures |
 | `report.html`, `report.json` | the validation report: every check with its number and threshold |
 | `{MANIFEST}` | sha256 of every file, the profile, the plan, library versions, data hashes |
@@ -275,6 +289,15 @@ def _model_card(outcome: DeployOutcome, runtime: RuntimeConfig, name: str) -> st
         peak_bytes=outcome.memory.measured_peak_bytes,
         version=__version__,
     )
+
+
+def _placement_note(runtime: RuntimeConfig) -> str:
+    parts = []
+    if runtime.gpu_layers > 0:
+        parts.append(f"{runtime.gpu_layers} GPU layers (-ngl)")
+    if runtime.kv_offload is False:
+        parts.append("KV cache in host memory")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _mmap_note(runtime: RuntimeConfig) -> str:

@@ -2,9 +2,12 @@
 
 Why: hospital IT runs the bundle with the runtime it was validated on, so the README, the launch files and
 the settings they carry must name that runtime and agree with runtime.json, the one source of the settings:
-- llama.cpp (GGUF): a `llama-server` command and an Ollama `Modelfile` (FROM the model file, TEMPLATE the
-  model's chat template in Go-template form when it is a known family, PARAMETER num_ctx / stop / temperature
-  from runtime.json);
+- llama.cpp (GGUF): a `llama-server` command (-c, -t, -ngl, the KV cache precision -ctk/-ctv, flash attention
+  -fa, --no-kv-offload, --no-mmap, as runtime.json says) and an Ollama `Modelfile` (FROM the model file, TEMPLATE
+  the model's chat template in Go-template form when it is a known family, PARAMETER num_ctx / stop / temperature
+  / num_thread / num_gpu from runtime.json; Ollama sets the KV cache type and flash attention for its whole
+  server, OLLAMA_KV_CACHE_TYPE and OLLAMA_FLASH_ATTENTION, and cannot keep the KV cache in host memory while the
+  layers run on the GPU: the Modelfile says so in comments);
 - onnxruntime (ONNX): a short ONNX Runtime Python snippet (greedy decoding with the export's KV cache);
 - both: MODEL_CARD.md with Hugging Face style YAML front matter (license, base_model, tags, quantized_by)
   and the validation figures of the report (perplexity increase, KL divergence, peak memory vs budget).
@@ -151,6 +154,21 @@ def modelfile(runtime: dict[str, Any], chat: ChatInfo, name: str) -> str:
     lines.append(f"PARAMETER temperature {runtime['temperature']:g}")
     if runtime.get("threads"):
         lines.append(f"PARAMETER num_thread {runtime['threads']}")
+    layers = runtime.get("gpu_layers")
+    if isinstance(layers, int) and layers > 0:
+        lines.append(f"# num_gpu: the layers Ollama sends to the GPU (llama.cpp -ngl {layers}), as validated")
+        lines.append(f"PARAMETER num_gpu {layers}")
+    kv = runtime.get("kv_cache_dtype")
+    if kv and kv != "f16":
+        lines.append(
+            f"# KV cache {kv}: Ollama sets it for the whole server, not here: start it with "
+            f"OLLAMA_KV_CACHE_TYPE={kv} OLLAMA_FLASH_ATTENTION=1 ollama serve"
+        )
+    if runtime.get("kv_offload") is False:
+        lines.append(
+            "# KV cache in host memory (llama.cpp --no-kv-offload): Ollama has no such setting; use llama-server "
+            "(README) to run as validated"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -167,17 +185,56 @@ def parse_modelfile(text: str) -> dict[str, list[str]]:
     return parameters
 
 
+def llama_cpp_flags(runtime: dict[str, Any]) -> str:
+    """llama-server / llama-cli flags of runtime.json's settings, each followed by a space:
+    -t threads, -ngl (99 = every layer, N = the head and N - 1 layers), -ctk/-ctv KV cache type, -fa on/off,
+    --no-kv-offload, --no-mmap."""
+    flags = []
+    if runtime.get("threads"):
+        flags.append(f"-t {runtime['threads']}")
+    layers = runtime.get("gpu_layers")
+    if isinstance(layers, int) and layers != 0:
+        flags.append(f"-ngl {99 if layers < 0 else layers}")
+    kv = runtime.get("kv_cache_dtype")
+    if kv and kv != "f16":
+        flags.append(f"-ctk {kv} -ctv {kv}")
+    if isinstance(runtime.get("flash_attn"), bool):
+        flags.append(f"-fa {'on' if runtime['flash_attn'] else 'off'}")
+    if runtime.get("kv_offload") is False:
+        flags.append("--no-kv-offload")
+    if runtime.get("mmap") is False:
+        flags.append("--no-mmap")
+    return "".join(f"{flag} " for flag in flags)
+
+
+def _kv_note(runtime: dict[str, Any]) -> str:
+    notes = []
+    kv = runtime.get("kv_cache_dtype")
+    if kv and kv != "f16":
+        notes.append(
+            f"`-ctk {kv} -ctv {kv}`: the KV cache is stored as {kv}, as validated (a quantized V cache needs flash "
+            "attention, `-fa on`)."
+        )
+    if runtime.get("kv_offload") is False:
+        notes.append("`--no-kv-offload`: the KV cache stays in host memory while the layers run on the GPU.")
+    layers = runtime.get("gpu_layers")
+    if isinstance(layers, int) and layers > 0:
+        notes.append(
+            f"`-ngl {layers}`: the output head and {max(0, layers - 1)} layers on the GPU, the rest in host memory "
+            "(what fits the GPU's budget)."
+        )
+    return "".join(f"\n{note}\n" for note in notes)
+
+
 def llama_cpp_section(runtime: dict[str, Any], name: str, mmap_note: str) -> str:
     """README section 2 of a GGUF bundle: llama-server, then Ollama with the Modelfile."""
-    threads = f"-t {runtime['threads']} " if runtime.get("threads") else ""
-    gpu = "-ngl 99 " if runtime.get("gpu_layers") else ""
-    no_mmap = "--no-mmap " if runtime.get("mmap") is False else ""
+    flags = llama_cpp_flags(runtime)
     return f"""With llama.cpp (`llama-server` or `llama-cli` of a recent release):
 
 ```bash
-llama-server -m {runtime["model"]} -c {runtime["context"]} {threads}{gpu}{no_mmap}--temp {runtime["temperature"]:g} --port 8080
+llama-server -m {runtime["model"]} -c {runtime["context"]} {flags}--temp {runtime["temperature"]:g} --port 8080
 ```
-{mmap_note}
+{mmap_note}{_kv_note(runtime)}
 With Ollama, from this folder (`{MODELFILE}` holds the model file, chat template, context, stop tokens and
 temperature of `runtime.json`):
 
@@ -205,7 +262,7 @@ def onnx_snippet(runtime: dict[str, Any], chat: ChatInfo) -> str:
         '["CUDAExecutionProvider", "CPUExecutionProvider"]'
         if runtime.get("gpu_layers")
         else '["CPUExecutionProvider"]'
-    )
+    )  # ONNX Runtime: the whole graph on one provider, its float KV cache with it
     options = f"options.intra_op_num_threads = {runtime['threads']}\n" if runtime.get("threads") else ""
     return f"""```python
 # pip install onnxruntime tokenizers numpy   (onnxruntime-gpu on a CUDA device)

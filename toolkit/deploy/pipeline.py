@@ -33,6 +33,7 @@ from rich.console import Console
 
 import exporters
 from exporters.base import read_record
+from runtimes.llamacpp_runner import runner_options
 from runtimes.results import RuntimeLoadError
 from toolkit.compress.pipeline import (
     MAX_CALIBRATION_SEQUENCES,
@@ -59,9 +60,10 @@ from toolkit.deploy.preflight import (
 )
 from toolkit.deploy.report import print_summary, write_reports
 from toolkit.deploy.signing import load_private_key
+from toolkit.plan.memory import deployment_of, flash_attention, kv_cache_dtype_of
 from toolkit.plan.planner import make_plan
 from toolkit.plan.schema import Candidate, Plan, write_plan
-from toolkit.target.profiles import load_profile
+from toolkit.target.profiles import DeviceProfile, load_profile
 from toolkit.validate.checks import (
     Check,
     build_checks,
@@ -95,6 +97,7 @@ class DeployOptions:
     prune_method: str = "activation"
     quant_method: str = "awq"  # "rtn" skips the AWQ search (faster, lower 4-bit quality)
     threads: int | None = None
+    kv_cache_dtype: str | None = None  # pins llama.cpp's KV-cache precision (make_plan's kv_cache_dtype)
     allow_pickle: bool = False
     seed: int = 0
     progress: bool = True
@@ -233,6 +236,21 @@ def _export(
     return folder, result.record, False
 
 
+def deployed_runner_options(candidate: Candidate, profile: DeviceProfile) -> dict[str, Any]:
+    """The Runner options the candidate deploys with: runtime.json's KV precision and placement (llama.cpp), as
+    `bedside verify` loads them (runtimes.llamacpp_runner.runner_options); {} for other runtimes."""
+    if candidate.runtime != "llama.cpp":
+        return {}
+    deployment = deployment_of(candidate)
+    settings = {
+        "kv_cache_dtype": kv_cache_dtype_of(deployment, profile),
+        "flash_attn": flash_attention(deployment, profile),
+        "kv_offload": not candidate.kv_on_host,
+        "gpu_layers": candidate.gpu_layers,
+    }
+    return runner_options(settings)
+
+
 def model_file_of(folder: Path, export_record: dict[str, Any]) -> Path:
     """The file (GGUF) or folder (ONNX) a runtime loads from an export folder (export.json `file`)."""
     name = export_record.get("file") or export_record.get("model_file")  # model_file: earlier exports
@@ -253,10 +271,13 @@ def _validate(
     source_sha: str,
     eval_docs: list[Any],
     work: Path,
+    profile: DeviceProfile,
 ) -> tuple[dict[str, Any], bool]:
-    """Evaluate the artifact against the reference on the held-apart data (cached by input hash)."""
+    """Evaluate the artifact against the reference on the held-apart data (cached by input hash), with the
+    runtime settings it will be deployed with (the candidate's KV precision and placement, as runtime.json)."""
 
     seq_len = min(512, plan.context_length)
+    runner_settings = deployed_runner_options(candidate, profile)
     inputs = {
         "artifact": export_record.get("sha256") or file_sha256(artifact),
         "runtime": candidate.runtime,
@@ -266,6 +287,7 @@ def _validate(
         "max_tokens": options.eval_tokens,
         "seq_len": seq_len,
         "threads": options.threads,
+        "runner_options": runner_settings,
     }
     path = work / "validate" / f"{sha256_json(inputs)[:12]}.json"
     if path.is_file():
@@ -281,6 +303,7 @@ def _validate(
         n_threads=options.threads,
         documents=eval_docs,
         progress=options.progress,
+        runner_options=runner_settings,
     )
     reference = _reference_evaluation(options, source_dir, inputs, seq_len, eval_docs, work)
     evaluation["reference_perplexity"] = reference.get("perplexity")
@@ -324,6 +347,11 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
     _check_options(options)
     signing_key = load_private_key(Path(options.sign_key)) if options.sign_key is not None else None
     profile = load_profile(options.profile)
+    if options.kv_cache_dtype is not None and options.kv_cache_dtype not in profile.kv_cache_dtypes:
+        raise BedsideError(
+            f"--kv-cache {options.kv_cache_dtype}: profile '{profile.name}' allows "
+            f"{', '.join(profile.kv_cache_dtypes)}"
+        )
     model_dir, facts = check_model_config(options.model)
     calib_docs = check_data(options.calib or DEFAULT_DATA, "--calib")
     eval_docs = _eval_documents(options, calib_docs)
@@ -339,7 +367,7 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
 
     stages = _Stages(console)
     begin = stages.start("plan", 1, f"{options.model} on {profile.name}")
-    plan = make_plan(facts, profile, str(options.model))
+    plan = make_plan(facts, profile, str(options.model), kv_cache_dtype=options.kv_cache_dtype)
     if not plan.fits or plan.chosen is None:
         raise NothingFitsError(plan.reason)
     write_plan(plan, out / PLAN_RECORD)
@@ -375,6 +403,7 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
                 compressed.source_sha256,
                 eval_docs,
                 work,
+                profile,
             )
             checks = build_checks(evaluation, profile, candidate, plan.budget_bytes)
         except (

@@ -10,13 +10,14 @@ Checks, each PASS/FAIL with number and threshold:
   bundle (`../x` or `/etc/x` fails unread), present as a regular file, same sha256 (a truncated or
   tampered file fails with its path); `unlisted files`: no file beside the manifest's (and its
   signature); `symlinks and special files`: none anywhere in the bundle (never followed);
-- `load`: the model loads on the local runtime named in runtime.json, with its context; the runtime
+- `load`: the model loads on the local runtime named in runtime.json, with its context and (llama.cpp) its
+  KV-cache precision, flash attention, KV offload and GPU layers; the runtime
   settings come from the hashed runtime.json only (never the manifest's copy), its `model` must be a
   listed path (a folder model, as ONNX exports are, listed file by file), and nothing is loaded
   unless the signature and every file check passed;
 - `smoke prompt`: greedy generation from the bundle's smoke prompt yields at least one token;
 - `peak memory`: peak memory of the runtime in a child process (runtimes.measure) with the KV cache
-  filled to the profile's context, against the profile's budget (the `--profile` given, else the
+  filled to the profile's context, at runtime.json's KV precision and placement, against the profile's budget (the `--profile` given, else the
   profile recorded in the manifest).
 
 A .tar.gz is checked member by member before anything is extracted (filter="data" alone is not
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes import RuntimeLoadError, load_runner
+from runtimes.llamacpp_runner import runner_options
 from runtimes.measure import MeasureJob, measure_in_child
 from toolkit.core.errors import BedsideError
 from toolkit.core.units import GIB, MIB
@@ -456,10 +458,11 @@ def runtime_checks(
     model_path = folder / runtime["model"]
     context = int(device_profile.context_length)
     threads = n_threads or runtime.get("threads")
+    options = runner_options(runtime) if runtime["runtime"] == "llama.cpp" else {}  # KV precision, placement
     checks: list[Check] = []
     try:
         with load_runner(
-            model_path, runtime["runtime"], n_ctx=min(context, 512), n_threads=threads
+            model_path, runtime["runtime"], n_ctx=min(context, 512), n_threads=threads, options=options
         ) as runner:
             checks.append(
                 Check("load", True, None, None, "", detail=f"{runtime['runtime']} loaded {runtime['model']}")
@@ -487,7 +490,10 @@ def runtime_checks(
             runtime["runtime"],
             model_path,
             MeasureJob(
-                context=context, decode_tokens=min(MEASURE_DECODE_TOKENS, context - 1), n_threads=threads
+                context=context,
+                decode_tokens=min(MEASURE_DECODE_TOKENS, context - 1),
+                n_threads=threads,
+                runner_options=options,
             ),
         )
     except RuntimeLoadError as error:
@@ -507,8 +513,11 @@ def runtime_checks(
             float(budget),
             "<=",
             "bytes",
-            detail=(f"RSS measured where VRAM was budgeted (ran on {measured.device}); " if vram_missing else "")
-            + f"KV cache filled to {context} tokens on {measured.device}; "
+            detail=(
+                f"RSS measured where VRAM was budgeted (ran on {measured.device}); " if vram_missing else ""
+            )
+            + f"KV cache ({runtime.get('kv_cache_dtype') or 'f16'}) filled to {context} tokens on "
+            f"{measured.device}; "
             f"decode {measured.decode_tokens_per_s:.1f} tok/s on this host",
         )
     )

@@ -8,13 +8,18 @@ quantizer (dry run on the demo GGUF, tests/test_memory.py) and against published
     keep the type the converter wrote, F32 (convert_hf_to_gguf.py writes n_dims <= 1 as F32);
   * every other tensor starts at the file type's default type (`llama_ftype_get_default_type`), then the mix
     rules of `llama_tensor_get_type_impl` raise some of them (tables GGUF_MIXES below);
-  * `output` (and `token_embd` when the embeddings are tied) become Q6_K, or Q8_0 when the file type is Q8_0 or
-    the row length is not a multiple of the default type's block;
+  * `output` (and `token_embd` when the embeddings are tied) become Q6_K (Q5_K in IQ3_XXS / IQ2_M), or Q8_0 when
+    the file type is Q8_0 or the row length is not a multiple of the default type's block;
   * `use_more_bits(i, n) = i < n/8 or i >= 7n/8 or (i - n/8) % 3 == 2` picks the layers whose attn_v and ffn_down
     get Q6_K in Q4_K_M / Q5_K_M;
+  * some rules depend on grouped-query attention (`n_gqa() = n_head / n_head_kv >= 4`) and on whether an
+    importance matrix is given (IQ3_XXS, IQ4_XS, Q4_0); IQ2_M follows the separate branch of the IQ2/IQ1 file
+    types (attn_v, ffn_down of the first eighth and attn_output at IQ3_S, untied token_embd at IQ3_S, no 70B
+    bump of attn_v);
   * finally `tensor_type_fallback`: a row length not divisible by the type's block (256 for K-quants) demotes
-    Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 when even 32 does not divide it.
-    On a hidden size of 576 (the demo model) this is what turns 180 of 272 tensors of a Q4_K_M into 32-blocks.
+    IQ1_S/IQ1_M/IQ2_*/IQ3_*/IQ4_XS -> IQ4_NL, Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to
+    F16 when even 32 does not divide it. On a hidden size of 576 (the demo model) this is what turns 180 of 272
+    tensors of a Q4_K_M into 32-blocks.
 
 ONNX (onnxruntime): float graphs store every initializer as fp32 or fp16. Weight-only schemes replace each
 MatMul with a constant weight by com.microsoft.MatMulNBits (onnxruntime.quantization.matmul_nbits_quantizer):
@@ -48,13 +53,19 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-# Conditions a mix rule can carry: (index of this tensor among its category, count of that category, imatrix).
-_CONDITIONS: dict[str, Callable[[int, int, bool], bool]] = {
-    "always": lambda i, n, imatrix: True,
-    "use_more_bits": lambda i, n, imatrix: use_more_bits(i, n),
-    "first_two": lambda i, n, imatrix: i < 2,  # Q3_K_M attn_v: qs.i_attention_wv < 2
-    "first_sixteenth": lambda i, n, imatrix: i < n // 16,  # Q3_K_M ffn_down: i_layer < n_layer/16
-    "imatrix_first_eighth": lambda i, n, imatrix: imatrix and i < n // 8,  # Q4_0 ffn_down with imatrix
+# Conditions a mix rule can carry, on (index of this tensor among its category, count of that category,
+# imatrix given, n_gqa = n_head / n_head_kv).
+_CONDITIONS: dict[str, Callable[[int, int, bool, int], bool]] = {
+    "always": lambda i, n, imatrix, gqa: True,
+    "use_more_bits": lambda i, n, imatrix, gqa: use_more_bits(i, n),
+    "first_two": lambda i, n, imatrix, gqa: i < 2,  # Q3_K_M attn_v: qs.i_attention_wv < 2
+    "first_sixteenth": lambda i, n, imatrix, gqa: i < n // 16,  # Q3_K_M ffn_down: i_layer < n_layer/16
+    "first_eighth": lambda i, n, imatrix, gqa: i < n // 8,  # IQ3_M / IQ2_M ffn_down
+    "imatrix_first_eighth": lambda i, n, imatrix, gqa: imatrix and i < n // 8,  # Q4_0 ffn_down with imatrix
+    "no_imatrix": lambda i, n, imatrix, gqa: not imatrix,  # IQ3_XXS attn_v, ffn_down
+    # IQ4_XS, IQ3_XXS ffn_down without an importance matrix
+    "no_imatrix_first_eighth": lambda i, n, imatrix, gqa: not imatrix and i < n // 8,
+    "gqa4": lambda i, n, imatrix, gqa: gqa >= 4,  # qs.model.hparams.n_gqa() >= 4
 }
 
 
@@ -64,11 +75,15 @@ class GgufMix:
 
     `rules[category]` is a tuple of (condition, ggml type); the first condition that holds wins.
     `quantized` is False for F16: llama.cpp skips its type-selection logic for a non-quantized default.
+    `output`: the type of `output` (and of a tied `token_embd`) when its row holds whole blocks of the default
+    type (else Q8_0). `bump_70b`: LLM_TYPE_70B raises a Q3_K/Q4_K attn_v to Q5_K (not in the IQ2/IQ1 branch).
     """
 
     default: str
     quantized: bool = True
     rules: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    output: str = "Q6_K"
+    bump_70b: bool = True
 
     def rule(self, category: str) -> tuple[tuple[str, str], ...]:
         return dict(self.rules).get(category, ())
@@ -77,7 +92,7 @@ class GgufMix:
 # llama-quant.cpp, llama_tensor_get_type_impl, for the schemes Bedside offers (toolkit.core.formats.FORMATS["gguf"]).
 GGUF_MIXES: dict[str, GgufMix] = {
     "F16": GgufMix(default="F16", quantized=False),
-    "Q8_0": GgufMix(default="Q8_0"),
+    "Q8_0": GgufMix(default="Q8_0", output="Q8_0"),
     "Q6_K": GgufMix(default="Q6_K"),
     "Q5_K_M": GgufMix(
         default="Q5_K",
@@ -105,10 +120,60 @@ GGUF_MIXES: dict[str, GgufMix] = {
             ("attn_output", (("always", "Q4_K"),)),
         ),
     ),
+    "IQ4_XS": GgufMix(
+        default="IQ4_XS",
+        rules=(
+            ("attn_v", (("gqa4", "Q5_K"),)),
+            ("ffn_down", (("no_imatrix_first_eighth", "Q5_K"),)),
+        ),
+    ),
+    "IQ3_M": GgufMix(
+        default="IQ3_S",
+        rules=(
+            ("attn_v", (("always", "Q4_K"),)),
+            ("ffn_down", (("first_eighth", "Q4_K"),)),  # the n_expert == 8 branch is not modelled
+            ("attn_output", (("always", "Q4_K"),)),
+        ),
+    ),
+    "IQ3_XXS": GgufMix(
+        default="IQ3_XXS",
+        output="Q5_K",
+        rules=(
+            ("token_embd", (("always", "IQ3_S"),)),  # untied only; a tied one follows `output`
+            ("attn_v", (("gqa4", "Q4_K"), ("no_imatrix", "IQ3_S"))),
+            ("attn_k", (("always", "IQ2_S"),)),
+            ("attn_q", (("always", "IQ2_S"),)),
+            ("ffn_down", (("no_imatrix_first_eighth", "Q4_K"), ("no_imatrix", "Q3_K"))),
+            ("attn_output", (("always", "IQ3_S"),)),
+        ),
+    ),
+    "Q2_K": GgufMix(
+        default="Q2_K",
+        rules=(
+            ("attn_v", (("gqa4", "Q4_K"), ("always", "Q3_K"))),
+            ("ffn_down", (("always", "Q3_K"),)),
+            ("attn_output", (("always", "Q3_K"),)),
+        ),
+    ),
+    # the IQ2_XXS / IQ2_XS / IQ2_S / IQ2_M / IQ1_S / IQ1_M branch (n_expert rules not modelled)
+    "IQ2_M": GgufMix(
+        default="IQ2_S",
+        output="Q5_K",
+        bump_70b=False,
+        rules=(
+            ("token_embd", (("always", "IQ3_S"),)),
+            ("attn_v", (("gqa4", "Q4_K"), ("always", "IQ3_S"))),
+            ("ffn_down", (("first_eighth", "IQ3_S"),)),
+            ("attn_output", (("always", "IQ3_S"),)),
+        ),
+    ),
 }
 
 # tensor_type_fallback: a 256-block type whose row length is not a multiple of 256 becomes a 32-block type.
 GGUF_FALLBACK: dict[str, str] = {
+    **{iq: "IQ4_NL" for iq in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")},
+    "TQ1_0": "Q4_0",
+    "TQ2_0": "Q4_0",
     "Q2_K": "Q4_0",
     "Q3_K": "Q4_0",
     "Q4_K": "Q5_0",
@@ -116,8 +181,7 @@ GGUF_FALLBACK: dict[str, str] = {
     "Q6_K": "Q8_0",
 }
 
-# Type of the output matrix (and of token_embd when tied) in every quantized mix, unless the ftype is Q8_0.
-GGUF_OUTPUT_TYPE = "Q6_K"
+# Type of the output matrix (and of token_embd when tied): GgufMix.output (Q6_K in most mixes), or
 GGUF_OUTPUT_TYPE_SMALL_ROWS = "Q8_0"  # when the row is not a multiple of the default type's block
 GGUF_UNQUANTIZED_TYPE = "F32"  # 1-D tensors as convert_hf_to_gguf.py writes them
 
@@ -191,7 +255,8 @@ def gguf_tensor_types(
     mix = GGUF_MIXES[quant]
     n_layers = facts.num_layers if kept_layers is None else kept_layers
     tied = not any(t.role == "output" for t in facts.global_tensors)
-    is_70b = _is_llama_70b(facts, n_layers)
+    is_70b = _is_llama_70b(facts, n_layers) and mix.bump_70b
+    gqa = facts.num_heads // facts.num_kv_heads if facts.num_kv_heads else 0
     counters: dict[str, int] = {}
 
     def choose(spec: TensorSpec, layer: int | None) -> str:
@@ -203,24 +268,24 @@ def gguf_tensor_types(
         category = gguf_category(spec.role)
         new_type = mix.default
         if category == "output" or (tied and category == "token_embd"):
-            if not ggml_type(mix.default).fits_row(ncols) or mix.default == "Q8_0":
+            if not ggml_type(mix.default).fits_row(ncols):
                 new_type = GGUF_OUTPUT_TYPE_SMALL_ROWS
             else:
-                new_type = GGUF_OUTPUT_TYPE
+                new_type = mix.output
         elif category in ("attn_v", "ffn_down"):
             index = counters.get(category, 0)
             counters[category] = index + 1
             # one attn_v per kept layer (n_attention_wv counts tensors); ffn_down uses hparams.n_layer_all
             count = n_layers if category == "attn_v" or n_layer_all is None else n_layer_all
             for condition, type_name in mix.rule(category):
-                if _CONDITIONS[condition](index, count, imatrix):
+                if _CONDITIONS[condition](index, count, imatrix, gqa):
                     new_type = type_name
                     break
             if category == "attn_v" and is_70b and new_type in ("Q3_K", "Q4_K"):
                 new_type = "Q5_K"
         else:
             for condition, type_name in mix.rule(category):
-                if _CONDITIONS[condition](0, n_layers, imatrix):
+                if _CONDITIONS[condition](0, n_layers, imatrix, gqa):
                     new_type = type_name
                     break
         return gguf_fallback(new_type, ncols)

@@ -6,7 +6,8 @@
             format really writes (toolkit.model.storage_types: llama.cpp's K-quant mixes and fallbacks, MatMulNBits;
             the ONNX exporter's 8-bit head and embedding, onnx_export_head_and_embedding).
   kv_cache  llama.cpp: 2 * kept_layers * kv_heads * head_dim * pad256(context * batch) * bytes(kv dtype)
-            (llama-context.cpp pads n_ctx to a multiple of 256; K and V each in the profile's kv dtype).
+            (llama-context.cpp pads n_ctx to a multiple of 256; K and V each in the deployment's KV dtype, else the
+            profile's: f16 2 bytes, q8_0 34 / 32, q4_0 18 / 32 per element, toolkit.core.formats.KV_CACHE_DTYPES).
             onnxruntime: the same in the graph's float type, twice: past_key_values (inputs) and present
             (outputs) are both alive during a call; plus what the arena holds of earlier calls' caches,
             arena_held = KV * max(0, ORT_ARENA_KV_BASE + ORT_ARENA_KV_PER_DOUBLING * log2(context / P)).
@@ -27,6 +28,19 @@ offloaded weights occupy VRAM; the Python process, host logits and llama.cpp's i
 the CPU) do not, so they are reported under `host_only.*` and left out of the total. On unified memory (Jetson)
 and CPU hosts every term counts.
 
+Placement beside a discrete GPU (llama.cpp; the profile links a host tier to the GPU's memory, `host_tier`):
+  gpu_layers = N   llama.cpp's n_gpu_layers (llama-model.cpp: i_gpu_start = n_layer + 1 - N): the output head and
+                   the last N - 1 decoder layers on the GPU, the first kept + 1 - N layers (their weights and KV
+                   cache) in host memory; None = every layer and the head (-ngl all).
+  kv_on_host       llama.cpp's offload_kqv = false: the whole KV cache in host memory, attention of decoded tokens
+                   on the CPU.
+  Moved terms are `host_only.weights.layers.*`, `host_only.weights.output.*`, `host_only.kv_cache.*` and the
+  CPU's compute buffer `host_only.compute.buffer` (the graph of one decoded token, LLAMA_CPP_COMPUTE_FACTOR x its
+  largest region); on the GPU `compute.offload_copy` holds what op offloading copies in for a prefill batch
+  (ggml-backend's op_offload runs batches of >= 32 tokens of host-resident tensors on the GPU: the largest host
+  layer's weights, the head, or one layer's K and V). CALIBRATE both on a real device (docs/RUNTIMES.md).
+  `MemoryEstimate.host_bytes` sums the `host_only.*` terms: the planner checks it against `host_budget`.
+
 `detail` keeps every term: keys starting with `param.` are inputs (tokens, layers), `compute.region.` are the
 candidate peaks the compute buffer is derived from, `host_only.` are outside the model tier, `reserved.` are
 already inside the profile's `reserved_gib` (the CUDA context); all other keys add up to `total_bytes` exactly.
@@ -36,11 +50,12 @@ re-checks `bedside plan --profile host` against its own measurements (target: wi
 GPU terms marked CALIBRATE on real devices.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from toolkit.core.errors import BedsideError
-from toolkit.core.formats import FORMATS, KV_CACHE_DTYPES, RUNTIMES
+from toolkit.core.formats import FORMATS, KV_CACHE_DTYPES, QUANTIZED_KV_CACHE_DTYPES, RUNTIMES
 from toolkit.core.units import MIB
 from toolkit.model.facts import ModelFacts, VisionFacts
 from toolkit.model.storage_types import (
@@ -114,9 +129,8 @@ CUDA_CONTEXT_BYTES: dict[str, int] = {"device": 287_047_680, "unified": 200 * MI
 class RuntimeSettings:
     """Runtime parameters that change memory. Defaults are llama-cpp-python 0.3.36's `Llama()` defaults.
 
-    flash_attn None means llama.cpp's own default, LLAMA_FLASH_ATTN_TYPE_AUTO: on where the backend supports it
-    (CUDA) and whenever the KV cache is quantized (a quantized V cache requires it), off on CPU. llama-cpp-python's
-    `Llama(flash_attn=False)` default differs: the runner must pass flash_attn=True on CUDA to match this estimate.
+    flash_attn None means what LlamaCppRunner runs (`flash_attention`): on with CUDA and whenever the KV cache is
+    quantized (a quantized V cache requires it), off on a CPU with an f16 cache (llama-cpp-python's default).
     prefill_tokens: tokens of onnxruntime's longest single call (default ORT_PREFILL_CHUNK, what OnnxRunner
     does; pass the context for a runner that prefills the whole prompt in one call).
     mmap: whether llama.cpp maps the GGUF file. None is LlamaCppRunner's default (runtimes.llamacpp_runner.
@@ -134,7 +148,8 @@ class RuntimeSettings:
 
 @dataclass(frozen=True)
 class Deployment:
-    """What estimate_memory needs of a candidate: format, scheme, depth, vision dtype, runtime, context."""
+    """What estimate_memory needs of a candidate: format, scheme, depth, vision dtype, runtime, context, and for
+    llama.cpp the KV-cache precision and placement (see the module docstring)."""
 
     format: str
     quant: str
@@ -143,11 +158,68 @@ class Deployment:
     runtime: str | None = None
     context: int | None = None
     imatrix: bool = False
+    kv_cache_dtype: str | None = (
+        None  # llama.cpp: None = the profile's kv_cache_dtype; ONNX: its graph's float
+    )
+    kv_on_host: bool = False  # llama.cpp offload_kqv = false
+    gpu_layers: int | None = None  # llama.cpp n_gpu_layers; None = all (every layer and the output head)
+
+    @property
+    def placed_on_host(self) -> bool:
+        """Whether anything besides the input embedding is placed in host memory beside the GPU."""
+        return self.kv_on_host or self.gpu_layers is not None
 
 
 def model_tier(profile: DeviceProfile) -> MemoryTier:
     """The tier named by profile.model_tier (where weights, KV cache and buffers must fit)."""
     return profile.model_memory_tier
+
+
+def host_tier(profile: DeviceProfile) -> MemoryTier | None:
+    """The host memory beside a discrete GPU: the fastest tier linked to the model tier (the simulator's spill
+    tier, toolkit.plan.simulator.make_target); None on CPU hosts, unified memory or without a link."""
+    model = profile.model_memory_tier
+    if profile.compute.accelerator != "cuda" or model.kind != "device":
+        return None
+    linked = []
+    for link in profile.links:
+        if model.name in link.between:
+            other = link.between[0] if link.between[1] == model.name else link.between[1]
+            linked.extend(tier for tier in profile.memory_tiers if tier.name == other)
+    return max(linked, key=lambda tier: tier.effective_bandwidth_bytes_per_s, default=None)
+
+
+def host_budget(profile: DeviceProfile) -> int | None:
+    """Bytes of the host tier a deployment may use: capacity * (1 - headroom_pct / 100), as the simulator counts
+    it (profiles give no reserve for it); None without a host tier."""
+    tier = host_tier(profile)
+    if tier is None:
+        return None
+    return int(tier.capacity_bytes * (1 - profile.headroom_pct.value / 100))
+
+
+def kv_cache_dtype_of(deployment: Deployment, profile: DeviceProfile) -> str:
+    """The KV-cache element type of a deployment: ONNX Runtime keeps its graph's float type (f32 or f16: the
+    export has no quantized cache); llama.cpp the deployment's choice, else the profile's default."""
+    if deployment.format == "onnx":
+        return "f16" if ONNX_SCHEMES[deployment.quant].float_dtype == "fp16" else "f32"
+    return deployment.kv_cache_dtype or profile.kv_cache_dtype
+
+
+def flash_attention(
+    deployment: Deployment, profile: DeviceProfile, settings: RuntimeSettings | None = None
+) -> bool:
+    """Whether llama.cpp runs flash attention for this deployment: on with CUDA and whenever the KV cache is
+    quantized (a quantized V cache needs it), else off; `settings.flash_attn` overrides. This is what
+    LlamaCppRunner passes (llama-cpp-python's own default is off); llama.cpp's LLAMA_FLASH_ATTN_TYPE_AUTO would
+    also turn it on for a CPU that supports it, so a bundle's runtime.json and launch files state it (-fa on/off).
+    """
+    if settings is not None and settings.flash_attn is not None:
+        return settings.flash_attn
+    return (
+        profile.compute.accelerator == "cuda"
+        or kv_cache_dtype_of(deployment, profile) in QUANTIZED_KV_CACHE_DTYPES
+    )
 
 
 def memory_budget(profile: DeviceProfile) -> int:
@@ -177,6 +249,11 @@ def _as_deployment(plan_or_candidate: Plan | Candidate | Deployment, context: in
         context = context if context is not None else plan_or_candidate.context_length
     else:
         candidate = plan_or_candidate
+    return deployment_of(candidate, context)
+
+
+def deployment_of(candidate: Candidate, context: int | None = None) -> Deployment:
+    """The Deployment a plan's candidate describes (KV precision and placement included)."""
     return Deployment(
         format=candidate.format,
         quant=candidate.quant,
@@ -184,19 +261,14 @@ def _as_deployment(plan_or_candidate: Plan | Candidate | Deployment, context: in
         vision_dtype=candidate.vision_dtype,
         runtime=candidate.runtime,
         context=context,
+        kv_cache_dtype=candidate.kv_cache_dtype if candidate.format != "onnx" else None,
+        kv_on_host=candidate.kv_on_host,
+        gpu_layers=candidate.gpu_layers,
     )
 
 
 def _replace_context(deployment: Deployment, context: int) -> Deployment:
-    return Deployment(
-        deployment.format,
-        deployment.quant,
-        deployment.layers_removed,
-        deployment.vision_dtype,
-        deployment.runtime,
-        context,
-        deployment.imatrix,
-    )
+    return dataclasses.replace(deployment, context=context)
 
 
 def _validate(facts: ModelFacts, deployment: Deployment) -> None:
@@ -414,13 +486,44 @@ def estimate_memory(
     }
     counted: dict[str, int] = {}
     host_only: dict[str, int] = {}
+    tensors = text_tensors if text_tensors is not None else text_weights(facts, deployment)
+
+    # placement beside a discrete GPU (module docstring): the first `host_layers` layers and, with n_gpu_layers 0,
+    # the output head live in host memory
+    host_layers, head_on_host = 0, False
+    if deployment.placed_on_host:
+        if runtime != "llama.cpp" or not discrete or host_tier(profile) is None:
+            raise BedsideError(
+                f"placing layers or the KV cache in host memory needs llama.cpp on a discrete GPU with host memory "
+                f"linked to it; profile '{profile.name}' runs {runtime} on {tier.kind} memory '{tier.name}'"
+            )
+        if deployment.gpu_layers is not None:
+            if not 0 <= deployment.gpu_layers <= kept + 1:
+                raise BedsideError(
+                    f"gpu layers must be between 0 and {kept + 1} (the {kept} kept layers and the output head), "
+                    f"got {deployment.gpu_layers}"
+                )
+            host_layers = min(kept, kept + 1 - deployment.gpu_layers)
+            head_on_host = deployment.gpu_layers == 0
+            detail["param.gpu_layers"] = deployment.gpu_layers
+        detail["param.kv_on_host"] = int(deployment.kv_on_host)
 
     # weights; llama.cpp keeps the input embedding on the CPU even when every layer is offloaded
     # (llama-model.cpp: "there is very little benefit to offloading the input layer, so always keep it on the CPU")
     weights: dict[str, int] = {}
-    for tensor in text_tensors if text_tensors is not None else text_weights(facts, deployment):
+    host_layer_bytes: dict[int, int] = {}
+    for tensor in tensors:
         if discrete and runtime == "llama.cpp" and tensor.role == "token_embd":
             host_only[f"host_only.weights.token_embd.{tensor.dtype}"] = tensor.nbytes
+            continue
+        if tensor.layer is not None and tensor.layer < host_layers:
+            key = f"host_only.weights.layers.{tensor.dtype}"
+            host_only[key] = host_only.get(key, 0) + tensor.nbytes
+            host_layer_bytes[tensor.layer] = host_layer_bytes.get(tensor.layer, 0) + tensor.nbytes
+            continue
+        if tensor.layer is None and head_on_host:
+            key = f"host_only.weights.output.{tensor.dtype}"
+            host_only[key] = host_only.get(key, 0) + tensor.nbytes
             continue
         weights[tensor.dtype] = weights.get(tensor.dtype, 0) + tensor.nbytes
     for dtype, nbytes in sorted(weights.items()):
@@ -429,16 +532,21 @@ def estimate_memory(
 
     # KV cache and compute buffers, per runtime
     if runtime == "llama.cpp":
-        kv_dtype = profile.kv_cache_dtype
+        kv_dtype = kv_cache_dtype_of(deployment, profile)
         if kv_dtype not in KV_CACHE_DTYPES:
             raise BedsideError(f"unknown KV-cache dtype '{kv_dtype}'; known: {', '.join(KV_CACHE_DTYPES)}")
         n_ctx = math.ceil(ctx * batch / LLAMA_CPP_CTX_PAD) * LLAMA_CPP_CTX_PAD
         detail["param.kv_tokens"] = n_ctx
-        half = kv_cache_bytes(facts, kept, n_ctx, KV_CACHE_DTYPES[kv_dtype]) // 2
+        element = KV_CACHE_DTYPES[kv_dtype]
+        host_kv_layers = kept if deployment.kv_on_host else host_layers
+        half = kv_cache_bytes(facts, kept - host_kv_layers, n_ctx, element) // 2
         counted["kv_cache.k"] = half
         counted["kv_cache.v"] = half
-        auto_flash = gpu or kv_dtype not in ("f16", "f32")
-        flash = settings.flash_attn if settings.flash_attn is not None else auto_flash
+        if host_kv_layers:
+            host_half = kv_cache_bytes(facts, host_kv_layers, n_ctx, element) // 2
+            host_only["host_only.kv_cache.k"] = host_half
+            host_only["host_only.kv_cache.v"] = host_half
+        flash = flash_attention(deployment, profile, settings)
         detail["param.flash_attn"] = int(flash)
         detail["param.n_ubatch"] = settings.n_ubatch
         if not gpu:  # CPU_REPACK: an interleaved copy of the weights the CPU kernels prefer
@@ -454,6 +562,15 @@ def estimate_memory(
         outputs = settings.n_ubatch if (gpu or settings.logits_all) else batch
         regions = llama_cpp_compute_regions(facts, n_ctx, settings, flash, outputs)
         compute = int(max(regions.values()) * LLAMA_CPP_COMPUTE_FACTOR)
+        if deployment.placed_on_host:
+            # op offload: a prefill batch's ops on host-resident tensors run on the GPU with those tensors copied in
+            head = sum(v for k, v in host_only.items() if k.startswith("host_only.weights.output."))
+            layer_kv = kv_cache_bytes(facts, 1, n_ctx, element) if deployment.kv_on_host else 0
+            counted["compute.offload_copy"] = max(max(host_layer_bytes.values(), default=0), head, layer_kv)
+            # the CPU runs the host-resident part of a decoded token's graph (one token, one output row)
+            one_token = dataclasses.replace(settings, n_ubatch=1, n_batch=1)
+            cpu_regions = llama_cpp_compute_regions(facts, n_ctx, one_token, flash, 1)
+            host_only["host_only.compute.buffer"] = int(max(cpu_regions.values()) * LLAMA_CPP_COMPUTE_FACTOR)
         # llama_context's output buffer: one row per sequence, n_batch rows with logits_all
         logits_host = facts.vocab_size * (settings.n_batch if settings.logits_all else batch) * F32
         if settings.logits_all:  # llama-cpp-python keeps a (n_ctx, vocab) float32 `scores` array
@@ -523,7 +640,67 @@ def estimate_memory(
         kv_cache_bytes=kv_total,
         vision_bytes=vision_total,
         overhead_bytes=overhead_total,
+        host_bytes=sum(host_only.values()),
         detail=detail,
+    )
+
+
+def decode_bytes_by_tier(
+    facts: ModelFacts,
+    deployment: Deployment,
+    profile: DeviceProfile,
+    text_tensors: list[StoredTensor] | None = None,
+) -> dict[str, int]:
+    """Bytes read from each memory tier to generate one token (bandwidth-bound decode), by tier name.
+
+    = text weights - token_embd + one token_embd row (a Gather reads one row) + the KV cache at the full context
+    (every past position's K and V is read once per token, at the deployment's KV precision). Vision runs once per
+    image, not per token. Everything is read from the model tier, except beside a discrete GPU under llama.cpp:
+    the embedding row, and the layers, head and KV cache a placement puts in host memory (estimate_memory), are
+    read from the host tier.
+    """
+    tensors = text_tensors if text_tensors is not None else text_weights(facts, deployment)
+    model = model_tier(profile).name
+    spill = host_tier(profile)
+    on_host = (
+        spill is not None and (deployment.runtime or runtime_for(deployment.format, profile)) == "llama.cpp"
+    )
+    host = spill.name if spill is not None and on_host else model
+    kept = facts.num_layers - deployment.layers_removed
+    host_layers = 0 if deployment.gpu_layers is None else min(kept, kept + 1 - deployment.gpu_layers)
+    head_on_host = deployment.gpu_layers == 0
+    read = {model: 0, host: 0}
+    for tensor in tensors:
+        if tensor.role == "token_embd":
+            read[host] += tensor.nbytes // max(1, tensor.shape[0])
+        elif (tensor.layer is not None and tensor.layer < host_layers) or (
+            tensor.layer is None and head_on_host
+        ):
+            read[host] += tensor.nbytes
+        else:
+            read[model] += tensor.nbytes
+    ctx = deployment.context or profile.context_length
+    element = KV_CACHE_DTYPES[kv_cache_dtype_of(deployment, profile)]
+    host_kv_layers = kept if deployment.kv_on_host else host_layers
+    read[model] += kv_cache_bytes(facts, kept - host_kv_layers, ctx, element)
+    read[host] += kv_cache_bytes(facts, host_kv_layers, ctx, element)
+    return read
+
+
+def decode_seconds_per_token(
+    facts: ModelFacts,
+    deployment: Deployment,
+    profile: DeviceProfile,
+    text_tensors: list[StoredTensor] | None = None,
+    efficiency: float = 1.0,
+) -> float:
+    """Roofline time of one decoded token: sum over tiers of bytes read there / (its bandwidth x efficiency), the
+    bandwidth being the tier's sustained figure when the profile gives it, else its peak."""
+    tiers = {tier.name: tier for tier in profile.memory_tiers}
+    return sum(
+        nbytes / (tiers[name].effective_bandwidth_bytes_per_s * efficiency)
+        for name, nbytes in decode_bytes_by_tier(facts, deployment, profile, text_tensors).items()
+        if nbytes
     )
 
 
@@ -533,23 +710,5 @@ def decode_bytes_per_token(
     profile: DeviceProfile,
     text_tensors: list[StoredTensor] | None = None,
 ) -> int:
-    """Bytes read from memory to generate one token (bandwidth-bound decode).
-
-    = text weights - token_embd + one token_embd row (a Gather reads one row) + the KV cache at the full context
-    (every past position's K and V is read once per token). Vision runs once per image, not per token.
-    """
-    tensors = text_tensors if text_tensors is not None else text_weights(facts, deployment)
-    total = 0
-    for tensor in tensors:
-        if tensor.role == "token_embd":
-            total += tensor.nbytes // max(1, tensor.shape[0])
-        else:
-            total += tensor.nbytes
-    kept = facts.num_layers - deployment.layers_removed
-    ctx = deployment.context or profile.context_length
-    if deployment.format == "onnx":
-        kv_bytes = ONNX_FLOAT_BYTES[ONNX_SCHEMES[deployment.quant].float_dtype]
-    else:
-        kv_bytes = KV_CACHE_DTYPES.get(profile.kv_cache_dtype, 2.0)
-    total += kv_cache_bytes(facts, kept, ctx, kv_bytes)
-    return total
+    """Bytes read from memory to generate one token, all tiers together (decode_bytes_by_tier)."""
+    return sum(decode_bytes_by_tier(facts, deployment, profile, text_tensors).values())

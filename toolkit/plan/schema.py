@@ -20,6 +20,9 @@ class MemoryEstimate(BaseModel):
     kv_cache_bytes: int
     vision_bytes: int  # vision tower + projector weights + image-token activations
     overhead_bytes: int  # runtime compute buffers + fixed runtime/CUDA-context overhead
+    # Bytes in the host memory beside a discrete GPU (the `host_only.*` terms: the process, llama.cpp's input
+    # embedding, and the layers, head and KV cache a placement moves there); not part of total_bytes.
+    host_bytes: int = 0
     detail: dict[str, int] = {}  # finer terms (per tensor type, compute buffer, context, ...)
 
 
@@ -34,6 +37,13 @@ class Candidate(BaseModel):
     layers_removed: int
     layers: list[int] | None = None  # original indices to remove, once measured
     vision_dtype: str | None = None
+    # KV-cache element type: llama.cpp's -ctk/-ctv (f16, q8_0, q4_0); ONNX Runtime keeps its graph's float (f32/f16).
+    # None in plans written before the planner chose it: the profile's kv_cache_dtype.
+    kv_cache_dtype: str | None = None
+    # Placement beside a discrete GPU (llama.cpp): the KV cache in host memory (offload_kqv = false), and
+    # n_gpu_layers (the output head and the last N - 1 decoder layers on the GPU; None = all).
+    kv_on_host: bool = False
+    gpu_layers: int | None = None
     memory: MemoryEstimate
     fits: bool
     predicted_quality_loss: float  # predicted perplexity increase, percent

@@ -16,7 +16,9 @@ Placement (what lives where):
               and the head on the spill tier, computed by the CPU; "split" = the largest N that fits
   kv-host     weights on the model tier, the KV cache on the spill tier with attention on the CPU
               (llama.cpp's offload_kqv = false)
-  auto        the fastest placement that fits the context (device when it fits)
+  auto        the fastest placement that fits the context (device when it fits); a plan's or bundle's own
+              placement (Candidate.kv_on_host / gpu_layers, runtime.json kv_offload / gpu_layers) when it has one:
+              n_gpu_layers = N is split:N-1 with the head on the model tier (llama.cpp offloads the head first)
 
 Per epoch and per segment (each decoder layer, the head), bytes at the tier that holds them and FLOPs:
   weights     the layer's tensors at their stored size (toolkit.plan.workload: the GGUF's own table or the
@@ -48,6 +50,7 @@ cache and head a placement moves off the model tier counted on the spill tier in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -104,11 +107,30 @@ class Placement:
     name: str  # device | split | kv-host
     gpu_layers: int  # layers on the model tier
     kv_on_spill: bool = False
+    head_on_model: bool = (
+        False  # split: the head stays on the model tier (a plan's llama.cpp n_gpu_layers >= 1)
+    )
 
     def label(self, layers: int) -> str:
         if self.name == "split":
-            return f"split:{self.gpu_layers} ({self.gpu_layers} of {layers} layers on the model tier)"
+            head = ", head on the model tier" if self.head_on_model and self.gpu_layers < layers else ""
+            kv = ", KV cache on the spill tier" if self.kv_on_spill else ""
+            return (
+                f"split:{self.gpu_layers} ({self.gpu_layers} of {layers} layers on the model tier{head}{kv})"
+            )
         return self.name
+
+
+def planned_placement(workload: Workload) -> Placement | None:
+    """The placement a plan or bundle chose (its Deployment's gpu_layers / kv_on_host), None when it chose none."""
+    deployment = workload.deployment
+    layers = workload.num_layers
+    if deployment.gpu_layers is None:
+        return Placement("kv-host", layers, kv_on_spill=True) if deployment.kv_on_host else None
+    count = deployment.gpu_layers
+    return Placement(
+        "split", max(0, min(layers, count - 1)), kv_on_spill=deployment.kv_on_host, head_on_model=count >= 1
+    )
 
 
 @dataclass
@@ -256,9 +278,10 @@ def make_target(
 def tier_bytes(
     workload: Workload, profile: DeviceProfile, target: Target, placement: Placement, context: int
 ) -> dict[str, int]:
-    """Bytes on each tier at `context` (estimate_memory's total, moved terms to the spill tier)."""
+    """Bytes on each tier at `context` (estimate_memory's all-on-device total, moved terms to the spill tier)."""
+    on_device = dataclasses.replace(workload.deployment, kv_on_host=False, gpu_layers=None)  # placement below
     estimate = estimate_memory(
-        workload.facts, workload.deployment, profile, context=context, text_tensors=list(workload.tensors)
+        workload.facts, on_device, profile, context=context, text_tensors=list(workload.tensors)
     )
     layers = workload.num_layers
     kv_total = estimate.kv_cache_bytes
@@ -266,7 +289,10 @@ def tier_bytes(
     if placement.name == "split":
         off = range(placement.gpu_layers, layers)
         moved += sum(workload.layer_bytes[i] for i in off) + kv_total * len(off) // max(1, layers)
-        moved += workload.head_bytes if any(t.role == "output" for t in workload.tensors) else 0
+        if not placement.head_on_model:
+            moved += workload.head_bytes if any(t.role == "output" for t in workload.tensors) else 0
+        if placement.kv_on_spill:
+            moved += kv_total - kv_total * len(off) // max(1, layers)
     elif placement.kv_on_spill:
         moved += kv_total
     host_only = sum(v for k, v in estimate.detail.items() if k.startswith("host_only."))
@@ -371,7 +397,7 @@ def epoch(
             layer.written_bytes += kv_written
             layer.float_flops += attention_flops
         segments.append(layer)
-    head_on_model = placement.name != "split" or placement.gpu_layers >= layers
+    head_on_model = placement.name != "split" or placement.gpu_layers >= layers or placement.head_on_model
     head = Segment(
         target.main if head_on_model else target.cpu,
         target.model_tier if head_on_model else spill,
@@ -479,6 +505,9 @@ def simulate(
         raise BedsideError(f"decode tokens must be in 1..{ctx - 1} at context {ctx}, got {decode_tokens}")
     target = make_target(profile, workload.runtime, threads, record, workload.quant)
     wanted = parse_placement(placement, layers)
+    planned = planned_placement(workload) if wanted is None else None
+    if planned is not None and target.spill_tier is not None:
+        wanted = planned
     if wanted is not None and wanted.name != "device" and target.spill_tier is None:
         raise BedsideError(
             f"placement {placement!r} needs a second memory tier linked to the model tier; profile "

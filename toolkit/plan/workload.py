@@ -13,30 +13,32 @@ capacity checks and the planner's memory estimate agree.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from toolkit.core.errors import BedsideError
-from toolkit.core.formats import FORMATS, KV_CACHE_DTYPES, ONNX_SCHEMES
+from toolkit.core.formats import FORMATS, GGUF_FTYPES, KV_CACHE_DTYPES, ONNX_SCHEMES
 from toolkit.core.records import EXPORT_RECORD
 from toolkit.model.facts import ModelFacts, facts_from_config, read_facts
 from toolkit.model.storage_types import ONNX_FLOAT_BYTES, StoredTensor
-from toolkit.plan.memory import ORT_PREFILL_CHUNK, Deployment, RuntimeSettings, runtime_for, text_weights
+from toolkit.plan.memory import (
+    ORT_PREFILL_CHUNK,
+    Deployment,
+    RuntimeSettings,
+    deployment_of,
+    kv_cache_dtype_of,
+    runtime_for,
+    text_weights,
+)
 from toolkit.plan.schema import Plan
 from toolkit.target.profiles import DeviceProfile
 
 FLOAT_DTYPES = frozenset({"F32", "F16", "BF16", "fp32", "fp16", "bf16"})
 # llama.h `enum llama_ftype` (llama-cpp-python 0.3.36): general.file_type -> the scheme names Bedside uses.
-LLAMA_FTYPES: dict[int, str] = {
-    1: "F16",
-    7: "Q8_0",
-    2: "Q4_0",
-    15: "Q4_K_M",
-    17: "Q5_K_M",
-    18: "Q6_K",
-    12: "Q3_K_M",
-}
+LLAMA_FTYPES: dict[int, str] = {number: scheme for scheme, number in GGUF_FTYPES.items()}
 RUNTIME_CONFIG = "runtime.json"  # the bundle's runtime settings (toolkit/deploy/bundle.py RUNTIME_CONFIG)
 
 
@@ -131,10 +133,7 @@ def make_workload(
     if deployment.format not in FORMATS:
         raise BedsideError(f"unknown format '{deployment.format}'; known: {', '.join(FORMATS)}")
     runtime = deployment.runtime or runtime_for(deployment.format, profile)
-    deployment = Deployment(
-        deployment.format, deployment.quant, deployment.layers_removed, deployment.vision_dtype, runtime,
-        deployment.context, deployment.imatrix,
-    )  # fmt: skip
+    deployment = dataclasses.replace(deployment, runtime=runtime)
     table = tensors if tensors is not None else text_weights(facts, deployment)
     if deployment.format == "onnx":
         scheme = ONNX_SCHEMES.get(deployment.quant)
@@ -143,7 +142,7 @@ def make_workload(
         kv_bytes: float = ONNX_FLOAT_BYTES[scheme.float_dtype]
         chunk, rows_all = ORT_PREFILL_CHUNK, True
     else:
-        kv_bytes = KV_CACHE_DTYPES.get(profile.kv_cache_dtype, 2.0)
+        kv_bytes = KV_CACHE_DTYPES[kv_cache_dtype_of(deployment, profile)]  # the plan's KV precision
         chunk, rows_all = RuntimeSettings().n_batch, False
     return Workload(
         label=label or f"{deployment.format} {deployment.quant}",
@@ -170,9 +169,7 @@ def workload_from_plan(plan: Plan, profile: DeviceProfile, label: str = "") -> W
         raise BedsideError("the plan has no chosen candidate to simulate (nothing fit when it was made)")
     chosen = plan.chosen
     facts = read_facts(plan.model)
-    deployment = Deployment(
-        chosen.format, chosen.quant, chosen.layers_removed, chosen.vision_dtype, chosen.runtime
-    )
+    deployment = deployment_of(chosen)  # with the plan's KV precision and placement
     return make_workload(
         facts, deployment, profile, label=label or f"plan: {plan.model} {chosen.format} {chosen.quant}"
     )
@@ -197,8 +194,11 @@ def _gguf_role(name: str) -> tuple[str, int | None]:
     return parts[0], None
 
 
-def read_gguf_workload(path: Path, profile: DeviceProfile, quant: str | None = None) -> Workload:
-    """Tensor table and dimensions of a GGUF file (its own bytes per tensor), for llama.cpp."""
+def read_gguf_workload(
+    path: Path, profile: DeviceProfile, quant: str | None = None, settings: dict[str, Any] | None = None
+) -> Workload:
+    """Tensor table and dimensions of a GGUF file (its own bytes per tensor), for llama.cpp; `settings` (a
+    bundle's runtime.json) gives the KV precision and placement the bundle runs with."""
     from gguf import GGUFReader
 
     try:
@@ -250,9 +250,29 @@ def read_gguf_workload(path: Path, profile: DeviceProfile, quant: str | None = N
             f"{path}: cannot tell the GGUF scheme ({quant or 'no bedside.quant or known general.file_type'}); "
             f"Bedside simulates {', '.join(FORMATS['gguf'])}"
         )
-    deployment = Deployment("gguf", quant, 0, None, "llama.cpp")
+    deployment = _with_runtime_settings(Deployment("gguf", quant, 0, None, "llama.cpp"), settings, facts)
     return make_workload(facts, deployment, profile, tensors=tensors, label=f"{path.name} ({quant})",
                          source=f"tensor table of {path.name} (GGUFReader)")  # fmt: skip
+
+
+def _with_runtime_settings(
+    deployment: Deployment, settings: dict[str, Any] | None, facts: ModelFacts
+) -> Deployment:
+    """The deployment with runtime.json's KV precision and placement (toolkit.deploy.bundle.RuntimeConfig)."""
+    if not settings:
+        return deployment
+    kv = settings.get("kv_cache_dtype")
+    layers = settings.get("gpu_layers")
+    kept = facts.num_layers - deployment.layers_removed
+    gpu_layers = (
+        layers if isinstance(layers, int) and 0 < layers <= kept else None
+    )  # -1 / 0: the runtime's all
+    return dataclasses.replace(
+        deployment,
+        kv_cache_dtype=kv if isinstance(kv, str) and kv in KV_CACHE_DTYPES else None,
+        kv_on_host=settings.get("kv_offload") is False,
+        gpu_layers=gpu_layers,
+    )
 
 
 def read_onnx_workload(folder: Path, profile: DeviceProfile) -> Workload:
@@ -280,8 +300,10 @@ def read_onnx_workload(folder: Path, profile: DeviceProfile) -> Workload:
     return make_workload(facts, deployment, profile, label=f"{folder.name} (onnx {quant})")
 
 
-def read_artifact_workload(path: Path, profile: DeviceProfile) -> Workload:
-    """A bundle folder (runtime.json), an export folder, or a .gguf file."""
+def read_artifact_workload(
+    path: Path, profile: DeviceProfile, settings: dict[str, Any] | None = None
+) -> Workload:
+    """A bundle folder (runtime.json: its KV precision and placement too), an export folder, or a .gguf file."""
     path = Path(path).expanduser()
     if not path.exists():
         raise BedsideError(f"{path}: no such bundle, export folder or .gguf file")
@@ -291,7 +313,7 @@ def read_artifact_workload(path: Path, profile: DeviceProfile) -> Workload:
             model = path / str(runtime_config["model"])
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
             raise BedsideError(f"{path / RUNTIME_CONFIG}: not a bundle's runtime.json ({error})") from None
-        return read_artifact_workload(model, profile)
+        return read_artifact_workload(model, profile, runtime_config)
     if path.is_file() and path.suffix == ".gguf":
         quant = None
         record = path.parent / EXPORT_RECORD
@@ -301,13 +323,13 @@ def read_artifact_workload(path: Path, profile: DeviceProfile) -> Workload:
                 quant = data.get("quant") if data.get("file") == path.name else None
             except (OSError, json.JSONDecodeError):
                 quant = None
-        return read_gguf_workload(path, profile, quant)
+        return read_gguf_workload(path, profile, quant, settings)
     if path.is_dir():
         if (path / "model.onnx").is_file():
             return read_onnx_workload(path, profile)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return read_artifact_workload(ggufs[0], profile)
+            return read_artifact_workload(ggufs[0], profile, settings)
         if len(ggufs) > 1:
             raise BedsideError(
                 f"{path}: several GGUF files ({', '.join(g.name for g in ggufs)}); name the one to simulate"

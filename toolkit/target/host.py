@@ -393,7 +393,7 @@ def build_host_profile(cpu_facts: CpuFacts, gpu: GpuFacts | None) -> DeviceProfi
         quant_schemes=[*FORMATS["gguf"], *FORMATS["onnx"]],
         context_length=4096,
         batch_size=1,
-        kv_cache_dtype="f16",
+        kv_cache_dtypes=["f16", "q8_0", "q4_0"],
         quality_floor=_policy_quality_floor(),
         min_decode_tokens_per_s=Figure(
             value=5,

@@ -116,10 +116,28 @@ class DeviceProfile(Strict):
     quant_schemes: list[str] = Field(min_length=1)
     context_length: int = Field(gt=0, strict=True)  # strict: `true` is not a context of 1 token
     batch_size: int = Field(gt=0, strict=True)
+    # KV-cache precisions the planner may choose for llama.cpp, largest first (toolkit.core.formats
+    # KV_CACHE_DTYPES); `kv_cache_dtype` is the first of them, what runs where no plan chose one. A profile may
+    # give either: an older profile's single `kv_cache_dtype` allows that one precision only.
+    kv_cache_dtypes: list[str] = Field(min_length=1)
     kv_cache_dtype: str
     quality_floor: QualityFloor
     min_decode_tokens_per_s: Figure
     assumptions: list[str] = []  # what the figures take for granted (OS image, power mode, ...)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kv_cache_dtypes_or_one(cls, data: typing.Any) -> typing.Any:
+        """`kv_cache_dtype: f16` alone (older profiles) means `kv_cache_dtypes: [f16]`; a list alone sets the
+        default to its first entry."""
+        if not isinstance(data, dict):
+            return data
+        single, allowed = data.get("kv_cache_dtype"), data.get("kv_cache_dtypes")
+        if allowed is None and single is not None:
+            return {**data, "kv_cache_dtypes": [single]}
+        if single is None and isinstance(allowed, list) and allowed:
+            return {**data, "kv_cache_dtype": allowed[0]}
+        return data
 
     @model_validator(mode="after")
     def _names_are_known(self) -> "DeviceProfile":
@@ -185,10 +203,22 @@ def _naming_problems(profile: DeviceProfile) -> typing.Iterator[str]:
                 f"quant_schemes[{index}]: unknown scheme {scheme!r} for formats "
                 f"{join_allowed(known_formats)} (allowed: {join_allowed(schemes)})"
             )
+    for index, dtype in enumerate(profile.kv_cache_dtypes):
+        if dtype not in KV_CACHE_DTYPES:
+            yield (
+                f"kv_cache_dtypes[{index}]: unknown KV cache dtype {dtype!r} (allowed: {join_allowed(KV_CACHE_DTYPES)})"
+            )
+        elif dtype in profile.kv_cache_dtypes[:index]:
+            yield f"kv_cache_dtypes[{index}]: {dtype!r} is listed twice"
     if profile.kv_cache_dtype not in KV_CACHE_DTYPES:
         yield (
             f"kv_cache_dtype: unknown KV cache dtype {profile.kv_cache_dtype!r} "
             f"(allowed: {join_allowed(KV_CACHE_DTYPES)})"
+        )
+    elif profile.kv_cache_dtype not in profile.kv_cache_dtypes:
+        yield (
+            f"kv_cache_dtype: {profile.kv_cache_dtype!r} is not one of kv_cache_dtypes "
+            f"({join_allowed(profile.kv_cache_dtypes)})"
         )
 
 

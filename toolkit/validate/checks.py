@@ -23,6 +23,9 @@ Checks (`blocking` ones decide whether deploy re-plans; the others are reported)
   GPU) <= the profile's budget, the planner's estimate shown beside it (blocking). On a profile
   whose model tier is GPU memory (kind "device") an RSS figure is not a measurement of that tier:
   without a VRAM figure the check fails instead of passing on the wrong memory.
+- peak_host_memory_bytes (only when the plan puts layers or the KV cache in host memory beside a GPU, and the
+  run was on the GPU): peak RSS <= the host tier's budget (toolkit.plan.memory.host_budget), the estimate's
+  host_bytes beside it (blocking)
 - runtime_device (profiles with a GPU-memory model tier only): the runtime ran on the GPU, not
   on a CPU fallback (blocking)
 - decode_tokens_per_s measured on this host >= profile.min_decode_tokens_per_s (reported only:
@@ -36,6 +39,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from toolkit.plan.memory import host_budget
 from toolkit.plan.schema import Candidate
 from toolkit.target.profiles import DeviceProfile
 
@@ -253,6 +257,23 @@ def build_checks(
             extra={"estimate_bytes": candidate.memory.total_bytes},
         )
     )
+    host_limit = host_budget(profile)
+    rss = evaluation.get("peak_rss_bytes")
+    placed = candidate.kv_on_host or candidate.gpu_layers is not None
+    if placed and host_limit is not None and evaluation.get("peak_vram_bytes"):
+        checks.append(
+            Check(
+                "peak_host_memory_bytes",
+                _compare(rss, host_limit, "<="),
+                rss,
+                host_limit,
+                "<=",
+                "bytes",
+                detail="process RSS with layers or the KV cache in host memory beside the GPU; planner estimate "
+                f"{format_number(candidate.memory.host_bytes, 'bytes')}",
+                extra={"estimate_bytes": candidate.memory.host_bytes},
+            )
+        )
     speed = evaluation.get("decode_tokens_per_s")
     minimum_speed = profile.min_decode_tokens_per_s.value
     checks.append(

@@ -93,6 +93,7 @@ RESULT_KEYS = (
     "prefill_tokens_per_s",
     "decode_tokens_per_s",
     "load_seconds",
+    "runner_options",
     "schema_version",
 )
 
@@ -345,6 +346,7 @@ def evaluate(
     max_items: int = 200,
     documents: list[Document] | None = None,
     progress: bool = True,
+    runner_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate `artifact` on `data` (or the given eval `documents`); returns the `eval --json` object.
 
@@ -361,6 +363,9 @@ def evaluate(
         max_items: multiple-choice items scored at most.
         documents: already-split evaluation documents (used instead of `data`).
         progress: show a progress display on stderr.
+        runner_options: keyword arguments of the artifact's Runner, so it is measured and scored as deployed
+            (llama.cpp: kv_cache_dtype, flash_attn, kv_offload, gpu_layers; runtimes.llamacpp_runner.runner_options).
+            The reference runs with its runtime's defaults.
     """
 
     if context < MIN_CONTEXT:
@@ -400,6 +405,7 @@ def evaluate(
             score_full_path=str(Path(folder, "artifact.npy")) if baseline is not None else None,
             score_full_dtype=full_dtype,
             option_items=items or None,
+            runner_options=dict(runner_options or {}),
         )
         result = _run_child(target, job)
         score = result.score
@@ -456,6 +462,7 @@ def evaluate(
         "prefill_tokens_per_s": _finite_or_none(result.prefill_tokens_per_s),
         "decode_tokens_per_s": _finite_or_none(result.decode_tokens_per_s),
         "load_seconds": float(result.load_seconds),
+        "runner_options": dict(runner_options or {}),
         "schema_version": SCHEMA_VERSION,
     }
     return {key: record[key] for key in RESULT_KEYS}

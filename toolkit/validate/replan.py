@@ -27,9 +27,21 @@ from toolkit.plan.schema import Candidate, Plan
 MIN_PREDICTED_PCT = 1.0
 
 
-def candidate_key(candidate: Candidate) -> tuple[str, str, int, str | None]:
-    """Identity of a candidate across plans: format, scheme, layers removed, vision dtype."""
-    return (candidate.format, candidate.quant, candidate.layers_removed, candidate.vision_dtype)
+CandidateKey = tuple[str, str, int, str | None, str | None, bool, int | None]
+
+
+def candidate_key(candidate: Candidate) -> CandidateKey:
+    """Identity of a candidate across plans: format, scheme, layers removed, vision dtype, KV-cache dtype,
+    KV cache in host memory, GPU layers."""
+    return (
+        candidate.format,
+        candidate.quant,
+        candidate.layers_removed,
+        candidate.vision_dtype,
+        candidate.kv_cache_dtype,
+        candidate.kv_on_host,
+        candidate.gpu_layers,
+    )
 
 
 @dataclass
@@ -38,7 +50,7 @@ class Corrections:
 
     memory_ratio: float = 1.0
     quality_ratio: float = 1.0
-    tried: list[tuple[str, str, int, str | None]] = field(default_factory=list)
+    tried: list[CandidateKey] = field(default_factory=list)
     failed_quality_loss: float | None = None  # predicted loss of the last quality failure
     failed_memory_bytes: int | None = None  # estimate of the last memory failure
 
@@ -99,7 +111,8 @@ def next_candidate(
         loss = max(candidate.predicted_quality_loss, MIN_PREDICTED_PCT) * corrections.quality_ratio
         if memory <= plan.budget_bytes and loss <= floor_pct:
             return candidate, (
-                f"{candidate.format} {candidate.quant} with {candidate.layers_removed} layers removed: corrected "
+                f"{candidate.format} {candidate.quant} with {candidate.layers_removed} layers removed"
+                f"{_kv_words(candidate)}: corrected "
                 f"memory {memory / 2**20:.1f} MiB (x{corrections.memory_ratio:.2f}) within the "
                 f"{plan.budget_bytes / 2**20:.1f} MiB budget, corrected loss {loss:.1f} % "
                 f"(x{corrections.quality_ratio:.2f}) within the {floor_pct:g} % floor"
@@ -109,6 +122,17 @@ def next_candidate(
         f"{f', {too_slow} more below the {min_speed:g} tok/s speed floor' if too_slow else ''}; "
         f"memory x{corrections.memory_ratio:.2f}, quality x{corrections.quality_ratio:.2f} against the estimates)"
     )
+
+
+def _kv_words(candidate: Candidate) -> str:
+    if candidate.runtime != "llama.cpp" or candidate.kv_cache_dtype is None:
+        return ""
+    placed = []
+    if candidate.gpu_layers is not None:
+        placed.append(f"-ngl {candidate.gpu_layers}")
+    if candidate.kv_on_host:
+        placed.append("KV cache in host memory")
+    return f", KV cache {candidate.kv_cache_dtype}" + (f" ({', '.join(placed)})" if placed else "")
 
 
 def with_chosen(plan: Plan, candidate: Candidate, reason: str) -> Plan:

@@ -5,11 +5,16 @@ Names and what they emulate (formulas in each family's module docstring):
 - ggml tensor types, bit-exact with llama.cpp's reference quantizer (no importance matrix):
   ``F32``, ``F16`` (float_grids), ``Q8_0``, ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1`` (ggml_legacy),
   ``Q3_K``, ``Q4_K``, ``Q5_K``, ``Q6_K`` (ggml_kquants).
+- ggml tensor types without a torch emulation, rounded by libggml itself (ggml_lib.LibggmlGrid, exactly what
+  llama.cpp writes): ``Q2_K``, ``IQ4_XS``, ``IQ4_NL``, ``IQ3_S``, ``IQ3_XXS``, ``IQ2_S``, ``IQ2_XS``,
+  ``IQ2_XXS``, ``IQ1_S``, ``IQ1_M``. Registered without an importance matrix; the types llama.cpp writes only
+  with one (``ggml_lib.IMATRIX_REQUIRED``) raise until given one: ``get_grid("IQ2_S").with_imatrix(v)``.
 - llama.cpp file types of ``toolkit.core.formats.FORMATS["gguf"]``: a file type mixes tensor types, so
   each maps to its default type in ``toolkit.model.storage_types.GGUF_MIXES`` (``Q4_K_M -> Q4_K``,
-  ``Q5_K_M -> Q5_K``, ``Q3_K_M -> Q3_K``). Which tensors llama.cpp writes at another type (``Q6_K``
-  for some, ``Q5_0`` / ``Q8_0`` / ``Q4_0`` / ``Q5_1`` for rows not a multiple of 256) is that module's
-  type table (``StoredTensor.dtype``): quantize each tensor with ``get_grid(<its dtype>)``.
+  ``Q5_K_M -> Q5_K``, ``Q3_K_M -> Q3_K``, ``IQ3_M -> IQ3_S``, ``IQ2_M -> IQ2_S``). Which tensors llama.cpp
+  writes at another type (``Q6_K`` for some, ``Q5_0`` / ``Q8_0`` / ``Q4_0`` / ``Q5_1`` / ``IQ4_NL`` for rows
+  not a multiple of 256) is that module's type table (``StoredTensor.dtype``): quantize each tensor with
+  ``get_grid(<its dtype>)``.
 - ONNX Runtime MatMulNBits (onnx_blockwise): ``int{4,8}_b{32,64,128}_{sym,asym}``, float32 scales.
   The schemes of ``FORMATS["onnx"]`` (``int8``, ``int4_b32``, ``int4_b128``) are built from
   ``toolkit.model.storage_types.ONNX_SCHEMES`` (bits, block, symmetric, scale dtype), the table the byte
@@ -28,11 +33,14 @@ from toolkit.compress.quant.base import QuantGrid
 from toolkit.compress.quant.float_grids import F16, F32, FloatGrid
 from toolkit.compress.quant.ggml_kquants import KQUANT_GRIDS
 from toolkit.compress.quant.ggml_legacy import LEGACY_GRIDS
+from toolkit.compress.quant.ggml_lib import LIBGGML_GRIDS
 from toolkit.compress.quant.onnx_blockwise import onnx_grid
 from toolkit.core.errors import BedsideError
 from toolkit.model.storage_types import GGUF_MIXES, ONNX_SCHEMES, gguf_fallback
 
-_GGML_TYPES: dict[str, QuantGrid] = {grid.name: grid for grid in (F32, F16, *LEGACY_GRIDS, *KQUANT_GRIDS)}
+_GGML_TYPES: dict[str, QuantGrid] = {
+    grid.name: grid for grid in (F32, F16, *LEGACY_GRIDS, *KQUANT_GRIDS, *LIBGGML_GRIDS)
+}
 
 _ONNX_GRIDS: dict[str, QuantGrid] = {
     grid.name: grid
@@ -94,7 +102,8 @@ def grid_for_row(name: str, ncols: int) -> QuantGrid:
     """The grid a weight with rows of ``ncols`` inputs is stored in under scheme ``name``.
 
     llama.cpp demotes a ggml type whose block does not divide the row (``tensor_type_fallback``:
-    Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q3_K -> Q4_0; F16 when even that does not fit), e.g.
+    Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K / Q3_K -> Q4_0, IQ types -> IQ4_NL; F16 when even
+    that does not fit), e.g.
     the demo model's 576-wide rows under Q4_K_M. Other grids (ONNX blockwise, float) pad partial
     blocks, so they are returned unchanged.
     """
