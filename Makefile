@@ -47,12 +47,17 @@ deploy: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check toolkit exporters runtimes tests bench
 
+# Two pytest-xdist workers, one per core; tests sharing expensive fixtures run in one group (tests/conftest.py).
+# TEST_WORKERS=0 runs everything in this process (for debugging with -x / --pdb).
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 # The edit loop: everything but the tests marked heavy (demo exports, compress, evaluations, end-to-end deploys).
 test-fast: $(STAMP) lint
-	$(BIN)/python -m pytest -q --durations=10 -m "not heavy" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) --durations=10 -m "not heavy" $(PYTEST_ARGS)
 
 # Benchmarks (docs/BENCHMARKS.md, raw results in docs/benchmarks/); each script resumes finished parts.
 bench: $(STAMP)

@@ -15,14 +15,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Modules that share the session's demo exports run in one xdist group, so the exports are made once.
+# Modules that share the session's demo exports: their GGUF tests run in one xdist group and their ONNX tests in
+# another, so each export is made once and the two export families are made (and scored) in parallel.
 SHARED_EXPORT_MODULES = ("test_evaluate.py", "test_exporters.py")
+ONNX_DEMO_SCHEMES = ("fp32", "int4_b32")
 
 
 def _xdist_group(item: pytest.Item) -> str:
-    """A test's xdist group: its module (module fixtures are built once per worker), or the shared-export group."""
+    """A test's xdist group: its module (module fixtures are built once per worker), or a shared-export group."""
     module = item.path.name
-    return "demo-exports" if module in SHARED_EXPORT_MODULES else module
+    if module not in SHARED_EXPORT_MODULES:
+        return module
+    callspec = getattr(item, "callspec", None)
+    params = list(callspec.params.values()) if callspec is not None else []
+    onnx = "onnx" in item.name or any(value in ONNX_DEMO_SCHEMES for value in params)
+    return "demo-onnx" if onnx else "demo-gguf"
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -164,7 +171,7 @@ def demo_gguf_iq(demo_gguf_export):
         folder / "imatrix-ones.gguf", sums, counts, datasets=["ones"], chunk_count=1, chunk_size=1
     )
     target = folder / "model-IQ4_XS.gguf"
-    quantize(f16, target, "IQ4_XS", imatrix=matrix, threads=2)
+    quantize(f16, target, "IQ4_XS", imatrix=matrix, threads=1)
     return target, matrix
 
 

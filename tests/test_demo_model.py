@@ -243,7 +243,7 @@ def test_perplexity_matches_llama_cpp(
         n_ctx=1024,
         n_batch=1024,
         n_ubatch=512,
-        n_threads=2,
+        n_threads=1,
         logits_all=True,
         verbose=False,
     )

@@ -257,11 +257,19 @@ def test_report_json_and_self_contained_html(tmp_path):
         "exported": 13.0,
     }
     assert stored["speed"]["target"] == "simulator not built"
+    rows = {row["term"].split()[0]: row for row in stored["quality"]["prior_vs_measured"]}
+    predicted = plan.chosen.predicted
+    assert rows["depth"]["predicted_pct"] == predicted.depth_pct
+    assert rows["depth"]["measured_pct"] == pytest.approx(20.0)  # healed 12 / original 10
+    assert rows["quantization"]["measured_pct"] == pytest.approx(100 * (12.5 / 12.0 - 1), abs=1e-3)
+    assert rows["total"]["measured_pct"] == pytest.approx(30.0)  # exported 13 / reference 10
+    assert rows["total"]["predicted_pct"] == pytest.approx(plan.chosen.predicted_quality_loss, abs=1e-3)
     assert stored["layer_selection"]["layers_removed"] == [3, 7]
     html = html_path.read_text()
     assert html.count("data:image/png;base64,") == 4
     assert 'src="http' not in html and "<script" not in html  # self-contained
     assert "perplexity_increase_pct" in html and "30.00 %" in html
+    assert "Predicted and measured quality" in html and "+20.00 %" in html
 
 
 # ------------------------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def ort_session(model_dir: Path):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = 1
     options.log_severity_level = 3
     return ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
@@ -161,7 +161,7 @@ def perplexity(logits: np.ndarray, ids: list[int]) -> float:
 def gguf_perplexity(path: Path, ids: list[int]) -> float:
     import llama_cpp
 
-    model = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=512, n_threads=2, logits_all=True, verbose=False)
+    model = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=512, n_threads=1, logits_all=True, verbose=False)
     model.eval(ids)
     return perplexity(np.array(model.scores[: len(ids)]), ids)
 
@@ -509,7 +509,7 @@ def test_demo_gguf_files_load_and_carry_bedside_metadata(demo_model_dir, demo_gg
     assert record["tensor_types"]["Q4_K"] > 0  # the K-quant mix, with its fallbacks (Q5_0, Q8_0)
     assert not list(folder.glob(".bedside-export-*"))
     for path in (folder / "model-F16.gguf", demo_q8, demo_gguf.model_file):
-        model = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False)
+        model = llama_cpp.Llama(str(path), n_ctx=128, n_threads=1, verbose=False)
         meta = model.metadata
         assert json.loads(meta["bedside.plan"]) == {"profile": "test", "scheme": "Q4_K_M"}
         assert meta["bedside.layers_removed"] == "[]"
@@ -637,7 +637,7 @@ def test_demo_with_layers_removed_converts_and_runs(demo_model_dir, tmp_path):
 
     result = export(pruned_dir, "gguf", "Q8_0", tmp_path / "out", metadata={"layers_removed": [21, 20]})
     assert result.record["layers_removed"] == [20, 21]
-    gguf_model = llama_cpp.Llama(str(result.model_file), n_ctx=128, n_threads=2, verbose=False)
+    gguf_model = llama_cpp.Llama(str(result.model_file), n_ctx=128, n_threads=1, verbose=False)
     assert int(gguf_model.metadata["llama.block_count"]) == 28
     assert gguf_model.metadata["bedside.layers_removed"] == "[20, 21]"
     text = gguf_model(

@@ -299,7 +299,6 @@ def test_healing_the_pruned_demo_model_lowers_held_apart_perplexity(demo_model_d
 
     from toolkit.data import make_blocks
 
-    torch.set_num_threads(2)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()

@@ -138,7 +138,12 @@ def plan_for_profile(model: str, profile: str, overrides: dict[str, Any]) -> Pla
     device = load_profile(profile)
     facts = read_facts(model)
     plan = make_plan(
-        facts, device, model, quant=overrides.get("quant"), prune_layers=overrides.get("prune_layers")
+        facts,
+        device,
+        model,
+        quant=overrides.get("quant"),
+        prune_layers=overrides.get("prune_layers"),
+        healed=overrides.get("heal", True),
     )
     if not plan.fits or plan.chosen is None:
         raise NothingFitsError(plan.reason or f"nothing fits profile '{profile}'")

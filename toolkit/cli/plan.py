@@ -60,6 +60,10 @@ def plan_command(
         Path | None,
         typer.Option("--sensitivities", help="Measured sensitivities JSON (replaces the quality priors)."),
     ] = None,
+    no_heal: Annotated[
+        bool,
+        typer.Option("--no-heal", help="Plan for a compression without LoRA healing (one-shot depth priors)."),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Write plan.json here (atomically).")] = None,
     top: Annotated[int, typer.Option("--top", help="Candidates to show in the table.")] = 8,
@@ -80,6 +84,7 @@ def plan_command(
         sensitivities=measured,
         kv_cache_dtype=kv_cache,
         host_placement=host_placement,
+        healed=not no_heal,
     )
     if out is not None:
         write_plan(plan, out)

@@ -155,7 +155,74 @@ class ReportQuality(Record):
     kl_divergence: Any
     top1_agreement: Any
     accuracy: Any
+    prior_vs_measured: list[PriorVsMeasured] = []
     note: str = QUALITY_NOTE
+
+
+class PriorVsMeasured(Record):
+    """One quality term: the planner's prediction (percent perplexity increase, with its source) beside the
+    measured value, where a stage measured it (see prior_vs_measured for the formulas)."""
+
+    term: str
+    predicted_pct: float
+    source: str
+    measured_pct: float | None
+
+
+def prior_vs_measured(
+    chosen: Candidate | None, quality: QualityStages, reference: float | None
+) -> list[PriorVsMeasured]:
+    """The chosen candidate's predicted terms beside what compression and validation measured:
+
+    depth = 100 * (ppl(healed, else pruned) / ppl(original) - 1)   (torch, the compression's held-apart blocks)
+    quantization = 100 * (ppl(quantized) / ppl(healed, else pruned, else original) - 1)
+    total = 100 * (ppl(exported on the target runtime) / ppl(reference runtime) - 1)   (validation windows)
+    KV cache and vision have no stage of their own: their measured value is part of the total.
+    """
+    if chosen is None or chosen.predicted is None:
+        return []
+    terms = chosen.predicted
+
+    def ratio(numerator: Any, denominator: Any) -> float | None:
+        if not numerator or not denominator:
+            return None
+        return round(100.0 * (float(numerator) / float(denominator) - 1.0), 3)
+
+    before_quant = quality.healed or quality.pruned or quality.original
+    rows = [
+        PriorVsMeasured(
+            term="depth",
+            predicted_pct=terms.depth_pct,
+            source=f"{terms.depth_source}{': ' + terms.depth_prior if terms.depth_prior else ''}",
+            measured_pct=ratio(quality.healed or quality.pruned, quality.original)
+            if chosen.layers_removed
+            else 0.0,
+        ),
+        PriorVsMeasured(
+            term=f"quantization {chosen.quant}",
+            predicted_pct=terms.quant_pct,
+            source=terms.quant_source,
+            measured_pct=ratio(quality.quantized, before_quant),
+        ),
+    ]
+    if chosen.kv_cache_dtype:
+        rows.append(
+            PriorVsMeasured(
+                term=f"KV cache {chosen.kv_cache_dtype}",
+                predicted_pct=terms.kv_pct,
+                source=terms.kv_source,
+                measured_pct=None,
+            )
+        )
+    rows.append(
+        PriorVsMeasured(
+            term="total (target runtime)",
+            predicted_pct=terms.total_pct,
+            source="product of the terms",
+            measured_pct=ratio(quality.exported, reference),
+        )
+    )
+    return rows
 
 
 class LayerSelection(Record):
@@ -241,18 +308,21 @@ def _quality(final: Attempt) -> ReportQuality:
     evaluation = final.evaluation
     quality = final.quality
     reference = evaluation.get("reference") if isinstance(evaluation.get("reference"), dict) else {}
+    stages = QualityStages(
+        original=quality.get("original"),
+        pruned=quality.get("pruned"),
+        healed=quality.get("healed"),
+        quantized=quality.get("quantized"),
+        exported=evaluation.get("perplexity"),
+    )
+    reference_perplexity = reference.get("perplexity") or evaluation.get("reference_perplexity")
     return ReportQuality(
-        stages=QualityStages(
-            original=quality.get("original"),
-            pruned=quality.get("pruned"),
-            healed=quality.get("healed"),
-            quantized=quality.get("quantized"),
-            exported=evaluation.get("perplexity"),
-        ),
-        reference_runtime_perplexity=reference.get("perplexity") or evaluation.get("reference_perplexity"),
+        stages=stages,
+        reference_runtime_perplexity=reference_perplexity,
         kl_divergence=evaluation.get("kl_divergence"),
         top1_agreement=evaluation.get("top1_agreement"),
         accuracy=evaluation.get("accuracy"),
+        prior_vs_measured=prior_vs_measured(final.plan.chosen, stages, reference_perplexity),
     )
 
 
@@ -444,6 +514,22 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _prior_table(report: dict[str, Any]) -> str:
+    """The planner's predicted perplexity terms beside the measured ones ("no stage" where none measures it)."""
+    rows = [
+        [
+            html.escape(row["term"]),
+            f"{row['predicted_pct']:+.2f} %",
+            "no stage" if row["measured_pct"] is None else f"{row['measured_pct']:+.2f} %",
+            html.escape(row["source"]),
+        ]
+        for row in report["quality"].get("prior_vs_measured") or []
+    ]
+    if not rows:
+        return "<p>no prediction recorded (plan written before predictions carried their terms)</p>"
+    return _table(["term", "predicted", "measured", "prediction's source"], rows)
+
+
 def _check_rows(checks: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for data in checks:
@@ -525,6 +611,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}}.pass{{color:#080;fo
 <h2>Checks</h2>{_table(["", "check", "value", "threshold", "blocking", "detail"], _check_rows(report["checks"]))}
 <h2>Attempts</h2>{attempts}
 <h2>Plan</h2><p>{html.escape(report["plan"]["reason"])}</p>
+<h2>Predicted and measured quality</h2>{_prior_table(report)}
 <h2>Stages</h2>{stages}
 <h2>Data (hashes and counts only)</h2>{_table(["set", "value"], data_rows)}
 {figures}

@@ -19,11 +19,9 @@ largest n_gpu_layers that fits the GPU (llama.cpp users' manual search, here a b
   quality     predicted perplexity increase (toolkit.plan.quality_priors.predict_quality; the KV precision is
               one more factor)
 
-Choice among passing candidates:
-  * priors only (no measured per-layer sensitivities): fewest layers removed first (lower precision is preferred
-    before removing layers: depth priors are coarse), then the lowest predicted loss;
-  * measured per-layer sensitivities given: the lowest predicted loss.
-Losses within QUALITY_TIE_PCT of the best are ties (below the resolution of the published perplexity tables:
+Choice among passing candidates: the lowest predicted loss, so depth and bits are weighed on one scale (the
+perplexity ratio of each term, measured where the compression stage measured it, else its prior; priors and
+their sources in docs/PRIORS.md; `healed` picks the healed or one-shot depth curve). Losses within QUALITY_TIE_PCT of the best are ties (below the resolution of the published perplexity tables:
 the Llama-3-8B scoreboard's ΔPPL standard errors are ~0.001-0.002 on 6.23, i.e. ~0.02-0.03 %). A tie goes to
 everything on the GPU before a host placement. All on the GPU, the more precise KV cache wins (f16 before q8_0
 before q4_0: quantizing the cache is a memory lever, used when it buys a better scheme or depth), then the
@@ -54,8 +52,14 @@ from toolkit.plan.memory import (
     runtime_for,
     text_weights,
 )
-from toolkit.plan.quality_priors import QualityPrediction, Sensitivities, predict_quality
-from toolkit.plan.schema import Candidate, MemoryEstimate, Plan
+from toolkit.plan.quality_priors import (
+    QualityPrediction,
+    Sensitivities,
+    depth_coefficient,
+    depth_prior_group,
+    predict_quality,
+)
+from toolkit.plan.schema import Candidate, MemoryEstimate, Plan, PredictedQuality
 from toolkit.target.profiles import DeviceProfile
 
 # Roofline: decode reads every weight once per token at the tier's peak bandwidth. 1.0 makes the estimate an
@@ -196,6 +200,7 @@ class _Search:
     budget: int
     host_budget: int | None
     min_speed: float
+    healed: bool = True
 
 
 def _score(search: _Search, deployment: Deployment, tensors: list[StoredTensor]) -> _Scored:
@@ -209,6 +214,7 @@ def _score(search: _Search, deployment: Deployment, tensors: list[StoredTensor])
         search.sensitivities,
         deployment.vision_dtype,
         kv_cache_dtype=kv_dtype if deployment.format != "onnx" else None,
+        healed=search.healed,
     )
     speed = DECODE_BANDWIDTH_EFFICIENCY / decode_seconds_per_token(facts, deployment, profile, tensors)
     fits_model = memory.total_bytes <= search.budget
@@ -277,6 +283,7 @@ def make_plan(
     settings: RuntimeSettings | None = None,
     kv_cache_dtype: str | None = None,
     host_placement: bool = True,
+    healed: bool = True,
 ) -> Plan:
     """Enumerate, estimate and choose (see the module docstring for the rules). Never raises for "no fit":
     the Plan then has fits=False, chosen=None and a reason with the smallest candidate's size against the budget.
@@ -301,6 +308,7 @@ def make_plan(
         budget=memory_budget(profile),
         host_budget=host_budget(profile),
         min_speed=profile.min_decode_tokens_per_s.value,
+        healed=healed,
     )
     depths = [prune_layers] if prune_layers is not None else list(range(facts.num_layers // 2 + 1))
     vision_dtypes: tuple[str | None, ...] = VISION_DTYPES if facts.vision is not None else (None,)
@@ -333,8 +341,10 @@ def make_plan(
                             )
 
     passing = [s for s in scored if s.passes]
-    chosen = _choose(passing, by_layers)
-    ordered = _order(scored, chosen, by_layers)
+    chosen = _choose(passing)
+    ordered = _order(scored, chosen)
+    if chosen is not None:
+        chosen.candidate.predicted = _predicted_terms(facts, chosen, healed)
     fp16_bytes = facts.total_params * 2
     plan = Plan(
         model=model_name,
@@ -379,28 +389,49 @@ def _tie_key(s: _Scored) -> tuple:
     return (0, _kv_rank(c), c.memory.total_bytes, 0.0, s.quality.total_pct)
 
 
-def _choose(passing: list[_Scored], by_layers: bool) -> _Scored | None:
-    """Fewest layers removed (priors only), then loss within QUALITY_TIE_PCT of the best, then _tie_key."""
+def _choose(passing: list[_Scored]) -> _Scored | None:
+    """The lowest predicted loss (depth and bits weighed by the same perplexity scale); losses within
+    QUALITY_TIE_PCT of the best are ties, settled by _tie_key."""
     if not passing:
         return None
-    pool = passing
-    if not by_layers:
-        fewest = min(s.candidate.layers_removed for s in pool)
-        pool = [s for s in pool if s.candidate.layers_removed == fewest]
-    best = min(s.quality.total_pct for s in pool)
-    ties = [s for s in pool if s.quality.total_pct <= best + QUALITY_TIE_PCT]
+    best = min(s.quality.total_pct for s in passing)
+    ties = [s for s in passing if s.quality.total_pct <= best + QUALITY_TIE_PCT]
     return min(ties, key=_tie_key)
 
 
-def _order(scored: list[_Scored], chosen: _Scored | None, by_layers: bool) -> list[_Scored]:
-    """Chosen first, then passing candidates by the choice rule, then the rest by size."""
+def _order(scored: list[_Scored], chosen: _Scored | None) -> list[_Scored]:
+    """Chosen first, then passing candidates by predicted loss, then the rest by loss and size."""
 
     def key(s: _Scored) -> tuple:
-        layers = 0 if by_layers else s.candidate.layers_removed
-        return (not s.passes, layers, round(s.quality.total_pct, 6), s.candidate.memory.total_bytes)
+        return (not s.passes, round(s.quality.total_pct, 6), s.candidate.memory.total_bytes)
 
     rest = sorted((s for s in scored if s is not chosen), key=key)
     return ([chosen] if chosen else []) + rest
+
+
+def _predicted_terms(facts: ModelFacts, scored: _Scored, healed: bool) -> PredictedQuality:
+    """The chosen candidate's quality terms, with the depth curve named when the depth term is a prior."""
+    q, k = scored.quality, scored.candidate.layers_removed
+    depth_prior = ""
+    if q.depth_source == "prior" and k > 0:
+        group = depth_prior_group(facts)
+        c = depth_coefficient(facts.text_params, k / facts.num_layers, group, healed)
+        depth_prior = (
+            f"{group} family curve at {facts.text_params / 1e9:.2g}B text parameters, "
+            f"{'healed' if healed else 'one-shot'}: ln(PPL ratio) = {c:.2f} x {k}/{facts.num_layers} "
+            "(docs/PRIORS.md)"
+        )
+    return PredictedQuality(
+        total_pct=round(q.total_pct, 4),
+        quant_pct=round(q.quant_pct, 4),
+        quant_source=q.quant_source,
+        depth_pct=round(q.depth_pct, 4),
+        depth_source=q.depth_source,
+        depth_prior=depth_prior,
+        kv_pct=round(q.kv_pct, 4),
+        kv_source=q.kv_source,
+        vision_pct=round(q.vision_pct, 4),
+    )
 
 
 def _memory_line(memory: MemoryEstimate) -> str:
@@ -443,9 +474,14 @@ def _chosen_reason(
     q = chosen.quality
     saving = 1 - (c.memory.weights_bytes + _host_weights(c.memory) + c.memory.vision_bytes) / plan.fp16_bytes
     rule = (
-        "lowest predicted loss using measured layer sensitivities"
+        "lowest predicted loss, depth from measured layer sensitivities"
         if by_layers
-        else "fewest layers removed that fit (lower precision before depth pruning), then lowest predicted loss"
+        else "lowest predicted loss, depth and bits weighed by their priors"
+    )
+    depth_source = (
+        f"{q.depth_source}: {c.predicted.depth_prior}"
+        if c.predicted and c.predicted.depth_prior
+        else q.depth_source
     )
     floor = profile.quality_floor.max_perplexity_increase_pct.value
     floor_note = (
@@ -461,7 +497,7 @@ def _chosen_reason(
         f"chose {_describe(c, facts.num_layers)} on {c.runtime}: {_gib(c.memory.total_bytes)} of the "
         f"{_budget_line(profile, plan.budget_bytes)}; {_memory_line(c.memory)}{_host_line(profile, c)}; "
         f"weights+vision {saving:.0%} below fp16; predicted +{q.total_pct:.2f} % perplexity (quantization "
-        f"+{q.quant_pct:.2f} % {q.quant_source}, depth +{q.depth_pct:.2f} % {q.depth_source}{kv}); up to "
+        f"+{q.quant_pct:.2f} % {q.quant_source}, depth +{q.depth_pct:.2f} % {depth_source}{kv}); up to "
         f"{c.predicted_decode_tokens_per_s:g} tok/s; rule: {rule}{floor_note}"
     )
 

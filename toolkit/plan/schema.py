@@ -26,6 +26,23 @@ class MemoryEstimate(BaseModel):
     detail: dict[str, int] = {}  # finer terms (per tensor type, compute buffer, context, ...)
 
 
+class PredictedQuality(BaseModel):
+    """The terms of a candidate's predicted perplexity increase (percent) and where each came from, so a report
+    can set the measured value beside the prior (formulas and sources: docs/PRIORS.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    total_pct: float
+    quant_pct: float
+    quant_source: str  # "prior", "prior (imatrix)" or "measured"
+    depth_pct: float
+    depth_source: str
+    depth_prior: str = ""  # the depth curve used: family group, text parameters, healed or one-shot
+    kv_pct: float = 0.0
+    kv_source: str = "prior"
+    vision_pct: float = 0.0
+
+
 class Candidate(BaseModel):
     """One point of the search space with its estimated memory and predicted quality loss."""
 
@@ -48,6 +65,7 @@ class Candidate(BaseModel):
     fits: bool
     predicted_quality_loss: float  # predicted perplexity increase, percent
     predicted_decode_tokens_per_s: float | None = None
+    predicted: PredictedQuality | None = None  # the terms of predicted_quality_loss (the chosen candidate's)
     reason: str = ""
 
 
