@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.runtimes
 	$(BIN)/python -m bench.awq_budget --threads 2
+	$(BIN)/python -m bench.quant_methods --threads 2
 	$(BIN)/python -m bench.mmap_repack
 
 # A target with the base install only (no torch) verifies the bundle of `make deploy`.

@@ -178,16 +178,32 @@ def demo_gguf_iq(demo_gguf_export):
 @pytest.fixture(scope="session")
 def demo_onnx_export(demo_model_dir, tmp_path_factory):
     """Factory: scheme -> the `exporters.ExportResult` of the demo model's ONNX export in that scheme (default
-    options), exported on first use."""
-    from exporters import export
+    options), exported on first use; optimum's own export (the float graph every scheme starts from) runs once."""
+    import shutil
+
+    from exporters import export, onnx_exporter
 
     results = {}
+    graphs = tmp_path_factory.mktemp("demo-optimum-graphs")
+    run_optimum_export = onnx_exporter.run_optimum_export
+
+    def optimum_once(model_dir: Path, output: Path, dtype: str) -> None:
+        """optimum's graph of the demo checkpoint is the same for every scheme (quantization rewrites it after):
+        export it once per dtype and hand later exports a copy."""
+        graph = graphs / dtype
+        if not graph.is_dir():
+            run_optimum_export(model_dir, output, dtype)
+            shutil.copytree(output, graph)
+        else:
+            shutil.copytree(graph, output)
 
     def get(scheme: str):
         if scheme not in results:
-            results[scheme] = export(
-                demo_model_dir, "onnx", scheme, tmp_path_factory.mktemp(f"demo-onnx-{scheme}")
-            )
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(onnx_exporter, "run_optimum_export", optimum_once)
+                results[scheme] = export(
+                    demo_model_dir, "onnx", scheme, tmp_path_factory.mktemp(f"demo-onnx-{scheme}")
+                )
         return results[scheme]
 
     return get

@@ -662,3 +662,17 @@ def test_deploy_that_nothing_passes_exits_1_with_a_report_and_no_bundle(tmp_path
     assert "perplexity_increase_pct" in failed and "peak_memory_bytes" not in failed
     assert (out / "report.html").is_file()
     assert not list(out.glob("bundle-*"))
+
+
+def test_layer_plot_is_left_out_when_no_layer_was_scored():
+    """Nothing removed, nothing scored: the page says the stage was skipped instead of drawing empty axes."""
+    from toolkit.deploy.report import plot_layer_scores
+
+    assert (
+        plot_layer_scores({"layer_selection": {"method": None, "scores": [None] * 30, "layers_removed": []}})
+        is None
+    )
+    drawn = plot_layer_scores(
+        {"layer_selection": {"method": "activation", "scores": [0.1] * 30, "layers_removed": [3]}}
+    )
+    assert drawn is not None and len(drawn) > 1000  # a base64 PNG

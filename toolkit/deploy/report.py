@@ -446,8 +446,8 @@ def plot_candidates(report: dict[str, Any]) -> str | None:
 def plot_layer_scores(report: dict[str, Any]) -> str | None:
     """Per-layer selection scores; removed layers in red."""
     selection = report.get("layer_selection")
-    if not selection:
-        return None
+    if not selection or all(score is None for score in selection["scores"]):
+        return None  # no layer was scored (nothing removed): the page says the stage was skipped
     import matplotlib.pyplot as plt
 
     scores = selection["scores"]
