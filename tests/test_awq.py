@@ -210,7 +210,9 @@ def test_kquant_rows_not_a_multiple_of_256_fall_back_as_llama_cpp_does() -> None
     for (_, got), (_, want) in zip(decoder_linears(quantized.model), decoder_linears(expected), strict=True):
         assert torch.equal(got.weight, want.weight)
     result = awq(base, _ids(4, 32, 5), "Q4_K_M", progress=False, n_grid=2, clip=False, search_tokens=64)
-    assert result.record["search_grids"] == ["Q5_0"]
+    # llama.cpp's per-tensor types: Q4_K -> Q5_0 on these rows; attn_v / ffn_down of use_more_bits layers are
+    # Q6_K -> Q8_0 (toolkit.model.storage_types); no 256-block grid is searched on 64/128-wide rows.
+    assert "Q5_0" in result.record["search_grids"] and set(result.record["search_grids"]) <= {"Q5_0", "Q8_0"}
     assert get_grid("Q4_K_M").name == "Q4_K"
 
 

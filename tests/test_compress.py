@@ -131,6 +131,15 @@ def test_record_contract_keys_and_types(awq_run):
     assert len(scores["scores"]) == NUM_LAYERS and all(isinstance(s, float) for s in scores["scores"])
     # block-influence removes the lowest-scored layer
     assert removed == [min(range(NUM_LAYERS), key=lambda i: scores["scores"][i])]
+    # linear replacement is on by default: the removed span's map, its loss before and after
+    replacement = record["replacement"]
+    assert replacement["mode"] == "linear" and record["options"]["replace"] == "linear"
+    (span,) = replacement["spans"]
+    assert span["layers"] == removed and span["calibration_tokens"] == 8 * 32
+    assert span["held_apart_tokens"] == 4 * 32
+    for key in ("relative_error", "held_apart_relative_error"):
+        assert span[f"{key}_after"] >= 0.0 and span[f"{key}_before"] > 0.0
+    assert span["relative_error_after"] < span["relative_error_before"]
 
     assert record["quant"] == {
         "scheme": "Q4_0",
@@ -138,6 +147,9 @@ def test_record_contract_keys_and_types(awq_run):
         "group_size": 32,
         "export_grid": "Q4_0",
         "search_grid": "Q4_0",
+        # the export rounds with the matrix AWQ writes: the search re-ranked its finalists on that rounding
+        "search_rounding": "rerank",
+        "export_rounding": "libggml with the importance matrix of the scaled model",
     }
     awq_layers = record["awq"]["layers"]
     assert len(awq_layers) == NUM_LAYERS - 1
@@ -173,10 +185,12 @@ def test_record_contract_keys_and_types(awq_run):
     assert not any(path.name.startswith(".tmp-") for path in out.rglob("*"))
 
 
-def test_checkpoint_reloads_and_equals_the_pipeline_run_in_memory(awq_run, tiny):
+def test_checkpoint_reloads_and_equals_the_pipeline_run_in_memory(awq_run, tiny, tmp_path):
     """Redo prune -> heal -> AWQ by hand on the same data: the saved checkpoint gives the same logits."""
+    from exporters.gguf_imatrix import read_imatrix
     from toolkit.compress.heal import heal
     from toolkit.compress.prune import remove_layers, select_layers
+    from toolkit.compress.prune.replace import replace_removed_layers
     from toolkit.compress.quant.awq import awq
     from toolkit.compress.quant.rtn import fake_quantize_model
 
@@ -192,15 +206,16 @@ def test_checkpoint_reloads_and_equals_the_pipeline_run_in_memory(awq_run, tiny)
     model = load_float(folder)
     selection = select_layers("block-influence", model, data.calib_ids, 1)
     assert selection.layers_to_remove == record["layers_removed"]
+    replace_removed_layers(model, selection.layers_to_remove, data.calib_ids, eval_input_ids=data.eval_ids)
     remove_layers(model, selection.layers_to_remove)
     model = heal(model, None, data.heal_ids, max_steps=3, seed=0, progress=False).model
-    model = awq(model, data.calib_ids, "Q4_0", progress=False, seed=0).model
+    model = awq(model, data.calib_ids, "Q4_0", progress=False, seed=0, imatrix_path=tmp_path / "m.gguf").model
 
     saved = load_float(result.checkpoint)
     ids = data.eval_ids
     torch.testing.assert_close(logits_of(saved, ids), logits_of(model, ids), atol=1e-5, rtol=0)
-    # quality.quantized is the perplexity of the export grid's weights
-    fake_quantize_model(saved, "Q4_0")
+    # quality.quantized is the perplexity of the weights the export writes (libggml with AWQ's matrix)
+    fake_quantize_model(saved, "Q4_0", imatrix=read_imatrix(result.imatrix).values)
     assert perplexity(saved, ids) == pytest.approx(record["quality"]["quantized"], rel=1e-6)
     assert weights_sha256(result.checkpoint) == record["checkpoint"]["sha256"]
 
@@ -278,7 +293,13 @@ def test_explicit_layers_without_heal_or_quant_equal_plain_surgery(tiny, tmp_pat
     calibration_paragraphs = corpus.read_text().split("\n\n")
     eval_file.write_text("\n\n".join([*calibration_paragraphs[:3], corpus_text(1, 20)]), encoding="utf-8")
     options = CompressOptions(
-        layers=(1, 2), heal=False, calib=str(corpus), eval_data=str(eval_file), calib_sequences=4, seq_len=32
+        layers=(1, 2),
+        replace="none",
+        heal=False,
+        calib=str(corpus),
+        eval_data=str(eval_file),
+        calib_sequences=4,
+        seq_len=32,
     )
     result = compress(folder, tmp_path / "out", options, progress=False)
     record = result.record
@@ -287,6 +308,7 @@ def test_explicit_layers_without_heal_or_quant_equal_plain_surgery(tiny, tmp_pat
     assert record["stages"]["heal"] == {"skipped": "healing turned off (--no-heal)"}
     assert record["stages"]["quantize"] == {"skipped": "no quantization scheme"}
     assert record["quant"] is None and record["awq"] is None and record["heal"] is None
+    assert record["replacement"] is None
     assert record["quality"]["healed"] is None and record["quality"]["quantized"] is None
     assert record["eval"]["duplicates_removed"] == 3 and record["eval"]["overlap_with_calibration"] == 0
     assert record["eval"]["source"] == str(eval_file)
@@ -449,6 +471,8 @@ def assert_one_line_error(code: int, stderr: str, *needles: str) -> None:
         (["--prune-layers", "1", "--method", "nope"], ["'nope'", "activation", "last"]),
         (["--quant", "Q9_9"], ["Q9_9", "Q4_K_M", "int4_b32"]),
         (["--quant", "Q4_0", "--quant-method", "gptq"], ["gptq", "awq, rtn"]),
+        (["--prune-layers", "1", "--replace", "cubic"], ["--replace", "'cubic'", "linear, none"]),
+        (["--prune-layers", "1", "--method", "replace-aware", "--replace", "none"], ["--replace linear"]),
         (["--quant", "Q4_0", "--calib-sequences", "129"], ["between 1 and 128"]),
         (["--quant", "Q4_0", "--calib-sequences", "0"], ["between 1 and 128"]),
         (["--plan", "missing-plan.json"], ["missing-plan.json", "not found"]),

@@ -59,7 +59,20 @@ def compress_command(
         typer.Option("--quant", help="Export scheme to prepare for (Q4_K_M, Q4_0, int4_b32, ...)."),
     ] = None,
     quant_method: Annotated[
-        str | None, typer.Option("--quant-method", help="awq (scales + clipping) or rtn (none).")
+        str | None,
+        typer.Option(
+            "--quant-method",
+            help="awq (scales + clipping, searched on the export rounding), rtn (none) or imatrix "
+            "(llama.cpp importance matrix, GGUF only).",
+        ),
+    ] = None,
+    replace: Annotated[
+        str | None,
+        typer.Option(
+            "--replace",
+            help="Removed layers: linear (default: a fitted linear map folded into the block before each "
+            "removed span, no extra parameters) or none (plain removal).",
+        ),
     ] = None,
     no_heal: Annotated[bool, typer.Option("--no-heal", help="Skip LoRA healing after pruning.")] = False,
     heal_steps: Annotated[int | None, typer.Option("--heal-steps", help="LoRA optimizer steps.")] = None,
@@ -87,6 +100,7 @@ def compress_command(
         "method": method,
         "quant": quant,
         "quant_method": quant_method,
+        "replace": replace,
         "heal_steps": heal_steps,
         "calib": calib,
         "eval_data": eval_data,
@@ -183,6 +197,20 @@ def print_summary(result: CompressResult) -> None:
         f"{record['model']['num_layers']} remain); quant: "
         f"{record['quant']['scheme'] + ' / ' + str(record['quant']['method']) if record['quant'] else 'none'}"
     )
+    replacement = record.get("replacement")
+    for span in (replacement or {}).get("spans", []):
+        held = span.get("held_apart_relative_error_after")
+        console.print(
+            f"linear replacement of layers {span['layers']} ({span['fold']}): span output error "
+            f"{span['relative_error_before']:.3f} -> {span['relative_error_after']:.3f} on calibration"
+            + (
+                f", {span['held_apart_relative_error_before']:.3f} -> {held:.3f} held apart"
+                if held is not None
+                else ""
+            )
+        )
+    for span in (replacement or {}).get("skipped", []):
+        console.print(f"linear replacement skipped for layers {span['layers']}: {span['reason']}")
     console.print(f"checkpoint: {result.checkpoint}")
     if result.imatrix is not None:
         console.print(f"importance matrix: {result.imatrix}")

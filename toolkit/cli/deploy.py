@@ -51,8 +51,21 @@ def deploy_command(
         typer.Option("--prune-method", help="Layer selection: activation, block-influence, angular, last."),
     ] = "activation",
     quant_method: Annotated[
-        str, typer.Option("--quant-method", help="awq (default) or rtn (no AWQ search: faster, for tests).")
+        str,
+        typer.Option(
+            "--quant-method",
+            help="awq (default), rtn (no AWQ search: faster, for tests) or imatrix (llama.cpp's importance "
+            "matrix, GGUF only).",
+        ),
     ] = "awq",
+    replace: Annotated[
+        str,
+        typer.Option(
+            "--replace",
+            help="Removed layers: linear (a fitted linear map folded into the block before each removed span, "
+            "no extra parameters) or none (plain removal).",
+        ),
+    ] = "linear",
     threads: Annotated[
         int | None, typer.Option("--threads", help="Runtime threads (default: runtime's).")
     ] = None,
@@ -95,6 +108,7 @@ def deploy_command(
         seq_len=seq_len,
         prune_method=prune_method,
         quant_method=quant_method,
+        replace=replace,
         threads=threads,
         kv_cache_dtype=kv_cache,
         allow_pickle=allow_pickle,

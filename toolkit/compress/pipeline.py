@@ -7,14 +7,20 @@ Stages (each reads the previous one's checkpoint and writes its own folder, see
 `toolkit.compress.stages` for the cache, hashes and atomic writes):
 
 1. **prune**: choose the layers (`toolkit.compress.prune.select_layers`, or the explicit `layers`, e.g. a
-   plan's) and remove them (`remove_layers`). Skipped when no layer is removed.
+   plan's), with `replace="linear"` (the default) fit one linear map per removed span on the calibration
+   blocks and fold it into the block before the span (`toolkit.compress.prune.replace`, ReplaceMe: no
+   extra parameters; its loss before and after goes to compression.json `replacement`), then remove them
+   (`remove_layers`). Done here, before healing and AWQ, so both see the replaced model. Skipped when no
+   layer is removed.
 2. **heal**: LoRA fine-tune on the calibration data, merged (`toolkit.compress.heal.heal`); question/answer
    data trains on the answers only (`question_answer_training_blocks`). Skipped when no layer was
    removed or with `heal=False`.
-3. **quantize**: AWQ (`toolkit.compress.quant.awq.awq`) folds scales and clipping into *float* weights and
-   writes llama.cpp's importance matrix for GGUF schemes; RTN leaves the weights as they are (the
-   exporter rounds either way, on the grid of `toolkit.compress.quant.get_grid(scheme)`). Skipped without a
-   scheme, or for float schemes (F16, fp16, fp32).
+3. **quantize** (methods: `toolkit.compress.quant.methods`): AWQ (`toolkit.compress.quant.awq.awq`) folds
+   scales and clipping into *float* weights and writes llama.cpp's importance matrix of the scaled model for
+   GGUF schemes (its search rounds as the export will, with that matrix); RTN leaves the weights as they
+   are; `imatrix` (llama.cpp's own method, GGUF only) leaves them too and writes the matrix of the unscaled
+   model (`toolkit.compress.quant.imatrix`). The exporter rounds in every case, with the matrix when one is
+   written. Skipped without a scheme, or for float schemes (F16, fp16, fp32).
 
 Quality per stage is the token-level perplexity (formula in `toolkit.compress.stages`) on held-apart
 evaluation blocks that share no document with the calibration data: `original`, `pruned`, `healed`
@@ -24,7 +30,7 @@ to the in-memory model after the quantize stage has saved its float weights (no 
 the model is held), and that model is then discarded.
 
 Layout of `out/`: `checkpoint/` (HF safetensors + config + tokenizer + chat template),
-`compression.json`, `imatrix.gguf` (GGUF schemes with AWQ), `stages/<stage>-<hash12>/` and
+`compression.json`, `imatrix.gguf` (GGUF schemes with AWQ or imatrix), `stages/<stage>-<hash12>/` and
 `stages/quality.json` (perplexities by stage hash and evaluation data, so a resumed run does not
 recompute them).
 """
@@ -41,17 +47,22 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from exporters.gguf_imatrix import read_imatrix
 from toolkit import __version__
 from toolkit.compress.heal import heal, question_answer_training_blocks
 from toolkit.compress.prune import check_layer_indices, get_selection_method, remove_layers, select_layers
+from toolkit.compress.prune.replace import check_replace_mode, replace_removed_layers
 from toolkit.compress.quant import get_grid
 from toolkit.compress.quant.awq import awq
+from toolkit.compress.quant.imatrix import gather_imatrix
+from toolkit.compress.quant.methods import GGUF_ONLY_METHODS
+from toolkit.compress.quant.methods import QUANT_METHODS as QUANT_METHOD_REGISTRY
 from toolkit.compress.quant.rtn import fake_quantize_model
 from toolkit.compress.record import CompressionRecord, CompressOptions
 from toolkit.compress.stages import StageRunner, eval_overlap, link_checkpoint, load_tokenizer, stage_hash
 from toolkit.core.atomic import building_folder, remove_stale_temporaries, write_json_atomic
 from toolkit.core.errors import BedsideError, NothingFitsError
-from toolkit.core.formats import FORMATS, all_schemes
+from toolkit.core.formats import FORMATS, all_schemes, format_of_scheme
 from toolkit.core.hashing import sha256_json, token_ids_sha256, weights_sha256
 from toolkit.core.output_dir import check_out_dir, make_out_dir
 from toolkit.core.records import COMPRESSION_RECORD, DEFAULT_DATA, EVAL_FRACTION
@@ -63,7 +74,7 @@ if TYPE_CHECKING:
     from toolkit.plan.schema import Plan
 
 STAGES: tuple[str, ...] = ("prune", "heal", "quantize")
-QUANT_METHODS: tuple[str, ...] = ("awq", "rtn")
+QUANT_METHODS: tuple[str, ...] = tuple(QUANT_METHOD_REGISTRY)  # awq, rtn, imatrix
 MAX_CALIBRATION_SEQUENCES = 128
 DEFAULT_CALIBRATION = DEFAULT_DATA
 IMATRIX_NAME = "imatrix.gguf"
@@ -108,6 +119,12 @@ def validate_options(options: CompressOptions, num_layers: int | None = None) ->
             )
     if options.layers is None and options.prune_layers > 0:
         get_selection_method(options.method)  # names the allowed methods when unknown
+    check_replace_mode(options.replace)
+    selecting = options.layers is None and options.prune_layers > 0
+    if selecting and options.method == "replace-aware" and options.replace == "none":
+        raise BedsideError(
+            "--method replace-aware scores spans by their loss after linear replacement: use it with --replace linear"
+        )
     if options.quant is not None and options.quant not in all_schemes():
         raise BedsideError(
             f"unknown quantization scheme {options.quant!r}: choose one of {', '.join(all_schemes())}"
@@ -115,6 +132,15 @@ def validate_options(options: CompressOptions, num_layers: int | None = None) ->
     if options.quant_method not in QUANT_METHODS:
         raise BedsideError(
             f"unknown quantization method {options.quant_method!r}: choose one of {', '.join(QUANT_METHODS)}"
+        )
+    if (
+        options.quant_method in GGUF_ONLY_METHODS
+        and options.quant is not None
+        and format_of_scheme(options.quant) != "gguf"
+    ):
+        raise BedsideError(
+            f"--quant-method {options.quant_method} is llama.cpp's importance matrix: it applies to GGUF schemes "
+            f"only, not {options.quant!r} (use awq or rtn)"
         )
     if not 1 <= options.calib_sequences <= MAX_CALIBRATION_SEQUENCES:
         raise BedsideError(
@@ -302,6 +328,7 @@ def _prune_stage(
             "layers_removed": [],
             "layer_scores": {"method": None, "scores": [None] * num_layers},
             "selection": None,
+            "replacement": None,
         }
         return _Outcome({"skipped": "no layers to remove (prune_layers 0)"}, previous, False, details)
     explicit = options.layers is not None
@@ -316,6 +343,12 @@ def _prune_stage(
         inputs = {"method": options.method, "n_remove": n_remove, "knobs": knobs}
         if method.needs_calibration:
             inputs["calibration"] = data.calibration["blocks_sha256"]
+    if options.replace != "none":  # absent for "none": plain-removal stages keep their earlier hashes
+        inputs.update(
+            replace=options.replace,
+            calibration=data.calibration["blocks_sha256"],
+            evaluation=token_ids_sha256(data.eval_ids),
+        )
     input_hash = stage_hash("prune", previous, inputs)
 
     def compute(model: Any, _folder: Path) -> tuple[Any, dict[str, Any]]:
@@ -327,11 +360,19 @@ def _prune_stage(
             selection = select_layers(options.method, model, data.calib_ids, n_remove, **knobs)
             layers = list(selection.layers_to_remove)
             scores = {"method": selection.method, "scores": list(selection.scores)}
+        replacement: dict[str, Any] | None = None
+        if options.replace == "linear":
+            # Fit on the unpruned model (the spans' inputs and outputs), fold, then remove.
+            _say(runner.progress, f"prune: fitting the linear replacement of layers {layers}")
+            replacement = replace_removed_layers(
+                model, layers, data.calib_ids, eval_input_ids=data.eval_ids, strict=False
+            ).record
         remove_layers(model, layers)
         return model, {
             "layers_removed": layers,
             "layer_scores": scores,
             "selection": selection.to_dict() if selection is not None else None,
+            "replacement": replacement,
         }
 
     _say(runner.progress, f"prune: removing {n_remove} of {num_layers} layers")
@@ -392,14 +433,23 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         return _Outcome({"skipped": reason}, previous, False, {"quant": quant, "awq": None})
     inputs: dict[str, Any] = {"scheme": scheme, "method": options.quant_method}
     if options.quant_method == "awq":
-        inputs.update(calibration=data.calibration["blocks_sha256"], seed=options.seed)
+        # search_rounding: the search rounds as the export does (libggml + matrix), not on a stand-in
+        inputs.update(calibration=data.calibration["blocks_sha256"], seed=options.seed, search_rounding="rerank")
+    if options.quant_method == "imatrix":
+        inputs.update(calibration=data.calibration["blocks_sha256"])
     input_hash = stage_hash("quantize", previous, inputs)
     write_imatrix = scheme in FORMATS["gguf"]
 
     def compute(model: Any, folder: Path) -> tuple[Any, dict[str, Any]]:
         if options.quant_method == "rtn":
             # The exporter rounds to nearest on the same grid: the float weights stay as they are.
-            return None, {"quant": quant, "awq": None}
+            return None, {"quant": {**quant, "search_rounding": None}, "awq": None}
+        if options.quant_method == "imatrix":
+            # llama.cpp's method: weights unchanged, the matrix of the unscaled model guides the export.
+            stats = gather_imatrix(model, data.calib_ids)
+            stats.write(folder / IMATRIX_NAME)
+            details = {**quant, "search_rounding": None, "imatrix": stats.record()}
+            return None, {"quant": details, "awq": None}
 
         imatrix = folder / IMATRIX_NAME if write_imatrix else None
         result = awq(
@@ -407,7 +457,13 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         )
         record = dict(result.record)
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None  # relative to the stage folder
-        return result.model, {"quant": {**quant, "search_grid": record.get("search_grid")}, "awq": record}
+        details = {
+            **quant,
+            "search_grid": record.get("search_grid"),
+            "search_rounding": record.get("search_rounding"),  # exact | rerank | emulated
+            "export_rounding": record.get("export_rounding"),
+        }
+        return result.model, {"quant": details, "awq": record}
 
     _say(runner.progress, f"quantize: {options.quant_method} for {scheme}")
     stored = runner.run("quantize", input_hash, inputs, compute)
@@ -475,8 +531,12 @@ def compress(
         scheme = options.quant
         if quantized.ran and (runner.current_dir / IMATRIX_NAME).is_file():
             imatrix_source = runner.current_dir / IMATRIX_NAME
+        # What the exported file holds: with a matrix, llama.cpp's weighted rounding (libggml), else the grid.
+        matrix = read_imatrix(imatrix_source).values if imatrix_source is not None else None
         quality["quantized"] = runner.quality(
-            f"quantized-{scheme}-{quantized.hash}", "quantized", lambda m: fake_quantize_model(m, scheme)
+            f"quantized-{scheme}-{quantized.hash}",
+            "quantized",
+            lambda m: fake_quantize_model(m, scheme, imatrix=matrix),
         )
 
     (out / COMPRESSION_RECORD).unlink(missing_ok=True)  # never a record beside another run's weights
@@ -497,6 +557,7 @@ def compress(
         "num_layers_after": num_layers - len(pruned.details["layers_removed"]),
         "layer_scores": pruned.details["layer_scores"],
         "selection": pruned.details["selection"],
+        "replacement": pruned.details.get("replacement"),
         "quant": quantized.details["quant"],
         "awq": quantized.details["awq"],
         "heal": healed.details["heal"],

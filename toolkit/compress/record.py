@@ -27,7 +27,8 @@ class CompressOptions:
     layers: tuple[int, ...] | None = None  # explicit original indices (overrides selection)
     method: str = "activation"  # prune selection method (registry name)
     quant: str | None = None  # export scheme (Q4_K_M, Q4_0, int4_b32, ...) or None: no quantize stage
-    quant_method: str = "awq"  # "awq" | "rtn"
+    quant_method: str = "awq"  # "awq" | "rtn" | "imatrix" (toolkit.compress.quant.methods)
+    replace: str = "linear"  # removed spans: "linear" (fitted map folded in, prune.replace) | "none"
     heal: bool = True
     heal_steps: int = 40
     heal_seconds: float | None = None
@@ -71,6 +72,7 @@ class CompressionRecord(_Record):
     num_layers_after: int
     layer_scores: dict[str, Any] | None
     selection: dict[str, Any] | None
+    replacement: dict[str, Any] | None = None  # linear replacement of the removed spans (prune.replace)
     quant: dict[str, Any] | None
     awq: dict[str, Any] | None
     heal: dict[str, Any] | None

@@ -62,6 +62,7 @@ from toolkit.plan.memory import deployment_of, flash_attention, kv_cache_dtype_o
 from toolkit.plan.schema import Candidate
 from toolkit.target.profiles import DeviceProfile
 from toolkit.validate.checks import Number, Record
+from toolkit.validate.target_speed import describe
 
 MANIFEST = "manifest.json"
 RUNTIME_CONFIG = "runtime.json"
@@ -254,8 +255,8 @@ budget {profile.name}: {outcome.first_plan.budget_bytes / 2**20:.0f} MiB. Keep t
 
 {checks}
 
-Speed on the target device was not predicted (simulator not built); the speed above was measured on
-the build host.
+Speed on the target device: {describe(outcome.final.target_speed)}. Speeds in the checks above were
+measured on the build host.
 
 ## Intended use
 

@@ -47,6 +47,8 @@ class Attempt(Record):
     export: dict[str, Any] = Field(default_factory=dict)  # its export.json, as the exporter wrote it
     artifact: Path  # the file (GGUF) or folder (ONNX) the runtime loads
     evaluation: dict[str, Any] = Field(default_factory=dict)  # evaluate() result; {"error": ...} on a crash
+    # the simulator's speed of the export on the profile (toolkit.validate.target_speed); None when not run
+    target_speed: dict[str, Any] | None = None
     checks: list[Check] = Field(default_factory=list)
     stages: dict[str, StageRecord] = Field(default_factory=dict)  # the stages so far, when this attempt ended
     corrections: dict[str, Any] | None = None  # replan.Corrections after a failure

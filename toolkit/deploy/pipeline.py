@@ -42,6 +42,7 @@ from toolkit.compress.pipeline import (
     options_from_plan,
 )
 from toolkit.compress.prune import get_selection_method
+from toolkit.compress.prune.replace import check_replace_mode
 from toolkit.core.atomic import building_folder, remove_stale_temporaries, write_json_atomic
 from toolkit.core.errors import BedsideError, NothingFitsError
 from toolkit.core.hashing import file_sha256, sha256_json, weights_sha256
@@ -73,6 +74,7 @@ from toolkit.validate.checks import (
 )
 from toolkit.validate.evaluate import evaluate
 from toolkit.validate.replan import Corrections, next_candidate, with_chosen
+from toolkit.validate.target_speed import predict_target_speed
 
 if TYPE_CHECKING:
     from toolkit.compress.pipeline import CompressResult
@@ -96,6 +98,7 @@ class DeployOptions:
     seq_len: int = 256
     prune_method: str = "activation"
     quant_method: str = "awq"  # "rtn" skips the AWQ search (faster, lower 4-bit quality)
+    replace: str = "linear"  # fit and fold a linear map for each removed span ("none": plain removal)
     threads: int | None = None
     kv_cache_dtype: str | None = None  # pins llama.cpp's KV-cache precision (make_plan's kv_cache_dtype)
     allow_pickle: bool = False
@@ -143,6 +146,7 @@ def _check_options(options: DeployOptions) -> None:
         raise BedsideError(
             f"--quant-method: unknown method {options.quant_method!r}: choose one of {', '.join(QUANT_METHODS)}"
         )
+    check_replace_mode(options.replace)
     check_threads(options.threads)
 
 
@@ -192,6 +196,7 @@ def _compress(options: DeployOptions, model_arg: str, plan: Plan, work: Path) ->
         seq_len=options.seq_len,
         method=options.prune_method,
         quant_method=options.quant_method,
+        replace=options.replace,
         eval_sequences=max(1, min(16, options.eval_tokens // options.seq_len)),  # per-stage perplexity
         seed=options.seed,
     )
@@ -405,11 +410,13 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
                 work,
                 profile,
             )
-            checks = build_checks(evaluation, profile, candidate, plan.budget_bytes)
+            target_speed = predict_target_speed(artifact, candidate, profile, plan.context_length)
+            checks = build_checks(evaluation, profile, candidate, plan.budget_bytes, target_speed)
         except (
             RuntimeLoadError
         ) as error:  # the runtime crashed or refused the export: a failed check, not bad input
             evaluation, resumed = {"error": str(error)}, False
+            target_speed = None
             checks = [Check("runtime_runs", False, None, None, "", detail=str(error))]
         stages.done("validate", begin, resumed)
         attempt = Attempt(
@@ -421,6 +428,7 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
             export=export_record,
             artifact=artifact,
             evaluation=evaluation,
+            target_speed=target_speed,
             checks=checks,
             stages=dict(stages.records),
         )

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from toolkit import __version__
@@ -37,10 +38,11 @@ from toolkit.deploy.outcome import (
 )
 from toolkit.plan.schema import Candidate, Plan
 from toolkit.validate.checks import Check, Number, Record, format_number
+from toolkit.validate.target_speed import describe
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
-SPEED_TARGET = "simulator not built"
+SPEED_TARGET = "not predicted"
 QUALITY_NOTE = (
     "original..quantized: torch on the compress evaluation blocks; exported: the target runtime "
     "on the validation tokens (the same held-apart documents)"
@@ -128,12 +130,13 @@ class ReportPlan(Record):
 
 
 class ReportSpeed(Record):
-    """Decode and prefill speed measured on this host (the target's needs the simulator)."""
+    """Decode and prefill speed measured on this host, and the simulator's prediction on the target."""
 
     host_decode_tokens_per_s: Number | None
     host_prefill_tokens_per_s: Number | None
     threads: int | None
-    target: str = SPEED_TARGET
+    target: str = SPEED_TARGET  # one line: the prediction, or why there is none
+    target_prediction: dict[str, Any] | None = None  # toolkit.validate.target_speed.predict_target_speed
 
 
 class QualityStages(Record):
@@ -345,6 +348,8 @@ def build_report(outcome: DeployOutcome, seconds: float) -> DeployReport:
             host_decode_tokens_per_s=evaluation.get("decode_tokens_per_s"),
             host_prefill_tokens_per_s=evaluation.get("prefill_tokens_per_s"),
             threads=outcome.threads,
+            target=describe(final.target_speed),
+            target_prediction=final.target_speed,
         ),
         quality=_quality(final),
         layer_selection=layer_scores(final.compression),
@@ -607,7 +612,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}}.pass{{color:#080;fo
 <h1>Bedside deploy: {html.escape(report["model"]["name"])} on {html.escape(report["profile"]["name"])}</h1>
 <p>Status: <span class="{status_css}">{report["status"]}</span>. {html.escape(report["reason"])}</p>
 <p>Bedside {html.escape(report["bedside_version"])}, {html.escape(report["created_utc"])}; speed on the target:
-{html.escape(report["speed"]["target"])} (figures measured on this host).</p>
+{html.escape(report["speed"]["target"])}; other speeds were measured on this host.</p>
 <h2>Checks</h2>{_table(["", "check", "value", "threshold", "blocking", "detail"], _check_rows(report["checks"]))}
 <h2>Attempts</h2>{attempts}
 <h2>Plan</h2><p>{html.escape(report["plan"]["reason"])}</p>
@@ -650,7 +655,7 @@ def print_summary(console: Console, report: dict[str, Any], out: Path) -> None:
             f"{check.comparison} {format_number(check.threshold, check.unit)}",
         )
     console.print(table)
-    console.print("[dim]* reported only; speed on the target: simulator not built (measured on this host)[/]")
+    console.print(f"[dim]* reported only; speed on the target: {escape(report['speed']['target'])}[/]")
     console.print(f"{report['reason']}")
     console.print(f"report: {out / REPORT_JSON}, {out / REPORT_HTML}")
     if report.get("bundle"):

@@ -28,8 +28,10 @@ Checks (`blocking` ones decide whether deploy re-plans; the others are reported)
   host_bytes beside it (blocking)
 - runtime_device (profiles with a GPU-memory model tier only): the runtime ran on the GPU, not
   on a CPU fallback (blocking)
-- decode_tokens_per_s measured on this host >= profile.min_decode_tokens_per_s (reported only:
-  the target's speed needs the simulator, which is not built)
+- decode_tokens_per_s measured on this host >= profile.min_decode_tokens_per_s (reported only: the host is not
+  the target)
+- decode_tokens_per_s_target, when a prediction is given: the simulator's decode speed for the same file on the
+  profile (toolkit.validate.target_speed) >= profile.min_decode_tokens_per_s (reported only: a prediction)
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from toolkit.plan.memory import host_budget
 from toolkit.plan.schema import Candidate
 from toolkit.target.profiles import DeviceProfile
+from toolkit.validate.target_speed import describe
 
 TOP1_AGREEMENT_MIN = 0.6
-SIMULATOR_NOTE = "predicted speed on the target: simulator not built; measured on this host"
+HOST_SPEED_NOTE = "measured on this host, which is not the target (see decode_tokens_per_s_target)"
 
 
 Number = int | float  # kept as given: a byte count stays an int in the JSON, a ratio a float
@@ -161,7 +164,11 @@ def perplexity_increase_pct(evaluation: dict[str, Any]) -> float | None:
 
 
 def build_checks(
-    evaluation: dict[str, Any], profile: DeviceProfile, candidate: Candidate, budget_bytes: int
+    evaluation: dict[str, Any],
+    profile: DeviceProfile,
+    candidate: Candidate,
+    budget_bytes: int,
+    target_speed: dict[str, Any] | None = None,
 ) -> list[Check]:
     """The checks of one validated attempt (see the module docstring for each formula)."""
     floor = profile.quality_floor
@@ -285,9 +292,23 @@ def build_checks(
             ">=",
             "tok/s",
             blocking=False,
-            detail=SIMULATOR_NOTE,
+            detail=HOST_SPEED_NOTE,
         )
     )
+    if target_speed is not None:
+        predicted = target_speed.get("decode_tokens_per_s")
+        checks.append(
+            Check(
+                "decode_tokens_per_s_target",
+                _compare(predicted, minimum_speed, ">="),
+                None if predicted is None else float(predicted),
+                minimum_speed,
+                ">=",
+                "tok/s",
+                blocking=False,
+                detail=describe(target_speed),
+            )
+        )
     return checks
 
 

@@ -5,7 +5,10 @@
     remove_layers(model, selection.layers_to_remove)
 
 - `registry`: `LayerSelection` (the record), `SELECTION_METHODS`, `register_selection_method`.
-- `methods/`: one file per method: `last`, `block-influence`, `angular`, `activation`.
+- `methods/`: one file per method: `last`, `block-influence`, `angular`, `activation`, `replace-aware`
+  (the contiguous span with the smallest KL after linear replacement).
+- `replace`: linear replacement of the removed spans (ReplaceMe): a least-squares map fitted on
+  calibration activations and folded into the block before each span, exactly, with no extra parameter.
 - `stack`: where a model's decoder layers live, `skip_layers` (identity layers without copying),
   layer-boundary hooks.
 - `surgery`: `remove_layers`, which updates the config and KV-cache layer indices.

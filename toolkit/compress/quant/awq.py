@@ -36,14 +36,26 @@ Per decoder layer ``l`` (inputs ``X_l`` = outputs of layer ``l-1`` of the float 
 
    on ``clip_tokens`` tokens; the best ``r`` per ``(o, g)`` is applied by clamping ``W'`` (weights
    stay float; exporting with the same grid then stores exactly ``Q_r``).
-5. **Importance matrix** (llama.cpp ``imatrix``) from the same pass: the inputs of a linear after
-   folding are ``x / s``, so ``in_sum2_j = sum_t x_tj^2 / s_j^2`` and ``counts = tokens``.
+5. **Importance matrix** (llama.cpp ``imatrix``) from the same pass, for every linear of the layer
+   (o_proj too where no group scales it): the inputs of a linear after folding are ``x / s``, so
+   ``in_sum2_j = sum_t x_tj^2 / s_j^2`` and ``counts = tokens``; the export passes this file to llama.cpp.
 6. The next layer's inputs are this layer's float outputs from pass 1 (as llm-awq does; folding is
    exact, so they equal the scaled float model's outputs up to the clipping).
 
-K-quant grids are slow to emulate (~0.4 s per 262k weights), so the search runs on a fast stand-in
-with the same bits and similar groups (``SEARCH_STAND_INS``: Q4_K -> asym4_g32, Q5_K -> Q5_1); the
-record says which grid the search used. Memory: one layer's inputs and outputs over all calibration
+**The rounding searched is the rounding exported.** Each linear is stored in the type llama.cpp's
+per-tensor rules give it (``export_rounding.linear_roundings``: ``Q4_K_M`` writes some ``attn_v`` /
+``ffn_down`` as ``Q6_K``, short rows fall back to ``Q5_0`` / ``Q8_0``), and a GGUF export with a matrix rounds
+``Q(W') = libggml_T(f16(W'), imatrix')`` with ``imatrix'_j = mean_t x_tj^2 / s_j^2``, the matrix of the
+*scaled* model that step 5 writes (so each alpha candidate is rounded with its own matrix). No torch grid
+emulates that weighted rounding, so with ``search_rounding="rerank"`` (default) every alpha is first scored
+on the torch emulation (``SEARCH_STAND_INS`` for k-quants, which are slow to emulate: Q4_K -> asym4_g32,
+Q5_K -> Q5_1), then the ``rerank`` best alphas and alpha 0 are scored again with libggml + matrix and the
+best of those by that exact loss is kept; clipping likewise re-ranks ``{r*, r* +- 0.05, 1}`` per group
+with the exact rounding around the emulated best ``r*``. ``"exact"`` scores every candidate with libggml;
+types libggml alone rounds (Q2_K, IQ types, including those llama.cpp writes only with a matrix: IQ3_XXS,
+IQ2_S...) are always searched that way. Without a matrix (ONNX schemes, or no ``imatrix_path``) the torch
+grids are bit-exact and the search is exact as it is. The record says which (``search_rounding``,
+``export_rounding``, per group ``rounding``). Memory: one layer's inputs and outputs over all calibration
 tokens, plus the search subset.
 """
 
@@ -52,7 +64,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +74,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from toolkit.compress.quant.base import QuantGrid
+from toolkit.compress.quant.export_rounding import LinearRounding, clip_groups, export_round, linear_roundings
+from toolkit.compress.quant.ggml_lib import LibggmlGrid
 from toolkit.compress.quant.grids import get_grid, grid_for_row
 from toolkit.compress.quant.rtn import decoder_layers, resolve_text_family
 from toolkit.core.errors import BedsideError
@@ -71,6 +85,8 @@ from toolkit.model.architectures import ScaleGroup, TextFamily
 SEARCH_STAND_INS: dict[str, str] = {"Q4_K": "asym4_g32", "Q5_K": "Q5_1"}
 CLIP_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0 .. 0.5
 NO_CLIP_LINEARS: tuple[str, ...] = ("q_proj", "k_proj")
+SEARCH_ROUNDINGS: tuple[str, ...] = ("rerank", "exact", "emulated")
+CLIP_RERANK_STEPS: tuple[float, ...] = (0.0, 0.05, -0.05)  # around the emulated best ratio, plus ratio 1
 
 
 @dataclass
@@ -99,6 +115,21 @@ def search_grid_for(scheme: str, ncols: int | None = None) -> QuantGrid:
     """
     grid = get_grid(scheme) if ncols is None else grid_for_row(scheme, ncols)
     return get_grid(SEARCH_STAND_INS.get(grid.name, grid.name))
+
+
+def _search_grid(rounding: LinearRounding) -> QuantGrid | None:
+    """The torch grid the search emulates ``rounding`` with (stand-in for k-quants); None where only libggml
+    rounds that type (Q2_K, IQ types): every candidate is then rounded exactly."""
+    grid = rounding.grid
+    if isinstance(grid, LibggmlGrid):
+        return None
+    return get_grid(SEARCH_STAND_INS.get(grid.name, grid.name))
+
+
+def _search_is_exact(rounding: LinearRounding) -> bool:
+    """Whether the torch grid the search uses is the export's rounding itself (no stand-in, no matrix)."""
+    grid = _search_grid(rounding)
+    return rounding.emulation_is_exact and grid is not None and grid.name == rounding.grid.name
 
 
 def _first_output(output: Any) -> torch.Tensor:
@@ -166,50 +197,96 @@ def _group_applies(layer: nn.Module, group: ScaleGroup) -> bool:
     return isinstance(prev, nn.Linear) and prev.out_features == first.in_features
 
 
+Quantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weight, clip ratio [out, G]) -> Q(weight)
+
+
 @torch.no_grad()
 def _search_clip(
-    weight: torch.Tensor, inputs: torch.Tensor, grid: QuantGrid, ratios: Sequence[float]
-) -> torch.Tensor:
-    """Best clip ratio per [out, group]: minimises ``mean_t (x_g . (W_g - Q_r(W)_g))^2``."""
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    quantize: Quantizer,
+    group_size: int,
+    candidates: Sequence[float | torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best clip ratio per [out, group] and its error: minimises ``mean_t (x_g . (W_g - Q_r(W)_g))^2``.
+
+    ``candidates``: uniform ratios, or ``[out, n_groups]`` ratio tensors (one ratio per group).
+    """
     out_features, in_features = weight.shape
-    size = grid.group_size
-    n_groups = grid.n_groups(in_features)
+    size = group_size
+    n_groups = -(-in_features // size)
     pad = n_groups * size - in_features
     x = torch.nn.functional.pad(inputs, (0, pad)) if pad else inputs
     x = x.reshape(-1, n_groups, size).permute(1, 0, 2)  # [G, T, gs]
     w = torch.nn.functional.pad(weight, (0, pad)) if pad else weight
     best_err = torch.full((out_features, n_groups), math.inf)
     best_ratio = torch.ones((out_features, n_groups))
-    for ratio in ratios:
-        quantized = grid.fake_quantize(weight, clip_ratio=torch.tensor(ratio)).to(torch.float32)
+    for candidate in candidates:
+        ratio = torch.broadcast_to(torch.as_tensor(candidate, dtype=torch.float32), (out_features, n_groups))
+        quantized = quantize(weight, ratio).to(torch.float32)
         if pad:
             quantized = torch.nn.functional.pad(quantized, (0, pad))
         diff = (w - quantized).reshape(out_features, n_groups, size).permute(1, 2, 0)  # [G, gs, out]
         err = torch.bmm(x, diff).pow(2).mean(dim=1).transpose(0, 1)  # [out, G]
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-    return best_ratio
+        best_ratio = torch.where(better, ratio, best_ratio)
+    return best_ratio, best_err
 
 
 @torch.no_grad()
 def _apply_clip(weight: torch.Tensor, grid: QuantGrid, ratio: torch.Tensor) -> torch.Tensor:
     """Clamp each [out, group] of ``weight`` to ``±ratio * max|w|`` (float; the exporter rounds)."""
-    out_features, in_features = weight.shape
-    size = grid.group_size
-    n_groups = grid.n_groups(in_features)
-    pad = n_groups * size - in_features
-    w = torch.nn.functional.pad(weight, (0, pad)) if pad else weight
-    groups = w.reshape(out_features, n_groups, size)
-    bound = (groups.abs().amax(dim=-1) * ratio).unsqueeze(-1)
-    clipped = torch.clamp(groups, -bound, bound).reshape(out_features, n_groups * size)
-    return clipped[:, :in_features].contiguous()
+    return clip_groups(weight, grid.group_size, ratio)
+
+
+def _emulated(grid: QuantGrid) -> Quantizer:
+    return lambda weight, ratio: grid.fake_quantize(weight, clip_ratio=ratio)
+
+
+def _exact(rounding: LinearRounding, imatrix: torch.Tensor) -> Quantizer:
+    return lambda weight, ratio: export_round(weight, rounding, imatrix, clip_ratio=ratio)
+
+
+@torch.no_grad()
+def _clip_linear(
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    rounding: LinearRounding,
+    imatrix: torch.Tensor,
+    mode: str,
+    ratios: Sequence[float],
+) -> tuple[torch.Tensor, int, str]:
+    """Clip ratios of one scaled linear: (ratio [out, G], group size, how candidates were rounded).
+
+    ``emulated``: every ratio on the torch grid (exact where that grid is bit-exact with the export);
+    ``exact``: every ratio with the export's rounding (libggml + matrix); ``rerank``: the emulated best
+    ratio ``r*`` per group, then per group the best by the export's rounding of ``{r*, r* +- 0.05, 1}``.
+    """
+    grid = _search_grid(rounding)
+    exact_size = rounding.exact_grid(imatrix).group_size
+    if grid is None or mode == "exact" or (mode == "rerank" and grid.group_size != exact_size):
+        ratio, _ = _search_clip(weight, inputs, _exact(rounding, imatrix), exact_size, ratios)
+        return ratio, exact_size, "exact"
+    ratio, _ = _search_clip(weight, inputs, _emulated(grid), grid.group_size, ratios)
+    if mode != "rerank" or _search_is_exact(rounding):
+        return ratio, grid.group_size, "exact" if _search_is_exact(rounding) else "emulated"
+    low, high = min(ratios), max(ratios)
+    candidates = [(ratio + step).clamp(low, high) for step in CLIP_RERANK_STEPS] + [torch.tensor(high)]
+    ratio, _ = _search_clip(weight, inputs, _exact(rounding, imatrix), exact_size, candidates)
+    return ratio, exact_size, "rerank"
 
 
 class _LayerStats:
     """Per-linear input statistics of one layer, gathered by forward hooks."""
 
-    def __init__(self, layer: nn.Module, groups: Sequence[ScaleGroup], search_batches: set[int]) -> None:
+    def __init__(
+        self,
+        layer: nn.Module,
+        groups: Sequence[ScaleGroup],
+        search_batches: set[int],
+        extra: Sequence[str] = (),
+    ) -> None:
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.sq_sum: dict[str, torch.Tensor] = {}
         self.tokens = 0
@@ -218,7 +295,7 @@ class _LayerStats:
         self.batch = 0
         self._search_batches = search_batches
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        names = sorted({name for group in groups for name in group.linears})
+        names = sorted({name for group in groups for name in group.linears} | set(extra))
         for name in names:
             self._handles.append(layer.get_submodule(name).register_forward_hook(self._linear_hook(name)))
         for inspect in sorted({group.inspect for group in groups}):
@@ -251,44 +328,90 @@ class _LayerStats:
             handle.remove()
 
 
+@dataclass
+class _ScaleChoice:
+    """One group's scale search: chosen alpha, its loss (export rounding where evaluated), RTN's, scales."""
+
+    alpha: float
+    loss: float
+    loss_rtn: float
+    scales: torch.Tensor
+    rounding: str  # "exact" (every candidate rounded as the export), "rerank", "emulated"
+    loss_emulated: float | None = None  # the chosen alpha's loss on the emulation (rerank only)
+    reranked: tuple[float, ...] = ()
+
+
+def _group_mode(roundings: Sequence[LinearRounding], mode: str) -> str:
+    """How a group's candidates are rounded: ``exact`` when the emulation is the export's rounding or none
+    exists, else the requested mode (``rerank`` / ``exact`` / ``emulated``)."""
+    if all(_search_is_exact(rounding) or not rounding.quantized for rounding in roundings):
+        return "exact"
+    if any(rounding.quantized and _search_grid(rounding) is None for rounding in roundings):
+        return "exact"
+    return mode
+
+
 @torch.no_grad()
 def _search_scale(
     layer: nn.Module,
     group: ScaleGroup,
     mean_abs: torch.Tensor,
+    mean_sq: torch.Tensor,
     calls: list[tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]],
-    grid: QuantGrid,
+    roundings: Sequence[LinearRounding],
     alphas: Sequence[float],
-) -> tuple[float, float, float, torch.Tensor]:
-    """Grid-search alpha for one group: (best alpha, its loss, loss at alpha 0 = RTN, scales)."""
+    mode: str = "rerank",
+    rerank: int = 3,
+) -> _ScaleChoice:
+    """Grid-search alpha for one group (module docstring, step 2).
+
+    Candidate ``alpha`` rounds each linear ``W_k`` as ``Q_k(W_k diag(s)) diag(s)^-1`` where ``Q_k`` is the
+    export's rounding of ``W_k`` with the matrix the export will pass for the scaled model,
+    ``imatrix = mean_t x_t^2 / s^2`` (exact, libggml), or its torch emulation. ``rerank``: all alphas on the
+    emulation, then the ``rerank`` best and ``alpha = 0`` (RTN) again with exact rounding, the best of those
+    by exact loss chosen.
+    """
     inspect = layer.get_submodule(group.inspect)
     linears = [layer.get_submodule(name) for name in group.linears]
     originals = [linear.weight.data for linear in linears]
-    stacked = torch.cat([weight.to(torch.float32) for weight in originals])
-    rows = [weight.shape[0] for weight in originals]
-    best = (math.inf, 0.0)
-    loss_rtn = math.nan
+    mode = _group_mode(roundings, mode)
+
+    def loss_of(alpha: float, exact: bool) -> float:
+        s = _scales(mean_abs, alpha)
+        matrix = mean_sq / s.pow(2)
+        for linear, weight, rounding in zip(linears, originals, roundings, strict=True):
+            scaled = weight.to(torch.float32) * s[None, :]
+            if not rounding.quantized:
+                continue
+            if exact:
+                quantized = export_round(scaled, rounding, matrix)
+            else:
+                grid = _search_grid(rounding)
+                assert grid is not None  # _group_mode chose exact otherwise
+                quantized = grid.fake_quantize(scaled)
+            linear.weight.data = (quantized / s[None, :]).to(weight.dtype)
+        total, count = 0.0, 0
+        for args, kwargs, reference in calls:
+            out = _first_output(inspect(*args, **kwargs)).to(torch.float32)
+            total += float((out - reference.to(torch.float32)).pow(2).sum())
+            count += reference.numel()
+        return total / max(count, 1)
+
     try:
-        for alpha in alphas:
-            s = _scales(mean_abs, alpha)
-            # One call for the whole group: rows quantize independently, so stacking is exact.
-            quantized = grid.fake_quantize(stacked * s[None, :]) / s[None, :]
-            for linear, weight, part in zip(linears, originals, quantized.split(rows), strict=True):
-                linear.weight.data = part.to(weight.dtype)
-            total, count = 0.0, 0
-            for args, kwargs, reference in calls:
-                out = _first_output(inspect(*args, **kwargs)).to(torch.float32)
-                total += float((out - reference.to(torch.float32)).pow(2).sum())
-                count += reference.numel()
-            loss = total / max(count, 1)
-            if alpha == 0:
-                loss_rtn = loss
-            if loss < best[0]:
-                best = (loss, alpha)
+        first = {alpha: loss_of(alpha, exact=mode == "exact") for alpha in alphas}
+        if mode != "rerank":
+            alpha = min(first, key=lambda a: (first[a], a))
+            return _ScaleChoice(alpha, first[alpha], first[alphas[0]], _scales(mean_abs, alpha), mode)
+        ranked = sorted(first, key=lambda a: (first[a], a))[: max(1, rerank)]
+        finalists = tuple(sorted({alphas[0], *ranked}))
+        exact = {alpha: loss_of(alpha, exact=True) for alpha in finalists}
+        alpha = min(exact, key=lambda a: (exact[a], a))
+        return _ScaleChoice(
+            alpha, exact[alpha], exact[alphas[0]], _scales(mean_abs, alpha), "rerank", first[alpha], finalists
+        )
     finally:
         for linear, weight in zip(linears, originals, strict=True):
             linear.weight.data = weight
-    return best[1], best[0], loss_rtn, _scales(mean_abs, best[1])
 
 
 def _check_shapes(layers: nn.ModuleList, family: TextFamily, scheme: str) -> None:
@@ -324,6 +447,8 @@ def awq(
     batch_size: int = 8,
     clip_ratios: Sequence[float] = CLIP_RATIOS,
     seed: int = 0,
+    search_rounding: str = "rerank",
+    rerank: int = 3,
 ) -> AwqResult:
     """Run AWQ on ``model`` in place (see the module docstring for the formulas).
 
@@ -335,11 +460,19 @@ def awq(
             largest term on a CPU), so the defaults (10, 1024 tokens) halve each; docs/BENCHMARKS.md
             shows AWQ still beating RTN with them.
         clip: run the clipping search after scaling.
-        imatrix_path: where to write the llama.cpp importance matrix (GGUF) of the scaled model.
+        imatrix_path: where to write the llama.cpp importance matrix (GGUF) of the scaled model. Given, the
+            export is assumed to pass it to llama.cpp's quantizer, so the search rounds as libggml does with
+            that matrix (``search_rounding``); without it, as the export without a matrix does.
         search_tokens: tokens (whole sequences, evenly spread) on which the alpha loss is measured;
             ``mean|x|`` and the importance matrix always use every calibration token.
         clip_tokens: tokens sampled from the search sequences for the clipping search.
         batch_size: sequences per forward pass.
+        search_rounding: where the export's rounding differs from every torch emulation (GGUF with a
+            matrix): ``rerank`` (search on the emulation, then re-rank the ``rerank`` best alphas and
+            alpha 0, and the clip ratios around the best, with libggml + matrix), ``exact`` (every
+            candidate with libggml + matrix; slower), ``emulated`` (the emulation only). Types with no
+            emulation (Q2_K, IQ types) are always searched exactly.
+        rerank: alphas re-ranked with exact rounding under ``rerank``.
 
     Returns:
         AwqResult with the same model object (weights scaled, folded, clipped; still float).
@@ -349,12 +482,26 @@ def awq(
         raise BedsideError(f"calibration ids must be [n_sequences, seq_len], got {tuple(calib_ids.shape)}")
     if n_grid < 1:
         raise BedsideError(f"n_grid must be at least 1, got {n_grid}")
+    if search_rounding not in SEARCH_ROUNDINGS:
+        raise BedsideError(
+            f"search_rounding must be one of {', '.join(SEARCH_ROUNDINGS)}, got {search_rounding!r}"
+        )
     family = resolve_text_family(model)
     layers = decoder_layers(model, family)
     export_grid = get_grid(scheme)
-    grid = search_grid_for(scheme)  # for the progress line and the record; groups pick theirs by width
+    grid = search_grid_for(scheme)  # for the progress line and the record; linears pick theirs by type
     _check_shapes(layers, family, scheme)
+    with_imatrix = imatrix_path is not None
+    widths = {
+        f"{family.layers_path}.{index}.{name}": module.in_features
+        for index, layer in enumerate(layers)
+        for name, module in layer.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+    roundings = linear_roundings(model, scheme, widths, with_imatrix)
     search_grids: set[str] = set()
+    export_types: set[str] = set()
+    modes: dict[str, int] = {}
     device = next(model.parameters()).device
     calib_ids = calib_ids.to(device)
     n_seq, seq_len = calib_ids.shape
@@ -382,9 +529,11 @@ def awq(
     with _progress(progress) as bar:
         task = bar.add_task(f"AWQ {scheme} (search {grid.name})", total=len(layers))
         for index, layer in enumerate(layers):
+            prefix = f"{family.layers_path}.{index}"
             groups = [group for group in family.awq_groups if _group_applies(layer, group)]
             skipped = [group for group in family.awq_groups if group not in groups]
-            stats = _LayerStats(layer, groups, search_batches)
+            linear_names = [name for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+            stats = _LayerStats(layer, groups, search_batches, extra=linear_names)
             outputs: list[tuple[torch.Tensor, dict[str, Any]]] = []
             try:
                 for batch, (hidden, kwargs) in enumerate(inputs):
@@ -399,23 +548,40 @@ def awq(
             chosen: list[tuple[ScaleGroup, torch.Tensor]] = []
             for group in groups:
                 first = group.linears[0]
-                group_grid = search_grid_for(scheme, layer.get_submodule(first).in_features)
-                search_grids.add(group_grid.name)
+                group_roundings = [roundings[f"{prefix}.{name}"] for name in group.linears]
+                types = sorted({rounding.type_name for rounding in group_roundings})
+                names = sorted({(g.name if (g := _search_grid(r)) else r.type_name) for r in group_roundings})
+                search_grids.update(names)
+                export_types.update(types)
                 mean_abs = (stats.abs_sum[first] / stats.tokens).to(torch.float32)
-                alpha, loss, loss_rtn, s = _search_scale(
-                    layer, group, mean_abs, stats.inspect_calls[group.inspect], group_grid, alphas
+                mean_sq = (stats.sq_sum[first] / stats.tokens).to(torch.float32)
+                choice = _search_scale(
+                    layer,
+                    group,
+                    mean_abs,
+                    mean_sq,
+                    stats.inspect_calls[group.inspect],
+                    group_roundings,
+                    alphas,
+                    search_rounding,
+                    rerank,
                 )
-                chosen.append((group, s))
-                record_groups.append(
-                    {
-                        "prev_op": group.prev_op,
-                        "linears": list(group.linears),
-                        "grid": group_grid.name,
-                        "alpha": alpha,
-                        "loss": loss,
-                        "loss_rtn": loss_rtn,
-                    }
-                )
+                modes[choice.rounding] = modes.get(choice.rounding, 0) + 1
+                chosen.append((group, choice.scales))
+                entry: dict[str, Any] = {
+                    "prev_op": group.prev_op,
+                    "linears": list(group.linears),
+                    "grid": names[0] if len(names) == 1 else names,
+                    "export_types": types,
+                    "rounding": choice.rounding,
+                    "alpha": choice.alpha,
+                    "loss": choice.loss,
+                    "loss_rtn": choice.loss_rtn,
+                }
+                if choice.rounding == "rerank":
+                    entry["loss_emulated"] = choice.loss_emulated
+                    entry["reranked_alphas"] = list(choice.reranked)
+                record_groups.append(entry)
             for group in skipped:
                 record_groups.append(
                     {
@@ -432,37 +598,41 @@ def awq(
                 for name in group.linears:
                     scale_of[name] = s
 
-            # 4. clipping search on the scaled weights and scaled inputs
+            # 4. clipping search on the scaled weights and scaled inputs, with the scaled model's matrix
             clip_record: dict[str, Any] = {}
             if clip:
                 for group, s in chosen:
-                    x_all = torch.cat(stats.search_inputs[group.linears[0]]) / s[None, :]
+                    first = group.linears[0]
+                    x_all = torch.cat(stats.search_inputs[first]) / s[None, :]
                     if x_all.shape[0] > clip_tokens:
                         pick = torch.randperm(x_all.shape[0], generator=generator)[:clip_tokens]
                         x_all = x_all[pick]
+                    matrix = (stats.sq_sum[first] / stats.tokens).to(torch.float32) / s.pow(2)
                     for name in group.linears:
-                        if name.rsplit(".", 1)[-1] in NO_CLIP_LINEARS:
+                        rounding = roundings[f"{prefix}.{name}"]
+                        if name.rsplit(".", 1)[-1] in NO_CLIP_LINEARS or not rounding.quantized:
                             continue
                         linear = layer.get_submodule(name)
                         weight32 = linear.weight.data.to(torch.float32)
-                        group_grid = search_grid_for(scheme, linear.in_features)
-                        ratio = _search_clip(weight32, x_all, group_grid, clip_ratios)
-                        clipped = _apply_clip(weight32, group_grid, ratio)
-                        linear.weight.data = clipped.to(linear.weight.dtype)
+                        ratio, size, how = _clip_linear(
+                            weight32, x_all, rounding, matrix, search_rounding, clip_ratios
+                        )
+                        linear.weight.data = clip_groups(weight32, size, ratio).to(linear.weight.dtype)
                         all_ratios.append(ratio.reshape(-1))
                         clip_record[name] = {
                             "mean_ratio": round(float(ratio.mean()), 4),
                             "min_ratio": float(ratio.min()),
                             "fraction_clipped": round(float((ratio < 1).float().mean()), 4),
+                            "rounding": how,
                         }
 
-            # 5. importance matrix: inputs after folding are x / s
+            # 5. importance matrix of every linear: inputs after folding are x / s
             for name in stats.sq_sum:
                 s = scale_of.get(name)
                 sums = stats.sq_sum[name].to(torch.float32)
                 if s is not None:
                     sums = sums / s.pow(2)
-                full = f"{family.layers_path}.{index}.{name}.weight"
+                full = f"{prefix}.{name}.weight"
                 in_sum2[full] = sums.cpu().numpy()
                 counts[full] = stats.tokens
 
@@ -490,13 +660,28 @@ def awq(
             )
         )
     ratios = torch.cat(all_ratios) if all_ratios else torch.ones(0)
+    any_gguf = any(rounding.gguf for rounding in roundings.values())
+    export_rounding = (
+        "libggml with the importance matrix of the scaled model"
+        if any_gguf and with_imatrix
+        else "libggml (llama.cpp's reference rounding)"
+        if any_gguf
+        else "the grid's own arithmetic (bit-exact torch emulation)"
+    )
+    # the least exact rounding any group was searched with (per group: search_rounding_groups)
+    overall = next((mode for mode in ("emulated", "rerank", "exact") if mode in modes), "none")
     record = {
         "method": "awq",
         "scheme": scheme,
         "export_grid": export_grid.name,
         "search_grid": grid.name,
-        "search_grids": sorted(search_grids),  # per width: llama.cpp demotes k-quants on short rows
+        "search_grids": sorted(search_grids),  # per type: llama.cpp's per-tensor types and fallbacks
+        "export_types": sorted(export_types),
         "search_grid_is_stand_in": grid.name != export_grid.name,
+        "export_rounding": export_rounding,
+        "search_rounding": overall,  # exact | rerank | emulated: the least exact of any group
+        "search_rounding_groups": modes,
+        "rerank": rerank if "rerank" in modes else 0,
         "group_size": grid.group_size,
         "n_grid": n_grid,
         "alphas": alphas,

@@ -10,9 +10,11 @@ are left in float: only the decoder layers' ``nn.Linear`` weights are touched.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -66,13 +68,32 @@ def fake_quantize_linear(linear: nn.Linear, grid: QuantGrid) -> None:
 
 
 @torch.no_grad()
-def fake_quantize_model(model: nn.Module, scheme: str) -> nn.Module:
+def fake_quantize_model(
+    model: nn.Module, scheme: str, imatrix: Mapping[str, np.ndarray] | None = None
+) -> nn.Module:
     """Fake-quantize every decoder linear of ``model`` in place with ``scheme``'s grid; returns it.
 
     Each linear uses ``grid_for_row(scheme, in_features)``: the type llama.cpp falls back to where
     the scheme's block does not divide the row. Raises ``BlockShapeError`` (a BedsideError) where a
     weight fits no grid.
+
+    ``imatrix`` (weight name -> ``in_sum2 / counts``, as ``exporters.gguf_imatrix.read_imatrix`` gives it): the
+    GGUF export passes this matrix, so each linear is rounded as llama.cpp stores it instead
+    (``export_rounding.export_round``: its per-tensor type, ``f16`` first, libggml with the matrix).
     """
+    if imatrix is not None:
+        from toolkit.compress.quant.export_rounding import export_round, linear_roundings
+
+        linears = decoder_linears(model)
+        roundings = linear_roundings(model, scheme, {name: m.in_features for name, m in linears}, True)
+        for name, linear in linears:
+            rounding = roundings[name]
+            if not rounding.quantized:
+                continue
+            weight = linear.weight.data
+            matrix = imatrix.get(f"{name}.weight")
+            linear.weight.data = export_round(weight, rounding, matrix).to(weight.dtype)
+        return model
     for _name, linear in decoder_linears(model):
         fake_quantize_linear(linear, grid_for_row(scheme, linear.in_features))
     return model

@@ -4,6 +4,6 @@ To add a method: write `toolkit/compress/prune/methods/<name>.py` with a functio
 `@register_selection_method("<name>")` (see `toolkit.compress.prune.registry`), and add its import below.
 """
 
-from toolkit.compress.prune.methods import activation, angular, block_influence, last
+from toolkit.compress.prune.methods import activation, angular, block_influence, last, replace_aware
 
-__all__ = ["activation", "angular", "block_influence", "last"]
+__all__ = ["activation", "angular", "block_influence", "last", "replace_aware"]
