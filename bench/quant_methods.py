@@ -1,4 +1,4 @@
-"""Bench 7: quantization methods through the same GGUF export: plain (RTN) / imatrix (llama.cpp) / AWQ.
+"""Bench 8: quantization methods through the same GGUF export: plain (RTN) / imatrix (llama.cpp) / AWQ.
 
 Run from the repository root (resumes: finished rows in the JSON are skipped; `--fresh` measures again):
 
@@ -250,7 +250,7 @@ def report(results: dict[str, Any]) -> str:
         rows,
     )
     lines = [
-        "## Quantization methods through the GGUF export (bench 7)",
+        "## Quantization methods through the GGUF export (bench 8)",
         "",
         f"Command: `{results.get('command', '.venv/bin/python -m bench.quant_methods --threads 2')}` "
         "(raw: `docs/benchmarks/quant_methods.json`). Demo model, no layer removed, 64 x 512 calibration tokens "
