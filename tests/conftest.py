@@ -17,7 +17,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 
 # Modules that share the session's demo exports: their GGUF tests run in one xdist group and their ONNX tests in
 # another, so each export is made once and the two export families are made (and scored) in parallel.
-SHARED_EXPORT_MODULES = ("test_evaluate.py", "test_exporters.py")
+SHARED_EXPORT_MODULES = ("test_evaluate.py", "test_exporters.py", "test_quant_methods.py")
 ONNX_DEMO_SCHEMES = ("fp32", "int4_b32")
 
 

@@ -219,7 +219,7 @@ def test_kquant_rows_not_a_multiple_of_256_fall_back_as_llama_cpp_does() -> None
 @pytest.mark.demo
 @pytest.mark.heavy
 def test_demo_model_awq_beats_rtn(demo_model_dir: Path) -> None:
-    """Demo model, Q4_0, 8 x 256 radiology calibration tokens, a 5-point scale grid; KL on held-apart radiology
+    """Demo model, Q4_0, 4 x 256 radiology calibration tokens, a 5-point scale grid; KL on held-apart radiology
     blocks. Sized to the test suite; the full-size comparison is bench/compression.py (docs/BENCHMARKS.md)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -234,7 +234,7 @@ def test_demo_model_awq_beats_rtn(demo_model_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
     calibration, evaluation, _record = split_calibration_eval(documents, 0.2, seed=0)
-    calib = make_blocks(calibration, tokenizer, 256, 8, seed=0).input_ids
+    calib = make_blocks(calibration, tokenizer, 256, 4, seed=0).input_ids
     held = make_blocks(evaluation, tokenizer, 256, 4, seed=1).input_ids
     reference = _log_probs(model, held)
     kl_rtn = _kl(reference, _log_probs(rtn(copy.deepcopy(model), SCHEME).model, held))

@@ -32,7 +32,7 @@ FAST_KNOBS = (
     "--heal-steps",
     "4",
     "--eval-tokens",
-    "512",
+    "256",
     "--seq-len",
     "128",
     "--prune-method",
@@ -47,7 +47,7 @@ FAST_KNOBS = (
 FAST_OPTIONS = {
     "calib_sequences": 4,
     "heal_steps": 4,
-    "eval_tokens": 512,
+    "eval_tokens": 256,
     "seq_len": 128,
     "prune_method": "block-influence",
     "quant_method": "rtn",

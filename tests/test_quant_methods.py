@@ -282,25 +282,27 @@ def test_imatrix_method_is_refused_for_onnx_schemes() -> None:
 @pytest.mark.demo
 @pytest.mark.heavy
 def test_demo_gguf_with_matrix_holds_exactly_the_predicted_weights(
-    demo_model_dir: Path, tmp_path: Path
+    demo_model_dir: Path, demo_gguf_file, tmp_path: Path
 ) -> None:
-    """Demo model, matrix gathered on 2 x 64 tokens, exported Q4_0 with it: the GGUF's attn_v / ffn_gate /
-    ffn_down (Q4_1 in layer 0: llama.cpp's first eighth with a matrix) dequantize to exactly
-    `fake_quantize_model(..., imatrix=...)` (libggml + f16 + type table)."""
+    """Demo model, matrix gathered on 2 x 64 tokens, Q4_0 quantized with it from the session's F16 conversion (the
+    export's own path: convert to F16, then llama_model_quantize): the GGUF's attn_v / ffn_gate / ffn_down (Q4_1 in
+    layer 0: llama.cpp's first eighth with a matrix) dequantize to exactly `fake_quantize_model(..., imatrix=...)`
+    (libggml + f16 + type table)."""
     import gguf
     from gguf.quants import dequantize
     from transformers import AutoModelForCausalLM
 
-    from exporters import export
+    from exporters.gguf_exporter import quantize
     from exporters.gguf_imatrix import read_imatrix
 
     model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32).eval()
     stats = gather_imatrix(model, _ids(2, 64, 6) + 100)
     path = stats.write(tmp_path / "imatrix.gguf")
-    result = export(demo_model_dir, "gguf", "Q4_0", tmp_path / "gguf", imatrix=path)
-    assert result.record["imatrix"]["entries"] == len(stats.in_sum2)
+    target = tmp_path / "model-Q4_0.gguf"
+    report = quantize(demo_gguf_file("F16"), target, "Q4_0", imatrix=path, threads=1)
+    assert report["imatrix_entries"] == len(stats.in_sum2)
     predicted = fake_quantize_model(model, "Q4_0", imatrix=read_imatrix(path).values)
-    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(str(result.model_file)).tensors}
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(str(target)).tensors}
     for layer, hf, name in (
         (0, "self_attn.v_proj", "attn_v"),  # (attn_q / attn_k rows are permuted by the converter)
         (3, "mlp.gate_proj", "ffn_gate"),
