@@ -21,29 +21,44 @@ SHARED_EXPORT_MODULES = ("test_evaluate.py", "test_exporters.py", "test_quant_me
 ONNX_DEMO_SCHEMES = ("fp32", "int4_b32")
 
 
-def _xdist_group(item: pytest.Item) -> str:
-    """A test's xdist group: its module (module fixtures are built once per worker), or a shared-export group."""
-    module = item.path.name
+def xdist_group(nodeid: str) -> str:
+    """A test's xdist group from its node id: its module (module fixtures are built once per worker), or for the
+    modules sharing the demo exports, "demo-onnx" (ONNX tests) or "demo-gguf" (the rest)."""
+    path, _, name = nodeid.partition("::")
+    module = path.rsplit("/", 1)[-1]
     if module not in SHARED_EXPORT_MODULES:
         return module
-    callspec = getattr(item, "callspec", None)
-    params = list(callspec.params.values()) if callspec is not None else []
-    onnx = "onnx" in item.name or any(value in ONNX_DEMO_SCHEMES for value in params)
+    params = name.partition("[")[2]
+    onnx = "onnx" in name.partition("[")[0] or any(scheme in params for scheme in ONNX_DEMO_SCHEMES)
     return "demo-onnx" if onnx else "demo-gguf"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`-n N --dist loadgroup` hands out whole xdist groups (see xdist_group). pytest-xdist 3.8 marks a group by
+    appending "@group" to an item's private `_nodeid`, which pytest 9.2's node ids no longer read (measured: one
+    module's tests were spread over both workers and rebuilt their fixtures), so the scheduler asks xdist_group."""
+    if config.getoption("dist", default="no") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With `-n N --dist loadgroup`: group tests by module (see _xdist_group) and hand out the groups with the
-    most heavy tests first, so the long groups start at once instead of finishing last on one worker."""
-    if config.getoption("dist", default="no") != "loadgroup":
+    """Under pytest-xdist's workers (which collect), order the groups with the most heavy tests first, so the long
+    groups start at once instead of finishing last on one worker."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
         return
     heavy: dict[str, int] = {}
     for item in items:
-        group = _xdist_group(item)
-        item.add_marker(pytest.mark.xdist_group(group))
+        group = xdist_group(item.nodeid)
         heavy[group] = heavy.get(group, 0) + (item.get_closest_marker("heavy") is not None)
-    items.sort(key=lambda item: -heavy[_xdist_group(item)])  # stable: a module keeps its order
+    items.sort(key=lambda item: -heavy[xdist_group(item.nodeid)])  # stable: a module keeps its order
 
 
 @pytest.fixture(scope="module")
