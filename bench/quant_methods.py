@@ -77,25 +77,31 @@ def _data_paths(folder: Path) -> tuple[Path, Path, list[Any]]:
     return calib, evaluation, documents
 
 
+def _score(artifact: str | Path, documents: Any, threads: int) -> dict[str, Any]:
+    """`evaluate` of one artifact against the float demo model, the same windows and token budget for every row."""
+    from toolkit.validate.evaluate import evaluate
+
+    return evaluate(
+        artifact,
+        documents=documents,
+        reference="demo",
+        context=EVAL_SEQ_LEN,
+        seq_len=EVAL_SEQ_LEN,
+        max_tokens=EVAL_MAX_TOKENS,
+        n_threads=threads,
+        progress=False,
+    )
+
+
 def float_child(result_path: Path, threads: int) -> None:
     """The float demo model itself, scored the same way (its KL to itself is 0: the reference row)."""
     import torch
 
-    from toolkit.validate.evaluate import evaluate
 
     torch.set_num_threads(threads)
     _calib, _evaluation, documents = _data_paths(bench_cache_dir("quant_methods") / "data")
     with Timer() as eval_timer:
-        scores = evaluate(
-            "demo",
-            documents=documents,
-            reference="demo",
-            context=EVAL_SEQ_LEN,
-            seq_len=EVAL_SEQ_LEN,
-            max_tokens=EVAL_MAX_TOKENS,
-            n_threads=threads,
-            progress=False,
-        )
+        scores = _score("demo", documents, threads)
     row = {
         "scheme": "float",
         "method": "-",
@@ -119,7 +125,6 @@ def child(scheme: str, method: str, result_path: Path, threads: int) -> None:
     from exporters import export
     from toolkit.compress.pipeline import compress
     from toolkit.compress.record import CompressOptions
-    from toolkit.validate.evaluate import evaluate
 
     torch.set_num_threads(threads)
     root = bench_cache_dir("quant_methods")
@@ -147,16 +152,7 @@ def child(scheme: str, method: str, result_path: Path, threads: int) -> None:
             result.checkpoint, "gguf", scheme, export_dir, imatrix=result.imatrix, threads=threads
         )
     with Timer() as eval_timer:
-        scores = evaluate(
-            exported.model_file,
-            documents=documents,
-            reference="demo",
-            context=EVAL_SEQ_LEN,
-            seq_len=EVAL_SEQ_LEN,
-            max_tokens=EVAL_MAX_TOKENS,
-            n_threads=threads,
-            progress=False,
-        )
+        scores = _score(exported.model_file, documents, threads)
     awq = record.get("awq") or {}
     row = {
         "scheme": scheme,

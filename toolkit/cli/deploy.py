@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from toolkit.cli.options import KvCacheOption
 from toolkit.core.errors import BedsideError
 from toolkit.deploy.pipeline import DeployOptions, DeployResult, run_deploy
 
@@ -69,12 +70,7 @@ def deploy_command(
     threads: Annotated[
         int | None, typer.Option("--threads", help="Runtime threads (default: runtime's).")
     ] = None,
-    kv_cache: Annotated[
-        str | None,
-        typer.Option(
-            "--kv-cache", help="Pin llama.cpp's KV-cache precision (one of the profile's: f16, q8_0, q4_0)."
-        ),
-    ] = None,
+    kv_cache: KvCacheOption = None,
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Accept pickle (*.bin/*.pt) weights; they can run code.")
     ] = False,

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from toolkit.cli.options import KvCacheOption
 from toolkit.core.errors import NothingFitsError
 from toolkit.core.units import GIB, MIB
 from toolkit.model.facts import read_facts
@@ -43,12 +44,7 @@ def plan_command(
     context: Annotated[
         int | None, typer.Option("--context", help="Context length to plan for (overrides the profile's).")
     ] = None,
-    kv_cache: Annotated[
-        str | None,
-        typer.Option(
-            "--kv-cache", help="Pin llama.cpp's KV-cache precision (one of the profile's: f16, q8_0, q4_0)."
-        ),
-    ] = None,
+    kv_cache: KvCacheOption = None,
     host_placement: Annotated[
         bool,
         typer.Option(
@@ -62,7 +58,9 @@ def plan_command(
     ] = None,
     no_heal: Annotated[
         bool,
-        typer.Option("--no-heal", help="Plan for a compression without LoRA healing (one-shot depth priors)."),
+        typer.Option(
+            "--no-heal", help="Plan for a compression without LoRA healing (one-shot depth priors)."
+        ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Write plan.json here (atomically).")] = None,

@@ -163,6 +163,20 @@ def perplexity_increase_pct(evaluation: dict[str, Any]) -> float | None:
     return (float(ppl) / float(reference) - 1.0) * 100.0
 
 
+def _speed_check(name: str, speed: Any, minimum: float, detail: str) -> Check:
+    """A reported-only decode speed check: speed >= the profile's minimum (None when not measured)."""
+    return Check(
+        name,
+        _compare(speed, minimum, ">="),
+        None if speed is None else float(speed),
+        minimum,
+        ">=",
+        "tok/s",
+        blocking=False,
+        detail=detail,
+    )
+
+
 def build_checks(
     evaluation: dict[str, Any],
     profile: DeviceProfile,
@@ -281,32 +295,19 @@ def build_checks(
                 extra={"estimate_bytes": candidate.memory.host_bytes},
             )
         )
-    speed = evaluation.get("decode_tokens_per_s")
     minimum_speed = profile.min_decode_tokens_per_s.value
     checks.append(
-        Check(
-            "decode_tokens_per_s_host",
-            _compare(speed, minimum_speed, ">="),
-            None if speed is None else float(speed),
-            minimum_speed,
-            ">=",
-            "tok/s",
-            blocking=False,
-            detail=HOST_SPEED_NOTE,
+        _speed_check(
+            "decode_tokens_per_s_host", evaluation.get("decode_tokens_per_s"), minimum_speed, HOST_SPEED_NOTE
         )
     )
     if target_speed is not None:
-        predicted = target_speed.get("decode_tokens_per_s")
         checks.append(
-            Check(
+            _speed_check(
                 "decode_tokens_per_s_target",
-                _compare(predicted, minimum_speed, ">="),
-                None if predicted is None else float(predicted),
+                target_speed.get("decode_tokens_per_s"),
                 minimum_speed,
-                ">=",
-                "tok/s",
-                blocking=False,
-                detail=describe(target_speed),
+                describe(target_speed),
             )
         )
     return checks
