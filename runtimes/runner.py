@@ -31,9 +31,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from runtimes.results import GenerationResult
+from toolkit.core.vision import IMAGE_MARKER
 
 Message = dict[str, str]
 StreamCallback = Callable[[str], None]
+PromptPart = list[int] | Path  # token ids, or an image file whose projected features take the positions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,6 +269,94 @@ class Runner(ABC):
                 rows.append(logits)
         return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
 
+    # -- images (vision-language artifacts) ---------------------------------------------------
+
+    @property
+    def has_vision(self) -> bool:
+        """True when the loaded artifact carries a vision tower and projector (it answers about images)."""
+        return False
+
+    @property
+    def image_tokens(self) -> int:
+        """Positions one image takes in the sequence (0 for a text-only artifact)."""
+        return 0
+
+    def _forward_image(self, image: Path) -> np.ndarray:
+        """Encode `image`, append its `image_tokens` projected features at positions n_past..; last logits [1, vocab].
+
+        Must not change `self.n_past` (the caller does). Runtimes with a vision part override it.
+        """
+        raise ValueError(
+            f"{self.path}: this artifact has no vision tower: images need a LLaVA checkpoint "
+            "or its export with the vision part"
+        )
+
+    def forward_image(self, image: str | Path) -> np.ndarray:
+        """Append an image to the sequence in the KV cache; returns the logits of its last position [1, vocab]."""
+        if not self.has_vision:
+            return self._forward_image(Path(image))
+        if self.n_past + self.image_tokens > self.n_ctx:
+            raise ValueError(
+                f"{self.n_past + self.image_tokens} positions exceed the context of {self.n_ctx} tokens "
+                f"(an image takes {self.image_tokens}): load with a larger n_ctx"
+            )
+        logits = self._forward_image(Path(image))
+        self.n_past += self.image_tokens
+        return logits
+
+    def prompt_parts(self, prompt: str | Sequence[Message], image: str | Path | None = None) -> list[PromptPart]:
+        """The prompt as token-id runs and the image: the rendered text split at IMAGE_MARKER.
+
+        Without an image this is `[prompt_ids(prompt)]`. With one, the prompt (raw text, or chat
+        messages rendered with the chat template) must hold IMAGE_MARKER once, where the image goes;
+        raw text gets the tokenizer's BOS as in `prompt_ids`.
+        """
+        if image is None:
+            return [self.prompt_ids(prompt)]
+        text = prompt if isinstance(prompt, str) else self.apply_chat_template(prompt)
+        if text.count(IMAGE_MARKER) != 1:
+            raise ValueError(f"an image prompt must hold {IMAGE_MARKER} exactly once (found {text.count(IMAGE_MARKER)})")
+        before, after = text.split(IMAGE_MARKER)
+        parts: list[PromptPart] = [self.tokenize(before, add_special=isinstance(prompt, str)), Path(image)]
+        parts.append(self.tokenize(after, add_special=False))
+        return [part for part in parts if not isinstance(part, list) or part]
+
+    def parts_length(self, parts: Sequence[PromptPart]) -> int:
+        """Sequence positions `parts` take (image_tokens per image)."""
+        return sum(len(part) if isinstance(part, list) else self.image_tokens for part in parts)
+
+    def forward_parts(self, parts: Sequence[PromptPart]) -> np.ndarray:
+        """Append token runs and images in order; returns the logits of the last position [1, vocab]."""
+        if not parts:
+            raise ValueError("forward needs at least one token or image")
+        logits = np.zeros((1, 0), np.float32)
+        for part in parts:
+            logits = self.forward(part)[-1:] if isinstance(part, list) else self.forward_image(part)
+        return logits
+
+    def continuation_logprobs(self, parts: Sequence[PromptPart], continuation: Sequence[int]) -> np.ndarray:
+        """log p(continuation[t] | prompt parts, continuation[:t]) per token, float32 [len(continuation)].
+
+        The image-aware form of scoring an answer after its prompt: the prompt (text and images) is
+        prefilled once from a fresh cache, then the continuation is run with all logits kept.
+        """
+        continuation = [int(i) for i in continuation]
+        if not continuation:
+            raise ValueError("an answer tokenized to nothing")
+        if self.parts_length(parts) + len(continuation) > self.n_ctx:
+            raise ValueError(
+                f"{self.parts_length(parts) + len(continuation)} positions exceed the context of {self.n_ctx} tokens"
+            )
+        self.reset()
+        try:
+            rows = [log_softmax(self.forward_parts(parts))]
+            if len(continuation) > 1:
+                rows.append(log_softmax(self.forward(continuation[:-1], all_logits=True)))
+        finally:
+            self.reset()
+        logprobs = np.concatenate(rows, axis=0)
+        return logprobs[np.arange(len(continuation)), continuation].astype(np.float32)
+
     # -- scoring ------------------------------------------------------------------------------
 
     def iter_logprobs(self, ids: Sequence[int], chunk_size: int | None = None) -> Iterator[np.ndarray]:
@@ -345,21 +435,25 @@ class Runner(ABC):
         top_p: float = 0.95,
         seed: int | None = None,
         stream: StreamCallback | None = None,
+        image: str | Path | None = None,
     ) -> GenerationResult:
         """Generate an answer to a raw prompt or chat messages (rendered with the chat template).
+
+        With `image`, the prompt holds IMAGE_MARKER where the image goes (see `prompt_parts`).
 
         Greedy by default; with `greedy=False` samples with temperature, top-k and top-p from a
         numpy generator seeded with `seed`, so a seeded run repeats. `stream` receives text pieces
         as soon as they decode to whole characters. Stops at an end-of-generation token, after
         `max_new_tokens`, or when the context is full.
         """
-        ids = self.prompt_ids(prompt)
-        if len(ids) >= self.n_ctx:
-            raise ValueError(f"prompt of {len(ids)} tokens does not fit the context of {self.n_ctx}")
+        parts = self.prompt_parts(prompt, image)
+        prompt_length = self.parts_length(parts)
+        if prompt_length >= self.n_ctx:
+            raise ValueError(f"prompt of {prompt_length} positions does not fit the context of {self.n_ctx}")
         rng = np.random.default_rng(seed)
         self.reset()
         start = time.perf_counter()
-        logits = self.forward(ids)[-1]
+        logits = self.forward_parts(parts)[-1]
         prefill_seconds = time.perf_counter() - start
 
         generated: list[int] = []
@@ -394,7 +488,7 @@ class Runner(ABC):
         return GenerationResult(
             text=text,
             token_ids=generated,
-            prompt_tokens=len(ids),
+            prompt_tokens=prompt_length,
             finish_reason=finish_reason,
             prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds,

@@ -1,8 +1,8 @@
 """The reference runtime: a Hugging Face checkpoint in transformers (fp32 on CPU).
 
 Every exported artifact is judged against this runner, so it does the plainest thing:
-AutoModelForCausalLM + AutoTokenizer from the folder, no trust_remote_code, a DynamicCache for the
-KV loop. On CUDA it uses the checkpoint's own dtype (bf16/fp16) so a 7B reference fits one GPU;
+AutoModelForCausalLM + AutoTokenizer from the folder (LlavaForConditionalGeneration + its image
+processor for a LLaVA), no trust_remote_code, a DynamicCache for the KV loop. On CUDA it uses the checkpoint's own dtype (bf16/fp16) so a 7B reference fits one GPU;
 pass `dtype="float32"` to `TorchRunner(...)` to force full precision there too.
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from runtimes.image import open_rgb, read_processor_config
 from runtimes.registry import register_runner, require_format
 from runtimes.results import RuntimeLoadError
 from runtimes.runner import Message, Runner, first_line, render_chat_template
@@ -36,6 +37,8 @@ class TorchRunner(Runner):
         self.tokenizer: Any = None
         self._cache: Any = None
         self._eos_ids: set[int] = set()
+        self.image_processor: Any = None
+        self._image_tokens = 0
 
     def _load(self, path: Path, *, n_ctx: int, n_threads: int | None, device: str) -> None:
         require_format(path, "hf", self.name)
@@ -48,7 +51,12 @@ class TorchRunner(Runner):
                 f"{path}: no tokenizer (expected tokenizer.json or tokenizer.model beside config.json)"
             )
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoTokenizer,
+            LlavaForConditionalGeneration,
+        )
 
         if n_threads:
             torch.set_num_threads(n_threads)
@@ -63,9 +71,14 @@ class TorchRunner(Runner):
         except Exception as error:
             raise RuntimeLoadError(f"{path}: tokenizer cannot be loaded: {first_line(error)}") from error
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, low_cpu_mem_usage=True, trust_remote_code=False
-            )
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+            model_class = AutoModelForCausalLM
+            if config.model_type == "llava":
+                model_class = LlavaForConditionalGeneration
+                self._load_image_processor(path, config)
+            model = model_class.from_pretrained(path, dtype=dtype, low_cpu_mem_usage=True, trust_remote_code=False)
+        except RuntimeLoadError:
+            raise
         except Exception as error:
             raise RuntimeLoadError(
                 f"{path}: transformers cannot load the model: {first_line(error)}"
@@ -73,6 +86,48 @@ class TorchRunner(Runner):
         self.model = model.to(device).eval()
         self.path = path
         self._eos_ids = _eos_token_ids(self.tokenizer, getattr(model, "generation_config", None))
+
+    def _load_image_processor(self, path: Path, config: Any) -> None:
+        """The checkpoint's own image processor (CLIPImageProcessor); the ONNX runner mirrors it in numpy."""
+        from transformers import AutoImageProcessor
+
+        read_processor_config(path)  # one-line error when the LLaVA folder lacks it
+        self.image_processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        self._image_tokens = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+    @property
+    def has_vision(self) -> bool:
+        """True for a LLaVA checkpoint."""
+        return self.image_processor is not None
+
+    @property
+    def image_tokens(self) -> int:
+        """Positions per image: (image_size / patch_size)^2 (+1 with the "full" strategy)."""
+        return self._image_tokens
+
+    def _forward_image(self, image: Path) -> np.ndarray:
+        if not self.has_vision:
+            return super()._forward_image(image)
+        import torch
+        from transformers import DynamicCache
+
+        pixels = self.image_processor(images=open_rgb(image), return_tensors="pt")["pixel_values"]
+        if self._cache is None:
+            self._cache = DynamicCache()
+        config = self.model.config
+        with torch.inference_mode():
+            features = self.model.model.get_image_features(
+                pixel_values=pixels.to(self.model.device, self.model.dtype),
+                vision_feature_layer=config.vision_feature_layer,
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+            )[0]
+            output = self.model(
+                inputs_embeds=features[None], past_key_values=self._cache, use_cache=True, logits_to_keep=1
+            )
+        self._cache = output.past_key_values
+        return output.logits[0].float().cpu().numpy()
 
     @property
     def vocab_size(self) -> int:

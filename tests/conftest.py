@@ -293,3 +293,21 @@ def minimal_compression_record():
         return record
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(demo_model_dir, tmp_path_factory) -> Path:
+    """The tiny random LLaVA checkpoint folder of tests/llava_fixture.py (llava-hf layout, processor included)."""
+    from tests.llava_fixture import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava") / "checkpoint")
+
+
+@pytest.fixture(scope="session")
+def test_images(tmp_path_factory) -> list[Path]:
+    """Three deterministic RGB PNGs of different sizes and aspect ratios."""
+    from tests.llava_fixture import write_test_image
+
+    folder = tmp_path_factory.mktemp("images")
+    sizes = [(80, 72), (50, 130), (300, 200)]
+    return [write_test_image(folder / f"image{i}.png", seed=i, size=size) for i, size in enumerate(sizes)]
