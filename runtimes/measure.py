@@ -15,7 +15,8 @@ KV cache to exactly `context`; record speeds and memory; then, optionally, score
 (from a fresh cache) and report scoring memory apart. Instead of ids, a job may give `score_texts`:
 the child tokenizes them with the artifact's own tokenizer (returning the ids, so a caller can check
 two artifacts saw the same tokens) and scores them in windows of `score_seq_len`; and
-`option_items`, multiple-choice prompts scored with `Runner.option_logprobs`.
+`option_items`, multiple-choice prompts scored with `Runner.option_logprobs`; and `image_items`, image
+questions scored with `Runner.continuation_logprobs` and answered with `Runner.generate(image=...)`.
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class MeasureJob:
     # Multiple-choice items {"messages": [...], "options": [...]}: the chat prompt (with generation prompt)
     # and each option are tokenized by the artifact and scored with `Runner.option_logprobs`.
     option_items: list[dict[str, Any]] | None = None
+    # Image questions {"messages": [...] (the user turn holds "<image>"), "image": path, "answer": text,
+    # "options": [...] or None, "max_new_tokens": n}: the answer's per-token log-probabilities after the
+    # prompt and image; each option's summed log-probability (closed questions); a greedy answer (open ones).
+    image_items: list[dict[str, Any]] | None = None
     runner_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Runner class
     kind: str = "measure"
 
@@ -216,7 +221,7 @@ def run_job(
     peak_vram = vram.stop() if runner.device == "cuda" else None  # a CPU run's delta is other processes'
 
     score = None
-    if job.score_ids or job.score_texts or job.option_items:
+    if job.score_ids or job.score_texts or job.option_items or job.image_items:
         phase(f"scoring ({name})")
         score = _score(runner, job)
     details = dict(getattr(runner, "details", {}) or {})
@@ -305,6 +310,7 @@ def _score(runner: Any, job: MeasureJob) -> ScoreResult:
                 continue
             options.append(runner.option_logprobs(prompt, choices))
     return ScoreResult(
+        image_results=_image_results(runner, job.image_items) if job.image_items else None,
         tokens=len(ids),
         token_logprobs=[float(v) for v in values],
         seconds=seconds,
@@ -314,6 +320,32 @@ def _score(runner: Any, job: MeasureJob) -> ScoreResult:
         window_lengths=[len(window) for window in windows] if job.score_texts else None,
         option_logprobs=options,
     )
+
+
+def _image_results(runner: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per image question: the answer's token log-probs, each option's total, and a greedy answer when open.
+
+    The answer is tokenized as the assistant writes it (no special tokens) and scored after the
+    rendered prompt with the image at its marker; an option that is the answer reuses its scores.
+    """
+    results = []
+    for item in items:
+        parts = runner.prompt_parts(item["messages"], item["image"])
+        answer_ids = runner.tokenize(item["answer"], add_special=False)
+        answer = runner.continuation_logprobs(parts, answer_ids)
+        options = None
+        if item.get("options"):
+            options = []
+            for option in item["options"]:
+                ids = runner.tokenize(option, add_special=False)
+                scores = answer if ids == answer_ids else runner.continuation_logprobs(parts, ids)
+                options.append(float(np.sum(scores)))
+        generated = None
+        if not item.get("options"):
+            result = runner.generate(item["messages"], image=item["image"], max_new_tokens=item.get("max_new_tokens", 16))
+            generated = result.text
+        results.append({"answer_logprobs": [float(v) for v in answer], "options": options, "generated": generated})
+    return results
 
 
 def _signal_name(number: int) -> str:

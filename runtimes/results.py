@@ -73,6 +73,9 @@ class ScoreResult:
     # One entry per `MeasureJob.option_items` item: log p(option | chat prompt) per option, or None when
     # the prompt and its longest option do not fit the context.
     option_logprobs: list[list[float] | None] | None = None
+    # One entry per `MeasureJob.image_items` item: {"answer_logprobs": [...], "options": [totals] or None,
+    # "generated": greedy answer text or None}.
+    image_results: list[dict[str, Any]] | None = None
 
     @property
     def mean_negative_logprob(self) -> float:

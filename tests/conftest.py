@@ -311,3 +311,27 @@ def test_images(tmp_path_factory) -> list[Path]:
     folder = tmp_path_factory.mktemp("images")
     sizes = [(80, 72), (50, 130), (300, 200)]
     return [write_test_image(folder / f"image{i}.png", seed=i, size=size) for i, size in enumerate(sizes)]
+
+
+@pytest.fixture(scope="session")
+def image_qa_file(test_images, tmp_path_factory) -> Path:
+    """A small image-QA JSONL in the SLAKE / VQA-RAD layout (image paths relative to the file), 60 items."""
+    import json
+
+    folder = test_images[0].parent
+    organs = ["liver", "lung", "heart", "kidney", "spleen"]
+    lines = []
+    for number in range(60):
+        image = test_images[number % len(test_images)]
+        organ = organs[number % len(organs)]
+        closed = number % 2 == 0
+        lines.append({
+            "id": str(number),
+            "image": image.name,
+            "question": f"Does the picture contain {organ}?" if closed else f"Which organ is abnormal near the {organ}?",
+            "answer": ("Yes" if number % 3 else "No") if closed else organs[(number + 1) % len(organs)],
+            "answer_type": "CLOSED" if closed else "OPEN",
+        })
+    path = folder / "qa.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path

@@ -1,19 +1,23 @@
-"""`bedside run ARTIFACT --prompt TEXT`: chat with an artifact on its runtime, streamed token by token.
+"""`bedside run ARTIFACT --prompt TEXT [--image PATH]`: chat with an artifact on its runtime, streamed.
 
 The prompt is sent as one user turn through the artifact's own chat template; the answer is written to
-stdout as it decodes (`Runner.generate(stream=...)`). Temperature 0 is greedy decoding.
+stdout as it decodes (`Runner.generate(stream=...)`). Temperature 0 is greedy decoding. With `--image`
+(a LLaVA checkpoint or its export with the vision part) the image goes before the prompt, as LLaVA-1.5
+puts it; a prompt that holds the `<image>` marker places it there instead.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from runtimes import load_runner
 from toolkit.core.errors import BedsideError
+from toolkit.core.vision import IMAGE_MARKER
 from toolkit.validate.evaluate import resolve_artifact
 
 
@@ -27,6 +31,9 @@ def run_command(
         str, typer.Argument(help="'demo', a checkpoint folder, a .gguf file, or an export folder.")
     ],
     prompt: Annotated[str, typer.Option("--prompt", help="The user's message.")],
+    image: Annotated[
+        Path | None, typer.Option("--image", help="An image (PNG/JPEG) the question is about (vision-language models).")
+    ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to generate at most.")] = 256,
     temperature: Annotated[float, typer.Option("--temperature", help="0 for greedy decoding.")] = 0.0,
     runtime: Annotated[
@@ -55,6 +62,9 @@ def run_command(
         raise BedsideError(f"--context {context}: the KV cache needs at least 1 token (e.g. --context 2048)")
     if threads is not None and threads < 1:
         raise BedsideError(f"--threads {threads}: use 1 or more (or leave it out)")
+    if image is not None and not image.is_file():
+        raise BedsideError(f"--image '{image}' not found: pass the path of a PNG or JPEG file")
+    content = prompt if image is None or IMAGE_MARKER in prompt else f"{IMAGE_MARKER}\n{prompt}"
     target = resolve_artifact(artifact, runtime)
     runner = load_runner(target.path, target.runtime, n_ctx=context, n_threads=threads)
 
@@ -65,14 +75,20 @@ def run_command(
     with runner:
         try:
             result = runner.generate(
-                [{"role": "user", "content": prompt}],
+                [{"role": "user", "content": content}],
+                image=image,
                 max_new_tokens=max_tokens,
                 greedy=temperature == 0,
                 temperature=temperature or 1.0,
                 seed=seed,
                 stream=None if json_output else write,
             )
-        except ValueError as error:  # the prompt does not fit the context
+        except ValueError as error:  # the prompt does not fit the context, or no vision part for --image
+            if image is not None and not runner.has_vision:
+                raise BedsideError(
+                    f"{target.path} has no vision tower: --image needs a LLaVA checkpoint or its export "
+                    "with the vision part (GGUF: the mmproj file beside the model)"
+                ) from None
             raise BedsideError(f"{error}: pass a larger --context or a shorter prompt") from error
     if json_output:
         answer = {

@@ -51,7 +51,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from toolkit.core.errors import BedsideError
 from toolkit.core.records import SCHEMA_VERSION
-from toolkit.data.blocks import data_label
+from toolkit.data.blocks import ExpandIds, data_label
 
 if TYPE_CHECKING:
     import torch
@@ -215,6 +215,7 @@ def question_answer_training_blocks(
     seed: int,
     *,
     source: str | None = None,
+    expand: ExpandIds | None = None,
 ) -> TrainingBlocks:
     """Packed training blocks whose labels keep only the answers of question/answer documents.
 
@@ -227,6 +228,7 @@ def question_answer_training_blocks(
     data's) and cut into consecutive blocks, so there is no padding and no attention mask.
     The prompt/answer boundary is the longest common token prefix of the rendered exchange and the
     rendered prompt with the generation prompt, which holds whatever the template adds around turns.
+    `expand` rewrites each document's ids (prompt and exchange alike) before packing, as in `make_blocks`.
     """
     import torch
 
@@ -248,8 +250,12 @@ def question_answer_training_blocks(
     for index in order:
         document = documents[index]
         full = tokenizer(document.render(tokenizer), add_special_tokens=False)["input_ids"]
+        if expand is not None:
+            full = expand(document, full)
         if document.is_question_answer:
             prompt = tokenizer(_prompt_text(document, tokenizer), add_special_tokens=False)["input_ids"]
+            if expand is not None:
+                prompt = expand(document, prompt)
             boundary = _common_prefix_length(full, prompt)
         else:
             boundary = 0

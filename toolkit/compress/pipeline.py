@@ -60,6 +60,7 @@ from toolkit.compress.quant.methods import QUANT_METHODS as QUANT_METHOD_REGISTR
 from toolkit.compress.quant.rtn import fake_quantize_model
 from toolkit.compress.record import CompressionRecord, CompressOptions
 from toolkit.compress.stages import StageRunner, eval_overlap, link_checkpoint, load_tokenizer, stage_hash
+from toolkit.compress.vision import VisionCalibration, slots_for
 from toolkit.core.atomic import building_folder, remove_stale_temporaries, write_json_atomic
 from toolkit.core.errors import BedsideError, NothingFitsError
 from toolkit.core.formats import FORMATS, all_schemes, format_of_scheme
@@ -69,6 +70,7 @@ from toolkit.core.records import COMPRESSION_RECORD, DEFAULT_DATA, EVAL_FRACTION
 from toolkit.data import data_sha256, load_dataset_spec, make_blocks, split_calibration_eval
 from toolkit.model.checkpoint import loadable_checkpoint
 from toolkit.model.facts import read_facts
+from toolkit.model.llava import is_vision_language, require_processor
 
 if TYPE_CHECKING:
     from toolkit.plan.schema import Plan
@@ -196,8 +198,12 @@ class _Data:
     split: dict[str, Any] | None
 
 
-def _prepare_data(tokenizer: Any, options: CompressOptions) -> _Data:
-    """Calibration blocks, healing blocks (answer-only labels for QA data) and evaluation blocks."""
+def _prepare_data(tokenizer: Any, options: CompressOptions, vision: VisionCalibration | None = None) -> _Data:
+    """Calibration blocks, healing blocks (answer-only labels for QA data) and evaluation blocks.
+
+    For a LLaVA (`vision`), image documents' image tokens become image positions
+    (`toolkit.compress.vision`) and those positions are never training targets.
+    """
 
     source = options.calib or DEFAULT_CALIBRATION
     documents = load_dataset_spec(source)
@@ -225,15 +231,21 @@ def _prepare_data(tokenizer: Any, options: CompressOptions) -> _Data:
     if overlap:
         raise AssertionError(f"{overlap} evaluation documents occur in the calibration data")
 
+    expand = vision.slots.expand if vision is not None else None
+    if vision is None and any(document.image is not None for document in calib_docs):
+        raise BedsideError(
+            f"the calibration data '{source}' holds images but the model is text-only: "
+            "pass text or question/answer data, or a LLaVA checkpoint"
+        )
     calib = make_blocks(
-        calib_docs, tokenizer, options.seq_len, options.calib_sequences, options.seed, source=source
+        calib_docs, tokenizer, options.seq_len, options.calib_sequences, options.seed, source=source, expand=expand
     )
     evaluation = make_blocks(
-        eval_docs, tokenizer, options.seq_len, options.eval_sequences, options.seed, source=eval_source
+        eval_docs, tokenizer, options.seq_len, options.eval_sequences, options.seed, source=eval_source, expand=expand
     )
     if any(document.is_question_answer for document in calib_docs):
         training = question_answer_training_blocks(
-            calib_docs, tokenizer, options.seq_len, options.calib_sequences, options.seed, source=source
+            calib_docs, tokenizer, options.seq_len, options.calib_sequences, options.seed, source=source, expand=expand
         )
         heal_ids, heal_labels = training.input_ids, training.labels
         if options.heal and training.loss_tokens == 0:
@@ -243,6 +255,8 @@ def _prepare_data(tokenizer: Any, options: CompressOptions) -> _Data:
             )
     else:
         heal_ids, heal_labels = calib.input_ids, None
+    if vision is not None:
+        heal_labels = vision.slots.text_targets(heal_ids if heal_labels is None else heal_labels)
     calib_ids = calib.input_ids
     return _Data(
         calib_ids=calib_ids,
@@ -259,6 +273,7 @@ def _prepare_data(tokenizer: Any, options: CompressOptions) -> _Data:
             "seq_len": int(calib_ids.shape[1]),
             "tokens": int(calib_ids.numel()),
             "question_answer": heal_labels is not None,
+            **({"vision": vision.to_dict()} if vision is not None else {}),
         },
         evaluation={
             "source": eval_source,
@@ -509,12 +524,19 @@ def compress(
     check_out_dir(out)  # refused before any work; created once the data passed too
 
     tokenizer = load_tokenizer(source)
-    data = _prepare_data(tokenizer, options)
+    vision = None
+    if is_vision_language(source):
+        require_processor(source)
+        vision = VisionCalibration(slots_for(source), source)
+    data = _prepare_data(tokenizer, options, vision)
     make_out_dir(out)
     remove_stale_temporaries(out)
     remove_stale_temporaries(out / "stages")
     source_sha = weights_sha256(source)
-    runner = StageRunner(source, out, tokenizer, data.eval_ids, progress, _storage_dtype(source))
+    runner = StageRunner(
+        source, out, tokenizer, data.eval_ids, progress, _storage_dtype(source),
+        attach=vision.attach if vision is not None else None,
+    )
 
     quality: dict[str, float | None] = {"original": None, "pruned": None, "healed": None, "quantized": None}
     quality["original"] = runner.quality(f"source-{source_sha}", "original")

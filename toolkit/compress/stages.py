@@ -12,8 +12,8 @@ holds what every stage needs and none of them is about.
   STAGE_FORMAT})`: the previous stage's hash chains back to the source checkpoint's sha256, so a
   stage is reused only when everything that produced it is unchanged.
 - **Perplexity** on held-apart blocks: `ppl = exp( sum_b sum_t -log p(x_{b,t+1} | x_{b,<=t}) / N )`
-  over every predicted position of every block (N = blocks x (seq_len - 1)), the usual token-level
-  perplexity of a causal LM (the formula is `toolkit.core.metrics.perplexity`; this module sums the NLL).
+  over every predicted text position of every block (N = blocks x (seq_len - 1) less the image
+  positions of a LLaVA's blocks), the usual token-level perplexity of a causal LM (the formula is `toolkit.core.metrics.perplexity`; this module sums the NLL).
 - **Peak RSS per stage.** The kernel's high-water mark (VmHWM) cannot be reset inside a process, so
   `RssSampler` (`toolkit.core.memory_sampling`) polls the resident set size (psutil) every 50 ms on a
   background thread and keeps the maximum; a spike shorter than the period can be missed, so it is a
@@ -41,6 +41,16 @@ from toolkit.core.hashing import sha256_json, token_ids_sha256, weights_sha256
 from toolkit.core.memory_sampling import RssSampler
 from toolkit.core.metrics import perplexity as perplexity_from_nll
 from toolkit.core.records import STAGE_RECORD
+from toolkit.model.llava import is_vision_language
+
+# Files of a checkpoint transformers' save does not rewrite, carried from the source into every stage.
+CARRIED_FILES = (
+    "chat_template.jinja",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+)
 
 STAGE_FORMAT = 1  # bump when a stage's algorithm or folder layout changes: old folders stop matching
 
@@ -81,12 +91,13 @@ def link_checkpoint(source: Path, destination: Path, skip: Sequence[str] = (STAG
 
 
 def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
-    """Load an HF causal LM from a local folder (offline, no remote code) in `dtype`, eval mode."""
-    from transformers import AutoModelForCausalLM
+    """Load an HF causal LM (or a LLaVA, whole) from a local folder, offline, no remote code, in `dtype`, eval mode."""
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
     refuse_custom_code(folder)
+    model_class = LlavaForConditionalGeneration if is_vision_language(folder) else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class.from_pretrained(
             folder, dtype=dtype, low_cpu_mem_usage=True, local_files_only=True, trust_remote_code=False
         )
     except (OSError, ValueError) as error:
@@ -111,14 +122,14 @@ def save_checkpoint(model: Any, tokenizer: Any, source: Path, folder: Path, dtyp
     """Save weights (safetensors, in `dtype`), config, tokenizer and chat template into `folder`.
 
     The model is cast to `dtype` in place (the caller evaluates what was saved). Files of the
-    source checkpoint that transformers does not rewrite (`chat_template.jinja`,
-    `generation_config.json`) are copied when the save did not produce them.
+    source checkpoint that transformers does not rewrite (CARRIED_FILES: chat template, generation
+    config, a LLaVA's processor files) are copied when the save did not produce them.
     """
     model.to(dtype)
     model.config.dtype = dtype
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    for name in ("chat_template.jinja", "generation_config.json"):
+    for name in CARRIED_FILES:
         if (source / name).is_file() and not (folder / name).exists():
             shutil.copy2(source / name, folder / name)
 
@@ -150,11 +161,12 @@ def perplexity(model: Any, blocks: torch.Tensor, batch_size: int = 4, progress: 
             ids = blocks[start : start + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].to(torch.float32)
             targets = ids[:, 1:]
+            scored = targets < logits.shape[-1]  # image positions (toolkit.compress.vision) are not text
             nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+                logits[scored], targets[scored], reduction="sum"
             )
             total += float(nll)
-            count += targets.numel()
+            count += int(scored.sum())
             if progress is not None:
                 progress(int(ids.shape[0]))
     finally:
@@ -190,8 +202,10 @@ class StageRunner:
         eval_ids: torch.Tensor,
         progress: bool,
         storage_dtype: torch.dtype = torch.float32,
+        attach: Callable[[Any], None] | None = None,
     ) -> None:
         self.source = source
+        self.attach = attach  # called on every model the runner makes live (a LLaVA's image positions)
         self.stages_dir = out / "stages"
         self.tokenizer = tokenizer
         self.eval_ids = eval_ids
@@ -207,6 +221,8 @@ class StageRunner:
         """The current weights as a float32 model (loaded from `current_dir` when not live)."""
         if self.model is None:
             self.model = load_causal_lm(self.current_dir, torch.float32)
+            if self.attach is not None:
+                self.attach(self.model)
         return self.model
 
     def run(
@@ -235,6 +251,8 @@ class StageRunner:
                 previous = read_stage_record(self.current_dir) or {}
                 output_sha = previous.get("output_sha256") or weights_sha256(building)
             else:
+                if changed is not model and self.attach is not None:
+                    self.attach(changed)
                 model = changed
                 save_checkpoint(model, self.tokenizer, self.source, building, self.storage_dtype)
                 model.to(torch.float32)  # exact: the saved values, widened

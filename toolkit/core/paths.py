@@ -44,6 +44,11 @@ def demo_model_dir() -> Path:
     return cache_dir() / "models" / "smollm2-135m-instruct"
 
 
+def demo_vlm_dir() -> Path:
+    """The LLaVA checkpoint `--model demo-vlm` means, built here by `make demo-vlm` (toolkit.model.demo_vlm)."""
+    return cache_dir() / "models" / "demo-vlm"
+
+
 def llama_cpp_source_dir() -> Path:
     """llama.cpp sources from the llama-cpp-python sdist (convert_hf_to_gguf.py, gguf-py)."""
     return cache_dir() / f"llama.cpp-{LLAMA_CPP_VERSION}"

@@ -10,7 +10,7 @@ layer scoring, AWQ and the importance matrix consume. Records hold counts and ha
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -104,6 +104,10 @@ class TokenBlocks:
         }
 
 
+# (document, its token ids) -> the ids the model is fed (e.g. an image token expanded to image positions)
+ExpandIds = Callable[[Document, list[int]], list[int]]
+
+
 def make_blocks(
     documents: Sequence[Document],
     tokenizer: Any,
@@ -112,6 +116,7 @@ def make_blocks(
     seed: int,
     *,
     source: str | None = None,
+    expand: ExpandIds | None = None,
 ) -> TokenBlocks:
     """`n_blocks` blocks of `block_len` tokens, chosen deterministically by `seed`.
 
@@ -120,7 +125,8 @@ def make_blocks(
     stream is cut into consecutive non-overlapping blocks. Tokenization stops once enough tokens
     are read, so the cost grows with the blocks asked for, not with the corpus. Same documents +
     tokenizer + seed give the same blocks; when there are fewer tokens than asked, all whole blocks
-    are returned (see TokenBlocks.n_blocks). `source` names the data in errors.
+    are returned (see TokenBlocks.n_blocks). `source` names the data in errors. `expand` rewrites
+    each document's ids before packing (a LLaVA's image positions, `toolkit.compress.vision`).
     """
     import torch
 
@@ -133,8 +139,8 @@ def make_blocks(
     stream: list[int] = []
     used = 0
     for batch in _batches([documents[index] for index in order]):
-        for ids in _token_ids(tokenizer, batch):
-            stream.extend(ids)
+        for document, ids in zip(batch, _token_ids(tokenizer, batch), strict=True):
+            stream.extend(expand(document, ids) if expand is not None else ids)
             stream.append(eos)
             used += 1
             if len(stream) >= needed:

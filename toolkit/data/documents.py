@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from toolkit.core.vision import IMAGE_MARKER
+
 YES_NO_MAYBE: tuple[str, ...] = ("yes", "no", "maybe")
 NORMALISATION = "unicode NFKC, casefold, whitespace runs collapsed to one space, stripped"
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -64,20 +66,25 @@ class Document:
         return [option.casefold() for option in self.options].index(self.answer.casefold())
 
     def prompt(self) -> str:
-        """The user turn: context (if any), the question, and the options to choose from.
+        """The user turn: the image marker (image questions), context (if any), the question, the options.
 
         Yes/no/maybe questions ask for one of the words; other multiple choice lists lettered options.
+        An image question starts with IMAGE_MARKER on its own line, where a LLaVA puts the image
+        (LLaVA-1.5's order: image, then text).
         """
         if self.question is None:
             raise ValueError("prompt() is only defined for question/answer documents")
         parts = [self.context] if self.context else []
+        if self.image is not None:
+            parts.insert(0, IMAGE_MARKER)
         parts.append(self.question)
         if self.options:
             if is_yes_no_maybe(self.options):
                 parts.append("Answer " + ", ".join(self.options[:-1]) + " or " + self.options[-1] + ".")
             else:
                 parts.append("\n".join(f"{_LETTERS[i]}. {option}" for i, option in enumerate(self.options)))
-        return "\n\n".join(parts)
+        text = "\n\n".join(parts)
+        return text.replace(f"{IMAGE_MARKER}\n\n", f"{IMAGE_MARKER}\n", 1)
 
     def response(self) -> str:
         """The assistant turn: the answer, prefixed by its letter for lettered multiple choice."""
@@ -99,8 +106,10 @@ class Document:
         model sees when deployed; falls back to the plain `text` for plain documents, without a
         tokenizer, or when the tokenizer has no chat template (base models).
         """
-        if not self.is_question_answer or tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        if not self.is_question_answer:
             return self.text
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            return f"{self.prompt()}\n{self.response()}" if self.image is not None else self.text
         return tokenizer.apply_chat_template(self.messages(), tokenize=False)
 
     def content_key(self) -> str:

@@ -22,7 +22,7 @@ Conventions
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +550,21 @@ def multimodal_wrapper_for(architecture: str | None, model_type: str | None) -> 
     if architecture is not None:
         return MULTIMODAL.get(architecture)
     return _MULTIMODAL_BY_MODEL_TYPE.get(model_type or "")
+
+
+def text_family_in(class_name: str | None, model_type: str | None, text_model_type: str | None) -> TextFamily | None:
+    """The text family of a whole model, with `base_model_path` where that model nests its decoder.
+
+    A causal LM gets its family as is; a LLaVA gets its language model's family re-rooted at the
+    wrapper's `text_model_path`, so `layers_path` and module names of the decoder linears are the
+    LLaVA's (model.language_model.layers.N...): quantization and healing then act on the language
+    model and leave the vision tower and projector alone.
+    """
+    wrapper = multimodal_wrapper_for(class_name, model_type) or multimodal_wrapper_for(None, model_type)
+    if wrapper is None:
+        return text_family_for(class_name, model_type) or text_family_for(None, model_type)
+    family = text_family_by_model_type(text_model_type or wrapper.default_text_model_type)
+    return None if family is None else replace(family, base_model_path=wrapper.text_model_path)
 
 
 def lora_target_pattern(family: TextFamily, layers_path: str) -> str:

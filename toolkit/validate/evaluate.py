@@ -28,6 +28,12 @@ as the assistant would answer it (`Document.response()`), is scored as log p(opt
 over its tokens; the prediction is the argmax. accuracy = {"overall": correct / n, "n": n}; None when no
 document has options.
 
+Image questions (a LLaVA on SLAKE / VQA-RAD-style data) are scored with their image at the prompt's
+marker (`image_items`): closed ones by option log-likelihood as above, open ones by a greedy answer
+compared after normalisation (`toolkit.data.vqa`); accuracy gains {"closed": {value, n}, "open":
+{value, recall, n}} (each with "reference" when a reference is given), and `perplexity` is over the
+reference answers' tokens: exp(-(1/N) sum log p(answer token | prompt, image, earlier answer tokens)).
+
 `artifact_sha256`: sha256 of the file; for a folder, sha256 over the sorted lines "relative path\\0file sha256\\n".
 """
 
@@ -60,9 +66,10 @@ from toolkit.core.checkpoint_policy import refuse_custom_code
 from toolkit.core.errors import BedsideError
 from toolkit.core.formats import FORMAT_RUNTIME
 from toolkit.core.hashing import checkpoint_sha256, file_sha256
-from toolkit.core.metrics import top1_matches
+from toolkit.core.metrics import perplexity_from_logprobs, top1_matches
 from toolkit.core.records import COMPRESSION_RECORD
 from toolkit.data import DEFAULT_SOURCE, Document, data_sha256, load_dataset_spec
+from toolkit.data.vqa import closed_answer_sets, closed_options, exact_match, is_closed, token_recall
 from toolkit.model.checkpoint import loadable_checkpoint
 from toolkit.model.source import DEMO_NAME, resolve_model_dir
 
@@ -196,6 +203,8 @@ def scoring_texts(documents: Sequence[Document], max_tokens: int) -> list[str | 
     texts: list[str | list[dict[str, str]]] = []
     characters = 0
     for document in documents:
+        if document.image is not None:  # scored with its image (image_items), never as text
+            continue
         texts.append(document.messages() if document.is_question_answer else document.text)
         characters += len(document.text)
         if characters > max_tokens * CHARS_PER_TOKEN_BOUND:
@@ -218,6 +227,64 @@ def option_items(documents: Sequence[Document], max_items: int) -> tuple[list[di
         items.append({"messages": [{"role": "user", "content": document.prompt()}], "options": responses})
         answers.append(int(document.answer_index))
     return items, answers
+
+
+def image_items(
+    documents: Sequence[Document], max_items: int, max_new_tokens: int = 16
+) -> tuple[list[dict[str, Any]], list[Document]]:
+    """Image questions as measurement items: chat prompt with the image marker, image, answer, options.
+
+    CLOSED questions carry the options `toolkit.data.vqa.closed_options` gives, with the answers the
+    same question takes elsewhere in this file as the last fallback (an evaluation file has no
+    training split); OPEN questions carry none and are answered by greedy generation.
+    """
+    chosen = [d for d in documents if d.image is not None and d.is_question_answer][:max_items]
+    answer_sets = closed_answer_sets(documents)
+    items = []
+    for document in chosen:
+        options = list(closed_options(document, answer_sets)) if is_closed(document) else None
+        items.append({
+            "messages": [{"role": "user", "content": document.prompt()}],
+            "image": str(document.image),
+            "answer": document.response(),
+            "options": options,
+            "max_new_tokens": max_new_tokens,
+        })
+    return items, chosen
+
+
+def image_accuracy(results: Sequence[dict[str, Any]], items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """{"closed": {value, n}, "open": {value, recall, n}} of image questions (toolkit.data.vqa's rules).
+
+    closed: share whose highest-scoring option equals the answer (after normalisation); open: share of
+    greedy answers equal to the reference after normalisation (`value`), and mean token recall.
+    """
+    closed = [
+        exact_match(item["options"][int(np.argmax(result["options"]))], item["answer"])
+        for result, item in zip(results, items, strict=True)
+        if item["options"]
+    ]
+    open_pairs = [
+        (result["generated"] or "", item["answer"])
+        for result, item in zip(results, items, strict=True)
+        if not item["options"]
+    ]
+    return {
+        "closed": {"value": sum(closed) / len(closed), "n": len(closed)} if closed else None,
+        "open": {
+            "value": sum(exact_match(p, r) for p, r in open_pairs) / len(open_pairs),
+            "recall": sum(token_recall(p, r) for p, r in open_pairs) / len(open_pairs),
+            "n": len(open_pairs),
+        }
+        if open_pairs
+        else None,
+    }
+
+
+def answer_perplexity(results: Sequence[dict[str, Any]]) -> float | None:
+    """exp(mean negative log-probability of the reference answers' tokens after prompt and image)."""
+    values = [value for result in results for value in result["answer_logprobs"]]
+    return perplexity_from_logprobs(values) if values else None
 
 
 def accuracy_from_option_logprobs(
@@ -389,6 +456,7 @@ def evaluate(
         )
     texts = scoring_texts(documents, max_tokens)
     items, answers = option_items(documents, max_items)
+    pictures, _ = image_items(documents, max_items)
 
     with tempfile.TemporaryDirectory(prefix="bedside-eval-") as folder, _stages(progress, 3) as stages:
         full_dtype = "float32"
@@ -405,16 +473,28 @@ def evaluate(
             score_full_path=str(Path(folder, "artifact.npy")) if baseline is not None else None,
             score_full_dtype=full_dtype,
             option_items=items or None,
+            image_items=pictures or None,
             runner_options=dict(runner_options or {}),
         )
         result = _run_child(target, job)
         score = result.score
-        if score is None or score.token_ids is None or not score.token_logprobs:
+        if pictures:
+            assert score is not None and score.image_results is not None
+            perplexity = answer_perplexity(score.image_results)
+        elif score is None or score.token_ids is None or not score.token_logprobs:
             raise BedsideError(f"data '{source}' gives fewer than 2 tokens to score: pass more text")
-        perplexity = score.perplexity
+        else:
+            perplexity = score.perplexity
+        reference_images = None
 
         kl_divergence = top1_agreement = None
-        if baseline is not None:
+        if baseline is not None and pictures:
+            stages.stage(f"{baseline.runtime}: answering the image questions with the reference {baseline.path.name}")
+            image_job = MeasureJob(context=window, decode_tokens=min(8, window - 1), n_threads=n_threads, image_items=pictures)
+            reference_score = _run_child(baseline, image_job).score
+            assert reference_score is not None
+            reference_images = reference_score.image_results
+        if baseline is not None and texts:
             stages.stage(f"{baseline.runtime}: scoring the reference {baseline.path.name}")
             reference_job = MeasureJob(
                 context=window,
@@ -442,6 +522,13 @@ def evaluate(
             )
 
     accuracy = accuracy_from_option_logprobs(score.option_logprobs or [], answers) if items else None
+    if pictures:
+        accuracy = {**(accuracy or {}), **image_accuracy(score.image_results or [], pictures)}
+        if reference_images is not None:
+            for kind, value in image_accuracy(reference_images, pictures).items():
+                if value is not None:
+                    accuracy[kind]["reference"] = value["value"]
+            accuracy["reference_perplexity"] = _finite_or_none(answer_perplexity(reference_images))
     record = {
         "artifact": str(target.path),
         "runtime": target.runtime,
@@ -453,7 +540,7 @@ def evaluate(
         "kl_divergence": _finite_or_none(kl_divergence),
         "top1_agreement": _finite_or_none(top1_agreement),
         "accuracy": accuracy,
-        "tokens": len(score.token_logprobs),
+        "tokens": len(score.token_logprobs) or sum(len(r["answer_logprobs"]) for r in score.image_results or []),
         "seq_len": window,
         "context": context,
         "peak_rss_bytes": int(result.peak_rss_bytes),

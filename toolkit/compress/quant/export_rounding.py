@@ -109,15 +109,16 @@ def export_round(
 
 def _gguf_types(model: nn.Module, scheme: str, with_imatrix: bool) -> dict[str, str]:
     """Full module name of each decoder linear -> ggml type llama.cpp writes it in (empty when unknown)."""
-    from toolkit.model.architectures import text_family_for
+    from toolkit.model.architectures import text_family_in
     from toolkit.model.facts import facts_from_config
     from toolkit.model.storage_types import GGUF_MIXES, gguf_tensor_types
 
     config = getattr(model, "config", None)
     if config is None or scheme not in GGUF_MIXES:
         return {}
-    family = text_family_for(type(model).__name__, None) or text_family_for(
-        None, getattr(config, "model_type", None)
+    text_config = config.get_text_config(decoder=True) if config is not None else None
+    family = text_family_in(
+        type(model).__name__, getattr(config, "model_type", None), getattr(text_config, "model_type", None)
     )
     if family is None:
         return {}

@@ -21,14 +21,15 @@ from torch import nn
 from toolkit.compress.quant.base import QuantGrid
 from toolkit.compress.quant.grids import get_grid, grid_for_row
 from toolkit.core.errors import BedsideError
-from toolkit.model.architectures import TextFamily, text_family_for
+from toolkit.model.architectures import TextFamily, text_family_in
 
 
 def resolve_text_family(model: nn.Module) -> TextFamily:
-    """The architecture table entry of a ``*ForCausalLM`` model (by class name, then model_type)."""
+    """The architecture table entry of a causal LM, or of a LLaVA's language model re-rooted where it nests."""
     config = getattr(model, "config", None)
-    family = text_family_for(type(model).__name__, None) or text_family_for(
-        None, getattr(config, "model_type", None)
+    text_config = config.get_text_config(decoder=True) if config is not None else None
+    family = text_family_in(
+        type(model).__name__, getattr(config, "model_type", None), getattr(text_config, "model_type", None)
     )
     if family is None:
         raise BedsideError(
