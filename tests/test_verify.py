@@ -257,7 +257,7 @@ def test_verify_loads_and_measures_with_runtime_json_kv_settings(tmp_path, monke
         def __exit__(self, *exc):
             return None
 
-        def generate(self, messages, max_new_tokens):
+        def generate(self, messages, max_new_tokens, image=None):
             return SimpleNamespace(text="ok", token_ids=[1])
 
     def load_runner(path, runtime, n_ctx, n_threads, options=None):

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from toolkit.cli.options import KvCacheOption
+from toolkit.cli.options import FormatOption, KvCacheOption, PruneLayersOption, QuantOption
 from toolkit.core.errors import BedsideError
 from toolkit.deploy.pipeline import DeployOptions, DeployResult, run_deploy
 
@@ -71,6 +71,9 @@ def deploy_command(
         int | None, typer.Option("--threads", help="Runtime threads (default: runtime's).")
     ] = None,
     kv_cache: KvCacheOption = None,
+    format_name: FormatOption = None,
+    quant: QuantOption = None,
+    prune_layers: PruneLayersOption = None,
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Accept pickle (*.bin/*.pt) weights; they can run code.")
     ] = False,
@@ -107,6 +110,9 @@ def deploy_command(
         replace=replace,
         threads=threads,
         kv_cache_dtype=kv_cache,
+        format=format_name,
+        quant=quant,
+        prune_layers=prune_layers,
         allow_pickle=allow_pickle,
         seed=seed,
         progress=progress and not json_output,

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from toolkit.cli.options import KvCacheOption
+from toolkit.cli.options import FormatOption, KvCacheOption, PruneLayersOption, QuantOption
 from toolkit.core.errors import NothingFitsError
 from toolkit.core.units import GIB, MIB
 from toolkit.model.facts import read_facts
@@ -32,15 +32,9 @@ def register(app: typer.Typer) -> None:
 def plan_command(
     model: Annotated[str, typer.Option("--model", help="'demo' or a local checkpoint folder (config.json).")],
     profile: Annotated[str, typer.Option("--profile", help="Device profile name, 'host', or a YAML path.")],
-    format_name: Annotated[
-        str | None, typer.Option("--format", help="Pin the export format (gguf, onnx).")
-    ] = None,
-    quant: Annotated[
-        str | None, typer.Option("--quant", help="Pin the quantization scheme (e.g. Q4_K_M).")
-    ] = None,
-    prune_layers: Annotated[
-        int | None, typer.Option("--prune-layers", help="Pin the number of decoder layers to remove.")
-    ] = None,
+    format_name: FormatOption = None,
+    quant: QuantOption = None,
+    prune_layers: PruneLayersOption = None,
     context: Annotated[
         int | None, typer.Option("--context", help="Context length to plan for (overrides the profile's).")
     ] = None,

@@ -66,7 +66,7 @@ from toolkit.core.errors import BedsideError, NothingFitsError
 from toolkit.core.formats import FORMATS, all_schemes, format_of_scheme
 from toolkit.core.hashing import sha256_json, token_ids_sha256, weights_sha256
 from toolkit.core.output_dir import check_out_dir, make_out_dir
-from toolkit.core.records import COMPRESSION_RECORD, DEFAULT_DATA, EVAL_FRACTION
+from toolkit.core.records import COMPRESSION_RECORD, DEFAULT_DATA, EVAL_FRACTION, default_data
 from toolkit.data import data_sha256, load_dataset_spec, make_blocks, split_calibration_eval
 from toolkit.model.checkpoint import loadable_checkpoint
 from toolkit.model.facts import read_facts
@@ -205,7 +205,7 @@ def _prepare_data(tokenizer: Any, options: CompressOptions, vision: VisionCalibr
     (`toolkit.compress.vision`) and those positions are never training targets.
     """
 
-    source = options.calib or DEFAULT_CALIBRATION
+    source = options.calib or default_data(vision is not None)
     documents = load_dataset_spec(source)
     split: dict[str, Any] | None = None
     if options.eval_data is None:

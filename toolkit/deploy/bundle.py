@@ -58,6 +58,7 @@ from toolkit.deploy.launch import (
 )
 from toolkit.deploy.outcome import DeployOutcome
 from toolkit.deploy.signing import SIGNATURE, key_fingerprint, sign_manifest
+from toolkit.model.llava import is_vision_language
 from toolkit.plan.memory import deployment_of, flash_attention, kv_cache_dtype_of
 from toolkit.plan.schema import Candidate
 from toolkit.target.profiles import DeviceProfile
@@ -79,6 +80,8 @@ VERSIONED_PACKAGES = (
     "numpy",
 )
 SMOKE_PROMPT = "Summarise in one sentence: Heart size is normal. The lungs are clear. No pleural effusion."
+SMOKE_IMAGE_PROMPT = "What organ is shown in this image?"
+SMOKE_IMAGE = "smoke/phantom.png"  # synthetic, never patient data: see write_smoke_image
 
 
 def library_versions() -> dict[str, str]:
@@ -113,6 +116,7 @@ class RuntimeConfig(Record):
     )
     kv_offload: bool | None = None  # llama.cpp only: False = the KV cache in host memory (--no-kv-offload)
     smoke_prompt: str = SMOKE_PROMPT
+    smoke_image: str | None = None  # vision-language bundles: the image `verify` asks the smoke question about
     stop: list[str] = Field(default_factory=list)  # end-of-turn strings of the chat template and tokenizer
     temperature: float = TEMPERATURE  # 0: greedy, as validated
 
@@ -185,6 +189,25 @@ class Manifest(Record):
     data: ManifestData
     validation: ManifestValidation
     runtime: RuntimeConfig
+
+
+def write_smoke_image(path: Path, size: int = 128) -> Path:
+    """A synthetic grey-scale phantom (two nested ellipses and two dark "lungs"), written as PNG.
+
+    Why synthetic: the bundle travels to other machines and must never carry a patient's image; the
+    smoke question checks that the vision part loads and answers, not what it answers.
+    """
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
+    pixels = np.zeros((size, size), np.float32)
+    pixels[(x / 0.85) ** 2 + (y / 0.95) ** 2 <= 1] = 0.7
+    for centre in (-0.35, 0.35):
+        pixels[((x - centre) / 0.25) ** 2 + (y / 0.55) ** 2 <= 1] = 0.15
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((pixels * 255).astype(np.uint8), mode="L").convert("RGB").save(path)
+    return path
 
 
 def _data_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -383,6 +406,9 @@ def make_bundle(
                 _copy(checkpoint / file_name, building / "tokenizer" / file_name)
         chat = chat_info(checkpoint)
         runtime = runtime_config(outcome, model_path, chat.stop)
+        if is_vision_language(checkpoint):
+            write_smoke_image(building / SMOKE_IMAGE)
+            runtime = runtime.model_copy(update={"smoke_image": SMOKE_IMAGE, "smoke_prompt": SMOKE_IMAGE_PROMPT})
         write_json_atomic(building / RUNTIME_CONFIG, runtime.model_dump(mode="json"))
         shutil.copy2(report_json, building / report_json.name)
         shutil.copy2(report_html, building / report_html.name)

@@ -22,6 +22,7 @@ bundle read. Each record has one writer: export.json is the exporter's, the pipe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -47,7 +48,7 @@ from toolkit.core.atomic import building_folder, remove_stale_temporaries, write
 from toolkit.core.errors import BedsideError, NothingFitsError
 from toolkit.core.hashing import file_sha256, sha256_json, weights_sha256
 from toolkit.core.output_dir import make_out_dir
-from toolkit.core.records import DEFAULT_DATA, EVAL_FRACTION, EXPORT_RECORD, PLAN_RECORD
+from toolkit.core.records import DEFAULT_DATA, EVAL_FRACTION, EXPORT_RECORD, PLAN_RECORD, default_data
 from toolkit.data import data_sha256, split_calibration_eval
 from toolkit.deploy.bundle import make_bundle, remove_bundle
 from toolkit.deploy.outcome import Attempt, BundleNames, DeployOutcome, ModelSummary, StageRecord
@@ -101,6 +102,9 @@ class DeployOptions:
     replace: str = "linear"  # fit and fold a linear map for each removed span ("none": plain removal)
     threads: int | None = None
     kv_cache_dtype: str | None = None  # pins llama.cpp's KV-cache precision (make_plan's kv_cache_dtype)
+    format: str | None = None  # pins of the plan, as `bedside plan --format/--quant/--prune-layers`
+    quant: str | None = None
+    prune_layers: int | None = None
     allow_pickle: bool = False
     seed: int = 0
     progress: bool = True
@@ -154,7 +158,7 @@ def _eval_documents(options: DeployOptions, calib_docs: list[Any]) -> list[Any]:
     """The held-apart documents validation scores: --eval minus anything in the calibration data, else
     the same split compress holds apart (same fraction and seed, so no calibration document is scored)."""
 
-    source = options.calib or DEFAULT_DATA
+    source = options.calib or DEFAULT_DATA  # run_deploy has filled in the model's default
     if options.eval_data is None:
         _, eval_docs, _ = split_calibration_eval(calib_docs, EVAL_FRACTION, options.seed, source=source)
         return list(eval_docs)
@@ -358,7 +362,9 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
             f"{', '.join(profile.kv_cache_dtypes)}"
         )
     model_dir, facts = check_model_config(options.model)
-    calib_docs = check_data(options.calib or DEFAULT_DATA, "--calib")
+    if options.calib is None:
+        options = dataclasses.replace(options, calib=default_data(facts.vision is not None))
+    calib_docs = check_data(options.calib, "--calib")
     eval_docs = _eval_documents(options, calib_docs)
     out = Path(options.out)
     disk_estimate = check_disk(check_writable(out), facts.total_params)  # nothing created yet
@@ -372,7 +378,15 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
 
     stages = _Stages(console)
     begin = stages.start("plan", 1, f"{options.model} on {profile.name}")
-    plan = make_plan(facts, profile, str(options.model), kv_cache_dtype=options.kv_cache_dtype)
+    plan = make_plan(
+        facts,
+        profile,
+        str(options.model),
+        format=options.format,
+        quant=options.quant,
+        prune_layers=options.prune_layers,
+        kv_cache_dtype=options.kv_cache_dtype,
+    )
     if not plan.fits or plan.chosen is None:
         raise NothingFitsError(plan.reason)
     write_plan(plan, out / PLAN_RECORD)

@@ -158,6 +158,7 @@ class ReportQuality(Record):
     kl_divergence: Any
     top1_agreement: Any
     accuracy: Any
+    reference_accuracy: Any = None  # the uncompressed model's accuracy on the same items (torch)
     prior_vs_measured: list[PriorVsMeasured] = []
     note: str = QUALITY_NOTE
 
@@ -325,6 +326,7 @@ def _quality(final: Attempt) -> ReportQuality:
         kl_divergence=evaluation.get("kl_divergence"),
         top1_agreement=evaluation.get("top1_agreement"),
         accuracy=evaluation.get("accuracy"),
+        reference_accuracy=evaluation.get("reference_accuracy"),
         prior_vs_measured=prior_vs_measured(final.plan.chosen, stages, reference_perplexity),
     )
 
@@ -535,6 +537,58 @@ def _prior_table(report: dict[str, Any]) -> str:
     return _table(["term", "predicted", "measured", "prediction's source"], rows)
 
 
+ACCURACY_ROWS = (
+    ("overall", "value", "multiple choice (text)"),
+    ("closed", "value", "closed image questions (option log-likelihood)"),
+    ("open", "value", "open image questions (exact match)"),
+    ("open", "recall", "open image questions (token recall)"),
+)
+
+
+def accuracy_rows(quality: dict[str, Any]) -> list[dict[str, Any]]:
+    """Accuracy before compression (the uncompressed model) and after (the export on its runtime), per kind.
+
+    "before" is the reference's figure from the same evaluation run when it scored the items with a
+    reference, else the uncompressed model's own evaluation (`reference_accuracy`).
+    """
+    after = quality.get("accuracy") or {}
+    before = quality.get("reference_accuracy") or {}
+    rows = []
+    for kind, key, label in ACCURACY_ROWS:
+        measured = after.get(kind)
+        if kind == "overall":
+            value = measured
+            reference = before.get("overall") if isinstance(before, dict) else None
+            n = after.get("n")
+        else:
+            if not isinstance(measured, dict):
+                continue
+            value = measured.get(key)
+            reference = measured.get("reference") if key == "value" else None
+            if reference is None and isinstance(before.get(kind), dict):
+                reference = before[kind].get(key)
+            n = measured.get("n")
+        if value is None:
+            continue
+        rows.append({"kind": label, "before": reference, "after": value, "n": n})
+    return rows
+
+
+def _accuracy_table(report: dict[str, Any]) -> str:
+    rows = [
+        [
+            html.escape(row["kind"]),
+            "-" if row["before"] is None else f"{row['before']:.3f}",
+            f"{row['after']:.3f}",
+            str(row["n"]),
+        ]
+        for row in accuracy_rows(report["quality"])
+    ]
+    if not rows:
+        return "<p>the evaluation data has no questions with answers: perplexity only</p>"
+    return _table(["task", "before (uncompressed)", "after (deployed)", "n"], rows)
+
+
 def _check_rows(checks: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for data in checks:
@@ -616,6 +670,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}}.pass{{color:#080;fo
 <h2>Checks</h2>{_table(["", "check", "value", "threshold", "blocking", "detail"], _check_rows(report["checks"]))}
 <h2>Attempts</h2>{attempts}
 <h2>Plan</h2><p>{html.escape(report["plan"]["reason"])}</p>
+<h2>Accuracy before and after compression</h2>{_accuracy_table(report)}
 <h2>Predicted and measured quality</h2>{_prior_table(report)}
 <h2>Stages</h2>{stages}
 <h2>Data (hashes and counts only)</h2>{_table(["set", "value"], data_rows)}

@@ -49,6 +49,7 @@ from runtimes.llamacpp_runner import runner_options
 from runtimes.measure import MeasureJob, measure_in_child
 from toolkit.core.errors import BedsideError
 from toolkit.core.units import GIB, MIB
+from toolkit.core.vision import IMAGE_MARKER
 from toolkit.deploy.bundle import MANIFEST, RUNTIME_CONFIG, SMOKE_PROMPT, file_sha256
 from toolkit.deploy.signing import SIGNATURE, load_public_key, signature_check
 from toolkit.plan.memory import memory_budget
@@ -450,6 +451,15 @@ def _profile(manifest: dict[str, Any], profile: str | None) -> Any:
     return profile_from_mapping(manifest["profile"], f"{MANIFEST} profile")
 
 
+def _smoke_image(folder: Path, name: Any) -> Path | None:
+    """The bundle's smoke image (runtime.json `smoke_image`), refused when it leads outside the bundle."""
+    if not name:
+        return None
+    if not isinstance(name, str) or not is_bundle_path(name):
+        raise ValueError(f"runtime.json smoke_image {name!r} is not a path inside the bundle")
+    return folder / name
+
+
 def runtime_checks(
     folder: Path, runtime: dict[str, Any], device_profile: Any, n_threads: int | None
 ) -> list[Check]:
@@ -468,7 +478,11 @@ def runtime_checks(
                 Check("load", True, None, None, "", detail=f"{runtime['runtime']} loaded {runtime['model']}")
             )
             prompt = runtime.get("smoke_prompt") or SMOKE_PROMPT
-            result = runner.generate([{"role": "user", "content": prompt}], max_new_tokens=SMOKE_TOKENS)
+            image = _smoke_image(folder, runtime.get("smoke_image"))
+            content = f"{IMAGE_MARKER}\n{prompt}" if image is not None else prompt
+            result = runner.generate(
+                [{"role": "user", "content": content}], max_new_tokens=SMOKE_TOKENS, image=image
+            )
             text = result.text.strip().replace("\n", " ")
             checks.append(
                 Check(

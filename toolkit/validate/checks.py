@@ -17,7 +17,8 @@ Checks (`blocking` ones decide whether deploy re-plans; the others are reported)
   >= TOP1_AGREEMENT_MIN                                                           (reported only;
   a Bedside policy figure, the profile has none)
 - accuracy_retention_pct = accuracy_compressed / accuracy_reference * 100
-  >= profile.quality_floor.min_accuracy_retention_pct  (blocking; only when the eval data has answers)
+  >= profile.quality_floor.min_accuracy_retention_pct  (blocking; only when the eval data has answers;
+  multiple-choice `overall`, or closed-question accuracy on image QA)
 - peak_memory_bytes: peak memory of the runtime with the model loaded and the KV cache filled to
   the profile's context (RSS; plus VRAM on a unified-memory device; VRAM alone on a discrete
   GPU) <= the profile's budget, the planner's estimate shown beside it (blocking). On a profile
@@ -136,8 +137,11 @@ def reference_metric(evaluation: dict[str, Any], key: str) -> Any:
 
 
 def _accuracy_value(accuracy: Any) -> float | None:
+    """The task accuracy a check compares: multiple choice's `overall`, else image QA's closed-question value."""
     if isinstance(accuracy, dict):
         value = accuracy.get("overall")
+        if value is None and isinstance(accuracy.get("closed"), dict):
+            value = accuracy["closed"].get("value")
         return float(value) if value is not None else None
     return float(accuracy) if isinstance(accuracy, int | float) else None
 
