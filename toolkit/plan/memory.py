@@ -616,6 +616,8 @@ def estimate_memory(
             counted[f"vision.weights.{dtype}"] = nbytes
         for name, nbytes in vision_activation_bytes(facts.vision, facts.hidden_size, settings.images).items():
             counted[f"vision.{name}"] = nbytes
+        # the image's positions are part of the context the KV cache holds (counted in kv_cache.*)
+        detail["param.image_positions"] = settings.images * facts.vision.image_tokens_per_image
         vision_total = sum(v for k, v in counted.items() if k.startswith("vision."))
 
     # fixed overhead

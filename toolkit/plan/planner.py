@@ -111,6 +111,9 @@ def _describe(candidate: Candidate, num_layers: int) -> str:
     )
 
 
+MIN_TEXT_WITH_IMAGE = 64  # tokens of prompt and answer a vision-language context must hold beside one image
+
+
 def _validate_pins(
     facts: ModelFacts,
     profile: DeviceProfile,
@@ -168,6 +171,12 @@ def _validate_pins(
         )
     if context is not None and context <= 0:
         raise BedsideError(f"--context must be a positive number of tokens, got {context}")
+    window = context if context is not None else profile.context_length
+    if facts.vision is not None and window < facts.vision.image_tokens_per_image + MIN_TEXT_WITH_IMAGE:
+        raise BedsideError(
+            f"a context of {window} tokens cannot hold one image ({facts.vision.image_tokens_per_image} positions) "
+            f"and a question: plan for at least {facts.vision.image_tokens_per_image + MIN_TEXT_WITH_IMAGE} (--context)"
+        )
 
     formats = [format_name] if format_name else [f for f in profile.formats if f in FORMATS]
     pairs = []
