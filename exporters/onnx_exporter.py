@@ -15,6 +15,13 @@ Pipeline:
   4. Tokenizer files and chat template beside model.onnx; Bedside metadata in the model's
      metadata_props (bedside.*); export.json.
 
+LLaVA checkpoints (config model_type "llava") take another first step: exporters/onnx_llava.py exports three
+graphs with torch.onnx.export in a child process (vision_encoder.onnx, embed_tokens.onnx, and model.onnx, the
+decoder taking inputs_embeds with the same past / present names); fp16 converts all three, int8 / int4
+quantize the decoder as in step 3 and the embedding graph as the embedding treatment says, the vision graph
+stays float; the processor files go beside them and export.json lists each graph (`graphs`). Why not
+optimum, and the measured choices: the docstring of exporters/onnx_llava.py.
+
 Measured figures (file size, perplexity, export time and decode speed per scheme on the demo model):
 docs/RUNTIMES.md, section "ONNX schemes on the demo model". int4's large perplexity cost on the demo model
 comes from its weights lying on a Q4_1 grid that ORT's integer zero points cannot reproduce
@@ -74,9 +81,11 @@ from exporters.base import (
     normalise_metadata,
     write_record,
 )
+from exporters.onnx_llava import GRAPH_FILES
 from toolkit.core.atomic import staging_dir
 from toolkit.core.formats import ONNX_SCHEMES, OnnxScheme
 from toolkit.core.hashing import checkpoint_sha256, file_sha256
+from toolkit.core.vision import PROCESSOR_FILE
 
 if TYPE_CHECKING:
     import onnx
@@ -99,6 +108,16 @@ METADATA_PREFIX = "bedside."
 LM_HEAD_TREATMENTS = ("int8", "body", "float", "tied")
 EMBEDDING_TREATMENTS = ("int8", "int4", "float")
 HEAD_AND_EMBEDDING_BLOCK = 32
+
+# LLaVA exports: the processor files copied beside the graphs, and the record's task name.
+PROCESSOR_FILES = (PROCESSOR_FILE, "processor_config.json")
+LLAVA_TASK = "image-text-to-text-with-past"
+
+_LLAVA_DRIVER = r"""
+import sys
+from exporters.onnx_llava import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 _OPTIMUM_DRIVER = r"""
 import sys
@@ -166,6 +185,21 @@ def export_onnx(
     config = check_checkpoint(model_dir)
     meta = normalise_metadata(metadata)
     source_sha256 = str(meta.get("source_sha256") or checkpoint_sha256(model_dir))
+    if is_llava(config):
+        return export_llava_onnx(
+            model_dir,
+            quant,
+            out_dir,
+            scheme=scheme,
+            config=config,
+            metadata=meta,
+            source_sha256=source_sha256,
+            symmetric=symmetric,
+            lm_head=lm_head,
+            embedding=embedding,
+            fp16_method=fp16_method,
+            accuracy_level=accuracy_level,
+        )
 
     timings: dict[str, float] = {}
     with staging_dir(out_dir) as scratch:
@@ -210,8 +244,10 @@ def export_onnx(
         copy_tokenizer_files(model_dir, exported)
         written = sorted(p for p in exported.iterdir() if p.is_file())
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (out_dir / MODEL_FILE, out_dir / EXTERNAL_DATA_FILE):
-            stale.unlink(missing_ok=True)
+        # A LLaVA export's graphs left in the folder would make this text export look like an image one.
+        for graph in GRAPH_FILES.values():
+            for stale in (out_dir / graph, out_dir / data_file(graph)):
+                stale.unlink(missing_ok=True)
         # Data file first, graph last: a reader never sees a model.onnx whose data is not in place yet.
         for path in sorted(written, key=lambda p: p.name == MODEL_FILE):
             os.replace(path, out_dir / path.name)
@@ -263,6 +299,245 @@ def _last_error_line(output: str) -> str:
         if any(word in line for word in ("Error", "error", "Exception", "not supported")):
             return line[:400]
     return lines[-1][:400] if lines else "no output"
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaVA: vision, embedding and decoder graphs (exporters/onnx_llava.py builds them in a child process)
+
+
+def is_llava(config: dict[str, Any]) -> bool:
+    """True when a checkpoint's config.json describes a LlavaForConditionalGeneration."""
+    return config.get("model_type") == "llava" or "LlavaForConditionalGeneration" in (
+        config.get("architectures") or []
+    )
+
+
+def data_file(graph_file: str) -> str:
+    """The external-data file of a graph, when its tensors pass protobuf's 2 GB: model.onnx_data for the decoder."""
+    return EXTERNAL_DATA_FILE if graph_file == MODEL_FILE else graph_file + "_data"
+
+
+def image_token_count(config: dict[str, Any]) -> int:
+    """Positions one image takes: (image_size / patch_size)^2, +1 with strategy "full" (LlavaProcessor's count)."""
+    vision = config.get("vision_config") or {}
+    side = int(vision.get("image_size", 336)) // int(vision.get("patch_size", 14))
+    return side * side + (1 if config.get("vision_feature_select_strategy", "default") == "full" else 0)
+
+
+def export_llava_onnx(
+    model_dir: Path,
+    quant: str,
+    out_dir: Path,
+    *,
+    scheme: OnnxScheme,
+    config: dict[str, Any],
+    metadata: dict[str, Any],
+    source_sha256: str,
+    symmetric: bool,
+    lm_head: str,
+    embedding: str,
+    fp16_method: str,
+    accuracy_level: int | None,
+) -> ExportResult:
+    """Export a LLaVA checkpoint folder to the three ONNX graphs in scheme `quant` (called by export_onnx).
+
+    Arguments as `exporters.onnx_exporter.export_onnx` checked them. Files are built in a scratch folder
+    inside `out_dir` and moved in by rename, graph data first and model.onnx last, so a reader never sees a
+    half-written export.
+    """
+    if fp16_method != "convert":
+        raise ExportError(
+            "fp16_method 'optimum' applies to text models (optimum has no LLaVA export); LLaVA fp16 exports "
+            "convert the fp32 graphs"
+        )
+    if not (model_dir / PROCESSOR_FILE).is_file():
+        raise ExportError(
+            f"LLaVA folder {model_dir} has no {PROCESSOR_FILE} (the image processor): copy it from the "
+            "original checkpoint; the runtime needs it to prepare images"
+        )
+    timings: dict[str, float] = {}
+    with staging_dir(out_dir) as scratch:
+        exported = scratch / "graphs"
+        start = time.perf_counter()
+        run_llava_export(model_dir, exported)
+        timings["torch_export_s"] = round(time.perf_counter() - start, 2)
+
+        start = time.perf_counter()
+        treatment = postprocess_llava_graphs(
+            exported,
+            scheme=scheme,
+            metadata=metadata,
+            source_sha256=source_sha256,
+            quant=quant,
+            symmetric=symmetric,
+            lm_head=lm_head,
+            embedding=embedding,
+            accuracy_level=accuracy_level,
+        )
+        timings["postprocess_s"] = round(time.perf_counter() - start, 2)
+
+        copy_tokenizer_files(model_dir, exported)
+        for name in PROCESSOR_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, exported / name)
+        written = sorted(p for p in exported.iterdir() if p.is_file())
+        graph_names = set(GRAPH_FILES.values())
+        for graph in GRAPH_FILES.values():
+            for stale in (out_dir / graph, out_dir / data_file(graph)):
+                stale.unlink(missing_ok=True)
+        order = {name: index for index, name in enumerate(GRAPH_FILES.values())}
+        for path in sorted(written, key=lambda p: (p.name in graph_names, order.get(p.name, -1))):
+            os.replace(path, out_dir / path.name)
+
+    names = [p.name for p in written]
+    files = [out_dir / MODEL_FILE] + [out_dir / name for name in names if name != MODEL_FILE]
+    sizes = {p.name: p.stat().st_size for p in files}
+    graphs: dict[str, dict[str, Any]] = {}
+    for role, graph in GRAPH_FILES.items():
+        data = data_file(graph)
+        graphs[role] = {
+            "file": graph,
+            "external_data": data if data in sizes else None,
+            "bytes": sizes[graph] + sizes.get(data, 0),
+            "sha256": file_sha256(out_dir / graph),
+            **treatment[role],
+        }
+    record: dict[str, Any] = {
+        "schema_version": 1,
+        "format": "onnx",
+        "quant": quant,
+        "file": MODEL_FILE,
+        "external_data": graphs["decoder"]["external_data"],
+        "bytes": sum(graph["bytes"] for graph in graphs.values()),  # everything a runtime loads
+        "sha256": graphs["decoder"]["sha256"],
+        "scheme": {
+            **asdict(scheme),
+            "symmetric": symmetric if scheme.bits else None,
+            **treatment["decoder"],
+            "embedding": treatment["embedding"].get("embedding", "float"),
+            "vision": treatment["vision"]["weights"],
+        },
+        "graphs": graphs,
+        "vision": {
+            "image_tokens": image_token_count(config),
+            "vision_feature_layer": config.get("vision_feature_layer", -2),
+            "vision_feature_select_strategy": config.get("vision_feature_select_strategy", "default"),
+            "processor": PROCESSOR_FILE,
+        },
+        "source": {
+            "path": str(model_dir.resolve()),
+            "sha256": source_sha256,
+            "model_type": config.get("model_type"),
+        },
+        "metadata": metadata,
+        "layers_removed": sorted(metadata.get("layers_removed") or []),
+        "task": LLAVA_TASK,
+        "files": sorted(sizes),
+        "tool": _tool_versions(),
+        "timings": timings,
+    }
+    record_path = write_record(out_dir, record)
+    files.append(record_path)
+    sizes[record_path.name] = record_path.stat().st_size
+    return ExportResult(files=files, format="onnx", quant=quant, sizes=sizes, record=record)
+
+
+def run_llava_export(model_dir: Path, output: Path) -> None:
+    """onnx_llava.export_float_graphs in a child process (its torch memory ends with it); ExportError with its
+    last error line. Tests replace it to export the float graphs once for several schemes."""
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    root = str(Path(__file__).resolve().parents[1])  # the project, importable without an installed package
+    environment["PYTHONPATH"] = os.pathsep.join(p for p in (root, environment.get("PYTHONPATH")) if p)
+    completed = subprocess.run(
+        [sys.executable, "-c", _LLAVA_DRIVER, str(model_dir), str(output)],
+        capture_output=True, text=True, env=environment,
+    )  # fmt: skip
+    if completed.returncode != 0 or not all((output / name).is_file() for name in GRAPH_FILES.values()):
+        raise ExportError(
+            f"ONNX export of the LLaVA {model_dir} failed: {_last_error_line(completed.stderr)}"
+        )
+
+
+def postprocess_llava_graphs(
+    folder: Path,
+    *,
+    scheme: OnnxScheme,
+    metadata: dict[str, Any],
+    source_sha256: str,
+    quant: str,
+    symmetric: bool,
+    lm_head: str,
+    embedding: str,
+    accuracy_level: int | None,
+) -> dict[str, dict[str, Any]]:
+    """Apply scheme `quant` to the float graphs in `folder` in place and set Bedside's metadata on each.
+
+    Returns per graph role what was done (recorded in export.json): "dtype" (the float type) and "weights"
+    ("float", or how the weights are quantized) for every graph, and the lm_head / embedding treatments
+    where a weight-only scheme applies. The vision graph's weights stay float in every scheme.
+    """
+    import onnx
+
+    done: dict[str, dict[str, Any]] = {}
+    for role, graph in GRAPH_FILES.items():
+        path = folder / graph
+        model = onnx.load(str(path))  # external data, if any, is read too
+        info: dict[str, Any] = {"dtype": scheme.float_dtype, "weights": "float"}
+        if scheme.float_dtype == "fp16":
+            convert_to_fp16(model)
+        if scheme.bits is not None and role == "decoder":
+            info.update(
+                quantize_weights(
+                    model,
+                    bits=scheme.bits,
+                    block_size=scheme.block_size or 32,
+                    symmetric=symmetric,
+                    lm_head=lm_head,
+                    embedding="float",  # the decoder reads embeddings; the table is in the embedding graph
+                    accuracy_level=accuracy_level,
+                )
+            )
+            info.pop("embedding")
+            info["weights"] = f"int{scheme.bits}_b{scheme.block_size or 32} (MatMulNBits)"
+        elif scheme.bits is not None and role == "embedding":
+            info["weights"] = info["embedding"] = quantize_embedding_graph(
+                model, embedding=embedding, block_size=scheme.block_size or 32, symmetric=symmetric
+            )
+        graph_metadata = dict(metadata, graph=role)
+        set_metadata_props(model, graph_metadata, source_sha256, quant)
+        if model.ir_version > MAX_IR_VERSION:
+            model.ir_version = MAX_IR_VERSION
+        for stale in (path, path.parent / data_file(graph), path.parent / (graph + ".data")):
+            stale.unlink(missing_ok=True)
+        save_graph(model, path)
+        done[role] = info
+    return done
+
+
+def quantize_embedding_graph(
+    model: onnx.ModelProto, *, embedding: str, block_size: int, symmetric: bool
+) -> str:
+    """The text exports' embedding treatment on the embedding graph; returns its record entry."""
+    if embedding == "int8" and quantize_embedding_int8(
+        model, block_size=HEAD_AND_EMBEDDING_BLOCK, symmetric=symmetric
+    ):
+        drop_unused_initializers(model)
+        return f"int8_b{HEAD_AND_EMBEDDING_BLOCK}"
+    if embedding == "int4":
+        _run_matmul_nbits(
+            model, bits=4, block_size=block_size, symmetric=symmetric, exclude=[], op_types=("Gather",)
+        )
+        drop_unused_initializers(model)
+        return f"int4_b{block_size}"
+    return "float"
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """Save one graph; tensors go to `data_file(path.name)` beside it when they pass protobuf's 2 GB."""
+    if path.name == MODEL_FILE:
+        save_model(model, path)
+    else:
+        save_model(model, path, location=data_file(path.name))
 
 
 def find_lm_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
@@ -526,8 +801,8 @@ def set_metadata_props(
         prop.value = value
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """Save `model`; tensors go to model.onnx_data beside it when the total would pass protobuf's 2 GB."""
+def save_model(model: onnx.ModelProto, path: Path, location: str = EXTERNAL_DATA_FILE) -> None:
+    """Save `model`; tensors go to `location` beside it (model.onnx_data) when the total would pass protobuf's 2 GB."""
     import onnx
 
     tensor_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
@@ -537,7 +812,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
             str(path),
             save_as_external_data=True,
             all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA_FILE,
+            location=location,
             size_threshold=1024,
         )
     else:

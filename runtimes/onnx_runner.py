@@ -12,6 +12,15 @@ Present tensors are kept as OrtValues on the session's device through IO binding
 the next step's past, so on the CUDA provider the cache never travels through host memory.
 Exports without past inputs still work (the whole sequence is recomputed each step).
 
+LLaVA exports (exporters/onnx_llava.py) hold two more graphs beside model.onnx: `vision_encoder.onnx`
+(pixel_values -> projected image features) and `embed_tokens.onnx` (input_ids -> inputs_embeds), and their
+model.onnx takes `inputs_embeds` instead of input_ids, with the same attention_mask / position_ids / past /
+present interface. The runner then embeds token runs through embed_tokens.onnx and images through the
+vision graph (pixels prepared by runtimes/image.py from the export's preprocessor_config.json, as
+CLIPImageProcessor prepares them), and feeds both to the one KV loop (`_decode`), so prompt_parts,
+continuation_logprobs and generate(image=...) work as on the torch reference. A folder with only one of the
+two extra graphs is refused (a half-copied export); text-only exports run exactly as before.
+
 Memory: the load peaks above what stays resident because ORT holds the parsed protobuf and the
 initializers at once; saved with external data (model.onnx + model.onnx_data) the same model loads
 lower. Measured figures: docs/RUNTIMES.md, section "ONNX Runtime: memory of the fp32 export".
@@ -29,13 +38,19 @@ from typing import Any
 
 import numpy as np
 
+from runtimes.image import load_pixels, read_processor_config
 from runtimes.registry import register_runner, require_format
 from runtimes.results import RuntimeLoadError
 from runtimes.runner import Message, Runner, first_line, render_chat_template
 from toolkit.core.checkpoint_policy import refuse_custom_code
+from toolkit.core.vision import ONNX_EMBEDDING_FILE, ONNX_VISION_FILE
 
 _PAST_NAME = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(bfloat16)": np.float32}
+# The extra graphs of a LLaVA export (exporters/onnx_llava.py writes them under these names; runtimes may not
+# import exporters, so the names are repeated here and tests/test_vlm_onnx.py checks that both agree).
+VISION_FILE = ONNX_VISION_FILE
+EMBEDDING_FILE = ONNX_EMBEDDING_FILE
 
 
 def _token_content(value: Any) -> str | None:
@@ -43,6 +58,12 @@ def _token_content(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value if isinstance(value, str) else None
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of a config.json: `text_config` of a LLaVA, the config itself otherwise."""
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else config
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -142,6 +163,32 @@ def release_freed_memory() -> None:
         pass
 
 
+def _open_session(ort: Any, model_file: Path, options: Any, providers: list[str]) -> Any:
+    """An InferenceSession for `model_file`; RuntimeLoadError with one line naming the file and the reason."""
+    try:
+        return ort.InferenceSession(str(model_file), sess_options=options, providers=providers)
+    except Exception as error:
+        message = first_line(error)
+        hint = ""
+        if "IR version" in message:  # drop the C++ source location ORT puts before the reason
+            message = (
+                message[message.index("Unsupported model IR version") :]
+                if ("Unsupported model IR version" in message)
+                else message
+            )
+            hint = " (re-export with an ONNX IR version this onnxruntime reads)"
+        elif "Protobuf parsing failed" in message or "INVALID_PROTOBUF" in message:
+            hint = " (truncated or corrupted ONNX file?)"
+        raise RuntimeLoadError(f"{model_file}: onnxruntime cannot load it: {message}{hint}") from error
+
+
+def _image_token_count(config: dict[str, Any]) -> int:
+    """Positions one image takes, from a LLaVA config.json: (image_size / patch_size)^2, +1 with strategy "full"."""
+    vision = config.get("vision_config") or {}
+    side = int(vision.get("image_size", 336)) // int(vision.get("patch_size", 14))
+    return side * side + (1 if config.get("vision_feature_select_strategy", "default") == "full" else 0)
+
+
 @register_runner
 class OnnxRunner(Runner):
     """A folder with model.onnx (+ tokenizer) on ONNX Runtime: CPU provider, CUDA when present."""
@@ -170,6 +217,11 @@ class OnnxRunner(Runner):
         self._input_names: set[str] = set()
         self._vocab = 0
         self._ort_device = "cpu"
+        self._vision: Any = None  # vision_encoder.onnx session of a LLaVA export
+        self._embed: Any = None  # embed_tokens.onnx session of a LLaVA export
+        self._processor: dict[str, Any] = {}
+        self._image_tokens = 0
+        self._embeds_dtype: Any = np.float32
 
     def _load(self, path: Path, *, n_ctx: int, n_threads: int | None, device: str) -> None:
         require_format(path, "onnx", self.name)
@@ -189,22 +241,19 @@ class OnnxRunner(Runner):
         providers = ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(str(model_file), sess_options=options, providers=providers)
-        except Exception as error:
-            message = first_line(error)
-            hint = ""
-            if "IR version" in message:  # drop the C++ source location ORT puts before the reason
-                message = (
-                    message[message.index("Unsupported model IR version") :]
-                    if ("Unsupported model IR version" in message)
-                    else message
-                )
-                hint = " (re-export with an ONNX IR version this onnxruntime reads)"
-            elif "Protobuf parsing failed" in message or "INVALID_PROTOBUF" in message:
-                hint = " (truncated or corrupted ONNX file?)"
-            raise RuntimeLoadError(f"{model_file}: onnxruntime cannot load it: {message}{hint}") from error
-
+        self.session = _open_session(ort, model_file, options, providers)
+        vision_file, embed_file = folder / VISION_FILE, folder / EMBEDDING_FILE
+        if vision_file.is_file() != embed_file.is_file():
+            present, missing = (
+                (vision_file, embed_file) if vision_file.is_file() else (embed_file, vision_file)
+            )
+            raise RuntimeLoadError(
+                f"{folder}: {present.name} without {missing.name}: an incomplete LLaVA export; export it again"
+            )
+        if vision_file.is_file():
+            self._processor = read_processor_config(folder)
+            self._vision = _open_session(ort, vision_file, options, providers)
+            self._embed = _open_session(ort, embed_file, options, providers)
         release_freed_memory()
         self.path = model_file
         self._ort_device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
@@ -212,9 +261,10 @@ class OnnxRunner(Runner):
         inputs = {item.name: item for item in self.session.get_inputs()}
         outputs = {item.name for item in self.session.get_outputs()}
         self._input_names = set(inputs)
-        if "input_ids" not in inputs or "logits" not in outputs:
+        token_input = "inputs_embeds" if self._embed is not None else "input_ids"
+        if token_input not in inputs or "logits" not in outputs:
             raise RuntimeLoadError(
-                f"{model_file}: not a causal language model export (needs input_ids and logits; "
+                f"{model_file}: not a causal language model export (needs {token_input} and logits; "
                 f"has inputs {sorted(inputs)[:4]})"
             )
         self._past_names = sorted(
@@ -222,19 +272,31 @@ class OnnxRunner(Runner):
             key=lambda name: (int(_PAST_NAME.match(name).group(1)), name),
         )
         config = _read_json(folder / "config.json")
+        text_config = _text_config(config)
+        if self._embed is not None and not self._past_names:
+            raise RuntimeLoadError(f"{model_file}: a LLaVA decoder export without past_key_values inputs")
         if self._past_names:
             first = inputs[self._past_names[0]]
             self._kv_dtype = _ORT_TYPES.get(first.type, np.float32)
             heads, head_dim = first.shape[1], first.shape[3]
             if not isinstance(heads, int):
-                heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+                heads = text_config.get("num_key_value_heads") or text_config.get("num_attention_heads")
             if not isinstance(head_dim, int):
-                head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+                head_dim = (
+                    text_config.get("head_dim")
+                    or text_config["hidden_size"] // text_config["num_attention_heads"]
+                )
             self._kv_shape = (int(heads), int(head_dim))
         logits_shape = next(item.shape for item in self.session.get_outputs() if item.name == "logits")
         self._vocab = (
-            logits_shape[-1] if isinstance(logits_shape[-1], int) else int(config.get("vocab_size", 0))
+            logits_shape[-1] if isinstance(logits_shape[-1], int) else int(text_config.get("vocab_size", 0))
         )
+        if self._vision is not None:
+            self._embeds_dtype = _ORT_TYPES.get(inputs["inputs_embeds"].type, np.float32)
+            features_shape = self._vision.get_outputs()[0].shape
+            self._image_tokens = (
+                features_shape[1] if isinstance(features_shape[1], int) else _image_token_count(config)
+            )
 
         generation = _read_json(folder / "generation_config.json")
         eos: set[int] = set()
@@ -247,7 +309,11 @@ class OnnxRunner(Runner):
         if token is not None:
             eos.add(token)
         self._eos_ids = eos
-        self.details = {"providers": self.session.get_providers(), "kv_cache": bool(self._past_names)}
+        self.details = {
+            "providers": self.session.get_providers(),
+            "kv_cache": bool(self._past_names),
+            "vision": self._vision is not None,
+        }
         self.reset()
 
     @property
@@ -289,36 +355,65 @@ class OnnxRunner(Runner):
             name: ort.OrtValue.ortvalue_from_numpy(empty, self._ort_device, 0) for name in self._past_names
         }
 
+    @property
+    def has_vision(self) -> bool:
+        """True for a LLaVA export (vision_encoder.onnx and embed_tokens.onnx beside model.onnx)."""
+        return self._vision is not None
+
+    @property
+    def image_tokens(self) -> int:
+        """Positions per image: the vision graph's image_features length."""
+        return self._image_tokens
+
+    def _forward_image(self, image: Path) -> np.ndarray:
+        if not self.has_vision:
+            return super()._forward_image(image)
+        vision_input = self._vision.get_inputs()[0]
+        pixels = load_pixels(image, self._processor).astype(_ORT_TYPES.get(vision_input.type, np.float32))
+        features = self._vision.run(None, {vision_input.name: pixels})[0]
+        return self._decode("inputs_embeds", features.astype(self._embeds_dtype), self.n_past, 1, False)
+
     def _forward(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         new = [int(i) for i in ids]
+        if self._embed is not None:  # LLaVA export: token ids -> embeddings -> the decoder
+            embeds = self._embed.run(None, {"input_ids": np.asarray([new], dtype=np.int64)})[0]
+            return self._decode(
+                "inputs_embeds", embeds.astype(self._embeds_dtype), self.n_past, len(new), all_logits
+            )
         if self._past_names:
             run_ids, start = new, self.n_past
         else:  # no KV cache in the export: recompute the whole sequence
             self._history.extend(new)
             run_ids, start = self._history, 0
-        total = start + len(run_ids)
+        return self._decode("input_ids", np.asarray([run_ids], dtype=np.int64), start, len(new), all_logits)
+
+    def _decode(self, name: str, values: np.ndarray, start: int, new: int, all_logits: bool) -> np.ndarray:
+        """One decoder call: `values` (input_ids [1, n] or inputs_embeds [1, n, hidden]) at positions start..;
+        the past is bound from and the present kept on the session's device. Returns the logits of the last
+        `new` positions when `all_logits`, else of the last one."""
+        total = start + values.shape[1]
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.asarray([run_ids], dtype=np.int64))
+        binding.bind_cpu_input(name, np.ascontiguousarray(values))
         if "attention_mask" in self._input_names:
             binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
         if "position_ids" in self._input_names:
             binding.bind_cpu_input("position_ids", np.arange(start, total, dtype=np.int64)[None, :])
         if "use_cache_branch" in self._input_names:
             binding.bind_cpu_input("use_cache_branch", np.asarray([start > 0]))
-        for name, value in self._past.items():
-            binding.bind_ortvalue_input(name, value)
+        for past_name, value in self._past.items():
+            binding.bind_ortvalue_input(past_name, value)
         binding.bind_output("logits", "cpu")
-        present_names = [name.replace("past_key_values", "present") for name in self._past_names]
-        for name in present_names:
-            binding.bind_output(name, self._ort_device)
+        present_names = [past_name.replace("past_key_values", "present") for past_name in self._past_names]
+        for present_name in present_names:
+            binding.bind_output(present_name, self._ort_device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         logits = outputs[0].numpy()[0]
         self._past = dict(zip(self._past_names, outputs[1:], strict=True))
-        logits = logits[-len(new) :] if all_logits else logits[-1:]
+        logits = logits[-new:] if all_logits else logits[-1:]
         return np.ascontiguousarray(logits, dtype=np.float32)
 
     def close(self) -> None:
-        """Drop the session and its cache."""
+        """Drop the sessions and the cache."""
         self._past = {}
-        self.session = None
+        self.session = self._vision = self._embed = None
