@@ -36,6 +36,12 @@ NULL name, values in_sum2 / counts, plus the `quantize.imatrix.*` KV keys llama-
 Files are written to a scratch folder inside `out_dir` and renamed into place when complete; the F16
 intermediate is deleted unless F16 is what was asked for (or `keep_f16`).
 
+A LLaVA checkpoint (LlavaForConditionalGeneration) gives two files: the converter writes the language model (its
+text part, in the scheme asked for), and exporters/gguf_mmproj.py writes the vision tower + projector beside it as
+`mmproj-<model stem>-<vision dtype>.gguf` (f16 by default, q8_0 on request), the file llama.cpp's libmtmd loads with
+the model; export.json records it under `mmproj` (file, bytes, sha256, type, tensor types). The vision part is
+checked before the minutes of conversion start, and both files are renamed into place only when both are complete.
+
 Measured figures (conversion and quantization time, file size and perplexity per scheme, with and without an
 importance matrix, on the demo model): docs/RUNTIMES.md, section "GGUF schemes on the demo model". A constant
 (all-ones) importance matrix is accepted too (the weighted search alone).
@@ -56,6 +62,14 @@ from typing import Any
 
 from exporters.base import ExportError, ExportResult, check_checkpoint, normalise_metadata, write_record
 from exporters.gguf_imatrix import read_imatrix, to_gguf_names
+from exporters.gguf_mmproj import (
+    VISION_DTYPES,
+    is_llava,
+    mmproj_file_name,
+    read_processor,
+    vision_layout,
+    write_mmproj,
+)
 from toolkit.core.atomic import staging_dir
 from toolkit.core.formats import GGUF_FTYPES
 from toolkit.core.hashing import checkpoint_sha256, file_sha256
@@ -366,6 +380,7 @@ def export_gguf(
     threads: int = 2,
     file_name: str | None = None,
     keep_f16: bool = False,
+    vision_dtype: str | None = None,
 ) -> ExportResult:
     """Export a Hugging Face checkpoint to one GGUF file of scheme `quant`.
 
@@ -383,12 +398,24 @@ def export_gguf(
         file_name: name of the GGUF in `out_dir` (default `model-<quant>.gguf`).
         keep_f16: also keep the F16 intermediate as `model-F16.gguf` (a reference for evaluation, or a
             source for more schemes through `quantize()` without converting again).
+        vision_dtype: a LLaVA's vision tower + projector ("f16", the default, or "q8_0"), written as
+            `mmproj-<model stem>-<vision_dtype>.gguf` beside the model (exporters/gguf_mmproj.py); ignored for a
+            text-only checkpoint (export.json then has `"mmproj": null`).
     """
     model_dir = Path(model_dir)
     out_dir = Path(out_dir)
     if quant not in GGUF_FTYPES:
         raise ExportError(f"unknown GGUF scheme {quant!r}; choose one of {', '.join(GGUF_FTYPES)}")
     config = check_checkpoint(model_dir)
+    vision = is_llava(config)
+    if vision:  # refuse what the projector cannot take before converting the language model
+        vision_dtype = vision_dtype or "f16"
+        if vision_dtype not in VISION_DTYPES:
+            raise ExportError(
+                f"unknown vision dtype {vision_dtype!r} for the GGUF mmproj; choose one of {', '.join(VISION_DTYPES)}"
+            )
+        vision_layout(config)
+        read_processor(model_dir)
     imatrix_path = Path(imatrix) if imatrix else None
     if imatrix_path is not None and not imatrix_path.is_file():
         raise ExportError(f"importance matrix {imatrix_path} does not exist")
@@ -398,9 +425,11 @@ def export_gguf(
     source_sha256 = str(meta.get("source_sha256") or checkpoint_sha256(model_dir))
     entries = gguf_metadata_entries(meta, source_sha256, quant)
     target = out_dir / (file_name or f"model-{quant}.gguf")
+    mmproj_target = out_dir / mmproj_file_name(target, vision_dtype) if vision and vision_dtype else None
 
     timings: dict[str, float] = {}
     quantize_report: dict[str, Any] = {}
+    mmproj_summary: dict[str, Any] = {}
     with staging_dir(out_dir) as scratch:
         f16_path = scratch / "model-F16.gguf"
         start = time.perf_counter()
@@ -417,6 +446,18 @@ def export_gguf(
         missing = sorted(set(entries) - set(summary["bedside"]))
         if missing:
             raise ExportError(f"bedside metadata did not reach {target.name} (missing {', '.join(missing)})")
+        if mmproj_target is not None and vision_dtype is not None:
+            start = time.perf_counter()
+            mmproj_scratch = scratch / mmproj_target.name
+            mmproj_keys = {
+                f"{METADATA_PREFIX}schema_version": ["u32", METADATA_SCHEMA_VERSION],
+                f"{METADATA_PREFIX}source_sha256": ["str", source_sha256],
+                f"{METADATA_PREFIX}vision_dtype": ["str", vision_dtype],
+                f"{METADATA_PREFIX}model_file": ["str", target.name],
+            }
+            mmproj_summary = write_mmproj(model_dir, config, mmproj_scratch, vision_dtype, mmproj_keys)
+            timings["mmproj_s"] = round(time.perf_counter() - start, 2)
+            os.replace(mmproj_scratch, mmproj_target)
         os.replace(finished, target)
         kept_f16 = out_dir / "model-F16.gguf"
         if keep_f16 and quant != "F16":
@@ -448,6 +489,18 @@ def export_gguf(
             else None
         ),
         "tensor_types": summary["tensor_types"],
+        "mmproj": (
+            {
+                "file": mmproj_target.name,
+                "bytes": mmproj_target.stat().st_size,
+                "sha256": file_sha256(mmproj_target),
+                "type": vision_dtype,
+                **{key: value for key, value in mmproj_summary.items() if key != "vision_dtype"},
+                "writer": "exporters/gguf_mmproj.py",
+            }
+            if mmproj_target is not None
+            else None
+        ),
         "tool": {
             "converter": str(converter_dir / "convert_hf_to_gguf.py"),
             "llama_cpp_python": _llama_cpp_version(),
@@ -455,6 +508,8 @@ def export_gguf(
         "timings": timings,
     }
     files = [target]
+    if mmproj_target is not None:
+        files.append(mmproj_target)
     if keep_f16 and quant != "F16":
         files.append(kept_f16)
         record["f16_file"] = kept_f16.name

@@ -83,7 +83,7 @@ from exporters.base import (
 )
 from exporters.onnx_llava import GRAPH_FILES
 from toolkit.core.atomic import staging_dir
-from toolkit.core.formats import ONNX_SCHEMES, OnnxScheme
+from toolkit.core.formats import ONNX_SCHEMES, OnnxScheme, vision_dtypes_for
 from toolkit.core.hashing import checkpoint_sha256, file_sha256
 from toolkit.core.vision import PROCESSOR_FILE
 
@@ -140,6 +140,7 @@ def export_onnx(
     embedding: str = "int8",
     fp16_method: str = "convert",
     accuracy_level: int | None = 4,
+    vision_dtype: str | None = None,
 ) -> ExportResult:
     """Export a Hugging Face causal LM to ONNX (decoder with KV cache) in scheme `quant`.
 
@@ -158,6 +159,8 @@ def export_onnx(
         fp16_method: "convert" (export fp32, then onnxruntime.transformers.float16 conversion: every
             weight fp16) or "optimum" (optimum's fp16 export: half the export memory, but constant
             folding leaves o_proj weights fp32). See FP16_NOTE.
+        vision_dtype: a LLaVA's vision graph float; only the scheme's own (fp16 for fp16, else f32) can be
+            written (toolkit.core.formats.vision_dtypes_for), anything else is refused. Ignored for text models.
     """
     model_dir = Path(model_dir)
     out_dir = Path(out_dir)
@@ -165,6 +168,11 @@ def export_onnx(
         raise ExportError(f"unknown ONNX scheme {quant!r}; choose one of {', '.join(ONNX_SCHEMES)}")
     if imatrix is not None:
         raise ExportError("an importance matrix applies to GGUF exports only (llama.cpp quantizer)")
+    if vision_dtype is not None and vision_dtype not in vision_dtypes_for("onnx", quant):
+        raise ExportError(
+            f"the ONNX vision graph is written in {vision_dtypes_for('onnx', quant)[0]} for scheme {quant}, "
+            f"not {vision_dtype}: a quantized vision tower needs --format gguf"
+        )
     if lm_head not in LM_HEAD_TREATMENTS:
         raise ExportError(
             f"unknown lm_head treatment {lm_head!r}; choose one of {', '.join(LM_HEAD_TREATMENTS)}"

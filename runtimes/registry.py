@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from runtimes.results import RuntimeLoadError
 from toolkit.core.formats import FORMAT_RUNTIME
+from toolkit.core.vision import MMPROJ_PREFIX
 
 if TYPE_CHECKING:
     from runtimes.runner import Runner
@@ -19,8 +20,14 @@ if TYPE_CHECKING:
 # Artifact formats and the registry
 
 
+def model_ggufs(folder: Path) -> list[Path]:
+    """The model GGUF files of a folder: every *.gguf except vision projectors (`mmproj-*.gguf`), which are loaded
+    beside a model, never as one."""
+    return sorted(path for path in folder.glob("*.gguf") if not path.name.startswith(MMPROJ_PREFIX))
+
+
 def _single_gguf_in(folder: Path) -> Path | None:
-    files = sorted(folder.glob("*.gguf"))
+    files = model_ggufs(folder)
     if len(files) > 1:
         names = ", ".join(f.name for f in files)
         raise RuntimeLoadError(f"{folder}: several GGUF files ({names}); name the one to load")
@@ -30,8 +37,8 @@ def _single_gguf_in(folder: Path) -> Path | None:
 def artifact_format(path: str | Path) -> str:
     """Format of an artifact: "gguf", "onnx" or "hf"; RuntimeLoadError when it is none of them.
 
-    A .gguf file (or a folder holding exactly one) is GGUF; a .onnx file or a folder with
-    model.onnx is ONNX; a folder with config.json and *.safetensors is a Hugging Face checkpoint.
+    A .gguf file (or a folder holding exactly one, not counting an `mmproj-*.gguf` beside it) is GGUF; a .onnx
+    file or a folder with model.onnx is ONNX; a folder with config.json and *.safetensors is a Hugging Face checkpoint.
     """
     path = Path(path)
     if not path.exists():
@@ -48,6 +55,11 @@ def artifact_format(path: str | Path) -> str:
         return "hf"
     if _single_gguf_in(path) is not None:
         return "gguf"
+    projectors = sorted(path.glob(f"{MMPROJ_PREFIX}*.gguf"))
+    if projectors:
+        raise RuntimeLoadError(
+            f"{path}: holds only a vision projector ({projectors[0].name}), not the model GGUF it belongs beside"
+        )
     raise RuntimeLoadError(
         f"{path}: no model found (expected a .gguf file, model.onnx, or config.json with *.safetensors)"
     )

@@ -453,7 +453,11 @@ class Runner(ABC):
         rng = np.random.default_rng(seed)
         self.reset()
         start = time.perf_counter()
-        logits = self.forward_parts(parts)[-1]
+        try:
+            logits = self.forward_parts(parts)[-1]
+        except Exception:
+            self.reset()  # an image that fails half-way must not leave the prompt's first part in the cache
+            raise
         prefill_seconds = time.perf_counter() - start
 
         generated: list[int] = []

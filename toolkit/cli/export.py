@@ -20,7 +20,7 @@ from rich.table import Table
 from exporters import export
 from toolkit.compress.record import read_compression_record
 from toolkit.core.errors import BedsideError
-from toolkit.core.formats import resolve_scheme
+from toolkit.core.formats import resolve_scheme, vision_dtypes_for
 from toolkit.core.hashing import file_sha256
 from toolkit.core.output_dir import check_out_dir
 from toolkit.core.records import COMPRESSION_RECORD
@@ -91,6 +91,13 @@ def export_command(
     imatrix: Annotated[
         Path | None, typer.Option("--imatrix", help="llama.cpp importance matrix (GGUF only).")
     ] = None,
+    vision_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--vision-dtype",
+            help="A LLaVA's vision tower + projector: GGUF mmproj f16 (default) or q8_0; ONNX keeps its graph's float.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the export record as JSON.")] = False,
 ) -> None:
     """Export MODEL to FORMAT in scheme QUANT, writing OUT/<model file> and OUT/export.json."""
@@ -99,6 +106,11 @@ def export_command(
     check_out_dir(out)  # an existing file or a path under one: refused before any work
     if imatrix is not None and fmt != "gguf":
         raise BedsideError("--imatrix applies to --format gguf only (llama.cpp's quantizer uses it)")
+    if vision_dtype is not None and vision_dtype not in vision_dtypes_for(fmt, scheme):
+        raise BedsideError(
+            f"--vision-dtype {vision_dtype}: a {fmt} {scheme} export writes the vision tower in "
+            f"{' or '.join(vision_dtypes_for(fmt, scheme))}"
+        )
     if imatrix is not None and not imatrix.is_file():
         raise BedsideError(f"importance matrix '{imatrix}' not found: pass a llama-imatrix GGUF file")
     source = resolve_source(model, fmt, imatrix)
@@ -111,6 +123,7 @@ def export_command(
             out,
             imatrix=source.imatrix if fmt == "gguf" else None,
             metadata=source.metadata or None,
+            **({"vision_dtype": vision_dtype} if vision_dtype is not None else {}),
         )
     if as_json:
         typer.echo(json.dumps(result.record, indent=2, default=str))

@@ -110,3 +110,16 @@ def resolve_scheme(format_name: str, quant: str) -> tuple[str, str]:
         if scheme.lower() == wanted.lower():
             return fmt, scheme
     raise BedsideError(f"unknown {fmt} scheme '{quant}': choose one of {', '.join(allowed_schemes(fmt))}")
+
+
+# The vision tower + projector of a LLaVA as each format's exporter writes it: GGUF's mmproj in f16 or q8_0
+# (exporters/gguf_mmproj.py; patch and position embeddings stay f16); ONNX's vision graph stays float, fp16 in
+# the fp16 scheme and fp32 in every other (exporters/onnx_llava.py). The planner offers only these.
+VISION_DTYPES: tuple[str, ...] = ("f32", "f16", "q8_0")
+
+
+def vision_dtypes_for(format_name: str, scheme: str) -> tuple[str, ...]:
+    """The vision-tower storage choices an export of `format_name` in `scheme` can produce."""
+    if format_name == "gguf":
+        return ("f16", "q8_0")
+    return ("f16",) if scheme == "fp16" else ("f32",)

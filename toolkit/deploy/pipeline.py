@@ -224,6 +224,7 @@ def _export(
         "quant": candidate.quant,
         "imatrix": file_sha256(imatrix) if imatrix is not None else None,
         "layers_removed": record.get("layers_removed"),
+        "vision_dtype": candidate.vision_dtype,
     }
     folder = work / "exports" / f"{candidate.format}-{candidate.quant}-{sha256_json(inputs)[:12]}"
     if (folder / EXPORT_RECORD).is_file():
@@ -241,6 +242,7 @@ def _export(
             building,
             imatrix=imatrix,
             metadata=metadata,
+            **({"vision_dtype": candidate.vision_dtype} if candidate.vision_dtype is not None else {}),
         )
     return folder, result.record, False
 

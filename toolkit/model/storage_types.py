@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from toolkit.core.formats import FORMATS, ONNX_SCHEMES
+from toolkit.core.formats import FORMATS, ONNX_SCHEMES, VISION_DTYPES
 from toolkit.model.facts import ModelFacts, TensorSpec, VisionFacts
 from toolkit.model.ggml_types import ggml_type
 
@@ -412,9 +412,9 @@ def tensor_types(
 # (tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py) drops the encoder layers after the selected feature
 # layer, writes 4-D tensors and 2-D weights in f16 and everything else (biases, norms, class embedding) in f32;
 # llama-quantize then leaves ".patch_embd" and ".position_embd" unquantized (tensor_allows_quantization).
-# ONNX: "f16" stores every initializer as fp16; "q8_0" means MatMulNBits int8 block 32 (fp16 scales, asymmetric)
-# on the 2-D linear weights, fp16 elsewhere.
-VISION_DTYPES: tuple[str, ...] = ("f16", "q8_0")
+# ONNX: "f32" / "f16" store every initializer in that float; "q8_0" would mean MatMulNBits int8 block 32 (fp16
+# scales, asymmetric) on the 2-D linear weights (counted, but no exporter writes it: toolkit.core.formats.
+# vision_dtypes_for says which choices an export produces).
 VISION_UNQUANTIZED_ROLES = ("patch_embd", "position_embd")
 
 
@@ -470,9 +470,9 @@ def vision_tensor_specs(vision: VisionFacts) -> list[tuple[str, TensorSpec]]:
 def vision_tensor_types(vision: VisionFacts, format_name: str, vision_dtype: str) -> list[StoredTensor]:
     """Every vision tensor with its stored type and bytes.
 
-    GGUF: 1-D -> F32; patch/position embeddings and 4-D -> F16; other 2-D weights -> F16 or Q8_0.
-    ONNX: f16 -> fp16 everywhere; q8_0 -> 2-D linear weights as MatMulNBits(8 bits, block 32, fp16 scales,
-    zero points), the rest fp16.
+    GGUF: 1-D -> F32; patch/position embeddings and 4-D -> F16; other 2-D weights -> F16 or Q8_0 (f32: all F32).
+    ONNX: f32 / f16 -> that float everywhere; q8_0 -> 2-D linear weights as MatMulNBits(8 bits, block 32, fp16
+    scales, zero points), the rest fp16.
     """
     if vision_dtype not in VISION_DTYPES:
         raise KeyError(f"unknown vision dtype {vision_dtype!r}; known: {', '.join(VISION_DTYPES)}")
@@ -481,7 +481,9 @@ def vision_tensor_types(vision: VisionFacts, format_name: str, vision_dtype: str
     tensors = []
     for name, spec in vision_tensor_specs(vision):
         linear = len(spec.shape) == 2 and spec.role not in VISION_UNQUANTIZED_ROLES
-        if format_name == "gguf":
+        if vision_dtype == "f32":
+            dtype, nbytes = ("F32" if format_name == "gguf" else "fp32"), spec.numel * 4
+        elif format_name == "gguf":
             if len(spec.shape) < 2:
                 dtype = "F32"
             elif linear and vision_dtype == "q8_0":

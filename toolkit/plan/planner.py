@@ -1,8 +1,8 @@
 """The planner: enumerate deployments of a model on a device, keep those that fit, choose the best.
 
 Search space: format (the profile's, or the pinned one) x quantization scheme (the profile's schemes of that
-format) x decoder layers removed (0 .. num_layers // 2, or the pinned count) x vision dtype (f16, q8_0 for a
-LLaVA-style model) x KV-cache precision (llama.cpp: the profile's kv_cache_dtypes, e.g. f16, q8_0, q4_0, or the
+format) x decoder layers removed (0 .. num_layers // 2, or the pinned count) x vision dtype (for a LLaVA-style model,
+what the format's exporter writes: GGUF f16 or q8_0, ONNX its graph's float; toolkit.core.formats) x KV-cache precision (llama.cpp: the profile's kv_cache_dtypes, e.g. f16, q8_0, q4_0, or the
 pinned one; ONNX Runtime keeps its graph's float KV cache, one choice) x placement. Placement is searched for
 llama.cpp on a discrete GPU with host memory linked to it (toolkit.plan.memory.host_tier), and only for a
 combination whose all-on-GPU candidate does not fit: the KV cache in host memory (offload_kqv = false) and the
@@ -35,10 +35,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from toolkit.core.errors import BedsideError
-from toolkit.core.formats import FORMATS, KV_CACHE_DTYPES, format_of_scheme, resolve_scheme
+from toolkit.core.formats import FORMATS, KV_CACHE_DTYPES, format_of_scheme, resolve_scheme, vision_dtypes_for
 from toolkit.core.units import GIB
 from toolkit.model.facts import ModelFacts
-from toolkit.model.storage_types import VISION_DTYPES, StoredTensor
+from toolkit.model.storage_types import StoredTensor
 from toolkit.plan.memory import (
     Deployment,
     RuntimeSettings,
@@ -320,7 +320,6 @@ def make_plan(
         healed=healed,
     )
     depths = [prune_layers] if prune_layers is not None else list(range(facts.num_layers // 2 + 1))
-    vision_dtypes: tuple[str | None, ...] = VISION_DTYPES if facts.vision is not None else (None,)
     by_layers = sensitivities is not None and sensitivities.has_layer_data
 
     scored: list[_Scored] = []
@@ -329,6 +328,7 @@ def make_plan(
         kv_dtypes = _kv_choices(format_name, runtime, profile, kv_cache_dtype)
         placements = host_placement and runtime == "llama.cpp" and host_tier(profile) is not None
         for scheme in schemes:
+            vision_dtypes = vision_dtypes_for(format_name, scheme) if facts.vision is not None else (None,)
             for k in depths:
                 tensors = text_weights(facts, Deployment(format_name, scheme, k))
                 for vision_dtype in vision_dtypes:
