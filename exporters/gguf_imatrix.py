@@ -156,6 +156,9 @@ def read_imatrix(path: str | Path) -> ImportanceMatrix:
     return ImportanceMatrix(values=values, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size)
 
 
+LLAVA_TEXT_PREFIX = re.compile(r"^(?:model\.language_model\.|language_model\.model\.)")
+
+
 def to_gguf_names(
     matrix: ImportanceMatrix, architecture: str, block_count: int, tensor_widths: Mapping[str, int]
 ) -> ImportanceMatrix:
@@ -183,8 +186,10 @@ def to_gguf_names(
     for name, vector in matrix.values.items():
         target = name
         if not name.startswith(GGUF_TENSOR_PREFIXES):
+            # a LLaVA's language model (model.language_model.layers...) is the GGUF's text model (model.layers...)
+            text_name = LLAVA_TEXT_PREFIX.sub("model.", name)
             mapped = (
-                name_map.get_name(name, try_suffixes=(".weight", ".bias")) if name_map is not None else None
+                name_map.get_name(text_name, try_suffixes=(".weight", ".bias")) if name_map is not None else None
             )
             if mapped is None:
                 raise ExportError(f"imatrix entry {name!r} matches no {architecture} tensor")

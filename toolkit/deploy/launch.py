@@ -226,15 +226,35 @@ def _kv_note(runtime: dict[str, Any]) -> str:
     return "".join(f"\n{note}\n" for note in notes)
 
 
+def _vision_note(runtime: dict[str, Any]) -> str:
+    """How to ask about an image with llama.cpp, and the libmtmd defect a target's own build may have."""
+    if not runtime.get("mmproj"):
+        return ""
+    return f"""
+Images: `{runtime["mmproj"]}` is the vision tower and projector. One question about one image:
+
+```bash
+llama-mtmd-cli -m {runtime["model"]} --mmproj {runtime["mmproj"]} --image scan.png -p "Is there a fracture?" --temp 0
+```
+
+Check the llama.cpp build first. Builds without the fix for llama.cpp issue #25814 (pull request #25844) put
+CLIP's class token after the image patches in LLaVA-1.5-style graphs. Such a build answers image questions
+differently from the validated model, with no error. `bedside run`/`verify` correct the order at run time;
+llama-server, llama-mtmd-cli and Ollama need a build with the fix.
+"""
+
+
 def llama_cpp_section(runtime: dict[str, Any], name: str, mmap_note: str) -> str:
     """README section 2 of a GGUF bundle: llama-server, then Ollama with the Modelfile."""
     flags = llama_cpp_flags(runtime)
+    mmproj = runtime.get("mmproj")
+    projector = f"--mmproj {mmproj} " if mmproj else ""
     return f"""With llama.cpp (`llama-server` or `llama-cli` of a recent release):
 
 ```bash
-llama-server -m {runtime["model"]} -c {runtime["context"]} {flags}--temp {runtime["temperature"]:g} --port 8080
+llama-server -m {runtime["model"]} {projector}-c {runtime["context"]} {flags}--temp {runtime["temperature"]:g} --port 8080
 ```
-{mmap_note}{_kv_note(runtime)}
+{mmap_note}{_kv_note(runtime)}{_vision_note(runtime)}
 With Ollama, from this folder (`{MODELFILE}` holds the model file, chat template, context, stop tokens and
 temperature of `runtime.json`):
 

@@ -492,7 +492,7 @@ def runtime_checks(
                     1.0,
                     ">=",
                     "tokens",
-                    detail=f"answer: {text[:80]!r}",
+                    detail=(f"about {runtime.get('smoke_image')}, " if image is not None else "") + f"answer: {text[:80]!r}",
                 )
             )
     except (RuntimeLoadError, ValueError, OSError) as error:

@@ -33,6 +33,7 @@ marker (`image_items`): closed ones by option log-likelihood as above, open ones
 compared after normalisation (`toolkit.data.vqa`); accuracy gains {"closed": {value, n}, "open":
 {value, recall, n}} (each with "reference" when a reference is given), and `perplexity` is over the
 reference answers' tokens: exp(-(1/N) sum log p(answer token | prompt, image, earlier answer tokens)).
+KL divergence and top-1 agreement are then taken over those N answer positions (same formulas).
 
 `artifact_sha256`: sha256 of the file; for a folder, sha256 over the sorted lines "relative path\\0file sha256\\n".
 """
@@ -474,6 +475,7 @@ def evaluate(
             score_full_dtype=full_dtype,
             option_items=items or None,
             image_items=pictures or None,
+            image_full_path=str(Path(folder, "artifact-answers.npy")) if baseline is not None and pictures else None,
             runner_options=dict(runner_options or {}),
         )
         result = _run_child(target, job)
@@ -490,10 +492,28 @@ def evaluate(
         kl_divergence = top1_agreement = None
         if baseline is not None and pictures:
             stages.stage(f"{baseline.runtime}: answering the image questions with the reference {baseline.path.name}")
-            image_job = MeasureJob(context=window, decode_tokens=min(8, window - 1), n_threads=n_threads, image_items=pictures)
+            image_job = MeasureJob(
+                context=window,
+                decode_tokens=min(8, window - 1),
+                n_threads=n_threads,
+                image_items=pictures,
+                image_full_path=str(Path(folder, "reference-answers.npy")),
+            )
             reference_score = _run_child(baseline, image_job).score
             assert reference_score is not None
             reference_images = reference_score.image_results
+            if [len(r["answer_logprobs"]) for r in reference_images or []] != [
+                len(r["answer_logprobs"]) for r in score.image_results or []
+            ]:
+                raise BedsideError(
+                    f"artifact {target.path} and reference {baseline.path} tokenize the answers differently: "
+                    "compare against a reference with the same tokenizer"
+                )
+            answer_rows = sum(len(r["answer_logprobs"]) for r in reference_images or [])
+            stages.stage("comparing the answers' log-probabilities")
+            kl_divergence, top1_agreement = compare_logprobs(
+                Path(folder, "reference-answers.npy"), Path(folder, "artifact-answers.npy"), np.arange(answer_rows)
+            )
         if baseline is not None and texts:
             stages.stage(f"{baseline.runtime}: scoring the reference {baseline.path.name}")
             reference_job = MeasureJob(

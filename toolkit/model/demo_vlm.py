@@ -1,0 +1,852 @@
+"""Build the demo vision-language model (`--model demo-vlm`): a small medical LLaVA trained here.
+
+No CLIP weights can be fetched, so the model is assembled from what the machine has and trained on
+the shared SLAKE and VQA-RAD train splits (../shared/data), deterministically, on 2 CPU cores:
+
+- language model: the demo model (SmolLM2-135M-Instruct, `toolkit.model.demo`);
+- vision tower: a small CLIP ViT (`Recipe.vision_config`) trained from scratch;
+- projector: LLaVA-1.5's 2-layer GELU MLP; the result is a plain `LlavaForConditionalGeneration`
+  folder in the llava-hf layout (`toolkit.model.llava.write_llava_checkpoint`).
+
+Two phases, because the language model dominates the cost (a forward+backward of 135M parameters
+per token) while the tower is cheap:
+
+1. Tower pre-training without the language model: the tower's mean patch feature feeds one linear
+   classifier per label family, trained with augmentation (random crop/scale, brightness/contrast):
+   SLAKE's per-image modality, location and body region, VQA-RAD's organ (mapped to the same
+   regions), and one classifier per question asked about at least `head_min_questions` training
+   images ("Does the picture contain liver?", "Which plane is the image scanned?"), over its
+   answers seen at least twice. The tower thus learns what these questions ask about the image.
+2. LLaVA training: tower frozen (its patch features computed once per image), projector plus a
+   LoRA on every linear layer of the language model trained on the QA pairs, loss on the answer
+   tokens (and the closing <|im_end|>) only; the LoRA is merged into the weights before saving.
+   All questions about one image share one sequence: the system prompt and image tokens come once,
+   each question/answer segment attends to that prefix and to itself only (a block mask) and keeps
+   the position ids it has in a single-turn prompt, so the computation equals single-turn training
+   on each question while the prefix is computed once per image instead of once per question.
+
+Training sees SLAKE train and VQA-RAD train minus its held-apart slice (`toolkit.data.vqa`); SLAKE
+validate and the held-apart slice are for measuring (bench/demo_vlm.py, docs/DEMO_VLM.md).
+
+The build is cached like the text demo's: a record (bedside-demo-vlm.json) with the recipe version,
+seeds and input hashes; a valid record makes a re-run return at once; a file lock keeps two builders
+apart; the folder is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from filelock import FileLock
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from toolkit.core import paths
+from toolkit.core.errors import BedsideError
+from toolkit.core.hashing import file_sha256
+from toolkit.core.vision import IMAGE_MARKER
+from toolkit.data.documents import Document
+from toolkit.data.vqa import held_apart_vqa_rad, normalise_answer
+
+if TYPE_CHECKING:
+    import torch
+
+# Bump when the recipe changes what lands in the folder: older builds are then rebuilt.
+RECIPE_VERSION = 1
+RECORD_NAME = "bedside-demo-vlm.json"
+REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    RECORD_NAME,
+)
+SLAKE_TRAIN = "slake/train.jsonl"
+VQA_RAD_TRAIN = "vqa_rad/train.jsonl"
+# SLAKE locations and VQA-RAD organs mapped to one coarse body region label shared by both sets.
+REGIONS = {
+    "abdomen": "abdomen",
+    "pelvic cavity": "abdomen",
+    "abd": "abdomen",
+    "lung": "chest",
+    "chest lung": "chest",
+    "chest heart": "chest",
+    "chest mediastinal": "chest",
+    "chest": "chest",
+    "brain tissue": "head",
+    "brain": "head",
+    "brain face": "head",
+    "neck": "head",
+    "head": "head",
+}
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _say(message: str) -> None:
+    console.print(f"[bold cyan]\\[demo-vlm][/] {message}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every choice that decides the built weights; its fields go into the record."""
+
+    image_size: int = 192
+    patch_size: int = 32
+    vision_hidden: int = 256
+    vision_layers: int = 6
+    vision_heads: int = 4  # head dim 64
+    vision_intermediate: int = 1024
+    vision_feature_layer: int = -1
+    # phase 1: tower pre-training
+    tower_epochs: int = 40
+    tower_batch: int = 32
+    tower_lr: float = 1e-3
+    tower_weight_decay: float = 0.05
+    resize_margin: float = 1.15  # images stored at margin x image_size, cropped back with scale jitter
+    min_crop: float = 0.85
+    head_min_questions: int = 6
+    # phase 2: LLaVA training
+    lm_epochs: int = 2
+    lm_batch_images: int = 4
+    questions_per_sequence: int = 8
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    length_buckets: int = 64  # sequences sorted by length within groups of this many (less padding)
+    bf16_autocast: bool = True  # matmuls in bfloat16 during training (1.6x faster on AMX CPUs); weights fp32
+    lora_lr: float = 5e-4
+    projector_lr: float = 1e-3
+    warmup_fraction: float = 0.05
+    seed: int = 0
+    threads: int = 2
+
+    def vision_config(self) -> dict[str, Any]:
+        """The CLIPVisionConfig keyword arguments of the tower."""
+        return {
+            "hidden_size": self.vision_hidden,
+            "intermediate_size": self.vision_intermediate,
+            "num_hidden_layers": self.vision_layers,
+            "num_attention_heads": self.vision_heads,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "projection_dim": self.vision_hidden,
+            "num_channels": 3,
+        }
+
+    @property
+    def image_tokens(self) -> int:
+        """Positions one image takes in the language model ((image_size / patch_size)^2)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+RECIPE = Recipe()
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def data_files() -> dict[str, Path]:
+    """The training JSONL files (SLAKE train, VQA-RAD train); BedsideError when the shared data is absent."""
+    root = paths.shared_data_dir()
+    looked = root or Path(os.environ.get("BEDSIDE_SHARED_DATA", paths.REPO_ROOT.parent / "shared" / "data"))
+    files = {"slake": looked / SLAKE_TRAIN, "vqa_rad": looked / VQA_RAD_TRAIN}
+    if root is None or not all(path.is_file() for path in files.values()):
+        raise BedsideError(
+            f"the demo VLM needs the SLAKE and VQA-RAD folders (slake/train.jsonl, vqa_rad/train.jsonl) "
+            f"of the shared data, looked in {looked} (set BEDSIDE_SHARED_DATA to their parent folder)"
+        )
+    return files
+
+
+def _extra_labels(path: Path) -> dict[str, dict[str, str]]:
+    """Per-image labels the Document loader does not keep: SLAKE modality/location, VQA-RAD organ."""
+    labels: dict[str, dict[str, str]] = {}
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            image = str((path.parent / record["image"]).resolve())
+            found = labels.setdefault(image, {})
+            for key in ("modality", "location", "organ"):
+                if record.get(key):
+                    found.setdefault(key, normalise_answer(str(record[key])))
+    return labels
+
+
+@dataclass
+class TrainingData:
+    """The QA documents training sees, the images they ask about, and per-image labels."""
+
+    documents: list[Document]
+    images: list[Path]
+    labels: dict[str, dict[str, str]] = field(default_factory=dict)  # image path -> family -> label
+
+
+def load_training_data(files: dict[str, Path] | None = None) -> TrainingData:
+    """SLAKE train + VQA-RAD train without its held-apart slice, in file order."""
+    from toolkit.data.sources import load_image_question_answer_jsonl
+
+    files = files or data_files()
+    slake = load_image_question_answer_jsonl(files["slake"])
+    rad_kept, _ = held_apart_vqa_rad(load_image_question_answer_jsonl(files["vqa_rad"]))
+    documents = slake + rad_kept
+    labels = _extra_labels(files["slake"])
+    labels.update({k: v for k, v in _extra_labels(files["vqa_rad"]).items()})
+    images: list[Path] = []
+    seen: set[Path] = set()
+    for document in documents:
+        assert document.image is not None
+        if document.image not in seen:
+            seen.add(document.image)
+            images.append(document.image)
+    return TrainingData(documents=documents, images=images, labels=labels)
+
+
+# ------------------------------------------------------------------------------------ phase 1 heads
+
+
+@dataclass
+class LabelHeads:
+    """Classification targets of phase 1: named families of classes and each image's class per family.
+
+    `targets[i][h]` is the class index of image i in family h, or -100 when unknown.
+    """
+
+    names: list[str]
+    classes: list[list[str]]
+    targets: list[list[int]]
+
+
+def label_heads(data: TrainingData, min_questions: int) -> LabelHeads:
+    """Families: modality, location, region, and one per frequent normalised question (see module doc)."""
+    per_image: dict[Path, dict[str, str]] = {image: {} for image in data.images}
+    for image in data.images:
+        extra = data.labels.get(str(image), {})
+        if "modality" in extra:
+            per_image[image]["label:modality"] = extra["modality"]
+        if "location" in extra:
+            per_image[image]["label:location"] = extra["location"]
+        region = REGIONS.get(extra.get("location") or extra.get("organ") or "")
+        if region:
+            per_image[image]["label:region"] = region
+    asked: dict[str, Counter[str]] = {}
+    for document in data.documents:
+        assert document.image is not None and document.question is not None and document.answer is not None
+        name = "question:" + normalise_answer(document.question)
+        answer = normalise_answer(document.answer)
+        asked.setdefault(name, Counter())[answer] += 1
+        per_image[document.image].setdefault(name, answer)
+    families: dict[str, list[str]] = {}
+    for name in ("label:modality", "label:location", "label:region"):
+        values = Counter(labels[name] for labels in per_image.values() if name in labels)
+        families[name] = sorted(values)
+    for name, answers in asked.items():
+        kept = sorted(answer for answer, count in answers.items() if count >= 2)
+        if sum(answers.values()) >= min_questions and len(kept) >= 2:
+            families[name] = kept
+    names = list(families)
+    index = {name: {label: i for i, label in enumerate(families[name])} for name in names}
+    targets = [
+        [index[name].get(per_image[image].get(name, ""), -100) for name in names] for image in data.images
+    ]
+    return LabelHeads(names=names, classes=[families[name] for name in names], targets=targets)
+
+
+# ----------------------------------------------------------------------------------------- images
+
+
+def _load_rgb(path: Path) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def stored_images(images: Sequence[Path], side: int) -> torch.Tensor:
+    """uint8 (N, 3, side, side): each image resized (shortest edge = side, bicubic) and center-cropped."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    out = torch.empty((len(images), 3, side, side), dtype=torch.uint8)
+    for i, path in enumerate(images):
+        image = _load_rgb(path)
+        width, height = image.size
+        scale = side / min(width, height)
+        resized = image.resize(
+            (max(side, round(width * scale)), max(side, round(height * scale))), Image.Resampling.BICUBIC
+        )
+        left = (resized.width - side) // 2
+        top = (resized.height - side) // 2
+        crop = resized.crop((left, top, left + side, top + side))
+        out[i] = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return out
+
+
+def augment(
+    batch: torch.Tensor,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    generator: torch.Generator,
+    min_crop: float,
+) -> torch.Tensor:
+    """Random square crop (side min_crop..1 of the stored side) resized to `size`, brightness/contrast
+    jitter (x0.8-1.2 each), then the processor's normalisation. No flips: left/right is an answer."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    count, _, side, _ = batch.shape
+    out = torch.empty((count, 3, size, size))
+    for i in range(count):
+        crop = int(side * (min_crop + (1 - min_crop) * torch.rand((), generator=generator).item()))
+        top = int(torch.randint(0, side - crop + 1, (), generator=generator))
+        left = int(torch.randint(0, side - crop + 1, (), generator=generator))
+        patch = batch[i : i + 1, :, top : top + crop, left : left + crop].float() / 255
+        patch = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        contrast = 0.8 + 0.4 * torch.rand((), generator=generator)
+        brightness = 0.8 + 0.4 * torch.rand((), generator=generator)
+        centre = patch.mean()
+        out[i] = ((patch - centre) * contrast + centre * brightness).clamp(0, 1)[0]
+    mean_t = torch.tensor(mean).view(1, 3, 1, 1)
+    std_t = torch.tensor(std).view(1, 3, 1, 1)
+    return (out - mean_t) / std_t
+
+
+def pixel_values(image_processor: Any, images: Sequence[Path]) -> torch.Tensor:
+    """The processor's own pixel values (what inference feeds the tower), float32 (N, 3, S, S)."""
+    return image_processor(images=[_load_rgb(path) for path in images], return_tensors="pt")["pixel_values"]
+
+
+def patch_features(tower: Any, pixels: torch.Tensor, feature_layer: int) -> torch.Tensor:
+    """Patch features the projector reads: hidden_states[feature_layer] without the class token."""
+    out = tower(pixel_values=pixels, output_hidden_states=True)
+    return out.hidden_states[feature_layer][:, 1:]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold cyan]\\[demo-vlm][/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to 10 %."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def pretrain_tower(
+    recipe: Recipe, data: TrainingData, heads: LabelHeads, image_processor: Any, show: bool = True
+) -> tuple[Any, dict[str, Any]]:
+    """Phase 1: train a fresh CLIP tower as a multi-family classifier; returns (tower, figures)."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(recipe.seed)
+    tower = CLIPVisionModel(CLIPVisionConfig(**recipe.vision_config()))
+    sizes = [len(classes) for classes in heads.classes]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    width = max(sizes)
+    # index of each family's classes in the concatenated logits, padded with a column of -inf
+    gather = torch.full((len(sizes), width), offsets[-1], dtype=torch.long)
+    for h, size in enumerate(sizes):
+        gather[h, :size] = torch.arange(offsets[h], offsets[h] + size)
+    norm = torch.nn.LayerNorm(recipe.vision_hidden)
+    classifier = torch.nn.Linear(recipe.vision_hidden, offsets[-1])
+    stored = stored_images(data.images, round(recipe.image_size * recipe.resize_margin))
+    targets = torch.tensor(heads.targets, dtype=torch.long)
+    modules = torch.nn.ModuleList([tower, norm, classifier])
+    decay = [p for n, p in modules.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in modules.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.tower_weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.tower_lr,
+    )
+    generator = torch.Generator().manual_seed(recipe.seed + 1)
+    steps_per_epoch = math.ceil(len(data.images) / recipe.tower_batch)
+    total = steps_per_epoch * recipe.tower_epochs
+    warmup = max(1, int(total * recipe.warmup_fraction))
+    mean, std = image_processor.image_mean, image_processor.image_std
+    losses: list[float] = []
+    step = 0
+    modules.train()
+    with _progress() as progress:
+        task = progress.add_task("phase 1: tower pre-training", total=total, status="", visible=show)
+        for _epoch in range(recipe.tower_epochs):
+            order = torch.randperm(len(data.images), generator=generator)
+            epoch_loss = 0.0
+            for start in range(0, len(order), recipe.tower_batch):
+                index = order[start : start + recipe.tower_batch]
+                pixels = augment(stored[index], recipe.image_size, mean, std, generator, recipe.min_crop)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
+                    feats = patch_features(tower, pixels, recipe.vision_feature_layer).mean(dim=1)
+                    logits = classifier(norm(feats)).float()
+                padded = torch.cat([logits, torch.full((len(index), 1), -1e9)], dim=1)
+                per_family = padded[:, gather]  # (B, H, width)
+                batch_targets = targets[index]
+                known = batch_targets >= 0
+                loss = torch.nn.functional.cross_entropy(per_family[known], batch_targets[known])
+                for group in optimizer.param_groups:
+                    group["lr"] = recipe.tower_lr * _schedule(step, total, warmup)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+                optimizer.step()
+                step += 1
+                epoch_loss += loss.item() * len(index)
+                progress.update(task, advance=1, status=f"loss {loss.item():.3f}")
+            losses.append(epoch_loss / len(data.images))
+    tower.eval()
+    figures = {"families": len(heads.names), "classes": offsets[-1], "epoch_loss": [round(x, 4) for x in losses]}
+    return tower, figures
+
+
+# ---------------------------------------------------------------------------------- phase 2 data
+
+
+@dataclass
+class PackedSequence:
+    """One image's prefix (system prompt, user turn start, image positions) and some of its QA segments."""
+
+    image: int
+    input_ids: list[int]
+    labels: list[int]
+    positions: list[int]
+    segments: list[int]  # 0 = shared prefix, k = k-th question/answer segment
+
+
+@dataclass
+class PromptParts:
+    """The tokenized pieces every single-turn image prompt is made of."""
+
+    prefix: list[int]  # up to the image, with image_tokens copies of the image token id
+    image_token_id: int
+    end_id: int
+
+    def segment(self, tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[int]]:
+        """Ids and labels of "\\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>"."""
+        prompt_ids, answer_ids = _split_turn(tokenizer, question, answer)
+        ids = prompt_ids + answer_ids + [self.end_id]
+        labels = [-100] * len(prompt_ids) + answer_ids + [self.end_id]
+        return ids, labels
+
+
+def render_prompt(tokenizer: Any, question: str) -> str:
+    """The single-turn prompt text of an image question (chat template, generation prompt added)."""
+    from toolkit.model.llava import vision_user_content
+
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": vision_user_content(question)}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def _split_turn(tokenizer: Any, question: str, answer: str) -> tuple[list[int], list[int]]:
+    text = render_prompt(tokenizer, question)
+    after = text.split(IMAGE_MARKER, 1)[1]
+    prompt_ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(after + answer, add_special_tokens=False)["input_ids"]
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise BedsideError(f"the answer {answer!r} changes the prompt's tokens: cannot train on it")
+    return prompt_ids, full_ids[len(prompt_ids) :]
+
+
+def prompt_parts(tokenizer: Any, image_tokens: int) -> PromptParts:
+    """The shared prefix of all image prompts, checked to tokenize the same as a whole prompt."""
+    text = render_prompt(tokenizer, "?")
+    before = text.split(IMAGE_MARKER, 1)[0]
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
+    prefix = tokenizer(before, add_special_tokens=False)["input_ids"] + [image_token_id] * image_tokens
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    split = tokenizer(text.split(IMAGE_MARKER, 1)[1], add_special_tokens=False)["input_ids"]
+    if whole != prefix[: len(prefix) - image_tokens] + [image_token_id] + split:
+        raise BedsideError("the chat template's prompt does not split at the image marker: recipe needs a fix")
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return PromptParts(prefix=prefix, image_token_id=image_token_id, end_id=end_id)
+
+
+def pack_sequences(
+    data: TrainingData, tokenizer: Any, parts: PromptParts, per_sequence: int, generator: torch.Generator
+) -> list[PackedSequence]:
+    """Each image's questions, shuffled, in chunks of at most `per_sequence` behind one prefix."""
+    import torch
+
+    index = {image: i for i, image in enumerate(data.images)}
+    by_image: dict[int, list[Document]] = {}
+    for document in data.documents:
+        assert document.image is not None
+        by_image.setdefault(index[document.image], []).append(document)
+    packed: list[PackedSequence] = []
+    prefix_length = len(parts.prefix)
+    for image, documents in by_image.items():
+        order = torch.randperm(len(documents), generator=generator).tolist()
+        for start in range(0, len(order), per_sequence):
+            ids = list(parts.prefix)
+            labels = [-100] * prefix_length
+            positions = list(range(prefix_length))
+            segments = [0] * prefix_length
+            for k, j in enumerate(order[start : start + per_sequence], start=1):
+                document = documents[j]
+                assert document.question is not None and document.answer is not None
+                seg_ids, seg_labels = parts.segment(tokenizer, document.question, document.answer)
+                ids += seg_ids
+                labels += seg_labels
+                positions += range(prefix_length, prefix_length + len(seg_ids))
+                segments += [k] * len(seg_ids)
+            packed.append(PackedSequence(image, ids, labels, positions, segments))
+    return packed
+
+
+def collate(batch: Sequence[PackedSequence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch; the boolean 4D mask lets a token see earlier tokens of its segment and the prefix."""
+    import torch
+
+    length = max(len(item.input_ids) for item in batch)
+    size = len(batch)
+    ids = torch.full((size, length), pad_id, dtype=torch.long)
+    labels = torch.full((size, length), -100, dtype=torch.long)
+    positions = torch.zeros((size, length), dtype=torch.long)
+    segments = torch.full((size, length), -1, dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item.input_ids)
+        ids[row, :n] = torch.tensor(item.input_ids)
+        labels[row, :n] = torch.tensor(item.labels)
+        positions[row, :n] = torch.tensor(item.positions)
+        segments[row, :n] = torch.tensor(item.segments)
+    causal = torch.ones((length, length), dtype=torch.bool).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    mask = causal[None] & ((key == 0) | (key == query)) & (key >= 0) & (query >= 0)
+    mask |= torch.eye(length, dtype=torch.bool)[None]  # padding rows see themselves (no empty softmax)
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": positions,
+        "attention_mask": mask[:, None],
+        "images": torch.tensor([item.image for item in batch]),
+    }
+
+
+# ------------------------------------------------------------------------------------ phase 2 train
+
+
+def _length_batches(packed: Sequence[PackedSequence], recipe: Recipe, generator: torch.Generator) -> list[list[int]]:
+    """Batches of sequence indices: shuffled, sorted by length within groups of `length_buckets`, cut into
+    batches of `lm_batch_images`, the batches shuffled again (similar lengths pad little)."""
+    import torch
+
+    order = torch.randperm(len(packed), generator=generator).tolist()
+    batches: list[list[int]] = []
+    for start in range(0, len(order), recipe.length_buckets):
+        group = sorted(order[start : start + recipe.length_buckets], key=lambda i: len(packed[i].input_ids))
+        batches += [group[i : i + recipe.lm_batch_images] for i in range(0, len(group), recipe.lm_batch_images)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def train_llava(
+    recipe: Recipe,
+    model: Any,
+    tokenizer: Any,
+    data: TrainingData,
+    features: torch.Tensor,
+    show: bool = True,
+    step_callback: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Phase 2: projector + merged LoRA on the QA pairs over the frozen tower's cached patch features."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(recipe.seed + 2)
+    language = model.model.language_model
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    lora = LoraConfig(
+        r=recipe.lora_rank,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=list(recipe.lora_targets),
+    )
+    peft_language = get_peft_model(language, lora)
+    projector = model.model.multi_modal_projector
+    for parameter in projector.parameters():
+        parameter.requires_grad_(True)
+    lora_params = [p for p in peft_language.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": list(projector.parameters()), "lr": recipe.projector_lr, "base": recipe.projector_lr},
+            {"params": lora_params, "lr": recipe.lora_lr, "base": recipe.lora_lr},
+        ],
+        weight_decay=0.0,
+    )
+    embed = language.get_input_embeddings()
+    lm_head = model.lm_head
+    parts = prompt_parts(tokenizer, recipe.image_tokens)
+    generator = torch.Generator().manual_seed(recipe.seed + 3)
+    epochs_packed = [
+        pack_sequences(data, tokenizer, parts, recipe.questions_per_sequence, generator)
+        for _ in range(recipe.lm_epochs)
+    ]
+    batches_per_epoch = [len(_length_batches(packed, recipe, torch.Generator())) for packed in epochs_packed]
+    total = sum(batches_per_epoch)
+    warmup = max(1, int(total * recipe.warmup_fraction))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else parts.end_id
+    losses: list[float] = []
+    tokens_seen = 0
+    step = 0
+    peft_language.train()
+    projector.train()
+    with _progress() as progress:
+        task = progress.add_task("phase 2: LLaVA training", total=total, status="", visible=show)
+        for epoch, packed in enumerate(epochs_packed):
+            epoch_loss, epoch_tokens = 0.0, 0
+            for members in _length_batches(packed, recipe, generator):
+                batch = collate([packed[i] for i in members], pad_id)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
+                    image_embeds = projector(features[batch["images"]])
+                    embeds = embed(batch["input_ids"])
+                    is_image = batch["input_ids"] == parts.image_token_id
+                    embeds = embeds.masked_scatter(
+                        is_image[..., None], image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+                    )
+                    hidden = peft_language(
+                        inputs_embeds=embeds,
+                        attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"],
+                        use_cache=False,
+                    ).last_hidden_state
+                    labels = batch["labels"][:, 1:]
+                    chosen = labels >= 0
+                    logits = lm_head(hidden[:, :-1][chosen])
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels[chosen])
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base"] * _schedule(step, total, warmup)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([*projector.parameters(), *lora_params], 1.0)
+                optimizer.step()
+                step += 1
+                count = int(chosen.sum())
+                epoch_loss += loss.item() * count
+                epoch_tokens += count
+                tokens_seen += int(batch["input_ids"].numel())
+                progress.update(task, advance=1, status=f"epoch {epoch + 1} loss {loss.item():.3f}")
+                if step_callback is not None:
+                    step_callback(step, loss.item())
+            losses.append(epoch_loss / max(1, epoch_tokens))
+    merged = peft_language.merge_and_unload()
+    model.model.language_model = merged
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return {
+        "sequences_per_epoch": len(epochs_packed[0]),
+        "steps": total,
+        "tokens_processed": tokens_seen,
+        "answer_token_loss_per_epoch": [round(x, 4) for x in losses],
+    }
+
+
+# -------------------------------------------------------------------------------------------- build
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for package in ("transformers", "torch", "peft", "tokenizers", "safetensors"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def input_hashes(files: dict[str, Path]) -> dict[str, Any]:
+    """sha256 of what the build reads: the demo model's record and weights, the data files and images."""
+    import hashlib
+
+    demo = paths.demo_model_dir()
+    images = hashlib.sha256()
+    for name in ("slake", "vqa_rad"):
+        folder = files[name].parent / "images"
+        for image in sorted(folder.glob("*.jpg")):
+            images.update(image.name.encode() + b"\0" + file_sha256(image).encode())
+    return {
+        "demo_model_record": file_sha256(demo / "bedside-demo.json"),
+        "demo_model_weights": file_sha256(demo / "model.safetensors"),
+        "slake_train": file_sha256(files["slake"]),
+        "vqa_rad_train": file_sha256(files["vqa_rad"]),
+        "images": images.hexdigest(),
+    }
+
+
+def read_record(folder: Path | None = None) -> dict[str, Any] | None:
+    """The build record of the demo VLM, or None when there is none (or it is unreadable)."""
+    try:
+        return json.loads(((folder or paths.demo_vlm_dir()) / RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_demo_vlm_valid(files: dict[str, Path] | None = None, recipe: Recipe = RECIPE) -> bool:
+    """True when the folder is complete and its record matches the recipe and the current inputs."""
+    folder = paths.demo_vlm_dir()
+    record = read_record(folder)
+    if record is None or record.get("recipe_version") != RECIPE_VERSION or record.get("recipe") != asdict(recipe):
+        return False
+    if not all((folder / name).is_file() for name in REQUIRED_FILES):
+        return False
+    if files is None:
+        return True
+    return record.get("inputs") == input_hashes(files)
+
+
+def _replace_directory(partial: Path, final: Path) -> None:
+    """Move a finished build into place; an older build is moved aside first, then deleted."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def build_in(recipe: Recipe, out: Path, files: dict[str, Path], show: bool = True) -> dict[str, Any]:
+    """Train the demo VLM with `recipe` and write the checkpoint to `out`; returns the training figures."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from toolkit.model.llava import new_llava, write_llava_checkpoint
+
+    torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    started = time.perf_counter()
+    demo = paths.demo_model_dir()
+    if not (demo / "config.json").is_file():
+        raise BedsideError(f"the demo model is not set up at {demo}: run `make setup` first")
+    data = load_training_data(files)
+    _say(f"training data: {len(data.documents)} QA on {len(data.images)} images (SLAKE train + VQA-RAD train)")
+    tokenizer = AutoTokenizer.from_pretrained(demo)
+    language = AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32)
+    model, tokenizer, image_processor = new_llava(
+        language,
+        tokenizer,
+        recipe.vision_config(),
+        vision_feature_layer=recipe.vision_feature_layer,
+        seed=recipe.seed,
+    )
+    del language
+    heads = label_heads(data, recipe.head_min_questions)
+    _say(f"phase 1: {len(heads.names)} label families on {len(data.images)} images")
+    tower_started = time.perf_counter()
+    tower, tower_figures = pretrain_tower(recipe, data, heads, image_processor, show=show)
+    tower_figures["seconds"] = round(time.perf_counter() - tower_started, 1)
+    model.model.vision_tower.load_state_dict(tower.state_dict())
+    with torch.no_grad():
+        features = torch.cat(
+            [
+                patch_features(model.model.vision_tower, pixel_values(image_processor, chunk), recipe.vision_feature_layer)
+                for chunk in _batched(data.images, 64)
+            ]
+        )
+    lm_started = time.perf_counter()
+    lm_figures = train_llava(recipe, model, tokenizer, data, features, show=show)
+    lm_figures["seconds"] = round(time.perf_counter() - lm_started, 1)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = eos
+    model.config.text_config.eos_token_id = eos
+    write_llava_checkpoint(model, tokenizer, image_processor, out)
+    return {
+        "phase1_tower": tower_figures,
+        "phase2_llava": lm_figures,
+        "training_qa": len(data.documents),
+        "training_images": len(data.images),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def build_demo_vlm(force: bool = False, show_progress: bool = True) -> Path:
+    """Build the demo VLM once (about 20 min on 2 cores) and return its folder, paths.demo_vlm_dir().
+
+    Returns at once when a complete build matching the recipe and inputs exists, unless `force`.
+    Raises BedsideError when the shared SLAKE / VQA-RAD data or the demo model is missing.
+    """
+    files = data_files()
+    final = paths.demo_vlm_dir()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{final.name}.lock")):
+        if not force and is_demo_vlm_valid(files):
+            _say(f"demo VLM already built: {final}")
+            return final
+        started = time.perf_counter()
+        inputs = input_hashes(files)
+        partial = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            figures = build_in(RECIPE, partial, files, show=show_progress)
+            record = {
+                "recipe_version": RECIPE_VERSION,
+                "recipe": asdict(RECIPE),
+                "seeds": {"seed": RECIPE.seed, "threads": RECIPE.threads},
+                "model": "LLaVA: SmolLM2-135M-Instruct + CLIP tower trained here + 2-layer GELU projector",
+                "license": "Apache-2.0 (language model); trained on SLAKE (CC BY 4.0) and VQA-RAD (CC0)",
+                "inputs": inputs,
+                "training": figures,
+                "versions": _versions(),
+                "build_seconds": round(time.perf_counter() - started, 1),
+                "load_average": list(os.getloadavg()),
+                "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            (partial / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+            _replace_directory(partial, final)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        _say(f"demo VLM ready in {time.perf_counter() - started:.0f} s: {final}")
+        return final
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m toolkit.model.demo_vlm [--force]`: build (or find) the demo VLM, print its folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build the demo vision-language model (cached).")
+    parser.add_argument("--force", action="store_true", help="rebuild even when a valid build exists")
+    args = parser.parse_args(argv)
+    try:
+        folder = build_demo_vlm(force=args.force)
+    except BedsideError as error:
+        console.print(f"[bold red]error:[/] {error}")
+        return error.exit_code
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
