@@ -104,3 +104,28 @@ def test_llava_without_processor_config_is_refused_before_work(tiny_llava, image
     with pytest.raises(BedsideError, match="no preprocessor_config.json"):
         compress(copy, tmp_path / "out", options, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.heavy
+def test_healing_can_train_the_projector(tiny_llava, image_qa_file, tmp_path):
+    """--heal-projector: the projector changes (trained in full), the vision tower does not."""
+    options = CompressOptions(
+        prune_layers=1, calib=str(image_qa_file), calib_sequences=4, seq_len=96, eval_sequences=1,
+        heal_steps=2, heal_projector=True, replace="none",
+    )
+    result = compress(tiny_llava, tmp_path / "out", options, progress=False)
+    assert result.record["heal"]["modules_to_save"] == ["multi_modal_projector"]
+    assert result.record["heal"]["full_parameters"] > 0
+    before = load_file(tiny_llava / "model.safetensors")
+    after = load_file(result.checkpoint / "model.safetensors")
+    projector = [key for key in before if "multi_modal_projector" in key]
+    tower = [key for key in before if "vision_tower" in key]
+    assert any(not torch.equal(after[key], before[key]) for key in projector)
+    assert all(torch.equal(after[key], before[key]) for key in tower)
+    assert set(after) <= set(before)  # merged back: no peft copies (modules_to_save, original_module) saved
+
+
+def test_heal_projector_on_a_text_model_is_refused(demo_model_dir, tmp_path):
+    options = CompressOptions(prune_layers=1, heal_projector=True, calib_sequences=2, seq_len=64)
+    with pytest.raises(BedsideError, match="--heal-projector applies to a LLaVA"):
+        compress(demo_model_dir, tmp_path / "out", options, progress=False)

@@ -76,6 +76,10 @@ def compress_command(
     ] = None,
     no_heal: Annotated[bool, typer.Option("--no-heal", help="Skip LoRA healing after pruning.")] = False,
     heal_steps: Annotated[int | None, typer.Option("--heal-steps", help="LoRA optimizer steps.")] = None,
+    heal_projector: Annotated[
+        bool,
+        typer.Option("--heal-projector", help="A LLaVA: train the vision projector in full while healing."),
+    ] = False,
     calib: Annotated[
         str | None,
         typer.Option("--calib", help="Calibration data: a file or a named set (default radiology)."),
@@ -110,6 +114,8 @@ def compress_command(
     overrides = {key: value for key, value in flags.items() if value is not None}
     if no_heal:
         overrides["heal"] = False
+    if heal_projector:
+        overrides["heal_projector"] = True
     if plan_path is not None and profile is not None:
         raise BedsideError("give --plan or --profile, not both (--plan already holds a profile's decision)")
     plan: Plan | None = None

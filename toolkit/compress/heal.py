@@ -106,6 +106,8 @@ class HealRecord(BaseModel):
     sequence_length: int
     target_modules: list[str] | str
     lora_parameters: int
+    modules_to_save: list[str] = []  # trained in full beside the adapters (a LLaVA's projector), then kept
+    full_parameters: int = 0
     seed: int
     max_steps: int | None
     max_seconds: float | None
@@ -397,6 +399,7 @@ def heal(
     seed: int = 0,
     merge: bool = True,
     progress: bool = True,
+    modules_to_save: Sequence[str] = (),
 ) -> HealResult:
     """Fine-tune LoRA adapters on `train_blocks` and merge them: W' = W + (alpha / rank) B A.
 
@@ -406,6 +409,8 @@ def heal(
     `grad_accum` micro-batches of `batch_size` blocks. Training stops after `max_steps` steps or
     before the step that would overrun `max_seconds`, whichever is first. `target_modules` (peft
     names or a regex) defaults to the architecture table's projections for this model family.
+    `modules_to_save` (peft) are trained in full and replace the originals at merge: a LLaVA's
+    `multi_modal_projector`, so the projector learns along (W' = W - lr * grad, no low-rank form).
     `tokenizer` is accepted for symmetry with the other stages and is not needed for token blocks.
 
     The model is modified in place: LoRA layers are attached, trained and merged, and the merged
@@ -447,13 +452,19 @@ def heal(
             target_modules=targets,
             bias="none",
             task_type="CAUSAL_LM",
+            modules_to_save=list(modules_to_save) or None,
         )
         try:
             peft_model = get_peft_model(model, config)
         except ValueError as error:  # peft: "Target modules ... not found in the base model"
             raise BedsideError(f"LoRA found no module to adapt for targets {targets!r}: {error}") from error
         trainable = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
-        lora_parameters = sum(parameter.numel() for parameter in trainable)
+        full_parameters = sum(
+            parameter.numel()
+            for name, parameter in peft_model.named_parameters()
+            if parameter.requires_grad and "modules_to_save" in name
+        )
+        lora_parameters = sum(parameter.numel() for parameter in trainable) - full_parameters
         if gradient_checkpointing:
             peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
@@ -529,6 +540,8 @@ def heal(
         sequence_length=seq_len,
         target_modules=targets,
         lora_parameters=lora_parameters,
+        modules_to_save=list(modules_to_save),
+        full_parameters=full_parameters,
         seed=seed,
         max_steps=max_steps,
         max_seconds=max_seconds,

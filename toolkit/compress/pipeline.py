@@ -409,6 +409,7 @@ def _heal_stage(
         "max_seconds": options.heal_seconds,
         "seed": options.seed,
         "blocks": token_ids_sha256(data.heal_ids, data.heal_labels),
+        **({"projector": True} if options.heal_projector else {}),
     }
     input_hash = stage_hash("heal", previous, inputs)
 
@@ -422,6 +423,7 @@ def _heal_stage(
             max_seconds=options.heal_seconds,
             seed=options.seed,
             progress=runner.progress,
+            modules_to_save=["multi_modal_projector"] if options.heal_projector else (),
         )
         return result.model, {"heal": result.record.model_dump(mode="json")}
 
@@ -528,6 +530,8 @@ def compress(
     if is_vision_language(source):
         require_processor(source)
         vision = VisionCalibration(slots_for(source), source)
+    elif options.heal_projector:
+        raise BedsideError(f"--heal-projector applies to a LLaVA (a vision projector); '{model}' is a text model")
     data = _prepare_data(tokenizer, options, vision)
     make_out_dir(out)
     remove_stale_temporaries(out)

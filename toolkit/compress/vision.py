@@ -126,7 +126,6 @@ def attach_image_positions(model: Any, slots: ImageSlots, features: torch.Tensor
             f"its config says {slots.base}: use the config.json that came with these weights"
         )
     embedding = model.get_input_embeddings()
-    projector = model.model.multi_modal_projector
     state: dict[str, torch.Tensor] = {}
 
     def before(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -139,7 +138,10 @@ def attach_image_positions(model: Any, slots: ImageSlots, features: torch.Tensor
         virtual, rows = state.pop("virtual"), state.pop("rows")
         if not bool(virtual.any()):
             return output
-        projected = projector(features[rows.cpu()].to(output.device, projector.linear_1.weight.dtype))
+        # looked up at each call: healing may wrap the projector (peft modules_to_save) to train a copy of it
+        projector = model.model.multi_modal_projector
+        dtype = next(projector.parameters()).dtype
+        projected = projector(features[rows.cpu()].to(output.device, dtype))
         output = output.clone()
         output[virtual] = projected.to(output.dtype)
         return output
