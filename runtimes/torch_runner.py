@@ -92,7 +92,7 @@ class TorchRunner(Runner):
         from transformers import AutoImageProcessor
 
         read_processor_config(path)  # one-line error when the LLaVA folder lacks it
-        self.image_processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
+        self.image_processor = AutoImageProcessor.from_pretrained(path, use_fast=False, trust_remote_code=False)
         vision = config.vision_config
         side = vision.image_size // vision.patch_size
         self._image_tokens = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)

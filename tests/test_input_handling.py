@@ -491,7 +491,7 @@ GGUF_CASES = {
 
 @pytest.mark.parametrize("case", sorted(GGUF_CASES))
 def test_corrupted_gguf_header_names_what_is_wrong(tmp_path, case):
-    from runtimes.llamacpp_runner import read_gguf_header
+    from runtimes.gguf_header import read_gguf_header
     from runtimes.results import RuntimeLoadError
 
     data, pattern = GGUF_CASES[case]

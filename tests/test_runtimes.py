@@ -28,7 +28,8 @@ from runtimes import (
     runner_for_path,
     runtime_for_path,
 )
-from runtimes.llamacpp_runner import build_has_amx, default_mmap, read_gguf_header
+from runtimes.gguf_header import read_gguf_header
+from runtimes.llamacpp_runner import build_has_amx, default_mmap
 from runtimes.measure import MeasureJob, measure_in_child
 from runtimes.runner import render_chat_template, sample_token
 

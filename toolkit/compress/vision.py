@@ -91,7 +91,9 @@ def tower_features(model: Any, slots: ImageSlots, processor_folder: Path, batch_
     from PIL import Image
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(processor_folder, use_fast=False, local_files_only=True)
+    processor = AutoImageProcessor.from_pretrained(
+        processor_folder, use_fast=False, local_files_only=True, trust_remote_code=False
+    )
     config = model.config
     layers = config.vision_feature_layer
     layers = [layers] if isinstance(layers, int) else list(layers)

@@ -59,7 +59,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from runtimes.llamacpp_runner import read_gguf_header
+from runtimes.gguf_header import read_gguf_header
 from runtimes.measure import MeasureJob, measure_in_child
 from runtimes.registry import FORMAT_LABELS, RUNNERS, artifact_format
 from runtimes.results import MeasureResult, RuntimeLoadError
