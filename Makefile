@@ -31,7 +31,7 @@ export BEDSIDE_CACHE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLEL
 STAMP := $(VENV)/.bedside-setup-stamp-$(GPU)
 BIN := $(VENV)/bin
 
-.PHONY: setup deploy test test-fast lint clean bench bench-target
+.PHONY: setup deploy test test-fast lint clean bench bench-target demo-vlm print-demo-vlm
 
 setup: $(STAMP)
 
@@ -70,6 +70,15 @@ bench: $(STAMP)
 # A target with the base install only (no torch) verifies the bundle of `make deploy`.
 bench-target: deploy
 	$(BIN)/python -m bench.target_env --bundle "$(OUT)/bundle-$(PROFILE).tar.gz"
+
+# The demo vision-language model (docs/DEMO_VLM.md): a LLaVA trained here on SLAKE + VQA-RAD (../shared/data),
+# cached in $(BEDSIDE_CACHE)/models/demo-vlm; a re-run with a valid build returns at once.
+demo-vlm: $(STAMP)
+	$(BIN)/python -m toolkit.model.demo_vlm
+
+# `make -s print-demo-vlm` prints only the folder (for scripts: MODEL=$$(make -s print-demo-vlm)).
+print-demo-vlm:
+	@echo "$(BEDSIDE_CACHE)/models/demo-vlm"
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -57,7 +57,7 @@ from toolkit.core.errors import BedsideError
 from toolkit.core.hashing import file_sha256
 from toolkit.core.vision import IMAGE_MARKER
 from toolkit.data.documents import Document
-from toolkit.data.vqa import held_apart_vqa_rad, normalise_answer
+from toolkit.data.vqa import held_apart_vqa_rad, is_closed, normalise_answer
 
 if TYPE_CHECKING:
     import torch
@@ -121,15 +121,16 @@ class Recipe:
     head_min_questions: int = 6
     # phase 2: LLaVA training
     lm_epochs: int = 2
-    lm_batch_images: int = 4
+    lm_batch_images: int = 2
+    open_share: float = 1.0  # share of the OPEN questions each epoch trains on (CLOSED: all, every epoch)
     questions_per_sequence: int = 8
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     length_buckets: int = 64  # sequences sorted by length within groups of this many (less padding)
     bf16_autocast: bool = True  # matmuls in bfloat16 during training (1.6x faster on AMX CPUs); weights fp32
-    lora_lr: float = 5e-4
-    projector_lr: float = 1e-3
+    lora_lr: float = 1e-3
+    projector_lr: float = 2e-3
     warmup_fraction: float = 0.05
     seed: int = 0
     threads: int = 2
@@ -351,6 +352,12 @@ def _progress() -> Progress:
     )
 
 
+def _log_step(phase: str, step: int, total: int, loss: float) -> None:
+    """A plain progress line every tenth of a phase when stderr is not a terminal (logs, CI)."""
+    if not console.is_terminal and (step % max(1, total // 10) == 0 or step == total):
+        _say(f"{phase}: step {step}/{total}, loss {loss:.3f}, load {os.getloadavg()[0]:.1f}")
+
+
 def _schedule(step: int, total: int, warmup: int) -> float:
     """Learning-rate factor: linear warm-up, then cosine decay to 10 %."""
     if step < warmup:
@@ -421,6 +428,7 @@ def pretrain_tower(
                 step += 1
                 epoch_loss += loss.item() * len(index)
                 progress.update(task, advance=1, status=f"loss {loss.item():.3f}")
+                _log_step("phase 1", step, total, loss.item())
             losses.append(epoch_loss / len(data.images))
     tower.eval()
     figures = {"families": len(heads.names), "classes": offsets[-1], "epoch_loss": [round(x, 4) for x in losses]}
@@ -491,16 +499,26 @@ def prompt_parts(tokenizer: Any, image_tokens: int) -> PromptParts:
 
 
 def pack_sequences(
-    data: TrainingData, tokenizer: Any, parts: PromptParts, per_sequence: int, generator: torch.Generator
+    data: TrainingData,
+    tokenizer: Any,
+    parts: PromptParts,
+    per_sequence: int,
+    generator: torch.Generator,
+    open_share: float = 1.0,
 ) -> list[PackedSequence]:
-    """Each image's questions, shuffled, in chunks of at most `per_sequence` behind one prefix."""
+    """Each image's questions, shuffled, in chunks of at most `per_sequence` behind one prefix.
+
+    Every CLOSED question is taken; each OPEN one with probability `open_share` (seeded draw).
+    """
     import torch
 
     index = {image: i for i, image in enumerate(data.images)}
+    draws = torch.rand(len(data.documents), generator=generator).tolist()
     by_image: dict[int, list[Document]] = {}
-    for document in data.documents:
+    for document, draw in zip(data.documents, draws, strict=True):
         assert document.image is not None
-        by_image.setdefault(index[document.image], []).append(document)
+        if is_closed(document) or draw < open_share:
+            by_image.setdefault(index[document.image], []).append(document)
     packed: list[PackedSequence] = []
     prefix_length = len(parts.prefix)
     for image, documents in by_image.items():
@@ -554,6 +572,38 @@ def collate(batch: Sequence[PackedSequence], pad_id: int) -> dict[str, torch.Ten
 # ------------------------------------------------------------------------------------ phase 2 train
 
 
+def init_projector(projector: Any, features: torch.Tensor, embeddings: torch.Tensor, seed: int) -> None:
+    """Data-dependent initialisation of the 2-layer projector, so image tokens start at the scale of words.
+
+    The tower's last hidden states are not normalised (their norm was ~200 against ~3 for a token
+    embedding): taken raw, the image positions would swamp the language model's residual stream.
+    With mu, sigma the per-dimension mean and std of the training images' patch features:
+
+        linear_1: W1 = G1 / sqrt(d_in) * diag(1 / sigma),  b1 = -W1 mu   (pre-activations ~ N(0, 1))
+        linear_2: W2 = G2 * s / sqrt(d_hidden),            b2 = mean token embedding
+
+    G1, G2 standard normal (seeded); s = the per-dimension std of the token embeddings divided by
+    the std of gelu(N(0, 1)), so projected tokens have the embeddings' mean and spread.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    flat = features.reshape(-1, features.shape[-1]).double()
+    mu, sigma = flat.mean(0), flat.std(0).clamp_min(1e-6)
+    linear_1, linear_2 = projector.linear_1, projector.linear_2
+    d_in, d_hidden = linear_1.in_features, linear_1.out_features
+    with torch.no_grad():
+        g1 = torch.randn(linear_1.weight.shape, generator=generator, dtype=torch.float64)
+        w1 = g1 / math.sqrt(d_in) / sigma[None, :]
+        linear_1.weight.copy_(w1)
+        linear_1.bias.copy_(-(w1 @ mu))
+        gelu_std = torch.nn.functional.gelu(torch.randn(100_000, generator=generator)).std().item()
+        scale = embeddings.std().item() / gelu_std
+        g2 = torch.randn(linear_2.weight.shape, generator=generator)
+        linear_2.weight.copy_(g2 * scale / math.sqrt(d_hidden))
+        linear_2.bias.copy_(embeddings.mean(0))
+
+
 def _length_batches(packed: Sequence[PackedSequence], recipe: Recipe, generator: torch.Generator) -> list[list[int]]:
     """Batches of sequence indices: shuffled, sorted by length within groups of `length_buckets`, cut into
     batches of `lm_batch_images`, the batches shuffled again (similar lengths pad little)."""
@@ -592,6 +642,7 @@ def train_llava(
     )
     peft_language = get_peft_model(language, lora)
     projector = model.model.multi_modal_projector
+    init_projector(projector, features, language.get_input_embeddings().weight, recipe.seed + 4)
     for parameter in projector.parameters():
         parameter.requires_grad_(True)
     lora_params = [p for p in peft_language.parameters() if p.requires_grad]
@@ -607,7 +658,7 @@ def train_llava(
     parts = prompt_parts(tokenizer, recipe.image_tokens)
     generator = torch.Generator().manual_seed(recipe.seed + 3)
     epochs_packed = [
-        pack_sequences(data, tokenizer, parts, recipe.questions_per_sequence, generator)
+        pack_sequences(data, tokenizer, parts, recipe.questions_per_sequence, generator, recipe.open_share)
         for _ in range(recipe.lm_epochs)
     ]
     batches_per_epoch = [len(_length_batches(packed, recipe, torch.Generator())) for packed in epochs_packed]
@@ -654,6 +705,7 @@ def train_llava(
                 epoch_tokens += count
                 tokens_seen += int(batch["input_ids"].numel())
                 progress.update(task, advance=1, status=f"epoch {epoch + 1} loss {loss.item():.3f}")
+                _log_step("phase 2", step, total, loss.item())
                 if step_callback is not None:
                     step_callback(step, loss.item())
             losses.append(epoch_loss / max(1, epoch_tokens))
@@ -752,8 +804,8 @@ def build_in(recipe: Recipe, out: Path, files: dict[str, Path], show: bool = Tru
         raise BedsideError(f"the demo model is not set up at {demo}: run `make setup` first")
     data = load_training_data(files)
     _say(f"training data: {len(data.documents)} QA on {len(data.images)} images (SLAKE train + VQA-RAD train)")
-    tokenizer = AutoTokenizer.from_pretrained(demo)
-    language = AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(demo, trust_remote_code=False)
+    language = AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32, trust_remote_code=False)
     model, tokenizer, image_processor = new_llava(
         language,
         tokenizer,
@@ -839,6 +891,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the demo vision-language model (cached).")
     parser.add_argument("--force", action="store_true", help="rebuild even when a valid build exists")
     args = parser.parse_args(argv)
+    # Waiting OpenMP threads sleep instead of spinning: on a machine shared with other work, spinning
+    # threads made training steps 5-10x slower (measured). Effective only before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         folder = build_demo_vlm(force=args.force)
     except BedsideError as error:
