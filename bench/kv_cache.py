@@ -47,6 +47,7 @@ from bench.common import (
 )
 from bench.simulator import artifact_path
 from toolkit.core.units import MIB
+from toolkit.core.windows import window_ids
 
 RESULTS = RESULTS_DIR / "kv_cache.json"
 TEXT = REPO_ROOT / "tests" / "fixtures" / "eval" / "clinical_notes.txt"
@@ -68,9 +69,7 @@ def _score(path: str, kv: str) -> tuple[np.ndarray, list[int]]:
     with LlamaCppRunner(kv_cache_dtype=kv, flash_attn=True).load(
         path, n_ctx=512, n_threads=1, device="cpu"
     ) as r:
-        ids = r.tokenize(text)[:MAX_TOKENS]
-        for start in range(0, len(ids), WINDOW):
-            window = ids[start : start + WINDOW]
+        for window in window_ids(r.tokenize(text)[:MAX_TOKENS], WINDOW, r.window_bos):
             if len(window) < 2:
                 break
             rows.append(r.logprobs_full(window)[:-1])
@@ -112,7 +111,7 @@ def runner(results: dict[str, Any]) -> None:
     settings["q4_0"] = {"kv_cache_dtype": "q4_0"}
     for name, options in settings.items():
         with LlamaCppRunner(**options).load(path, n_ctx=512, n_threads=1, device="cpu") as r:
-            ids = r.tokenize(TEXT.read_text(encoding="utf-8"))[:WINDOW]
+            ids = window_ids(r.tokenize(TEXT.read_text(encoding="utf-8")), WINDOW, r.window_bos)[0]
             scores[name] = r.logprobs_full(ids)
     reference = scores["f16"]
     p = np.exp(reference.astype(np.float64))

@@ -25,6 +25,11 @@ Keys (all strings unless noted; GGUF arrays cannot be empty, so lists are JSON t
   bedside.plan (JSON)           bedside.quant           bedside.<other metadata key> (str/int/float/bool,
                                                           JSON text for lists and dicts)
 
+Model keys that the converter leaves to llama.cpp's defaults though config.json says otherwise are added the same
+way (`architecture_entries`): Gemma 2/3's per-layer sliding-window layout, `<arch>.attention.sliding_window_pattern`
+(bools, true = sliding) from `layer_types`, without which llama.cpp assumes a fixed period and mislabels layers of a
+pruned checkpoint; export.json lists them under `model_keys`.
+
 Quantization goes through `llama_cpp.llama_model_quantize` (the library has no llama-quantize binary),
 whose refusal of a low-bit type without an importance matrix becomes a one-line ExportError naming the fix
 (`imatrix_refusal`); `export.json` lists the tensor types the file really holds (`tensor_types`, read back with
@@ -88,7 +93,8 @@ sys.path[:0] = [converter_dir, converter_dir + "/gguf-py"]
 import gguf
 with open(metadata_path, encoding="utf-8") as handle:
     entries = json.load(handle)
-adders = {"str": "add_string", "u32": "add_uint32", "i64": "add_int64", "f64": "add_float64", "bool": "add_bool"}
+adders = {"str": "add_string", "u32": "add_uint32", "i64": "add_int64", "f64": "add_float64", "bool": "add_bool",
+          "bool_array": "add_array"}
 original = gguf.GGUFWriter.write_header_to_file
 def write_header_with_bedside_keys(self, *args, **kwargs):
     for key, (kind, value) in entries.items():
@@ -158,6 +164,36 @@ def gguf_metadata_entries(metadata: dict[str, Any], source_sha256: str, quant: s
     return entries
 
 
+# llama.cpp architectures whose loader reads the per-layer sliding-window layout from
+# `<arch>.attention.sliding_window_pattern` (an array of bools, true = sliding; llama_model_base::load_swa_pattern)
+# and otherwise assumes a fixed period (Gemma 2: every second layer global, Gemma 3: every sixth), while the
+# converter writes no pattern: config.json model_type -> GGUF architecture.
+SLIDING_WINDOW_PATTERN_ARCHITECTURES = {"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+SLIDING_ATTENTION = "sliding_attention"
+
+
+def architecture_entries(config: dict[str, Any]) -> dict[str, list[Any]]:
+    """Model KV pairs the converter leaves to llama.cpp's defaults though config.json says otherwise.
+
+    Gemma 2/3 alternate sliding-window and global layers (`layer_types`); llama.cpp derives the layout from a
+    fixed period unless `<arch>.attention.sliding_window_pattern` lists it, which mislabels layers once
+    some are removed. The pattern is written from `layer_types` (true = sliding) whenever the config has them.
+    """
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    architecture = SLIDING_WINDOW_PATTERN_ARCHITECTURES.get(str(text.get("model_type")))
+    layer_types = text.get("layer_types")
+    if architecture is None or not layer_types or not text.get("sliding_window"):
+        return {}
+    layers = text.get("num_hidden_layers")
+    if len(layer_types) != layers or not set(layer_types) <= {SLIDING_ATTENTION, "full_attention"}:
+        raise ExportError(
+            f"config.json lists {len(layer_types)} layer_types ({', '.join(sorted(set(layer_types)))}) for "
+            f"{layers} layers: expected one sliding_attention or full_attention per layer"
+        )
+    pattern = [kind == SLIDING_ATTENTION for kind in layer_types]
+    return {f"{architecture}.attention.sliding_window_pattern": ["bool_array", pattern]}
+
+
 def convert_to_f16(
     model_dir: Path,
     outfile: Path,
@@ -165,7 +201,8 @@ def convert_to_f16(
     llama_cpp_dir: Path,
     outtype: str = "f16",
 ) -> None:
-    """Run llama.cpp's converter (child process) on `model_dir`, writing `outfile` with the bedside keys."""
+    """Run llama.cpp's converter (child process) on `model_dir`, writing `outfile` with the extra KV pairs
+    `metadata_entries` ({key: [kind, value]}: the bedside keys and `architecture_entries`)."""
     check_converter(llama_cpp_dir)
     keys_file = outfile.with_suffix(".bedside-keys.json")
     keys_file.write_text(json.dumps(metadata_entries), encoding="utf-8")
@@ -343,8 +380,9 @@ def _gguf_tensor_widths(path: Path) -> tuple[str, int, dict[str, int]]:
     return architecture, block_count, widths
 
 
-def read_gguf_summary(path: Path) -> dict[str, Any]:
-    """bedside.* keys, file type and tensor-type counts of a GGUF (read with gguf-py, no weights loaded)."""
+def read_gguf_summary(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """bedside.* keys, the values of `keys` (None when absent), file type and tensor-type counts of a GGUF
+    (read with gguf-py, no weights loaded)."""
     import gguf
 
     try:
@@ -358,6 +396,7 @@ def read_gguf_summary(path: Path) -> dict[str, Any]:
     file_type = reader.fields.get("general.file_type")
     return {
         "bedside": bedside,
+        "keys": {key: reader.fields[key].contents() if key in reader.fields else None for key in keys},
         "file_type": int(file_type.contents()) if file_type is not None else None,
         "imatrix_entries": (
             int(reader.fields["quantize.imatrix.entries_count"].contents())
@@ -424,6 +463,7 @@ def export_gguf(
     meta = normalise_metadata(metadata)
     source_sha256 = str(meta.get("source_sha256") or checkpoint_sha256(model_dir))
     entries = gguf_metadata_entries(meta, source_sha256, quant)
+    model_entries = architecture_entries(config)
     target = out_dir / (file_name or f"model-{quant}.gguf")
     mmproj_target = out_dir / mmproj_file_name(target, vision_dtype) if vision and vision_dtype else None
 
@@ -433,7 +473,7 @@ def export_gguf(
     with staging_dir(out_dir) as scratch:
         f16_path = scratch / "model-F16.gguf"
         start = time.perf_counter()
-        convert_to_f16(model_dir, f16_path, entries, converter_dir)
+        convert_to_f16(model_dir, f16_path, {**entries, **model_entries}, converter_dir)
         timings["convert_s"] = round(time.perf_counter() - start, 2)
         if quant == "F16":
             finished = f16_path
@@ -442,8 +482,9 @@ def export_gguf(
             start = time.perf_counter()
             quantize_report = quantize(f16_path, finished, quant, imatrix=imatrix_path, threads=threads)
             timings["quantize_s"] = round(time.perf_counter() - start, 2)
-        summary = read_gguf_summary(finished)
+        summary = read_gguf_summary(finished, tuple(model_entries))
         missing = sorted(set(entries) - set(summary["bedside"]))
+        missing += sorted(key for key, (_, value) in model_entries.items() if summary["keys"][key] != value)
         if missing:
             raise ExportError(f"bedside metadata did not reach {target.name} (missing {', '.join(missing)})")
         if mmproj_target is not None and vision_dtype is not None:
@@ -478,6 +519,7 @@ def export_gguf(
         },
         "metadata": meta,
         "metadata_keys": sorted(entries),
+        "model_keys": {key: value for key, (_, value) in model_entries.items()},
         "layers_removed": json.loads(entries[f"{METADATA_PREFIX}layers_removed"][1]),
         "imatrix": (
             {

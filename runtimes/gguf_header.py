@@ -36,6 +36,9 @@ _TYPE_NAMES = {**{i: name for i, (name, _) in _SCALAR_TYPES.items()}, _STRING: "
 MAX_COUNT = 1 << 24  # metadata keys or tensors (real files: tens of keys, hundreds of tensors)
 MAX_ARRAY_ITEMS = 1 << 26  # items of one metadata array (a 256k-token vocabulary is 1 << 18)
 MAX_STRING_BYTES = 1 << 30  # one string (chat templates are kilobytes)
+# Arrays of scalars up to this many items are read into `GGUFHeader.values` (per-layer settings such as
+# `<arch>.attention.sliding_window_pattern`); longer ones (vocabulary scores and types) are skipped.
+SMALL_ARRAY_ITEMS = 4096
 
 
 @dataclass
@@ -49,6 +52,8 @@ class GGUFHeader:
     data_offset: int
     data_bytes_needed: int | None  # end of the last tensor's data; None if a tensor type is unknown
     keys: set[str] = field(default_factory=set)
+    # key -> value: scalars, strings and arrays of at most SMALL_ARRAY_ITEMS scalars (as lists); other arrays absent
+    values: dict[str, Any] = field(default_factory=dict)
 
 
 class _Truncated(Exception):
@@ -93,7 +98,7 @@ class _HeaderReader:
         return self.handle.read(length).decode("utf-8", errors="replace")
 
     def value(self, value_type: int, what: str) -> Any:
-        """Read a scalar or string (returned), or skip an array (None)."""
+        """Read a scalar, string or short array of scalars (returned; a list), or skip another array (None)."""
         if value_type == _STRING:
             return self.string(what)
         if value_type == _ARRAY:
@@ -104,6 +109,8 @@ class _HeaderReader:
                 self.need(
                     struct.calcsize(fmt) * count, f"{what}: array of {count:,} {name} values", plausible
                 )
+                if count <= SMALL_ARRAY_ITEMS:
+                    return list(struct.unpack(f"<{count}{fmt[1:]}", self.handle.read(struct.calcsize(fmt) * count)))
                 self.handle.seek(struct.calcsize(fmt) * count, 1)
             elif item_type in (_STRING, _ARRAY):
                 self.need(count * 8, f"{what}: array of {count:,} {_TYPE_NAMES[item_type]} values", plausible)
@@ -145,6 +152,7 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
                 if count > MAX_COUNT:
                     raise _Corrupted(f"{count:,} {what} (no GGUF writer makes more than {MAX_COUNT:,})")
             architecture, alignment, keys = None, 32, set()
+            values: dict[str, Any] = {}
             for index in range(1, n_kv + 1):
                 where = f"metadata key {index} of {n_kv:,}"
                 key = reader.string(where)
@@ -152,6 +160,8 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
                 (value_type,) = reader.unpack("<I", where)
                 value = reader.value(value_type, where)
                 keys.add(key)
+                if value is not None:
+                    values[key] = value
                 if key == "general.architecture":
                     architecture = value
                 elif key == "general.alignment":
@@ -207,6 +217,7 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
         data_offset=data_offset,
         data_bytes_needed=None if data_end is None else data_offset + data_end,
         keys=keys,
+        values=values,
     )
 
 

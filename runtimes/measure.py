@@ -13,8 +13,9 @@ A job: load with n_ctx = `context`; prefill `context - decode_tokens` tokens (th
 text, repeated to length); decode `decode_tokens` tokens greedily one at a time, which fills the
 KV cache to exactly `context`; record speeds and memory; then, optionally, score `score_ids`
 (from a fresh cache) and report scoring memory apart. Instead of ids, a job may give `score_texts`:
-the child tokenizes them with the artifact's own tokenizer (returning the ids, so a caller can check
-two artifacts saw the same tokens) and scores them in windows of `score_seq_len`; and
+the child tokenizes them with the artifact's own tokenizer and scores them in windows of `score_seq_len`, each
+opened by the tokenizer's BOS when it adds one (returning the ids scored, so a caller can check two artifacts
+saw the same tokens); and
 `option_items`, multiple-choice prompts scored with `Runner.option_logprobs`; and `image_items`, image
 questions scored with `Runner.continuation_logprobs` and answered with `Runner.generate(image=...)`.
 """
@@ -42,6 +43,7 @@ from runtimes.registry import RUNNERS
 from runtimes.results import MeasureResult, RuntimeCrashError, RuntimeLoadError, ScoreResult
 from runtimes.runner import first_line
 from toolkit.core.memory_sampling import current_rss_bytes, peak_rss_bytes
+from toolkit.core.windows import window_ids
 
 # Imported before the baseline reading, so `baseline_rss_bytes` covers Python and the runtime's
 # libraries and `loaded_rss_bytes - baseline_rss_bytes` is what loading the model added.
@@ -74,7 +76,8 @@ class MeasureJob:
     score_full_path: str | None = None  # write log-probs [tokens, vocab] here (.npy, `score_full_dtype`)
     # Texts to score instead of `score_ids`: each a string or chat messages (rendered with the artifact's
     # chat template, no generation prompt), joined by a blank line, tokenized by the artifact's own
-    # tokenizer, cut to `score_max_tokens` and scored in windows of `score_seq_len` from a fresh cache.
+    # tokenizer, cut to `score_max_tokens` and scored in windows of `score_seq_len` from a fresh cache (each
+    # opened by the tokenizer's BOS when it adds one, counted in the window).
     score_texts: list[str | list[dict[str, str]]] | None = None
     score_seq_len: int = 512
     score_max_tokens: int | None = None
@@ -248,8 +251,13 @@ def run_job(
     )
 
 
-def _text_windows(runner: Any, job: MeasureJob) -> tuple[list[int], list[list[int]]]:
-    """Tokenize `job.score_texts` with the runner's tokenizer; cut the ids into scoring windows."""
+def _text_windows(runner: Any, job: MeasureJob) -> list[list[int]]:
+    """Tokenize `job.score_texts` with the runner's tokenizer; cut the ids into scoring windows.
+
+    Each window of `score_seq_len` ids opens with the tokenizer's BOS when it adds one
+    (`toolkit.core.windows`), so every runtime scores the same ids; windows of one id predict nothing
+    and are dropped.
+    """
     rendered = [
         text if isinstance(text, str) else runner.apply_chat_template(text, add_generation_prompt=False)
         for text in job.score_texts or []
@@ -257,9 +265,8 @@ def _text_windows(runner: Any, job: MeasureJob) -> tuple[list[int], list[list[in
     ids = runner.tokenize("\n\n".join(rendered), add_special=False) if rendered else []
     if job.score_max_tokens is not None:
         ids = ids[: job.score_max_tokens]
-    size = job.score_seq_len
-    windows = [ids[start : start + size] for start in range(0, len(ids), size)]
-    return ids, [window for window in windows if len(window) >= 2]
+    windows = window_ids(ids, job.score_seq_len, runner.window_bos)
+    return [window for window in windows if len(window) >= 2]
 
 
 def _score(runner: Any, job: MeasureJob) -> ScoreResult:
@@ -269,7 +276,8 @@ def _score(runner: Any, job: MeasureJob) -> ScoreResult:
     window, windows one after the other.
     """
     if job.score_texts:
-        ids, windows = _text_windows(runner, job)
+        windows = _text_windows(runner, job)
+        ids = [token for window in windows for token in window]
     else:
         ids = [int(i) for i in job.score_ids or []]
         windows = [ids] if ids else []

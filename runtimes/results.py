@@ -66,8 +66,9 @@ class ScoreResult:
     seconds: float
     peak_rss_bytes: int | None = None
     full_logprobs_path: str | None = None  # .npy file [tokens, vocab] when the job asked for one
-    # Set when the job gave texts (`MeasureJob.score_texts`): the ids the runtime's own tokenizer made
-    # (cut to `score_max_tokens`) and the lengths of the windows they were scored in (fresh cache each).
+    # Set when the job gave texts (`MeasureJob.score_texts`): the ids scored, window after window (the runtime's
+    # own tokenizer's ids cut to `score_max_tokens`, each window opened by its BOS when it adds one), and the
+    # lengths of those windows (fresh cache each).
     token_ids: list[int] | None = None
     window_lengths: list[int] | None = None
     # One entry per `MeasureJob.option_items` item: log p(option | chat prompt) per option, or None when

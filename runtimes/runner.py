@@ -32,6 +32,7 @@ import numpy as np
 
 from runtimes.results import GenerationResult
 from toolkit.core.vision import IMAGE_MARKER
+from toolkit.core.windows import window_bos
 
 Message = dict[str, str]
 StreamCallback = Callable[[str], None]
@@ -218,6 +219,15 @@ class Runner(ABC):
         Special-token text (e.g. "<|im_start|>") is parsed as the special token, as transformers
         does. `add_special` adds BOS/EOS where the tokenizer is configured to add them.
         """
+
+    @property
+    def window_bos(self) -> int | None:
+        """The BOS id this tokenizer adds before a text (every scoring window starts with it), None when none.
+
+        What `tokenize(..., add_special=True)` does decides: llama.cpp follows the GGUF's
+        `tokenizer.ggml.add_bos_token`, transformers and tokenizer.json their post-processor.
+        """
+        return window_bos(self.tokenize)
 
     @abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str:

@@ -14,6 +14,7 @@ import pytest
 
 from toolkit.core.errors import BedsideError
 from toolkit.core.paths import shared_data_dir
+from toolkit.core.windows import hf_tokenize, leading_bos, window_bos, window_ids
 from toolkit.data import (
     NAMED_SOURCES,
     RADIOLOGY_LICENSE,
@@ -46,10 +47,13 @@ def synthetic_documents(count: int = 60) -> list[Document]:
     ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    """A tiny word-level tokenizer with ChatML-style special tokens and chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+BOS = "<bos>"
+
+
+def word_tokenizer(add_bos: bool = False):
+    """A tiny word-level tokenizer with ChatML-style special tokens and chat template; with `add_bos`, its
+    post-processor puts <bos> before every text, as Gemma's tokenizer does (same ids otherwise)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     corpus = [document.text for document in synthetic_documents()]
@@ -58,12 +62,30 @@ def tokenizer():
             corpus.append(path.read_text(encoding="utf-8"))
     backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|im_start|>", "<|im_end|>"])
+    trainer = trainers.WordLevelTrainer(special_tokens=["[UNK]", "<|im_start|>", "<|im_end|>", BOS])
     backend.train_from_iterator(corpus + ["user assistant A B C D . ,"], trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>")
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", special_tokens=[(BOS, backend.token_to_id(BOS))]
+        )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", eos_token="<|im_end|>", bos_token=BOS
+    )
     wrapped.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The word-level test tokenizer; it adds no BOS (like the demo model's)."""
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer():
+    """The word-level test tokenizer that adds <bos> before every text (like Gemma's)."""
+    return word_tokenizer(add_bos=True)
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -240,6 +262,41 @@ def test_blocks_deterministic_with_seed(tokenizer):
     assert first.input_ids.equal(again.input_ids)
     assert first.to_dict() == again.to_dict()
     assert not first.input_ids.equal(other.input_ids)
+
+
+def test_window_ids_open_every_window_with_bos_counted_in_the_length():
+    stream = [5, 6, 7, 8, 9, 10, 11]
+    assert window_ids(stream, 3, None) == [[5, 6, 7], [8, 9, 10], [11]]  # no BOS: plain slices, as before
+    assert window_ids(stream, 3, 1) == [[1, 5, 6], [1, 7, 8], [1, 9, 10], [1, 11]]
+    # a window whose first stream token already is the BOS (a template that writes it) gets no second one
+    assert window_ids([1, 5, 6, 1, 7, 8, 9], 3, 1) == [[1, 5, 6], [1, 7, 8], [1, 9]]
+    with pytest.raises(BedsideError, match="at least 2 tokens"):
+        window_ids(stream, 1, 1)
+
+
+def test_the_bos_is_what_the_tokenizer_puts_before_a_text(tokenizer, bos_tokenizer):
+    assert leading_bos([2, 9, 10], [9, 10]) == 2
+    assert leading_bos([2, 9, 10, 3], [9, 10]) == 2  # BOS and EOS added
+    assert leading_bos([9, 10, 3], [9, 10]) is None  # EOS only
+    assert leading_bos([9, 10], [9, 10]) is None
+    assert window_bos(hf_tokenize(tokenizer)) is None
+    assert window_bos(hf_tokenize(bos_tokenizer)) == bos_tokenizer.convert_tokens_to_ids(BOS)
+
+
+def test_blocks_open_with_the_bos_the_tokenizer_adds(tokenizer, bos_tokenizer):
+    """Gemma needs <bos> first in every sequence: each block is <bos> + the next block_len - 1 tokens of the
+    same stream a tokenizer without BOS gives (the plain tokenizer's blocks stay plain slices)."""
+    documents = synthetic_documents()
+    bos = bos_tokenizer.convert_tokens_to_ids(BOS)
+    blocks = make_blocks(documents, bos_tokenizer, block_len=16, n_blocks=5, seed=1)
+    plain = make_blocks(documents, tokenizer, block_len=16, n_blocks=5, seed=1)
+    stream = make_blocks(documents, tokenizer, block_len=5 * 15, n_blocks=1, seed=1).input_ids[0]
+    assert tuple(blocks.input_ids.shape) == (5, 16) and blocks.to_dict()["tokens"] == 80
+    assert (blocks.input_ids[:, 0] == bos).all() and not (blocks.input_ids[:, 1:] == bos).any()
+    assert blocks.input_ids[:, 1:].flatten().equal(stream)
+    whole = make_blocks(documents, tokenizer, block_len=80, n_blocks=1, seed=1).input_ids[0]
+    assert plain.input_ids.flatten().equal(whole)
+    assert not (plain.input_ids == bos).any()
 
 
 def test_fewer_tokens_than_one_block_is_an_error(tokenizer):

@@ -25,6 +25,7 @@ from toolkit.plan.memory import Deployment, estimate_memory
 from toolkit.target.profiles import load_profile
 
 FIXTURE = Path(__file__).parent / "fixtures" / "gemma3-270m"
+NOTES = Path(__file__).parent / "fixtures" / "eval" / "clinical_notes.txt"  # clinical prose written for the tests
 BENCHMARK = Path(__file__).parents[1] / "docs" / "benchmarks" / "gemma3_270m.json"
 
 
@@ -306,3 +307,165 @@ def test_tokenizer_matches_llama_cpp_on_the_original_gguf():
     check = compare_with_llama_cpp(lambda text: tokenizer.encode(text).ids, gemma_gguf_path())
     assert check["mismatches"] == [] and check["tokens"] > 150
     assert tokenizer.encode("Chest X-ray").ids[0] == 2  # <bos> added, as llama.cpp does for this GGUF
+
+
+# Measured on NOTES (its first 512 Gemma tokens, 128-token windows, llama.cpp on the original Q4_K_M GGUF, one
+# thread): perplexity 27.94 with <bos> opening each window, 246.5 with the same windows' text and no <bos>.
+BOS_WINDOWS_PERPLEXITY = 27.94
+
+
+@pytest.mark.heavy  # the 33 MB tokenizer.json is read twice (transformers, tokenizers)
+def test_windows_open_with_one_bos_on_every_runtime():
+    """Gemma needs <bos> first in every sequence: calibration blocks and the scoring windows of torch, ONNX
+    Runtime and llama.cpp all open with exactly one (llama.cpp adds none of its own: the GGUF's add_bos_token
+    applies to tokenizing text, not to the ids scored), and llama.cpp scores far better with it."""
+    folder = _built()
+    pytest.importorskip("llama_cpp")
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from runtimes import LlamaCppRunner, OnnxRunner, TorchRunner
+    from runtimes.measure import MeasureJob, _text_windows
+    from runtimes.onnx_runner import FolderTokenizer
+    from toolkit.core.windows import window_ids
+    from toolkit.data import load_dataset_spec, make_blocks
+    from toolkit.model.gemma import gemma_gguf_path
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    bos = tokenizer.convert_tokens_to_ids("<bos>")
+    blocks = make_blocks(load_dataset_spec(NOTES), tokenizer, block_len=64, n_blocks=4, seed=0).input_ids
+    assert tuple(blocks.shape) == (4, 64) and (blocks[:, 0] == bos).all() and (blocks[:, 1] != bos).all()
+
+    # cutting windows needs only the runners' tokenizers: torch's and ONNX's are set without loading weights
+    torch_runner, onnx_runner = TorchRunner(), OnnxRunner()
+    torch_runner.tokenizer, onnx_runner.tokenizer = tokenizer, FolderTokenizer(folder)
+    job = MeasureJob(score_texts=[NOTES.read_text(encoding="utf-8")], score_seq_len=128, score_max_tokens=512)
+    with LlamaCppRunner().load(gemma_gguf_path(), n_ctx=128, n_threads=1, device="cpu") as llama:
+        windows = _text_windows(llama, job)
+        assert _text_windows(torch_runner, job) == _text_windows(onnx_runner, job) == windows
+        assert [len(window) for window in windows] == [128, 128, 128, 128, 5]  # 512 text ids + 5 <bos>
+        assert all(window[0] == bos and window[1] != bos for window in windows)
+        text_ids = [token for window in windows for token in window[1:]]
+        with_bos = np.concatenate([llama.token_logprobs(window) for window in windows])
+        without = np.concatenate([llama.token_logprobs(window) for window in window_ids(text_ids, 128, None)])
+    perplexity_with, perplexity_without = np.exp(-with_bos.mean()), np.exp(-without.mean())
+    assert len(with_bos) == 512 and perplexity_with == pytest.approx(BOS_WINDOWS_PERPLEXITY, rel=0.03)
+    assert perplexity_without > 5 * perplexity_with
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # a child loads the 1.07 GB float32 checkpoint in torch (about 25 s with the GGUF's child)
+def test_eval_scores_the_same_bos_windows_in_llama_cpp_and_torch():
+    """`bedside eval` of the original GGUF against the float32 checkpoint: both children cut the same windows,
+    each opened by <bos> (an id mismatch would be refused), and the GGUF agrees with torch as the build measured
+    (docs/BENCHMARKS.md: KL 0.0055 nats, top-1 96.5 % on a MedQuAD answer)."""
+    folder = _built()
+    pytest.importorskip("llama_cpp")
+    from toolkit.model.gemma import gemma_gguf_path
+    from toolkit.validate.evaluate import evaluate
+
+    result = evaluate(
+        gemma_gguf_path(), NOTES, reference=folder, context=256, max_tokens=256, seq_len=128, n_threads=1,
+        progress=False,
+    )  # fmt: skip
+    assert result["tokens"] == 256  # windows of <bos> + 127, <bos> + 127, <bos> + 2: every text id predicted
+    assert result["kl_divergence"] < 0.02 and result["top1_agreement"] >= 0.9  # measured 0.0058, 0.953
+    assert result["perplexity"] == pytest.approx(30.66, rel=0.03)  # without <bos> in the windows: about 250
+
+
+# --- GGUF export of a pruned Gemma 3: the sliding-window layout --------------------------------------------
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+def test_sliding_window_pattern_entries_come_from_layer_types():
+    """The exporter writes `<arch>.attention.sliding_window_pattern` (true = sliding) for Gemma 2/3 whenever
+    config.json lists layer_types; other models and windowless configs get nothing; a bad list is refused."""
+    from exporters.base import ExportError
+    from exporters.gguf_exporter import architecture_entries
+
+    config = {"model_type": "gemma3_text", "num_hidden_layers": 3, "sliding_window": 512}
+    assert architecture_entries({**config, "layer_types": [SLIDING, FULL, SLIDING]}) == {
+        "gemma3.attention.sliding_window_pattern": ["bool_array", [True, False, True]]
+    }
+    gemma2 = {**config, "model_type": "gemma2", "num_hidden_layers": 2, "layer_types": [SLIDING, FULL]}
+    assert architecture_entries({"model_type": "llava", "text_config": gemma2}) == {
+        "gemma2.attention.sliding_window_pattern": ["bool_array", [True, False]]
+    }
+    assert architecture_entries({**config, "model_type": "llama", "layer_types": [FULL] * 3}) == {}
+    assert architecture_entries(config) == {}
+    with pytest.raises(ExportError, match="2 layer_types .* for 3 layers"):
+        architecture_entries({**config, "layer_types": [SLIDING, FULL]})
+
+
+def _tiny_gemma3(folder: Path, remove: list[int]) -> tuple[Path, object, object]:
+    """A random 8-layer Gemma3ForCausalLM (5 sliding : 1 global, window 4) with a byte-fallback SentencePiece
+    tokenizer, `remove` layers dropped by the pruning surgery, saved to `folder`; returns folder, model, tokenizer."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GemmaTokenizerFast
+
+    from toolkit.compress.prune.surgery import remove_layers
+    from toolkit.model import gemma as builder
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += ["a", "b", "c", "▁", "ab", "▁ab", "abc", "\n"]
+    meta = {
+        "tokens": tokens,
+        "scores": [0.0] * 260 + [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, 0.0],
+        "token_types": [3, 3, 3, 3] + [6] * 256 + [1] * 7 + [4],
+        "unk": 3, "bos": 2, "eos": 1, "pad": 0,
+    }  # fmt: skip
+    folder.mkdir(parents=True)
+    builder.write_sentencepiece_model(meta, folder / "tokenizer.model")
+    tokenizer = GemmaTokenizerFast(
+        vocab_file=str(folder / "tokenizer.model"),
+        bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", add_bos_token=True,
+    )  # fmt: skip
+    config = Gemma3TextConfig(
+        vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+        query_pre_attn_scalar=16,  # llama.cpp scales attention by 1/sqrt(head_dim) for this size
+        sliding_window=4, layer_types=[SLIDING] * 5 + [FULL] + [SLIDING] * 2, max_position_embeddings=128,
+        initializer_range=0.1, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = remove_layers(Gemma3ForCausalLM(config).eval(), remove)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, model, tokenizer
+
+
+@pytest.mark.slow
+def test_pruned_gemma3_gguf_keeps_each_layers_attention_type(tmp_path):
+    """Layer 2 of 8 removed: the global layer moves from 5 to 4, where llama.cpp's "every sixth layer" default
+    would put it at 5. The GGUF carries the pruned layer_types, and llama.cpp's log-probabilities on a prompt
+    longer than the window match torch's (measured: max 0.0097 with the pattern, 1.73 without it)."""
+    pytest.importorskip("llama_cpp")
+    import numpy as np
+    import torch
+
+    from exporters import export
+    from exporters.base import ExportError
+    from exporters.gguf_exporter import check_converter, default_llama_cpp_dir
+    from runtimes import LlamaCppRunner
+    from runtimes.gguf_header import read_gguf_header
+
+    try:
+        check_converter(default_llama_cpp_dir())
+    except ExportError as error:
+        pytest.skip(str(error))
+    folder, model, tokenizer = _tiny_gemma3(tmp_path / "pruned", remove=[2])
+    assert model.config.layer_types == [SLIDING] * 4 + [FULL] + [SLIDING] * 2
+
+    result = export(folder, "gguf", "F16", tmp_path / "out")
+    pattern = read_gguf_header(result.model_file).values["gemma3.attention.sliding_window_pattern"]
+    assert pattern == [kind == SLIDING for kind in model.config.layer_types]
+    assert result.record["model_keys"] == {"gemma3.attention.sliding_window_pattern": pattern}
+
+    ids = tokenizer("abc ab\nabcab abc ab ab c a b")["input_ids"]
+    assert len(ids) == 16 and ids[0] == 2  # four times the window of 4
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1).numpy()
+    with LlamaCppRunner().load(result.model_file, n_ctx=64, n_threads=1, device="cpu") as runner:
+        assert runner.tokenize("abc ab\nabcab abc ab ab c a b", add_special=True) == ids
+        np.testing.assert_allclose(runner.logprobs_full(ids), expected, atol=0.03)  # F16 weights

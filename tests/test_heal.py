@@ -235,6 +235,32 @@ def test_question_answer_blocks_label_only_the_answers(bpe_tokenizer):
     assert result.record.steps == 2 and all(math.isfinite(loss) for loss in result.record.losses)
 
 
+def test_question_answer_blocks_open_with_the_bos_the_tokenizer_adds(bpe_tokenizer):
+    """As calibration blocks: a tokenizer that adds a BOS (Gemma's) gets it first in every training block,
+    labelled -100, followed by the next block_len - 1 ids and labels of the stream a plain tokenizer packs."""
+    from tokenizers import processors
+
+    from toolkit.data.documents import Document, question_answer_document
+
+    texts = ["What is hypertension? Hypertension is persistently high blood pressure.", "user assistant"]
+    plain = bpe_tokenizer(texts, CHAT_TEMPLATE)
+    with_bos = bpe_tokenizer(texts, CHAT_TEMPLATE)
+    bos = with_bos.convert_tokens_to_ids("<|endoftext|>")
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    documents = [
+        question_answer_document("What is hypertension?", "High blood pressure."),
+        Document(text="Persistently high pressure."),
+    ] * 6
+    blocks = question_answer_training_blocks(documents, with_bos, block_len=24, n_blocks=100, seed=0)
+    reference = question_answer_training_blocks(documents, plain, block_len=23, n_blocks=100, seed=0)
+    assert blocks.input_ids.shape == (reference.input_ids.shape[0], 24)
+    assert (blocks.input_ids[:, 0] == bos).all() and (blocks.labels[:, 0] == IGNORE_INDEX).all()
+    assert blocks.input_ids[:, 1:].equal(reference.input_ids) and blocks.labels[:, 1:].equal(reference.labels)
+    assert not (reference.input_ids == bos).any()
+
+
 # ---------------------------------------------------------------------------------------------
 # Demo model: 2 layers removed, healed on radiology reports
 # ---------------------------------------------------------------------------------------------

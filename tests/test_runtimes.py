@@ -44,10 +44,11 @@ CLINICAL_TEXT = (
 )
 
 
-def _save_tiny_llama(folder, with_tokenizer=True):
-    """A 2-layer random Llama (GQA, tied embeddings) with a byte-level tokenizer and chat template."""
+def _save_tiny_llama(folder, with_tokenizer=True, add_bos=False):
+    """A 2-layer random Llama (GQA, tied embeddings) with a byte-level tokenizer and chat template; with
+    `add_bos` the tokenizer puts its BOS (<|im_start|>, 257) before every text, as Gemma's puts <bos>."""
     import torch
-    from tokenizers import Tokenizer, decoders, models
+    from tokenizers import Tokenizer, decoders, models, processors
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -71,6 +72,10 @@ def _save_tiny_llama(folder, with_tokenizer=True):
         tokenizer.pre_tokenizer = ByteLevel(add_prefix_space=False)
         tokenizer.decoder = decoders.ByteLevel()
         tokenizer.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+        if add_bos:
+            tokenizer.post_processor = processors.TemplateProcessing(
+                single="<|im_start|> $A", special_tokens=[("<|im_start|>", 257)]
+            )
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tokenizer,
             bos_token="<|im_start|>",
@@ -512,6 +517,34 @@ def test_measure_onnx_in_a_child(tiny_onnx):
     assert result.device == "cpu" and result.prefill_tokens == 60
     assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
     assert result.peak_rss_bytes > result.baseline_rss_bytes > 0
+
+
+def test_torch_and_onnx_score_the_same_windows_opened_by_bos(tiny_hf, tiny_onnx, tmp_path):
+    """A tokenizer that adds a BOS (Gemma's <bos>) opens every scoring window with it, counted in the window
+    length, on torch and ONNX Runtime alike (llama.cpp: tests/test_gemma.py); without one, windows stay plain
+    slices of the text's ids."""
+    from runtimes.measure import run_job
+
+    hf_bos = _save_tiny_llama(tmp_path / "hf", add_bos=True)  # the same weights (seed 0)
+    onnx_bos = Path(shutil.copytree(tiny_onnx, tmp_path / "onnx"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (hf_bos / name).is_file():
+            shutil.copy(hf_bos / name, onnx_bos / name)
+    job = MeasureJob(
+        context=64, decode_tokens=4, n_threads=1, device="cpu",
+        score_texts=[CLINICAL_TEXT], score_seq_len=32, score_max_tokens=100,
+    )  # fmt: skip
+    plain = run_job("torch", tiny_hf, job).score
+    on_torch = run_job("torch", hf_bos, job).score
+    on_onnx = run_job("onnxruntime", onnx_bos, job).score
+    with TorchRunner().load(tiny_hf, n_ctx=64, n_threads=1, device="cpu") as runner:
+        text = runner.tokenize(CLINICAL_TEXT)[:100]
+    assert plain.token_ids == text and plain.window_lengths == [32, 32, 32, 4]
+    expected = [token for start in range(0, 100, 31) for token in [257, *text[start : start + 31]]]
+    assert on_torch.token_ids == on_onnx.token_ids == expected
+    assert on_torch.window_lengths == on_onnx.window_lengths == [32, 32, 32, 8]
+    assert len(on_torch.token_logprobs) == 100  # every text token is predicted, the first from the BOS
+    np.testing.assert_allclose(on_onnx.token_logprobs, on_torch.token_logprobs, atol=1e-4)
 
 
 def test_a_crash_in_the_child_becomes_a_clear_error(tmp_path):

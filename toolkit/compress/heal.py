@@ -51,6 +51,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from toolkit.core.errors import BedsideError
 from toolkit.core.records import SCHEMA_VERSION
+from toolkit.core.windows import hf_tokenize, window_bos, window_spans
 from toolkit.data.blocks import ExpandIds, data_label
 
 if TYPE_CHECKING:
@@ -227,7 +228,8 @@ def question_answer_training_blocks(
     labelled -100; the answer tokens, including the template's end-of-turn, keep their ids. Plain
     text documents are labelled in full. Like `toolkit.data.make_blocks`, documents are shuffled
     with the seed, joined with an end-of-sequence separator (labelled -100: it is ours, not the
-    data's) and cut into consecutive blocks, so there is no padding and no attention mask.
+    data's) and cut into consecutive blocks, so there is no padding and no attention mask; each block
+    is opened by the tokenizer's BOS when it adds one (labelled -100), as `make_blocks` does.
     The prompt/answer boundary is the longest common token prefix of the rendered exchange and the
     rendered prompt with the generation prompt, which holds whatever the template adds around turns.
     `expand` rewrites each document's ids (prompt and exchange alike) before packing, as in `make_blocks`.
@@ -268,16 +270,23 @@ def question_answer_training_blocks(
         used += 1
         if len(ids) >= needed:
             break
-    available = len(ids) // block_len
-    if available == 0:
+    bos = window_bos(hf_tokenize(tokenizer))
+    block_ids: list[list[int]] = []
+    block_labels: list[list[int]] = []
+    for start, end, prepend in window_spans(ids, block_len, bos):
+        if end - start + prepend < block_len or len(block_ids) == n_blocks:
+            break  # only the last window is short
+        opening = [bos] if prepend and bos is not None else []
+        block_ids.append(opening + ids[start:end])
+        block_labels.append([IGNORE_INDEX] * len(opening) + labels[start:end])
+    if not block_ids:
         raise BedsideError(
             f"{data_label(source)} has {len(ids)} tokens in {len(documents)} documents, fewer than one "
             f"block of {block_len}: add documents or lower the block length (--seq-len)"
         )
-    made = min(n_blocks, available)
     return TrainingBlocks(
-        input_ids=torch.tensor(ids[: made * block_len], dtype=torch.long).view(made, block_len),
-        labels=torch.tensor(labels[: made * block_len], dtype=torch.long).view(made, block_len),
+        input_ids=torch.tensor(block_ids, dtype=torch.long),
+        labels=torch.tensor(block_labels, dtype=torch.long),
         documents_used=used,
     )
 

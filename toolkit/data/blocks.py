@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from toolkit.core.errors import BedsideError
 from toolkit.core.hashing import token_ids_sha256
 from toolkit.core.records import SCHEMA_VERSION
+from toolkit.core.windows import hf_tokenize, window_bos, window_ids
 from toolkit.data.documents import NORMALISATION, Document, data_sha256
 from toolkit.data.sources import NAMED_SOURCES
 
@@ -122,8 +123,9 @@ def make_blocks(
 
     The documents are shuffled with the seed, rendered (chat template for question/answer
     documents), tokenized and concatenated with an end-of-sequence token after each one; the
-    stream is cut into consecutive non-overlapping blocks. Tokenization stops once enough tokens
-    are read, so the cost grows with the blocks asked for, not with the corpus. Same documents +
+    stream is cut into consecutive non-overlapping blocks, each opened by the tokenizer's BOS when
+    it adds one (`toolkit.core.windows`: the BOS counts in `block_len`). Tokenization stops once enough
+    tokens are read, so the cost grows with the blocks asked for, not with the corpus. Same documents +
     tokenizer + seed give the same blocks; when there are fewer tokens than asked, all whole blocks
     are returned (see TokenBlocks.n_blocks). `source` names the data in errors. `expand` rewrites
     each document's ids before packing (a LLaVA's image positions, `toolkit.compress.vision`).
@@ -133,9 +135,10 @@ def make_blocks(
     if block_len < 1 or n_blocks < 1:
         raise BedsideError(f"block length ({block_len}) and number of blocks ({n_blocks}) must be at least 1")
     eos = _eos_id(tokenizer)
+    bos = window_bos(hf_tokenize(tokenizer))
     order = list(range(len(documents)))
     random.Random(seed).shuffle(order)
-    needed = block_len * n_blocks
+    needed = block_len * n_blocks  # stream tokens that fill n_blocks blocks even without a BOS in each
     stream: list[int] = []
     used = 0
     for batch in _batches([documents[index] for index in order]):
@@ -147,14 +150,13 @@ def make_blocks(
                 break
         if len(stream) >= needed:
             break
-    available = len(stream) // block_len
-    if available == 0:
+    blocks = [window for window in window_ids(stream, block_len, bos) if len(window) == block_len][:n_blocks]
+    if not blocks:
         raise BedsideError(
             f"{data_label(source)} has {len(stream)} tokens in {len(documents)} documents, fewer than one "
             f"block of {block_len}: add documents or lower the block length (--seq-len)"
         )
-    made = min(n_blocks, available)
-    input_ids = torch.tensor(stream[: made * block_len], dtype=torch.long).view(made, block_len)
+    input_ids = torch.tensor(blocks, dtype=torch.long)
     return TokenBlocks(
         input_ids=input_ids,
         block_len=block_len,

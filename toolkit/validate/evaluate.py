@@ -9,7 +9,8 @@ comparison would be meaningless and is refused).
 
 Scoring: the documents (question/answer documents as chat exchanges rendered by the artifact's chat
 template, others as plain text) are joined by a blank line, tokenized, cut to `max_tokens` and scored in
-consecutive windows of `seq_len` tokens, each from an empty KV cache. Over the N predicted positions i
+consecutive windows of `seq_len` tokens, each from an empty KV cache and opened by the tokenizer's BOS when it
+adds one (Gemma's `<bos>`; `toolkit.core.windows`, counted in `seq_len`). Over the N predicted positions i
 (every position of a window but its last) with target token y_i:
 
     perplexity      = exp( -(1/N) sum_i log p_art(y_i | window prefix) )
@@ -528,12 +529,15 @@ def evaluate(
             )
             reference_score = _run_child(baseline, reference_job).score
             assert reference_score is not None and reference_score.token_ids is not None
-            if reference_score.token_ids != score.token_ids:
+            if (
+                reference_score.token_ids != score.token_ids
+                or reference_score.window_lengths != score.window_lengths
+            ):
                 position = _first_difference(reference_score.token_ids, score.token_ids)
                 raise BedsideError(
                     f"artifact {target.path} and reference {baseline.path} tokenize the evaluation text "
-                    f"differently (first difference at token {position}): compare against a reference "
-                    "with the same tokenizer"
+                    f"differently (first difference at token {position}; a BOS added by one tokenizer only "
+                    "shows at token 0): compare against a reference with the same tokenizer"
                 )
             stages.stage("comparing log-probabilities")
             rows = predicted_positions(score.window_lengths or [])
