@@ -8,8 +8,8 @@ the shared SLAKE and VQA-RAD train splits (../shared/data), deterministically, o
 - projector: LLaVA-1.5's 2-layer GELU MLP; the result is a plain `LlavaForConditionalGeneration`
   folder in the llava-hf layout (`toolkit.model.llava.write_llava_checkpoint`).
 
-Two phases, because the language model dominates the cost (a forward+backward of 135M parameters
-per token) while the tower is cheap:
+Three phases, because the language model dominates the cost (a forward+backward of 135M parameters
+per token) while the tower and projector are cheap:
 
 1. Tower pre-training without the language model: the tower's mean patch feature feeds one linear
    classifier per label family, trained with augmentation (random crop/scale, brightness/contrast):
@@ -17,9 +17,14 @@ per token) while the tower is cheap:
    regions), and one classifier per question asked about at least `head_min_questions` training
    images ("Does the picture contain liver?", "Which plane is the image scanned?"), over its
    answers seen at least twice. The tower thus learns what these questions ask about the image.
-2. LLaVA training: tower frozen (its patch features computed once per image), projector plus a
-   LoRA on every linear layer of the language model trained on the QA pairs, loss on the answer
-   tokens (and the closing <|im_end|>) only; the LoRA is merged into the weights before saving.
+1b. Projector pre-training without the language model (`pretrain_projector`): the projected image
+   tokens are pulled towards the input embeddings of the words that describe the image (its labels,
+   its open answers, the objects of its presence questions answered yes), so the frozen language
+   model starts from image tokens it can read instead of from noise.
+2. LLaVA training (`train_llava`): tower and projector frozen, a LoRA on every linear layer of the
+   top `lm_trained_layers` decoder layers, trained on the QA pairs with the loss on the answer tokens
+   (and the closing <|im_end|>) only; the frozen layers below run once per image and are cached, so
+   each epoch costs only the top layers. The LoRA is merged into the fp32 weights before saving.
    All questions about one image share one sequence: the system prompt and image tokens come once,
    each question/answer segment attends to that prefix and to itself only (a block mask) and keeps
    the position ids it has in a single-turn prompt, so the computation equals single-turn training
@@ -38,11 +43,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -63,7 +69,7 @@ if TYPE_CHECKING:
     import torch
 
 # Bump when the recipe changes what lands in the folder: older builds are then rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 RECORD_NAME = "bedside-demo-vlm.json"
 REQUIRED_FILES = (
     "config.json",
@@ -112,25 +118,29 @@ class Recipe:
     vision_intermediate: int = 1024
     vision_feature_layer: int = -1
     # phase 1: tower pre-training
-    tower_epochs: int = 40
+    tower_epochs: int = 10
     tower_batch: int = 32
     tower_lr: float = 1e-3
     tower_weight_decay: float = 0.05
     resize_margin: float = 1.15  # images stored at margin x image_size, cropped back with scale jitter
     min_crop: float = 0.85
     head_min_questions: int = 6
+    # phase 1b: projector pre-training towards label words (no language model)
+    verbal_epochs: int = 40
+    verbal_lr: float = 3e-3
+    verbal_temperature: float = 0.1
+    verbal_negatives: int = 2048
     # phase 2: LLaVA training
-    lm_epochs: int = 2
+    lm_epochs: int = 5
     lm_batch_images: int = 2
-    open_share: float = 1.0  # share of the OPEN questions each epoch trains on (CLOSED: all, every epoch)
-    questions_per_sequence: int = 8
+    lm_trained_layers: int = 4  # LoRA on the top layers only; the layers below are frozen and cached
     lora_rank: int = 16
     lora_alpha: int = 32
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     length_buckets: int = 64  # sequences sorted by length within groups of this many (less padding)
-    bf16_autocast: bool = True  # matmuls in bfloat16 during training (1.6x faster on AMX CPUs); weights fp32
+    bf16_autocast: bool = True  # phase 1 matmuls in bfloat16 (1.6x faster on AMX CPUs); weights fp32
+    bf16_language: bool = True  # phase 2 holds the frozen language model in bfloat16; merged back in fp32
     lora_lr: float = 1e-3
-    projector_lr: float = 2e-3
     warmup_fraction: float = 0.05
     seed: int = 0
     threads: int = 2
@@ -266,6 +276,150 @@ def label_heads(data: TrainingData, min_questions: int) -> LabelHeads:
         [index[name].get(per_image[image].get(name, ""), -100) for name in names] for image in data.images
     ]
     return LabelHeads(names=names, classes=[families[name] for name in names], targets=targets)
+
+
+# ------------------------------------------------------------------------------ phase 1b: words
+
+# Questions whose "yes" says an object is in the image; group 1 is the object.
+PRESENCE_QUESTIONS = (
+    re.compile(r"^does picture contain (.+)$"),
+    re.compile(r"^is there (.+) in (?:this )?image$"),
+    re.compile(r"^are there (.+) in (?:this )?image$"),
+    re.compile(r"^does (.+) appear in (?:this )?image$"),
+    re.compile(r"^does (.+) exist in (?:this )?picture$"),
+)
+NOT_LABEL_WORDS = frozenset(
+    {"yes", "no", "and", "or", "of", "in", "on", "with", "to", "is", "are", "none", "both", "this", "image"}
+)
+
+
+def image_label_words(data: TrainingData) -> dict[Path, list[str]]:
+    """Words that describe each training image, for phase 1b (sorted, deduplicated, normalised).
+
+    From the image's OPEN answers (their words: "ct", "abdomen", "left", "lung"), the objects of its
+    presence questions answered yes ("Does the picture contain liver?" -> "liver"), SLAKE's modality
+    and location and VQA-RAD's organ. Digits and function words are left out.
+    """
+    words: dict[Path, set[str]] = {image: set() for image in data.images}
+    for image in data.images:
+        for value in data.labels.get(str(image), {}).values():
+            words[image].update(value.split())
+    for document in data.documents:
+        assert document.image is not None and document.question is not None and document.answer is not None
+        answer = normalise_answer(document.answer)
+        if not is_closed(document):
+            words[document.image].update(answer.split())
+        elif answer == "yes":
+            question = normalise_answer(document.question)
+            for pattern in PRESENCE_QUESTIONS:
+                match = pattern.match(question)
+                if match:
+                    words[document.image].update(match.group(1).split())
+                    break
+    return {
+        image: sorted(w for w in found if w not in NOT_LABEL_WORDS and not w.isdigit() and len(w) > 1)
+        for image, found in words.items()
+    }
+
+
+def word_surface_counts(data: TrainingData) -> Counter[str]:
+    """How often each case-sensitive word occurs in the training questions and answers."""
+    counts: Counter[str] = Counter()
+    for document in data.documents:
+        counts.update(re.findall(r"[A-Za-z0-9]+", f"{document.question} {document.answer}"))
+    return counts
+
+
+def label_token_ids(tokenizer: Any, word: str, surface_counts: Counter[str]) -> list[int]:
+    """The token ids of a label word as a question writes it after a space: " liver", " CT", " MRI".
+
+    Of the forms lower / Capitalised / UPPER, the one with the fewest tokens, ties going to the form
+    the training text uses most, so the image token matches what the question says.
+    """
+    forms = sorted({word, word.capitalize(), word.upper()})
+    encoded = {form: tokenizer(" " + form, add_special_tokens=False)["input_ids"] for form in forms}
+    best = min(forms, key=lambda form: (len(encoded[form]), -surface_counts[form], form))
+    return list(encoded[best])
+
+
+def pretrain_projector(
+    recipe: Recipe,
+    projector: Any,
+    features: torch.Tensor,
+    image_words: Sequence[Sequence[str]],
+    surface_counts: Counter[str],
+    tokenizer: Any,
+    embeddings: torch.Tensor,
+    show: bool = True,
+) -> dict[str, Any]:
+    """Phase 1b: make the projected image tokens read like the words that describe the image.
+
+    The language model's embeddings are tied (input = output), so an image token p close in angle to
+    the embedding of "liver" is read as "liver". For image i with label tokens W_i:
+
+        z_kv = cos(p_k, e_v) / T   over v in V (all label tokens + `verbal_negatives` random tokens)
+        loss = -mean_{w in W_i} max_k log softmax_v(z_k)[w]  +  mean_k (|p_k| / n - 1)^2
+
+    (every label word is read, with confidence, from at least one image token; tokens no label
+    claims stay free for what else the image shows)
+
+    with n the median norm of a token embedding (the image tokens keep the scale of words). The
+    language model is not run: one epoch costs milliseconds, and phase 2 then starts from image
+    tokens the frozen model can already read instead of from noise.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(recipe.seed + 5)
+    label_ids = [
+        sorted({i for word in words for i in label_token_ids(tokenizer, word, surface_counts)})
+        for words in image_words
+    ]
+    vocabulary = sorted({i for ids in label_ids for i in ids})
+    negatives = torch.randperm(embeddings.shape[0], generator=generator)[: recipe.verbal_negatives].tolist()
+    candidates = torch.tensor(sorted(set(vocabulary) | set(negatives)))
+    position = {int(v): k for k, v in enumerate(candidates.tolist())}
+    targets = torch.zeros((len(label_ids), len(candidates)), dtype=torch.bool)
+    for i, ids in enumerate(label_ids):
+        for token in ids:
+            targets[i, position[token]] = True
+    bank = torch.nn.functional.normalize(embeddings[candidates].detach().float(), dim=-1)
+    norm = embeddings.detach().float().norm(dim=-1).median()
+    has_words = targets.any(dim=1)
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=recipe.verbal_lr, weight_decay=0.0)
+    batch = 64
+    total = recipe.verbal_epochs * math.ceil(len(label_ids) / batch)
+    losses: list[float] = []
+    step = 0
+    with _progress() as progress:
+        task = progress.add_task("phase 1b: projector -> label words", total=total, status="", visible=show)
+        for _epoch in range(recipe.verbal_epochs):
+            order = torch.randperm(len(label_ids), generator=generator)
+            epoch_loss = 0.0
+            for start in range(0, len(order), batch):
+                index = order[start : start + batch]
+                index = index[has_words[index]]
+                tokens = projector(features[index])
+                logits = torch.nn.functional.normalize(tokens, dim=-1) @ bank.T / recipe.verbal_temperature
+                best = logits.log_softmax(dim=-1).max(dim=1).values  # (B, V): the token that reads most as v
+                chosen = targets[index]
+                word_loss = -(best * chosen).sum(1).div(chosen.sum(1)).mean()
+                norm_loss = ((tokens.norm(dim=-1) / norm - 1) ** 2).mean()
+                loss = word_loss + norm_loss
+                for group in optimizer.param_groups:
+                    group["lr"] = recipe.verbal_lr * _schedule(step, total, max(1, total // 20))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                epoch_loss += word_loss.item() * len(index)
+                progress.update(task, advance=1, status=f"loss {word_loss.item():.3f}")
+                _log_step("phase 1b", step, total, word_loss.item())
+            losses.append(epoch_loss / int(has_words.sum()))
+    return {
+        "label_tokens": len(vocabulary),
+        "candidates": len(candidates),
+        "epoch_word_loss": [round(x, 4) for x in losses[:: max(1, len(losses) // 10)]] + [round(losses[-1], 4)],
+    }
 
 
 # ----------------------------------------------------------------------------------------- images
@@ -499,26 +653,16 @@ def prompt_parts(tokenizer: Any, image_tokens: int) -> PromptParts:
 
 
 def pack_sequences(
-    data: TrainingData,
-    tokenizer: Any,
-    parts: PromptParts,
-    per_sequence: int,
-    generator: torch.Generator,
-    open_share: float = 1.0,
+    data: TrainingData, tokenizer: Any, parts: PromptParts, per_sequence: int, generator: torch.Generator
 ) -> list[PackedSequence]:
-    """Each image's questions, shuffled, in chunks of at most `per_sequence` behind one prefix.
-
-    Every CLOSED question is taken; each OPEN one with probability `open_share` (seeded draw).
-    """
+    """Each image's questions, shuffled, in chunks of at most `per_sequence` behind one prefix."""
     import torch
 
     index = {image: i for i, image in enumerate(data.images)}
-    draws = torch.rand(len(data.documents), generator=generator).tolist()
     by_image: dict[int, list[Document]] = {}
-    for document, draw in zip(data.documents, draws, strict=True):
+    for document in data.documents:
         assert document.image is not None
-        if is_closed(document) or draw < open_share:
-            by_image.setdefault(index[document.image], []).append(document)
+        by_image.setdefault(index[document.image], []).append(document)
     packed: list[PackedSequence] = []
     prefix_length = len(parts.prefix)
     for image, documents in by_image.items():
@@ -617,6 +761,44 @@ def _length_batches(packed: Sequence[PackedSequence], recipe: Recipe, generator:
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
+def _merge_lora(peft_language: Any, original: dict[str, torch.Tensor]) -> Any:
+    """The language model with fp32 weights = original fp32 weights + LoRA delta (B A * alpha / r).
+
+    Training may hold the frozen weights in bfloat16; the merge starts again from the fp32 originals
+    so that only the learned delta differs from the demo model.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in peft_language.base_model.model.named_modules():
+        if isinstance(module, LoraLayer):
+            adapter = module.active_adapters[0]
+            a = module.lora_A[adapter].weight.float()
+            b = module.lora_B[adapter].weight.float()
+            deltas[f"{name}.weight"] = (b @ a) * module.scaling[adapter]
+    base = peft_language.unload().float()
+    base.load_state_dict(original)
+    with torch.no_grad():
+        parameters = dict(base.named_parameters())
+        for name, delta in deltas.items():
+            parameters[name].add_(delta)
+    return base
+
+
+def _run_layers(language: Any, layers: Sequence[Any], hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> Any:
+    """Decoder layers of the language model over hidden states, with the batch's block mask and positions."""
+    position_embeddings = language.rotary_emb(hidden, batch["position_ids"])
+    for layer in layers:
+        hidden = layer(
+            hidden,
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            position_embeddings=position_embeddings,
+        )
+    return hidden
+
+
 def train_llava(
     recipe: Recipe,
     model: Any,
@@ -626,7 +808,13 @@ def train_llava(
     show: bool = True,
     step_callback: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Phase 2: projector + merged LoRA on the QA pairs over the frozen tower's cached patch features."""
+    """Phase 2: a LoRA on the top `lm_trained_layers` layers, trained on every QA pair, merged in fp32.
+
+    Tower and projector are frozen (phases 1 and 1b), and so are the layers below the LoRA: their
+    output for each image's sequence (prefix + all its question/answer segments, block mask) is
+    computed once, in bfloat16, and each epoch runs only the top layers, forward and backward, on
+    it. Loss: cross-entropy on the answer tokens and the closing <|im_end|>.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -634,70 +822,72 @@ def train_llava(
     language = model.model.language_model
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    original = {name: tensor.detach().clone() for name, tensor in language.state_dict().items()}
+    compute = torch.bfloat16 if recipe.bf16_language else torch.float32
+    language.to(compute)  # embeddings too: lm_head is tied to them
+    layers = list(language.layers)
+    first_trained = len(layers) - recipe.lm_trained_layers
+    parts = prompt_parts(tokenizer, recipe.image_tokens)
+    generator = torch.Generator().manual_seed(recipe.seed + 3)
+    packed = pack_sequences(data, tokenizer, parts, 1 << 30, generator)  # one sequence per image
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else parts.end_id
+    projector = model.model.multi_modal_projector
+    embed = language.get_input_embeddings()
+
+    cached: list[torch.Tensor] = [torch.empty(0)] * len(packed)
+    lower_batches = _length_batches(packed, replace(recipe, lm_batch_images=4), torch.Generator().manual_seed(0))
+    with _progress() as progress, torch.no_grad():
+        task = progress.add_task("phase 2: frozen layers (cached)", total=len(lower_batches), status="", visible=show)
+        for count, members in enumerate(lower_batches, start=1):
+            batch = collate([packed[i] for i in members], pad_id)
+            image_embeds = projector(features[batch["images"]]).to(compute)
+            embeds = embed(batch["input_ids"])
+            is_image = batch["input_ids"] == parts.image_token_id
+            embeds = embeds.masked_scatter(is_image[..., None], image_embeds.reshape(-1, embeds.shape[-1]))
+            hidden = _run_layers(language, layers[:first_trained], embeds, batch)
+            for row, i in enumerate(members):
+                cached[i] = hidden[row, : len(packed[i].input_ids)].clone()
+            progress.update(task, advance=1)
+            _log_step("phase 2 cache", count, len(lower_batches), 0.0)
+
     lora = LoraConfig(
         r=recipe.lora_rank,
         lora_alpha=recipe.lora_alpha,
         lora_dropout=0.0,
         target_modules=list(recipe.lora_targets),
+        layers_to_transform=list(range(first_trained, len(layers))),
+        layers_pattern="layers",
     )
-    peft_language = get_peft_model(language, lora)
-    projector = model.model.multi_modal_projector
-    init_projector(projector, features, language.get_input_embeddings().weight, recipe.seed + 4)
-    for parameter in projector.parameters():
-        parameter.requires_grad_(True)
+    peft_language = get_peft_model(language, lora, autocast_adapter_dtype=True)  # adapters in fp32
     lora_params = [p for p in peft_language.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": list(projector.parameters()), "lr": recipe.projector_lr, "base": recipe.projector_lr},
-            {"params": lora_params, "lr": recipe.lora_lr, "base": recipe.lora_lr},
-        ],
-        weight_decay=0.0,
-    )
-    embed = language.get_input_embeddings()
-    lm_head = model.lm_head
-    parts = prompt_parts(tokenizer, recipe.image_tokens)
-    generator = torch.Generator().manual_seed(recipe.seed + 3)
-    epochs_packed = [
-        pack_sequences(data, tokenizer, parts, recipe.questions_per_sequence, generator, recipe.open_share)
-        for _ in range(recipe.lm_epochs)
-    ]
-    batches_per_epoch = [len(_length_batches(packed, recipe, torch.Generator())) for packed in epochs_packed]
-    total = sum(batches_per_epoch)
+    optimizer = torch.optim.AdamW(lora_params, lr=recipe.lora_lr, weight_decay=0.0)
+    top = list(language.layers)[first_trained:]  # the same modules, now holding the LoRA adapters
+    batches_per_epoch = len(_length_batches(packed, recipe, torch.Generator()))
+    total = batches_per_epoch * recipe.lm_epochs
     warmup = max(1, int(total * recipe.warmup_fraction))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else parts.end_id
     losses: list[float] = []
     tokens_seen = 0
     step = 0
     peft_language.train()
-    projector.train()
     with _progress() as progress:
-        task = progress.add_task("phase 2: LLaVA training", total=total, status="", visible=show)
-        for epoch, packed in enumerate(epochs_packed):
+        task = progress.add_task("phase 2: LoRA on the top layers", total=total, status="", visible=show)
+        for epoch in range(recipe.lm_epochs):
             epoch_loss, epoch_tokens = 0.0, 0
             for members in _length_batches(packed, recipe, generator):
                 batch = collate([packed[i] for i in members], pad_id)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.bf16_autocast):
-                    image_embeds = projector(features[batch["images"]])
-                    embeds = embed(batch["input_ids"])
-                    is_image = batch["input_ids"] == parts.image_token_id
-                    embeds = embeds.masked_scatter(
-                        is_image[..., None], image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-                    )
-                    hidden = peft_language(
-                        inputs_embeds=embeds,
-                        attention_mask=batch["attention_mask"],
-                        position_ids=batch["position_ids"],
-                        use_cache=False,
-                    ).last_hidden_state
-                    labels = batch["labels"][:, 1:]
-                    chosen = labels >= 0
-                    logits = lm_head(hidden[:, :-1][chosen])
+                hidden = torch.zeros((len(members), batch["input_ids"].shape[1], cached[0].shape[-1]), dtype=compute)
+                for row, i in enumerate(members):
+                    hidden[row, : cached[i].shape[0]] = cached[i]
+                hidden = language.norm(_run_layers(language, top, hidden, batch))
+                labels = batch["labels"][:, 1:]
+                chosen = labels >= 0
+                logits = model.lm_head(hidden[:, :-1][chosen])
                 loss = torch.nn.functional.cross_entropy(logits.float(), labels[chosen])
                 for group in optimizer.param_groups:
-                    group["lr"] = group["base"] * _schedule(step, total, warmup)
+                    group["lr"] = recipe.lora_lr * _schedule(step, total, warmup)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_([*projector.parameters(), *lora_params], 1.0)
+                torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
                 optimizer.step()
                 step += 1
                 count = int(chosen.sum())
@@ -709,13 +899,14 @@ def train_llava(
                 if step_callback is not None:
                     step_callback(step, loss.item())
             losses.append(epoch_loss / max(1, epoch_tokens))
-    merged = peft_language.merge_and_unload()
-    model.model.language_model = merged
+    model.model.language_model = _merge_lora(peft_language, original)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return {
-        "sequences_per_epoch": len(epochs_packed[0]),
+        "sequences": len(packed),
+        "cached_tokens": sum(len(item.input_ids) for item in packed),
+        "frozen_layers": first_trained,
         "steps": total,
         "tokens_processed": tokens_seen,
         "answer_token_loss_per_epoch": [round(x, 4) for x in losses],
@@ -766,7 +957,8 @@ def is_demo_vlm_valid(files: dict[str, Path] | None = None, recipe: Recipe = REC
     """True when the folder is complete and its record matches the recipe and the current inputs."""
     folder = paths.demo_vlm_dir()
     record = read_record(folder)
-    if record is None or record.get("recipe_version") != RECIPE_VERSION or record.get("recipe") != asdict(recipe):
+    recipe_as_stored = json.loads(json.dumps(asdict(recipe)))  # tuples become lists, as in the record
+    if record is None or record.get("recipe_version") != RECIPE_VERSION or record.get("recipe") != recipe_as_stored:
         return False
     if not all((folder / name).is_file() for name in REQUIRED_FILES):
         return False
@@ -827,6 +1019,22 @@ def build_in(recipe: Recipe, out: Path, files: dict[str, Path], show: bool = Tru
                 for chunk in _batched(data.images, 64)
             ]
         )
+    projector = model.model.multi_modal_projector
+    embeddings = model.model.language_model.get_input_embeddings().weight
+    init_projector(projector, features, embeddings, recipe.seed + 4)
+    words_started = time.perf_counter()
+    image_words = image_label_words(data)
+    words_figures = pretrain_projector(
+        recipe,
+        projector,
+        features,
+        [image_words[image] for image in data.images],
+        word_surface_counts(data),
+        tokenizer,
+        embeddings,
+        show,
+    )
+    words_figures["seconds"] = round(time.perf_counter() - words_started, 1)
     lm_started = time.perf_counter()
     lm_figures = train_llava(recipe, model, tokenizer, data, features, show=show)
     lm_figures["seconds"] = round(time.perf_counter() - lm_started, 1)
@@ -837,6 +1045,7 @@ def build_in(recipe: Recipe, out: Path, files: dict[str, Path], show: bool = Tru
     write_llava_checkpoint(model, tokenizer, image_processor, out)
     return {
         "phase1_tower": tower_figures,
+        "phase1b_words": words_figures,
         "phase2_llava": lm_figures,
         "training_qa": len(data.documents),
         "training_images": len(data.images),
