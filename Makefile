@@ -60,12 +60,15 @@ test-fast: $(STAMP) lint
 	$(BIN)/python -m pytest -q $(XDIST) --durations=10 -m "not heavy" $(PYTEST_ARGS)
 
 # Benchmarks (docs/BENCHMARKS.md, raw results in docs/benchmarks/); each script resumes finished parts.
+# The last two build llama.cpp's llama-imatrix and llama-bench from the sdist once (bench/llama_tools.py, ~6 min).
 bench: $(STAMP)
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.runtimes
 	$(BIN)/python -m bench.awq_budget --threads 2
 	$(BIN)/python -m bench.quant_methods --threads 2
 	$(BIN)/python -m bench.mmap_repack
+	$(BIN)/python -m bench.imatrix_parity --threads 2
+	$(BIN)/python -m bench.runtime_parity --threads 2
 
 # A target with the base install only (no torch) verifies the bundle of `make deploy`.
 bench-target: deploy

@@ -78,6 +78,11 @@ def command_line() -> str:
     return " ".join([".venv/bin/python", *sys.argv])
 
 
+def short_command(command: str) -> str:
+    """A recorded command line with every path shortened to its file name (how the docs print it)."""
+    return " ".join(Path(part).name if "/" in part else part for part in command.split())
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """The JSON object at `path`, or {} when there is none yet."""
     if not path.is_file():

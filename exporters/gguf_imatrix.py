@@ -24,7 +24,7 @@ The legacy `.dat` imatrix format is not read; convert it with `llama-imatrix --i
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,8 +102,25 @@ def write_imatrix(
     return path
 
 
-def read_imatrix(path: str | Path) -> ImportanceMatrix:
-    """Read a GGUF imatrix and return per-weight means (in_sum2 / counts), as llama-quantize does."""
+@dataclass
+class ImatrixSums:
+    """A GGUF imatrix as stored: per weight the summed squared inputs and the tokens summed (one per matrix).
+
+    Attributes:
+        in_sum2: name -> float32 vector of n_mat * n_in sums.
+        counts: name -> float32 vector of n_mat token counts.
+        datasets, chunk_count, chunk_size: the file's imatrix.* metadata.
+    """
+
+    in_sum2: dict[str, np.ndarray]
+    counts: dict[str, np.ndarray]
+    datasets: list[str]
+    chunk_count: int
+    chunk_size: int
+
+
+def read_imatrix_sums(path: str | Path) -> ImatrixSums:
+    """Read a GGUF imatrix's raw in_sum2 and counts tensors (what `llama-imatrix` accumulated), checked."""
     import gguf
 
     path = Path(path)
@@ -143,20 +160,60 @@ def read_imatrix(path: str | Path) -> ImportanceMatrix:
     unpaired = sorted(set(sums) ^ set(counts))
     if unpaired:
         raise ExportError(f"{path}: mismatched sums and counts for {unpaired[0]}")
-
-    values: dict[str, np.ndarray] = {}
     for name, total in sums.items():
-        count = np.rint(counts[name]).astype(np.float32)  # common_imatrix_load: std::lround
-        if total.size % count.size:
-            raise ExportError(f"{path}: {name} has {total.size} sums for {count.size} matrices")
+        if total.size % counts[name].size:
+            raise ExportError(f"{path}: {name} has {total.size} sums for {counts[name].size} matrices")
+    return ImatrixSums(sums, counts, datasets, chunk_count, chunk_size)
+
+
+def read_imatrix(path: str | Path) -> ImportanceMatrix:
+    """Read a GGUF imatrix and return per-weight means (in_sum2 / counts), as llama-quantize does."""
+    raw = read_imatrix_sums(path)
+    values: dict[str, np.ndarray] = {}
+    for name, total in raw.in_sum2.items():
+        count = np.rint(raw.counts[name]).astype(np.float32)  # common_imatrix_load: std::lround
         per_matrix = total.reshape(count.size, -1)
         safe = np.where(count > 0, count, 1.0).astype(np.float32)
         mean = np.where(count[:, None] > 0, per_matrix / safe[:, None], np.float32(1.0))
         values[name] = np.ascontiguousarray(mean, dtype=np.float32).reshape(-1)
-    return ImportanceMatrix(values=values, datasets=datasets, chunk_count=chunk_count, chunk_size=chunk_size)
+    return ImportanceMatrix(
+        values=values, datasets=raw.datasets, chunk_count=raw.chunk_count, chunk_size=raw.chunk_size
+    )
 
 
 LLAVA_TEXT_PREFIX = re.compile(r"^(?:model\.language_model\.|language_model\.model\.)")
+
+
+def gguf_tensor_names(names: Iterable[str], architecture: str, block_count: int) -> dict[str, str | None]:
+    """GGUF tensor name of each weight name (None where none matches), with gguf-py's TensorNameMap.
+
+    GGUF names (`blk.0.attn_q.weight`) map to themselves; Hugging Face names (`model.layers.0.self_attn.q_proj.weight`,
+    a LLaVA's `model.language_model.layers...` too) map through the map of `architecture` (the GGUF's
+    general.architecture, e.g. "llama"), built with enough blocks for every layer index named, so an entry of a
+    removed layer maps to a name the model lacks rather than to None.
+    """
+    import gguf
+
+    names = list(names)
+    arch_by_name = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+    indices = [int(match) for name in names for match in re.findall(r"\.(\d+)\.", name)]
+    block_count = max([block_count, *(index + 1 for index in indices)])
+    name_map = (
+        gguf.get_tensor_name_map(arch_by_name[architecture], block_count)
+        if architecture in arch_by_name
+        else None
+    )
+    mapped: dict[str, str | None] = {}
+    for name in names:
+        if name.startswith(GGUF_TENSOR_PREFIXES):
+            mapped[name] = name
+            continue
+        # a LLaVA's language model (model.language_model.layers...) is the GGUF's text model (model.layers...)
+        text_name = LLAVA_TEXT_PREFIX.sub("model.", name)
+        mapped[name] = (
+            name_map.get_name(text_name, try_suffixes=(".weight", ".bias")) if name_map is not None else None
+        )
+    return mapped
 
 
 def to_gguf_names(
@@ -170,30 +227,12 @@ def to_gguf_names(
         tensor_widths: GGUF tensor name -> input width (ggml ne[0]) times experts, of the model being
             quantized; the imatrix length must equal it, as llama-quantize requires.
     """
-    import gguf
-
-    arch_by_name = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
-    # Map with enough blocks for every layer index named (a matrix from before pruning names more),
-    # so such an entry is reported as a missing tensor, not as an unknown name.
-    indices = [int(match) for name in matrix.values for match in re.findall(r"\.(\d+)\.", name)]
-    block_count = max([block_count, *(index + 1 for index in indices)])
-    name_map = (
-        gguf.get_tensor_name_map(arch_by_name[architecture], block_count)
-        if architecture in arch_by_name
-        else None
-    )
+    targets = gguf_tensor_names(matrix.values, architecture, block_count)
     values: dict[str, np.ndarray] = {}
     for name, vector in matrix.values.items():
-        target = name
-        if not name.startswith(GGUF_TENSOR_PREFIXES):
-            # a LLaVA's language model (model.language_model.layers...) is the GGUF's text model (model.layers...)
-            text_name = LLAVA_TEXT_PREFIX.sub("model.", name)
-            mapped = (
-                name_map.get_name(text_name, try_suffixes=(".weight", ".bias")) if name_map is not None else None
-            )
-            if mapped is None:
-                raise ExportError(f"imatrix entry {name!r} matches no {architecture} tensor")
-            target = mapped
+        target = targets[name]
+        if target is None:
+            raise ExportError(f"imatrix entry {name!r} matches no {architecture} tensor")
         if target == "output.weight" and target not in tensor_widths and "token_embd.weight" in tensor_widths:
             target = "token_embd.weight"  # tied lm_head: llama.cpp multiplies by token_embd itself
         if target not in tensor_widths:

@@ -383,6 +383,13 @@ class LlamaCppRunner(Runner):
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llama.ctx), True)
         self.n_past = 0
 
+    def _rewind(self, n_past: int) -> None:
+        """Remove positions n_past.. of sequence 0 from the context's KV memory."""
+        import llama_cpp
+
+        if not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llama.ctx), 0, n_past, -1):
+            raise RuntimeError(f"llama.cpp could not drop cached positions {n_past}.. ({self.path})")
+
     def _forward(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         import llama_cpp
 

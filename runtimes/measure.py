@@ -11,7 +11,16 @@ It writes the phase it is in to a side file, so a crash can be reported as
 
 A job: load with n_ctx = `context`; prefill `context - decode_tokens` tokens (the given ids or
 text, repeated to length); decode `decode_tokens` tokens greedily one at a time, which fills the
-KV cache to exactly `context`; record speeds and memory; then, optionally, score `score_ids`
+KV cache to exactly `context`; record memory (peak and at context, after this first pass). With `warm_pass` (the
+default) the same prefill and decode then run again from an empty cache, and the speeds reported are this
+second pass's: the steady state a runtime's own benchmark reports (llama-bench times runs after a warm-up),
+not a first call's. ONNX Runtime plans memory per input shape on first sight, so its first decode at
+positions 992..1023 ran 0.85x of a warm one, and the warm session holds ~5 % more (int4_b32 at context 1024:
+441.6 MiB after the first pass, 464.2 after the second); llama.cpp showed neither (docs/RUNTIMES.md, "Measured
+speeds against the runtimes' own benchmarks"). Memory figures stay the first pass's, as the estimator is
+calibrated on them; the first pass's times and the resident memory after the warm pass are in `details`
+(first_pass_prefill_seconds, first_pass_decode_seconds, warm_pass_rss_bytes). Then, optionally,
+score `score_ids`
 (from a fresh cache) and report scoring memory apart. Instead of ids, a job may give `score_texts`:
 the child tokenizes them with the artifact's own tokenizer and scores them in windows of `score_seq_len`, each
 opened by the tokenizer's BOS when it adds one (returning the ids scored, so a caller can check two artifacts
@@ -41,7 +50,7 @@ import numpy as np
 
 from runtimes.registry import RUNNERS
 from runtimes.results import MeasureResult, RuntimeCrashError, RuntimeLoadError, ScoreResult
-from runtimes.runner import first_line
+from runtimes.runner import first_line, log_softmax
 from toolkit.core.memory_sampling import current_rss_bytes, peak_rss_bytes
 from toolkit.core.windows import window_ids
 
@@ -91,6 +100,9 @@ class MeasureJob:
     image_items: list[dict[str, Any]] | None = None
     image_full_path: str | None = None  # write the answers' log-prob rows [answer tokens, vocab] here (.npy)
     runner_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the Runner class
+    warm_pass: bool = (
+        True  # speeds of a second, warm prefill + decode; memory of the first (module docstring)
+    )
     kind: str = "measure"
 
 
@@ -176,6 +188,30 @@ def _tile(ids: list[int], length: int) -> list[int]:
     return (ids * repeats)[:length]
 
 
+def _prefill_and_decode(
+    runner: Any,
+    prefill_ids: list[int],
+    decode_tokens: int,
+    vram: VramMonitor,
+    phase: Callable[[str], None],
+    label: str,
+) -> tuple[float, float]:
+    """From an empty cache: prefill `prefill_ids`, then decode `decode_tokens` greedily; (prefill s, decode s)."""
+    phase(f"prefilling {len(prefill_ids)} tokens ({label})")
+    runner.reset()
+    start = time.perf_counter()
+    logits = runner.forward(prefill_ids)
+    prefill_seconds = time.perf_counter() - start
+    vram.sample()
+
+    phase(f"decoding {decode_tokens} tokens at context {len(prefill_ids) + decode_tokens} ({label})")
+    token = int(np.argmax(logits[-1]))
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        token = int(np.argmax(runner.forward([token])[-1]))
+    return prefill_seconds, time.perf_counter() - start
+
+
 def run_job(
     runtime: str, path: str | Path, job: MeasureJob, on_phase: Callable[[str], None] | None = None
 ) -> MeasureResult:
@@ -207,28 +243,25 @@ def run_job(
     else:
         source = runner.tokenize(job.prompt_text or FILLER_TEXT)
     prefill_ids = _tile(source, job.context - job.decode_tokens)
-    phase(f"prefilling {len(prefill_ids)} tokens ({name})")
-    runner.reset()
-    start = time.perf_counter()
-    logits = runner.forward(prefill_ids)
-    prefill_seconds = time.perf_counter() - start
-    vram.sample()
-
-    phase(f"decoding {job.decode_tokens} tokens at context {job.context} ({name})")
-    token = int(np.argmax(logits[-1]))
-    start = time.perf_counter()
-    for _ in range(job.decode_tokens):
-        token = int(np.argmax(runner.forward([token])[-1]))
-    decode_seconds = time.perf_counter() - start
+    prefill_seconds, decode_seconds = _prefill_and_decode(
+        runner, prefill_ids, job.decode_tokens, vram, phase, name
+    )
     rss_at_context = current_rss_bytes()
     peak_rss = max(peak_rss_bytes(), rss_at_context)  # the high-water mark can lag the live figure
     peak_vram = vram.stop() if runner.device == "cuda" else None  # a CPU run's delta is other processes'
+    passes: dict[str, Any] = {}
+    if job.warm_pass:
+        passes = {"first_pass_prefill_seconds": prefill_seconds, "first_pass_decode_seconds": decode_seconds}
+        prefill_seconds, decode_seconds = _prefill_and_decode(
+            runner, prefill_ids, job.decode_tokens, vram, phase, f"{name}, warm pass"
+        )
+        passes["warm_pass_rss_bytes"] = current_rss_bytes()
 
     score = None
     if job.score_ids or job.score_texts or job.option_items or job.image_items:
         phase(f"scoring ({name})")
         score = _score(runner, job)
-    details = dict(getattr(runner, "details", {}) or {})
+    details = {**dict(getattr(runner, "details", {}) or {}), **passes}
     runner.close()
     return MeasureResult(
         runtime=runtime,
@@ -336,6 +369,9 @@ def _image_results(runner: Any, items: list[dict[str, Any]], full_path: str | No
 
     The answer is tokenized as the assistant writes it (no special tokens) and scored after the
     rendered prompt with the image at its marker; an option that is the answer reuses its scores.
+    The prompt and its image are prefilled once per question; the answer, each other option and the
+    greedy reply continue from that cache, rewound to the prompt's end after each (`Runner.rewind`),
+    which gives the same rows as a fresh prefill per continuation at a third of the image encodes.
     With `full_path`, the answers' full log-prob rows, item after item, go to that .npy (float32).
     """
     results = []
@@ -343,25 +379,68 @@ def _image_results(runner: Any, items: list[dict[str, Any]], full_path: str | No
     for item in items:
         parts = runner.prompt_parts(item["messages"], item["image"])
         answer_ids = runner.tokenize(item["answer"], add_special=False)
-        rows = runner.continuation_rows(parts, answer_ids)
-        if full_path is not None:
-            full_rows.append(rows.astype(np.float32))
-        answer = rows[np.arange(len(answer_ids)), answer_ids]
-        options = None
-        if item.get("options"):
-            options = []
-            for option in item["options"]:
-                ids = runner.tokenize(option, add_special=False)
-                scores = answer if ids == answer_ids else runner.continuation_logprobs(parts, ids)
-                options.append(float(np.sum(scores)))
-        generated = None
-        if not item.get("options"):
-            result = runner.generate(item["messages"], image=item["image"], max_new_tokens=item.get("max_new_tokens", 16))
-            generated = result.text
-        results.append({"answer_logprobs": [float(v) for v in answer], "options": options, "generated": generated})
+        prompt = _PrefilledPrompt(runner, parts)
+        try:
+            rows = prompt.rows(answer_ids)
+            if full_path is not None:
+                full_rows.append(rows.astype(np.float32))
+            answer = rows[np.arange(len(answer_ids)), answer_ids]
+            options = None
+            if item.get("options"):
+                options = []
+                for option in item["options"]:
+                    ids = runner.tokenize(option, add_special=False)
+                    scores = answer if ids == answer_ids else prompt.rows(ids)[np.arange(len(ids)), ids]
+                    options.append(float(np.sum(scores)))
+            generated = None
+            if not item.get("options"):
+                generated = prompt.greedy(item.get("max_new_tokens", 16))
+        finally:
+            runner.reset()
+        results.append(
+            {"answer_logprobs": [float(v) for v in answer], "options": options, "generated": generated}
+        )
     if full_path is not None and full_rows:
         np.save(full_path, np.concatenate(full_rows, axis=0))
     return results
+
+
+class _PrefilledPrompt:
+    """A prompt (text and image) prefilled once; continuations scored or generated after it, then rewound."""
+
+    def __init__(self, runner: Any, parts: list[Any]) -> None:
+        self.runner = runner
+        runner.reset()
+        self.last = runner.forward_parts(parts)[-1]
+        self.end = runner.n_past
+
+    def rows(self, continuation: list[int]) -> np.ndarray:
+        """log p(. | prompt, continuation[:t]) for each t, float32 [len(continuation), vocab]."""
+        if not continuation:
+            raise ValueError("an answer tokenized to nothing")
+        if self.end + len(continuation) > self.runner.n_ctx:
+            raise ValueError(
+                f"{self.end + len(continuation)} positions exceed the context of {self.runner.n_ctx} tokens"
+            )
+        rows = [log_softmax(self.last[None, :])]
+        if len(continuation) > 1:
+            rows.append(log_softmax(self.runner.forward(continuation[:-1], all_logits=True)))
+            self.runner.rewind(self.end)
+        return np.concatenate(rows, axis=0)
+
+    def greedy(self, max_new_tokens: int) -> str:
+        """The greedy reply after the prompt (as `Runner.generate` with greedy=True), as text."""
+        runner, logits, tokens = self.runner, self.last, []
+        while len(tokens) < max_new_tokens:
+            token = int(np.argmax(logits))
+            if runner.is_end_of_generation(token):
+                break
+            tokens.append(token)
+            if len(tokens) >= max_new_tokens or runner.n_past >= runner.n_ctx:
+                break
+            logits = runner.forward([token])[-1]
+        runner.rewind(self.end)
+        return runner.detokenize(tokens)
 
 
 def _signal_name(number: int) -> str:

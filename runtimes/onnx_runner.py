@@ -355,6 +355,20 @@ class OnnxRunner(Runner):
             name: ort.OrtValue.ortvalue_from_numpy(empty, self._ort_device, 0) for name in self._past_names
         }
 
+    def _rewind(self, n_past: int) -> None:
+        """Keep the first n_past positions of every past tensor [batch, heads, positions, head_dim]."""
+        import onnxruntime as ort
+
+        if not self._past_names:  # no KV cache in the export: the history is the state
+            self._history = self._history[:n_past]
+            return
+        self._past = {
+            name: ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(value.numpy()[:, :, :n_past, :]), self._ort_device, 0
+            )
+            for name, value in self._past.items()
+        }
+
     @property
     def has_vision(self) -> bool:
         """True for a LLaVA export (vision_encoder.onnx and embed_tokens.onnx beside model.onnx)."""

@@ -279,6 +279,26 @@ class Runner(ABC):
                 rows.append(logits)
         return rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
 
+    def rewind(self, n_past: int) -> None:
+        """Drop the cached positions from `n_past` on; the next `forward` continues there.
+
+        Scores several continuations of one prompt (an image question's options, its answer and a greedy
+        reply) after a single prefill of the prompt and its image, instead of one prefill each.
+        """
+        if not 0 <= n_past <= self.n_past:
+            raise ValueError(f"cannot rewind to position {n_past}: the cache holds {self.n_past}")
+        if n_past == self.n_past:
+            return
+        if n_past == 0:
+            self.reset()
+            return
+        self._rewind(n_past)
+        self.n_past = n_past
+
+    def _rewind(self, n_past: int) -> None:
+        """Runtime-specific: keep positions 0..n_past-1 of the KV cache, drop the rest."""
+        raise NotImplementedError(f"the {self.name} runner cannot drop cached positions")
+
     # -- images (vision-language artifacts) ---------------------------------------------------
 
     @property
@@ -314,7 +334,9 @@ class Runner(ABC):
         self.n_past += self.image_tokens
         return logits
 
-    def prompt_parts(self, prompt: str | Sequence[Message], image: str | Path | None = None) -> list[PromptPart]:
+    def prompt_parts(
+        self, prompt: str | Sequence[Message], image: str | Path | None = None
+    ) -> list[PromptPart]:
         """The prompt as token-id runs and the image: the rendered text split at IMAGE_MARKER.
 
         Without an image this is `[prompt_ids(prompt)]`. With one, the prompt (raw text, or chat
@@ -325,7 +347,9 @@ class Runner(ABC):
             return [self.prompt_ids(prompt)]
         text = prompt if isinstance(prompt, str) else self.apply_chat_template(prompt)
         if text.count(IMAGE_MARKER) != 1:
-            raise ValueError(f"an image prompt must hold {IMAGE_MARKER} exactly once (found {text.count(IMAGE_MARKER)})")
+            raise ValueError(
+                f"an image prompt must hold {IMAGE_MARKER} exactly once (found {text.count(IMAGE_MARKER)})"
+            )
         before, after = text.split(IMAGE_MARKER)
         parts: list[PromptPart] = [self.tokenize(before, add_special=isinstance(prompt, str)), Path(image)]
         parts.append(self.tokenize(after, add_special=False))

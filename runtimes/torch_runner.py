@@ -159,6 +159,10 @@ class TorchRunner(Runner):
         self._cache = None
         self.n_past = 0
 
+    def _rewind(self, n_past: int) -> None:
+        """Crop the DynamicCache to its first n_past positions."""
+        self._cache.crop(n_past)
+
     def _forward(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         import torch
         from transformers import DynamicCache

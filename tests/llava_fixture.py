@@ -63,3 +63,38 @@ def write_test_image(path: Path, seed: int = 0, size: tuple[int, int] = (80, 72)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return path
+
+
+def check_scoring_after_one_prefill(runner: object, image: Path, tolerance: float = 1e-4) -> None:
+    """The measure's image scoring (prompt and image prefilled once, the cache rewound after each continuation)
+    gives the rows, option totals and greedy reply of a fresh prefill per continuation, and leaves the cache empty."""
+    from runtimes.measure import _image_results
+    from toolkit.core.vision import IMAGE_MARKER
+
+    messages = [{"role": "user", "content": f"{IMAGE_MARKER}\nIs there a fracture?"}]
+    answer, other = "Yes, in the left femur", "No"
+    parts = runner.prompt_parts(messages, image)
+    fresh_answer = runner.continuation_logprobs(parts, runner.tokenize(answer))
+    fresh_other = runner.continuation_logprobs(parts, runner.tokenize(other))
+    fresh_reply = runner.generate(messages, image=image, max_new_tokens=6).text
+    closed, open_ = _image_results(
+        runner,
+        [
+            {"messages": messages, "image": str(image), "answer": answer, "options": [answer, other]},
+            {"messages": messages, "image": str(image), "answer": answer, "max_new_tokens": 6},
+        ],
+    )
+    np.testing.assert_allclose(closed["answer_logprobs"], fresh_answer, atol=tolerance)
+    np.testing.assert_allclose(closed["options"], [fresh_answer.sum(), fresh_other.sum()], atol=tolerance)
+    np.testing.assert_allclose(open_["answer_logprobs"], fresh_answer, atol=tolerance)
+    assert open_["generated"] == fresh_reply and closed["generated"] is None
+    assert runner.n_past == 0
+    runner.forward(runner.tokenize("Is"))  # a rewind below the cache's start or past its end is refused
+    for bad in (-1, runner.n_past + 1):
+        try:
+            runner.rewind(bad)
+        except ValueError as error:
+            assert "cannot rewind" in str(error)
+        else:
+            raise AssertionError(f"rewind({bad}) was accepted")
+    runner.reset()

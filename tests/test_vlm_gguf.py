@@ -28,6 +28,7 @@ from exporters import ExportError, export
 from exporters.gguf_exporter import quantize
 from exporters.gguf_mmproj import gguf_vision_name, vision_layout, write_mmproj
 from runtimes import RuntimeLoadError, artifact_format, load_runner
+from tests.llava_fixture import check_scoring_after_one_prefill
 from toolkit.core.hashing import file_sha256
 from toolkit.core.vision import IMAGE_MARKER, MMPROJ_PREFIX
 
@@ -282,3 +283,8 @@ def test_export_refuses_a_llava_without_processor_before_converting(tiny_llava, 
     with pytest.raises(ExportError, match="vision dtype"):
         export(tiny_llava, "gguf", "F16", tmp_path / "out", vision_dtype="q4_0")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("*.gguf"))
+
+
+@pytest.mark.heavy
+def test_scoring_after_one_prefill_matches_a_prefill_per_continuation(gguf_llava, test_images):
+    check_scoring_after_one_prefill(gguf_llava, test_images[0])

@@ -25,6 +25,7 @@ import pytest
 from exporters import ExportError, export, onnx_exporter, onnx_llava
 from runtimes import RuntimeLoadError, load_runner, onnx_runner
 from runtimes.runner import log_softmax
+from tests.llava_fixture import check_scoring_after_one_prefill
 from toolkit.core.formats import ONNX_SCHEMES
 from toolkit.core.vision import IMAGE_MARKER, PROCESSOR_FILE
 
@@ -263,3 +264,8 @@ def test_llava_without_processor_config_is_refused_before_exporting(tiny_llava, 
     monkeypatch.setattr(onnx_exporter, "run_llava_export", lambda *_: pytest.fail("exported anyway"))
     with pytest.raises(ExportError, match=PROCESSOR_FILE):
         export(copy, "onnx", "int4_b32", tmp_path / "out")
+
+
+@pytest.mark.heavy
+def test_scoring_after_one_prefill_matches_a_prefill_per_continuation(onnx_fp32, test_images):
+    check_scoring_after_one_prefill(onnx_fp32, test_images[0])

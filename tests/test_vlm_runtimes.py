@@ -9,6 +9,7 @@ import pytest
 
 from runtimes import RuntimeLoadError, load_runner
 from runtimes.image import load_pixels, read_processor_config
+from tests.llava_fixture import check_scoring_after_one_prefill
 from toolkit.core.vision import IMAGE_MARKER
 
 QUESTION = [{"role": "user", "content": f"{IMAGE_MARKER}\nIs there a fracture?"}]
@@ -77,7 +78,10 @@ def test_generation_with_an_image_counts_image_positions(torch_llava, test_image
 def test_prompt_without_marker_and_text_only_artifact_are_refused(torch_llava, test_images, demo_model_dir):
     with pytest.raises(ValueError, match="exactly once"):
         torch_llava.prompt_parts([{"role": "user", "content": "no marker"}], test_images[0])
-    with load_runner(demo_model_dir, n_ctx=64) as text_only, pytest.raises(ValueError, match="no vision tower"):
+    with (
+        load_runner(demo_model_dir, n_ctx=64) as text_only,
+        pytest.raises(ValueError, match="no vision tower"),
+    ):
         text_only.generate(QUESTION, image=test_images[0], max_new_tokens=1)
 
 
@@ -100,3 +104,7 @@ def test_llava_folder_without_processor_config_is_refused(tiny_llava, tmp_path):
     (copy / "preprocessor_config.json").unlink()
     with pytest.raises(RuntimeLoadError, match="preprocessor_config.json"):
         load_runner(copy, n_ctx=64)
+
+
+def test_scoring_after_one_prefill_matches_a_prefill_per_continuation(torch_llava, test_images):
+    check_scoring_after_one_prefill(torch_llava, test_images[0])
