@@ -33,6 +33,7 @@ COMMANDS = (
     "model",
     "plan",
     "simulate",
+    "emulate",
     "compress",
     "export",
     "eval",

@@ -2,19 +2,24 @@
 
 The model is toolkit/plan/simulator.py (a memory-tier epoch model calibrated on this host). `--json` prints one
 JSON object: decode_tokens_per_s, prefill_tokens_per_s, ttft_s, placement, oom_context, per_token_latency_s
-(along latency_positions) and what they rest on. Bad input (unknown placement, a placement that fits no tier,
+(along latency_positions) and what they rest on. `--plot PATH` also writes latency along the context for each
+placement the simulation weighed (PNG, SVG or PDF by the suffix; matplotlib, from `bedside[build]`). A plan is
+simulated at its own context and placement unless --context / --placement say otherwise, so the decode speed
+printed is the plan's predicted_decode_tokens_per_s. Bad input (unknown placement, a placement that fits no tier,
 a context beyond the model's maximum) is one error line and exit 2 (toolkit.cli.main.main).
 """
 
+import io
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from toolkit.core.atomic import write_bytes_atomic
 from toolkit.core.errors import BedsideError
 from toolkit.core.units import MIB
 from toolkit.plan.schema import read_plan
@@ -47,6 +52,10 @@ def simulate_command(
     decode_tokens: Annotated[
         int, typer.Option("--decode-tokens", help="Decode steps after the prompt (as `bedside eval`).")
     ] = DECODE_TOKENS,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Write latency along the context per placement to this .png/.svg/.pdf."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Predict time to first token, prefill and decode speed of a deployment on a device profile."""
@@ -54,12 +63,18 @@ def simulate_command(
         raise BedsideError("give exactly one of --plan plan.json or --bundle DIR|EXPORT|FILE.gguf")
     if threads is not None and threads <= 0:
         raise BedsideError(f"--threads must be a positive number, got {threads}")
+    if plot is not None and plot.suffix.lower() not in PLOT_FORMATS:
+        raise BedsideError(f"--plot {plot}: name a {', '.join(PLOT_FORMATS)} file")
     device = load_profile(profile)
     if plan is not None:
-        workload = workload_from_plan(read_plan(plan), device)
+        planned = read_plan(plan)
+        workload = workload_from_plan(planned, device)
+        context = planned.context_length if context is None else context
     else:
         workload = read_artifact_workload(bundle, device)  # type: ignore[arg-type]
     result = simulate(workload, device, context, placement, threads, decode_tokens)
+    if plot is not None:
+        write_latency_plot(result, plot, workload.num_layers)
     if as_json:
         typer.echo(json.dumps(result.to_json(workload.num_layers)))
         return
@@ -103,3 +118,56 @@ def print_simulation(result: Simulation, layers: int) -> None:
         )
     for note in result.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
+
+
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend; a one-line error on a base install without it."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise BedsideError(
+            "--plot needs matplotlib, which the base install leaves out: `pip install 'bedside[build]'`"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_latency_plot(result: Simulation, path: Path, layers: int) -> None:
+    """Milliseconds per decoded token along the context, one line per placement the simulation weighed (the
+    chosen one bold), the context where memory runs out marked; written atomically in the suffix's format."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7.5, 4.2))
+    chosen = result.placement.label(layers)
+    for label, seconds in result.latency_by_placement.items():
+        if seconds is None:
+            continue
+        is_chosen = label == chosen
+        rate = result.alternatives.get(label)
+        axes.plot(
+            result.latency_positions,
+            [value * 1000 for value in seconds],
+            linewidth=2.6 if is_chosen else 1.2,
+            label=f"{label}{' (chosen)' if is_chosen else ''}: {rate:.2f} tok/s" if rate else label,
+        )
+    if result.oom_context is not None:
+        axes.axvline(result.oom_context, color="red", linestyle="--", label=f"memory runs out ({result.oom_context})")
+    unplaced = [label for label, seconds in result.latency_by_placement.items() if seconds is None]
+    axes.set_xlabel("position in the context (tokens cached)")
+    axes.set_ylabel("ms per decoded token")
+    axes.set_ylim(bottom=0)
+    axes.set_title(
+        f"{result.workload} on {result.profile} ({result.runtime}), predicted"
+        + (f"; no fit: {', '.join(unplaced)}" if unplaced else ""),
+        fontsize=9,
+    )
+    axes.legend(fontsize=8)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format=path.suffix.lower().lstrip("."), dpi=100)
+    plt.close(figure)
+    write_bytes_atomic(path, buffer.getvalue())

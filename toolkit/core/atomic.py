@@ -22,7 +22,12 @@ TEMPORARY_PREFIX = ".tmp-"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync, then rename over `path`.
+    """Write `text` (UTF-8) to a temporary file beside `path`, fsync, then rename over `path` (write_bytes_atomic)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, fsync, then rename over `path`.
 
     An interrupted write leaves no temporary behind. Mode 0644 like an ordinary write (mkstemp's
     own 0600 would hide reports and bundle files from the people who install them).
@@ -30,8 +35,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
             stream.flush()
             os.fchmod(stream.fileno(), 0o644)
             os.fsync(stream.fileno())

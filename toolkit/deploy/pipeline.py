@@ -67,6 +67,8 @@ from toolkit.plan.planner import make_plan
 from toolkit.plan.schema import Candidate, Plan, write_plan
 from toolkit.target.profiles import DeviceProfile, load_profile
 from toolkit.validate.checks import (
+    HOST_PROFILE,
+    HOST_SPEED_CHECK,
     Check,
     build_checks,
     explain_failures,
@@ -463,8 +465,10 @@ def run_deploy(options: DeployOptions, console: Console | None = None) -> Deploy
             candidate,
             measured_memory_bytes(evaluation, profile),
             perplexity_increase_pct(evaluation),
-            quality_failed=any(c.name != "peak_memory_bytes" for c in failures),
+            quality_failed=any(c.name not in ("peak_memory_bytes", HOST_SPEED_CHECK) for c in failures),
             memory_failed=any(c.name == "peak_memory_bytes" for c in failures),
+            target_speed=evaluation.get("decode_tokens_per_s") if profile.name == HOST_PROFILE else None,
+            speed_failed=any(c.name == HOST_SPEED_CHECK for c in failures),
         )
         attempt.corrections = corrections.to_dict()
         if number == options.max_attempts:

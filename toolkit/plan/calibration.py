@@ -8,12 +8,18 @@ measured prefill and decode times of llama.cpp and ONNX Runtime on this machine 
 ones `bedside eval` runs), fitted against the epoch model with the memory bandwidth measured beside each run
 (toolkit.target.host.measure_memory_bandwidth) and the profile's compute peak. It holds the commands and the
 fit residuals. Processors the record lacks (GPUs: none here) get DEFAULTS, marked as assumptions.
+
+The simulator's measured accuracy, docs/benchmarks/simulator_accuracy.json (`python -m bench.simulator accuracy`:
+predictions against measurements at contexts the fit never saw), gives the error band a prediction is shown with
+(decode_error_band): the median and 90th percentile of |predicted / measured - 1| over the runtime's decode rows.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +28,8 @@ from toolkit.core.paths import REPO_ROOT
 
 CALIBRATION_PATH = REPO_ROOT / "docs" / "benchmarks" / "simulator_calibration.json"
 CALIBRATION_ENV = "BEDSIDE_SIMULATOR_CALIBRATION"
+ACCURACY_PATH = REPO_ROOT / "docs" / "benchmarks" / "simulator_accuracy.json"
+ACCURACY_ENV = "BEDSIDE_SIMULATOR_ACCURACY"
 
 
 @dataclass(frozen=True)
@@ -99,4 +107,61 @@ def efficiency_for(
         step_overhead_s=overhead,
         source=f"calibrated on the build host ({which}; `{record.get('command', 'bench.simulator calibrate')}`, "
         f"{record.get('fitted', 'date unknown')})",
+    )
+
+
+@dataclass(frozen=True)
+class ErrorBand:
+    """How far the simulator's decode predictions fell from measurements on the build host (accuracy record)."""
+
+    median_abs_error_pct: float
+    p90_abs_error_pct: float
+    points: int
+    runtime: str  # the runtime whose rows these are ("all runtimes" when the record has none of it)
+    source: str
+
+    def measured_range(self, predicted: float) -> tuple[float, float]:
+        """Where the measurement lies when the prediction errs by at most the median: error = predicted /
+        measured - 1 in [-m, +m] gives measured in [predicted / (1 + m), predicted / (1 - m)] (no upper end
+        when m >= 100 %)."""
+        m = self.median_abs_error_pct / 100
+        return predicted / (1 + m), (predicted / (1 - m) if m < 1 else math.inf)
+
+
+def accuracy_path() -> Path:
+    return Path(os.environ.get(ACCURACY_ENV, ACCURACY_PATH))
+
+
+def _nearest_rank(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+
+
+def decode_error_band(runtime: str, path: Path | None = None) -> ErrorBand | None:
+    """The decode error band of `runtime` from the accuracy record (every runtime's rows when it has none of
+    this one); None when there is no record or it holds no decode errors."""
+    path = path or accuracy_path()
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        rows = [row for row in record.get("rows", []) if isinstance(row.get("decode_error_pct"), int | float)]
+    except (OSError, json.JSONDecodeError, AttributeError) as error:
+        raise BedsideError(f"simulator accuracy record {path} is not readable ({error})") from None
+    own = [row for row in rows if row.get("runtime") == runtime]
+    chosen, which = (own, runtime) if own else (rows, "all runtimes")
+    if not chosen:
+        return None
+    errors = [abs(float(row["decode_error_pct"])) for row in chosen]
+    median, p90 = round(statistics.median(errors), 1), round(_nearest_rank(errors, 90), 1)
+    contexts = sorted({int(row["context"]) for row in chosen if "context" in row})
+    return ErrorBand(
+        median_abs_error_pct=median,
+        p90_abs_error_pct=p90,
+        points=len(errors),
+        runtime=which,
+        source=f"the simulator's decode error on the build host's CPU, {which}: median |predicted / measured - 1| "
+        f"{median:g} %, 90th percentile {p90:g} % over {len(errors)} predictions at contexts "
+        f"{', '.join(map(str, contexts))} (`{record.get('command', 'bench.simulator accuracy')}`, "
+        f"{record.get('computed', 'date unknown')}; docs/benchmarks/{path.name}, docs/SIMULATOR.md)",
     )

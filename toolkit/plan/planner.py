@@ -11,10 +11,12 @@ largest n_gpu_layers that fits the GPU (llama.cpp users' manual search, here a b
   memory      estimate_memory (toolkit.plan.memory): total bytes in the profile's model tier, and host_bytes
   fits        total <= available = (tier capacity - reserved_gib) * (1 - headroom_pct / 100), and host_bytes <=
               the host tier's capacity * (1 - headroom_pct / 100) (toolkit.plan.memory.host_budget)
-  speed       decode tokens/s <= DECODE_BANDWIDTH_EFFICIENCY / sum over tiers of bytes read there per token /
-              the tier's bandwidth (sustained when the profile gives it, else peak)
-              (toolkit.plan.memory.decode_bytes_by_tier: weights + KV cache at the full context, at the KV
-              precision, each from the tier the placement puts it in)
+  speed       the simulator's predicted decode tokens/s on the profile at the plan's context, with the
+              candidate's placement and KV precision (toolkit.plan.simulator.predict_decode_tokens_per_s: the
+              memory-tier epoch model with the calibrated efficiencies of toolkit.plan.calibration; the figure
+              `bedside simulate --plan plan.json` prints for the chosen candidate). It replaces the bandwidth
+              bound at full efficiency, which let a 4 GB GPU place most of a 7B model in DDR4 at "up to 8 tok/s"
+              while the calibrated model predicts ~1 tok/s (tests/test_planner.py)
   passes      fits and speed >= profile.min_decode_tokens_per_s
   quality     predicted perplexity increase (toolkit.plan.quality_priors.predict_quality; the KV precision is
               one more factor)
@@ -39,10 +41,10 @@ from toolkit.core.formats import FORMATS, KV_CACHE_DTYPES, format_of_scheme, res
 from toolkit.core.units import GIB
 from toolkit.model.facts import ModelFacts
 from toolkit.model.storage_types import StoredTensor
+from toolkit.plan.calibration import read_calibration
 from toolkit.plan.memory import (
     Deployment,
     RuntimeSettings,
-    decode_seconds_per_token,
     estimate_memory,
     host_budget,
     host_tier,
@@ -60,12 +62,10 @@ from toolkit.plan.quality_priors import (
     predict_quality,
 )
 from toolkit.plan.schema import Candidate, MemoryEstimate, Plan, PredictedQuality
+from toolkit.plan.simulator import predict_decode_tokens_per_s
+from toolkit.plan.workload import make_workload
 from toolkit.target.profiles import DeviceProfile
 
-# Roofline: decode reads every weight once per token at the tier's peak bandwidth. 1.0 makes the estimate an
-# upper bound, so the minimum-speed filter only rejects candidates that cannot reach it at all; the simulator
-# issue replaces this with measured efficiency.
-DECODE_BANDWIDTH_EFFICIENCY = 1.0
 QUALITY_TIE_PCT = 0.05
 
 
@@ -210,6 +210,7 @@ class _Search:
     host_budget: int | None
     min_speed: float
     healed: bool = True
+    calibration: dict | None = None  # the simulator's calibration record, read once per plan
 
 
 def _score(search: _Search, deployment: Deployment, tensors: list[StoredTensor]) -> _Scored:
@@ -225,7 +226,9 @@ def _score(search: _Search, deployment: Deployment, tensors: list[StoredTensor])
         kv_cache_dtype=kv_dtype if deployment.format != "onnx" else None,
         healed=search.healed,
     )
-    speed = DECODE_BANDWIDTH_EFFICIENCY / decode_seconds_per_token(facts, deployment, profile, tensors)
+    workload = make_workload(facts, deployment, profile, tensors=tensors, placement_given=True)
+    context = deployment.context or profile.context_length
+    speed = predict_decode_tokens_per_s(workload, profile, context, record=search.calibration)
     fits_model = memory.total_bytes <= search.budget
     fits_host = search.host_budget is None or memory.host_bytes <= search.host_budget
     reasons = []
@@ -238,7 +241,10 @@ def _score(search: _Search, deployment: Deployment, tensors: list[StoredTensor])
             f"needs {_gib(memory.host_bytes)} of {name}, over its {_gib(search.host_budget or 0)} budget"
         )
     if speed < search.min_speed:
-        reasons.append(f"decodes at most {speed:.1f} tok/s, below the {search.min_speed:g} tok/s minimum")
+        reasons.append(
+            f"predicted {speed:.2f} tok/s decode on the target (simulator), below the {search.min_speed:g} tok/s "
+            "minimum"
+        )
     candidate = Candidate(
         format=deployment.format,
         quant=deployment.quant,
@@ -318,6 +324,7 @@ def make_plan(
         host_budget=host_budget(profile),
         min_speed=profile.min_decode_tokens_per_s.value,
         healed=healed,
+        calibration=read_calibration(),
     )
     depths = [prune_layers] if prune_layers is not None else list(range(facts.num_layers // 2 + 1))
     by_layers = sensitivities is not None and sensitivities.has_layer_data
@@ -506,8 +513,9 @@ def _chosen_reason(
         f"chose {_describe(c, facts.num_layers)} on {c.runtime}: {_gib(c.memory.total_bytes)} of the "
         f"{_budget_line(profile, plan.budget_bytes)}; {_memory_line(c.memory)}{_host_line(profile, c)}; "
         f"weights+vision {saving:.0%} below fp16; predicted +{q.total_pct:.2f} % perplexity (quantization "
-        f"+{q.quant_pct:.2f} % {q.quant_source}, depth +{q.depth_pct:.2f} % {depth_source}{kv}); up to "
-        f"{c.predicted_decode_tokens_per_s:g} tok/s; rule: {rule}{floor_note}"
+        f"+{q.quant_pct:.2f} % {q.quant_source}, depth +{q.depth_pct:.2f} % {depth_source}{kv}); predicted "
+        f"{c.predicted_decode_tokens_per_s:g} tok/s decode on the target (simulator, docs/SIMULATOR.md); "
+        f"rule: {rule}{floor_note}"
     )
 
 
@@ -530,8 +538,8 @@ def _nothing_fits_reason(
         fastest = max(fitting, key=lambda s: s.candidate.predicted_decode_tokens_per_s or 0.0).candidate
         return (
             f"nothing passes on '{profile.name}': {len(fitting)} candidates fit in memory, but the fastest "
-            f"({_describe(fastest, facts.num_layers)}) decodes at most {fastest.predicted_decode_tokens_per_s:g} "
-            f"tok/s, below the profile's minimum of {min_speed:g} tok/s"
+            f"({_describe(fastest, facts.num_layers)}) is predicted to decode {fastest.predicted_decode_tokens_per_s:g} "
+            f"tok/s on the target (simulator), below the profile's minimum of {min_speed:g} tok/s"
         )
     return (
         f"nothing fits on '{profile.name}': the smallest candidate ({_describe(smallest, facts.num_layers)}) needs "

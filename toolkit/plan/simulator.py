@@ -122,11 +122,14 @@ class Placement:
 
 
 def planned_placement(workload: Workload) -> Placement | None:
-    """The placement a plan or bundle chose (its Deployment's gpu_layers / kv_on_host), None when it chose none."""
+    """The placement a plan or bundle chose (its Deployment's gpu_layers / kv_on_host; all on the device when it
+    placed nothing elsewhere), None for a bare export, which chose none."""
     deployment = workload.deployment
     layers = workload.num_layers
     if deployment.gpu_layers is None:
-        return Placement("kv-host", layers, kv_on_spill=True) if deployment.kv_on_host else None
+        if deployment.kv_on_host:
+            return Placement("kv-host", layers, kv_on_spill=True)
+        return Placement("device", layers) if workload.placement_given else None
     count = deployment.gpu_layers
     return Placement(
         "split", max(0, min(layers, count - 1)), kv_on_spill=deployment.kv_on_host, head_on_model=count >= 1
@@ -158,6 +161,8 @@ class Simulation:
     alternatives: dict[str, float | None] = field(
         default_factory=dict
     )  # placement -> decode tok/s (None: no fit)
+    # placement -> one decode step's seconds at latency_positions (None: no fit); the chosen one included
+    latency_by_placement: dict[str, list[float] | None] = field(default_factory=dict)
 
     def to_json(self, layers: int) -> dict[str, object]:
         return {
@@ -185,6 +190,7 @@ class Simulation:
             "decode_epoch": self.decode_epoch,
             "efficiency": self.efficiency,
             "alternatives": self.alternatives,
+            "latency_by_placement": self.latency_by_placement,
             "notes": self.notes,
         }
 
@@ -426,12 +432,12 @@ def epoch(
     return Epoch(segments, link_seconds, target.main.efficiency.step_overhead_s)
 
 
-def prefill_epochs(workload: Workload, prompt: int) -> list[tuple[int, int, int]]:
-    """(cached, tokens, head rows) of each call that prefills `prompt` tokens."""
+def prefill_epochs(workload: Workload, prompt: int, start: int = 0) -> list[tuple[int, int, int]]:
+    """(cached, tokens, head rows) of each call that prefills `prompt` tokens after `start` cached ones."""
     calls = []
-    cached = 0
-    while cached < prompt:
-        tokens = min(workload.prefill_chunk, prompt - cached)
+    cached = start
+    while cached < start + prompt:
+        tokens = min(workload.prefill_chunk, start + prompt - cached)
         calls.append((cached, tokens, tokens if workload.head_rows_all else 1))
         cached += tokens
     return calls
@@ -477,10 +483,38 @@ def _split_that_fits(
 def _decode_rate(
     workload: Workload, target: Target, placement: Placement, prompt: int, decode_tokens: int
 ) -> float:
+    """Decode tokens/s over `decode_tokens` steps after a prompt of `prompt` tokens: the one formula behind
+    Simulation.decode_tokens_per_s, its alternatives and predict_decode_tokens_per_s (the planner's figure)."""
     seconds = sum(
         epoch(workload, target, placement, *call).seconds() for call in decode_epochs(prompt, decode_tokens)
     )
     return decode_tokens / seconds
+
+
+def latency_positions(context: int) -> list[int]:
+    """LATENCY_POINTS positions spread over 0..context-1 (fewer for a short context)."""
+    count = min(LATENCY_POINTS, context)
+    return sorted({round(i * (context - 1) / max(1, count - 1)) for i in range(count)})
+
+
+def predict_decode_tokens_per_s(
+    workload: Workload,
+    profile: DeviceProfile,
+    context: int,
+    threads: int | None = None,
+    decode_tokens: int = DECODE_TOKENS,
+    record: dict | None = None,
+) -> float:
+    """Decode tokens/s of the workload's own placement (a plan's candidate: planned_placement, else all on the
+    device) at `context`: the figure `simulate(workload, profile, context)` reports for a plan, without the
+    memory search, prefill and latency series (the planner scores hundreds of candidates with it). Decodes
+    min(decode_tokens, context - 1) steps, so a context too short for the default still has a figure."""
+    target = make_target(profile, workload.runtime, threads, record, workload.quant)
+    placement = planned_placement(workload) or Placement("device", workload.num_layers)
+    if placement.name != "device" and target.spill_tier is None:
+        placement = Placement("device", workload.num_layers)
+    steps = max(1, min(decode_tokens, context - 1))
+    return _decode_rate(workload, target, placement, max(0, context - steps), steps)
 
 
 def simulate(
@@ -533,13 +567,20 @@ def simulate(
                 elif found is None and wanted is not None:
                     candidates.append(Placement("split", 0))
 
+    positions = latency_positions(ctx)
     alternatives: dict[str, float | None] = {}
+    series: dict[str, list[float] | None] = {}
     scored: list[tuple[bool, int, float, Placement]] = []
     for option in candidates:
         oom = first_oom_context(workload, profile, target, option, ctx)
         usable = oom is None or oom > 1
         rate = _decode_rate(workload, target, option, prompt, decode_tokens) if usable else None
         alternatives[option.label(layers)] = None if rate is None else round(rate, 3)
+        series[option.label(layers)] = (
+            [epoch(workload, target, option, position, 1, 1).seconds() for position in positions]
+            if usable
+            else None
+        )
         if usable:
             scored.append((oom is None, oom or ctx, rate or 0.0, option))
     if not scored:
@@ -558,11 +599,7 @@ def simulate(
     prefill_seconds = sum(
         epoch(workload, target, chosen, *call).seconds() for call in prefill_epochs(workload, prompt)
     )
-    decode_calls = decode_epochs(prompt, decode_tokens)
-    decode_seconds = sum(epoch(workload, target, chosen, *call).seconds() for call in decode_calls)
-    count = min(LATENCY_POINTS, ctx)
-    positions = sorted({round(i * (ctx - 1) / max(1, count - 1)) for i in range(count)})
-    latencies = [epoch(workload, target, chosen, position, 1, 1).seconds() for position in positions]
+    latencies = series[chosen.label(layers)] or []
     last = epoch(workload, target, chosen, ctx - 1, 1, 1)
     epoch_detail: dict[str, float] = {}
     for segment in last.segments:
@@ -603,11 +640,52 @@ def simulate(
         oom_context=oom,
         ttft_s=prefill_seconds,
         prefill_tokens_per_s=prompt / prefill_seconds if prefill_seconds > 0 else math.inf,
-        decode_tokens_per_s=decode_tokens / decode_seconds,
+        decode_tokens_per_s=_decode_rate(workload, target, chosen, prompt, decode_tokens),
         latency_positions=positions,
         per_token_latency_s=latencies,
         decode_epoch=epoch_detail,
         efficiency=efficiency,
         notes=notes,
         alternatives=alternatives,
+        latency_by_placement=series,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Step by step (bedside emulate)
+
+
+@dataclass(frozen=True)
+class TargetClock:
+    """Seconds of each forward step of one placement on the target: what `bedside emulate` makes the host wait
+    for (CXLMemSim's delay injection), step by step as the chat runs instead of over a fixed prompt."""
+
+    workload: Workload
+    target: Target
+    placement: Placement
+
+    def prefill_seconds(self, tokens: int, cached: int = 0) -> float:
+        """A prompt of `tokens` tokens after `cached` ones, in the runtime's prefill chunks (time to first token)."""
+        return sum(
+            epoch(self.workload, self.target, self.placement, *call).seconds()
+            for call in prefill_epochs(self.workload, tokens, cached)
+        )
+
+    def decode_seconds(self, cached: int) -> float:
+        """One decoded token with `cached` tokens in the KV cache."""
+        return epoch(self.workload, self.target, self.placement, cached, 1, 1).seconds()
+
+
+def target_clock(
+    workload: Workload,
+    profile: DeviceProfile,
+    context: int | None = None,
+    placement: str = "auto",
+    threads: int | None = None,
+    record: dict | None = None,
+) -> tuple[TargetClock, Simulation]:
+    """The clock of the placement `simulate` chooses at `context` (the same input checks), and that simulation."""
+    record = read_calibration() if record is None else record
+    result = simulate(workload, profile, context, placement, threads, record=record)
+    target = make_target(profile, workload.runtime, threads, record, workload.quant)
+    return TargetClock(workload, target, result.placement), result

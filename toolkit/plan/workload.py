@@ -57,6 +57,9 @@ class Workload:
     prefill_chunk: int  # tokens per forward call of a long prompt (llama.cpp n_batch 512, OnnxRunner 128)
     head_rows_all: bool  # True: the head runs for every row of a call (the ONNX export); False: last row only
     source: str  # where the tensor table came from
+    # True for a plan or a bundle (runtime.json): their placement, all on the device when they placed nothing
+    # elsewhere, is the one simulated under "auto"; False for a bare export, whose placement "auto" chooses
+    placement_given: bool = False
     layer_bytes: tuple[int, ...] = field(init=False)
     layer_matmul_params: int = field(
         init=False
@@ -128,6 +131,7 @@ def make_workload(
     tensors: list[StoredTensor] | None = None,
     label: str = "",
     source: str = "memory estimator tables (toolkit.plan.memory.text_weights)",
+    placement_given: bool = False,
 ) -> Workload:
     """A Workload from facts and a deployment; `tensors` (e.g. read from a GGUF) replace the estimator's table."""
     if deployment.format not in FORMATS:
@@ -156,6 +160,7 @@ def make_workload(
         prefill_chunk=chunk,
         head_rows_all=rows_all,
         source=source,
+        placement_given=placement_given,
     )
 
 
@@ -171,7 +176,11 @@ def workload_from_plan(plan: Plan, profile: DeviceProfile, label: str = "") -> W
     facts = read_facts(plan.model)
     deployment = deployment_of(chosen)  # with the plan's KV precision and placement
     return make_workload(
-        facts, deployment, profile, label=label or f"plan: {plan.model} {chosen.format} {chosen.quant}"
+        facts,
+        deployment,
+        profile,
+        label=label or f"plan: {plan.model} {chosen.format} {chosen.quant}",
+        placement_given=True,
     )
 
 
@@ -252,7 +261,8 @@ def read_gguf_workload(
         )
     deployment = _with_runtime_settings(Deployment("gguf", quant, 0, None, "llama.cpp"), settings, facts)
     return make_workload(facts, deployment, profile, tensors=tensors, label=f"{path.name} ({quant})",
-                         source=f"tensor table of {path.name} (GGUFReader)")  # fmt: skip
+                         source=f"tensor table of {path.name} (GGUFReader)",
+                         placement_given=settings is not None)  # fmt: skip
 
 
 def _with_runtime_settings(

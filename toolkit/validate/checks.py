@@ -29,10 +29,16 @@ Checks (`blocking` ones decide whether deploy re-plans; the others are reported)
   host_bytes beside it (blocking)
 - runtime_device (profiles with a GPU-memory model tier only): the runtime ran on the GPU, not
   on a CPU fallback (blocking)
-- decode_tokens_per_s measured on this host >= profile.min_decode_tokens_per_s (reported only: the host is not
-  the target)
+- decode_tokens_per_s_host: decode speed measured on this host >= profile.min_decode_tokens_per_s; reported
+  only, except on the "host" profile, where this host is the target and the measurement is the target's speed
+  (blocking)
 - decode_tokens_per_s_target, when a prediction is given: the simulator's decode speed for the same file on the
-  profile (toolkit.validate.target_speed) >= profile.min_decode_tokens_per_s (reported only: a prediction)
+  profile (toolkit.validate.target_speed, with its error band in the detail) >= profile.min_decode_tokens_per_s
+  (reported only: a prediction; on the "host" profile the measurement above decides)
+- decode_prediction_error_pct, on the "host" profile with a prediction and a measurement: the prediction checked
+  against the measurement, |predicted / measured - 1| x 100 <= the simulator's measured 90th-percentile decode
+  error (toolkit.plan.calibration.decode_error_band; PREDICTION_ERROR_TARGET_PCT, the issue's target, without an
+  accuracy record). Reported only: it grades the simulator, not the deployment.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ from toolkit.validate.target_speed import describe
 
 TOP1_AGREEMENT_MIN = 0.6
 HOST_SPEED_NOTE = "measured on this host, which is not the target (see decode_tokens_per_s_target)"
+HOST_IS_TARGET_NOTE = "measured on this host, which is the target (profile 'host'): blocking"
+HOST_PROFILE = "host"  # toolkit.target.host.detect_host_profile's name
+HOST_SPEED_CHECK = "decode_tokens_per_s_host"
+PREDICTION_ERROR_TARGET_PCT = 15.0  # issue 15's accuracy target, used when there is no accuracy record
 
 
 Number = int | float  # kept as given: a byte count stays an int in the JSON, a ratio a float
@@ -167,8 +177,8 @@ def perplexity_increase_pct(evaluation: dict[str, Any]) -> float | None:
     return (float(ppl) / float(reference) - 1.0) * 100.0
 
 
-def _speed_check(name: str, speed: Any, minimum: float, detail: str) -> Check:
-    """A reported-only decode speed check: speed >= the profile's minimum (None when not measured)."""
+def _speed_check(name: str, speed: Any, minimum: float, detail: str, blocking: bool = False) -> Check:
+    """A decode speed check: speed >= the profile's minimum (None when not measured); reported only by default."""
     return Check(
         name,
         _compare(speed, minimum, ">="),
@@ -176,8 +186,34 @@ def _speed_check(name: str, speed: Any, minimum: float, detail: str) -> Check:
         minimum,
         ">=",
         "tok/s",
-        blocking=False,
+        blocking=blocking,
         detail=detail,
+    )
+
+
+def _prediction_error_check(measured: Any, target_speed: dict[str, Any]) -> Check | None:
+    """The host profile's prediction against its measurement (None when either is missing)."""
+    predicted = target_speed.get("decode_tokens_per_s")
+    if not measured or predicted is None:
+        return None
+    error = (float(predicted) / float(measured) - 1.0) * 100.0
+    band = target_speed.get("error_band") or {}
+    limit = band.get("p90_abs_error_pct", PREDICTION_ERROR_TARGET_PCT)
+    why = (
+        f"the simulator's 90th-percentile decode error ({band['source']})"
+        if band
+        else f"issue 15's {PREDICTION_ERROR_TARGET_PCT:g} % target (no accuracy record)"
+    )
+    return Check(
+        "decode_prediction_error_pct",
+        abs(error) <= limit,
+        round(abs(error), 2),
+        limit,
+        "<=",
+        "%",
+        blocking=False,
+        detail=f"predicted {float(predicted):.2f} tok/s against {float(measured):.2f} measured ({error:+.1f} %); "
+        f"threshold: {why}; grades the simulator, not the deployment (reported only)",
     )
 
 
@@ -300,9 +336,15 @@ def build_checks(
             )
         )
     minimum_speed = profile.min_decode_tokens_per_s.value
+    on_host = profile.name == HOST_PROFILE
+    measured_speed = evaluation.get("decode_tokens_per_s")
     checks.append(
         _speed_check(
-            "decode_tokens_per_s_host", evaluation.get("decode_tokens_per_s"), minimum_speed, HOST_SPEED_NOTE
+            HOST_SPEED_CHECK,
+            measured_speed,
+            minimum_speed,
+            HOST_IS_TARGET_NOTE if on_host else HOST_SPEED_NOTE,
+            blocking=on_host,
         )
     )
     if target_speed is not None:
@@ -314,6 +356,9 @@ def build_checks(
                 describe(target_speed),
             )
         )
+        if on_host:
+            graded = _prediction_error_check(measured_speed, target_speed)
+            checks.extend([graded] if graded is not None else [])
     return checks
 
 

@@ -11,10 +11,16 @@ candidate are corrected by what that attempt showed, and the best candidate that
 
 and, in the direction the failure points: after a quality failure only candidates with a lower
 predicted loss than the failed one (fewer layers removed or more bits); after a memory failure only
-candidates with a smaller estimate. The planner's other constraint holds too: a candidate whose predicted
-decode speed is below the profile's minimum is not tried. Among the rest, the planner's own order
-(chosen rule) decides.
-Ratios from several attempts are combined by taking the most pessimistic (largest) one.
+candidates with a smaller estimate; after a speed failure (only on the "host" profile, where the measured
+speed is the target's) only candidates predicted faster than the failed one. The planner's other constraint
+holds too, corrected when the target's speed was measured:
+
+    speed_ratio = measured_decode_tokens_per_s / predicted_decode_tokens_per_s   (of a host-profile attempt)
+    corrected_speed(c) = c.predicted_decode_tokens_per_s * speed_ratio  must be >= profile minimum
+
+Among the rest, the planner's own order (chosen rule) decides.
+Ratios from several attempts are combined by taking the most pessimistic one (largest memory and quality
+ratio, smallest speed ratio).
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class Corrections:
     tried: list[CandidateKey] = field(default_factory=list)
     failed_quality_loss: float | None = None  # predicted loss of the last quality failure
     failed_memory_bytes: int | None = None  # estimate of the last memory failure
+    speed_ratio: float = 1.0  # measured / predicted decode speed, where the measurement is the target's
+    failed_speed: float | None = None  # predicted decode speed of the fastest speed failure
 
     def learn(
         self,
@@ -61,9 +69,17 @@ class Corrections:
         measured_increase_pct: float | None,
         quality_failed: bool,
         memory_failed: bool,
+        target_speed: float | None = None,
+        speed_failed: bool = False,
     ) -> None:
-        """Fold one attempt's measurements into the ratios."""
+        """Fold one attempt's measurements into the ratios; `target_speed` is a decode speed measured on the
+        target itself (the "host" profile), None elsewhere."""
         self.tried.append(candidate_key(candidate))
+        predicted_speed = candidate.predicted_decode_tokens_per_s
+        if target_speed is not None and predicted_speed:
+            self.speed_ratio = min(self.speed_ratio, target_speed / predicted_speed)
+        if speed_failed and predicted_speed is not None:
+            self.failed_speed = max(predicted_speed, self.failed_speed or predicted_speed)
         if measured_memory is not None and candidate.memory.total_bytes > 0:
             self.memory_ratio = max(self.memory_ratio, measured_memory / candidate.memory.total_bytes)
         if measured_increase_pct is not None:
@@ -82,6 +98,7 @@ class Corrections:
         return {
             "memory_ratio": round(self.memory_ratio, 4),
             "quality_ratio": round(self.quality_ratio, 4),
+            "speed_ratio": round(self.speed_ratio, 4),
             "tried": [list(key) for key in self.tried],
         }
 
@@ -103,7 +120,9 @@ def next_candidate(
         ):
             continue
         speed = candidate.predicted_decode_tokens_per_s
-        if speed is not None and speed < min_speed:
+        if corrections.failed_speed is not None and (speed is None or speed <= corrections.failed_speed):
+            continue
+        if speed is not None and speed * corrections.speed_ratio < min_speed:
             too_slow += 1
             continue
         considered += 1
