@@ -90,7 +90,7 @@ def test_tiny_profile_forces_layer_removal_and_4_bit():
     assert plan.chosen.layers_removed >= 1
     assert plan.chosen.quant in ("Q4_0", "Q4_K_M")
     assert all(
-        c.predicted_decode_tokens_per_s >= profile.min_decode_tokens_per_s.value for c in plan.candidates
+        c.decode_bound_tokens_per_s >= profile.min_decode_tokens_per_s.value for c in plan.candidates
     )
     full_depth = [c for c in plan.candidates if c.layers_removed == 0]
     assert full_depth and not any(c.fits for c in full_depth)
