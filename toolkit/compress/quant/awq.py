@@ -477,231 +477,294 @@ def awq(
     Returns:
         AwqResult with the same model object (weights scaled, folded, clipped; still float).
     """
-    start_time = time.perf_counter()
-    if calib_ids.ndim != 2 or calib_ids.shape[0] < 1:
-        raise BedsideError(f"calibration ids must be [n_sequences, seq_len], got {tuple(calib_ids.shape)}")
-    if n_grid < 1:
-        raise BedsideError(f"n_grid must be at least 1, got {n_grid}")
-    if search_rounding not in SEARCH_ROUNDINGS:
-        raise BedsideError(
-            f"search_rounding must be one of {', '.join(SEARCH_ROUNDINGS)}, got {search_rounding!r}"
-        )
-    family = resolve_text_family(model)
-    layers = decoder_layers(model, family)
-    export_grid = get_grid(scheme)
-    grid = search_grid_for(scheme)  # for the progress line and the record; linears pick theirs by type
-    _check_shapes(layers, family, scheme)
-    with_imatrix = imatrix_path is not None
-    widths = {
-        f"{family.layers_path}.{index}.{name}": module.in_features
-        for index, layer in enumerate(layers)
-        for name, module in layer.named_modules()
-        if isinstance(module, nn.Linear)
-    }
-    roundings = linear_roundings(model, scheme, widths, with_imatrix)
-    search_grids: set[str] = set()
-    export_types: set[str] = set()
-    modes: dict[str, int] = {}
-    device = next(model.parameters()).device
-    calib_ids = calib_ids.to(device)
-    n_seq, seq_len = calib_ids.shape
-    batch_size = max(1, min(batch_size, n_seq))
-    alphas = [i / n_grid for i in range(n_grid + 1)]
-
-    # Whole sequences for the search, evenly spread; they form the first mini-batches.
-    n_search = max(1, min(n_seq, math.ceil(search_tokens / seq_len)))
-    search_seqs = sorted({round(i * (n_seq - 1) / max(n_search - 1, 1)) for i in range(n_search)})
-    rest = [i for i in range(n_seq) if i not in set(search_seqs)]
-    batches = [calib_ids[search_seqs[i : i + batch_size]] for i in range(0, len(search_seqs), batch_size)]
-    search_batches = set(range(len(batches)))
-    batches += [calib_ids[rest[i : i + batch_size]] for i in range(0, len(rest), batch_size)]
-    search_token_count = len(search_seqs) * seq_len
-
+    search = AwqSearch(
+        model,
+        calib_ids,
+        scheme,
+        n_grid=n_grid,
+        clip=clip,
+        imatrix_path=imatrix_path,
+        search_tokens=search_tokens,
+        clip_tokens=clip_tokens,
+        batch_size=batch_size,
+        clip_ratios=clip_ratios,
+        seed=seed,
+        search_rounding=search_rounding,
+        rerank=rerank,
+    )
+    layers = decoder_layers(model, search.family)
     was_training = model.training
     model.eval()
-    inputs = _capture_layer0_inputs(model, layers, batches)
-    generator = torch.Generator().manual_seed(seed)
-
-    in_sum2: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-    layer_records: list[dict[str, Any]] = []
-    all_ratios: list[torch.Tensor] = []
+    inputs = _capture_layer0_inputs(model, layers, search.batches)
     with _progress(progress) as bar:
-        task = bar.add_task(f"AWQ {scheme} (search {grid.name})", total=len(layers))
+        task = bar.add_task(f"AWQ {scheme} (search {search.grid.name})", total=len(layers))
         for index, layer in enumerate(layers):
-            prefix = f"{family.layers_path}.{index}"
-            groups = [group for group in family.awq_groups if _group_applies(layer, group)]
-            skipped = [group for group in family.awq_groups if group not in groups]
-            linear_names = [name for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
-            stats = _LayerStats(layer, groups, search_batches, extra=linear_names)
-            outputs: list[tuple[torch.Tensor, dict[str, Any]]] = []
-            try:
-                for batch, (hidden, kwargs) in enumerate(inputs):
-                    stats.batch = batch
-                    outputs.append((_first_output(layer(hidden, **kwargs)).detach(), kwargs))
-            finally:
-                stats.remove()
-            stats.tokens = n_seq * seq_len
-
-            # 2. scale search per group, on the original weights
-            record_groups: list[dict[str, Any]] = []
-            chosen: list[tuple[ScaleGroup, torch.Tensor]] = []
-            for group in groups:
-                first = group.linears[0]
-                group_roundings = [roundings[f"{prefix}.{name}"] for name in group.linears]
-                types = sorted({rounding.type_name for rounding in group_roundings})
-                names = sorted({(g.name if (g := _search_grid(r)) else r.type_name) for r in group_roundings})
-                search_grids.update(names)
-                export_types.update(types)
-                mean_abs = (stats.abs_sum[first] / stats.tokens).to(torch.float32)
-                mean_sq = (stats.sq_sum[first] / stats.tokens).to(torch.float32)
-                choice = _search_scale(
-                    layer,
-                    group,
-                    mean_abs,
-                    mean_sq,
-                    stats.inspect_calls[group.inspect],
-                    group_roundings,
-                    alphas,
-                    search_rounding,
-                    rerank,
-                )
-                modes[choice.rounding] = modes.get(choice.rounding, 0) + 1
-                chosen.append((group, choice.scales))
-                entry: dict[str, Any] = {
-                    "prev_op": group.prev_op,
-                    "linears": list(group.linears),
-                    "grid": names[0] if len(names) == 1 else names,
-                    "export_types": types,
-                    "rounding": choice.rounding,
-                    "alpha": choice.alpha,
-                    "loss": choice.loss,
-                    "loss_rtn": choice.loss_rtn,
-                }
-                if choice.rounding == "rerank":
-                    entry["loss_emulated"] = choice.loss_emulated
-                    entry["reranked_alphas"] = list(choice.reranked)
-                record_groups.append(entry)
-            for group in skipped:
-                record_groups.append(
-                    {
-                        "prev_op": group.prev_op,
-                        "linears": list(group.linears),
-                        "skipped": "shapes differ (grouped-query attention)",
-                    }
-                )
-
-            # 3. fold
-            scale_of: dict[str, torch.Tensor] = {}
-            for group, s in chosen:
-                _fold(layer, group, s, family.norm_weight_offset)
-                for name in group.linears:
-                    scale_of[name] = s
-
-            # 4. clipping search on the scaled weights and scaled inputs, with the scaled model's matrix
-            clip_record: dict[str, Any] = {}
-            if clip:
-                for group, s in chosen:
-                    first = group.linears[0]
-                    x_all = torch.cat(stats.search_inputs[first]) / s[None, :]
-                    if x_all.shape[0] > clip_tokens:
-                        pick = torch.randperm(x_all.shape[0], generator=generator)[:clip_tokens]
-                        x_all = x_all[pick]
-                    matrix = (stats.sq_sum[first] / stats.tokens).to(torch.float32) / s.pow(2)
-                    for name in group.linears:
-                        rounding = roundings[f"{prefix}.{name}"]
-                        if name.rsplit(".", 1)[-1] in NO_CLIP_LINEARS or not rounding.quantized:
-                            continue
-                        linear = layer.get_submodule(name)
-                        weight32 = linear.weight.data.to(torch.float32)
-                        ratio, size, how = _clip_linear(
-                            weight32, x_all, rounding, matrix, search_rounding, clip_ratios
-                        )
-                        linear.weight.data = clip_groups(weight32, size, ratio).to(linear.weight.dtype)
-                        all_ratios.append(ratio.reshape(-1))
-                        clip_record[name] = {
-                            "mean_ratio": round(float(ratio.mean()), 4),
-                            "min_ratio": float(ratio.min()),
-                            "fraction_clipped": round(float((ratio < 1).float().mean()), 4),
-                            "rounding": how,
-                        }
-
-            # 5. importance matrix of every linear: inputs after folding are x / s
-            for name in stats.sq_sum:
-                s = scale_of.get(name)
-                sums = stats.sq_sum[name].to(torch.float32)
-                if s is not None:
-                    sums = sums / s.pow(2)
-                full = f"{prefix}.{name}.weight"
-                in_sum2[full] = sums.cpu().numpy()
-                counts[full] = stats.tokens
-
-            order = {group.prev_op: position for position, group in enumerate(family.awq_groups)}
-            record_groups.sort(key=lambda entry: order[entry["prev_op"]])  # table order
-            layer_records.append({"layer": index, "groups": record_groups, "clip": clip_record})
-            inputs = outputs  # 6. next layer's inputs
-            del stats
+            inputs = search.layer(index, layer, inputs)
             bar.update(task, advance=1, description=f"AWQ {scheme} layer {index + 1}/{len(layers)}")
     if was_training:
         model.train()
+    return AwqResult(model=model, record=search.finish())
 
-    imatrix_written = None
-    if imatrix_path is not None:
-        from exporters.gguf_imatrix import write_imatrix
 
-        imatrix_written = str(
-            write_imatrix(
-                imatrix_path,
-                in_sum2,
-                counts,
-                datasets=["bedside-awq-calibration"],
-                chunk_count=n_seq,
-                chunk_size=seq_len,
+class AwqSearch:
+    """One AWQ run, layer by layer: what every layer shares (roundings, batches, alphas) and what the
+    layers add up to (importance matrix, records). ``awq`` drives it over a model in memory;
+    ``toolkit.compress.sequential`` drives it over one loaded block at a time. Arguments: ``awq``."""
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        model: nn.Module,
+        calib_ids: torch.Tensor,
+        scheme: str,
+        *,
+        n_grid: int = 10,
+        clip: bool = True,
+        imatrix_path: str | Path | None = None,
+        search_tokens: int = 1024,
+        clip_tokens: int = 512,
+        batch_size: int = 8,
+        clip_ratios: Sequence[float] = CLIP_RATIOS,
+        seed: int = 0,
+        search_rounding: str = "rerank",
+        rerank: int = 3,
+    ) -> None:
+        self.start_time = time.perf_counter()
+        if calib_ids.ndim != 2 or calib_ids.shape[0] < 1:
+            raise BedsideError(f"calibration ids must be [n_sequences, seq_len], got {tuple(calib_ids.shape)}")
+        if n_grid < 1:
+            raise BedsideError(f"n_grid must be at least 1, got {n_grid}")
+        if search_rounding not in SEARCH_ROUNDINGS:
+            raise BedsideError(
+                f"search_rounding must be one of {', '.join(SEARCH_ROUNDINGS)}, got {search_rounding!r}"
             )
+        family = resolve_text_family(model)
+        layers = decoder_layers(model, family)
+        self.family = family
+        self.scheme = scheme
+        self.export_grid = get_grid(scheme)
+        self.grid = search_grid_for(scheme)  # for the progress line and the record; linears pick theirs by type
+        _check_shapes(layers, family, scheme)
+        self.imatrix_path = imatrix_path
+        self.with_imatrix = imatrix_path is not None
+        widths = {
+            f"{family.layers_path}.{index}.{name}": module.in_features
+            for index, layer in enumerate(layers)
+            for name, module in layer.named_modules()
+            if isinstance(module, nn.Linear)
+        }
+        self.roundings = linear_roundings(model, scheme, widths, self.with_imatrix)
+        self.search_grids: set[str] = set()
+        self.export_types: set[str] = set()
+        self.modes: dict[str, int] = {}
+        device = next(model.parameters()).device
+        device = torch.device("cpu") if device.type == "meta" else device
+        calib_ids = calib_ids.to(device)
+        self.n_seq, self.seq_len = n_seq, seq_len = calib_ids.shape
+        batch_size = max(1, min(batch_size, n_seq))
+        self.alphas = [i / n_grid for i in range(n_grid + 1)]
+        self.n_grid = n_grid
+        self.clip = clip
+        self.clip_ratios = clip_ratios
+        self.clip_tokens = clip_tokens
+        self.search_rounding = search_rounding
+        self.rerank = rerank
+
+        # Whole sequences for the search, evenly spread; they form the first mini-batches.
+        n_search = max(1, min(n_seq, math.ceil(search_tokens / seq_len)))
+        search_seqs = sorted({round(i * (n_seq - 1) / max(n_search - 1, 1)) for i in range(n_search)})
+        rest = [i for i in range(n_seq) if i not in set(search_seqs)]
+        batches = [calib_ids[search_seqs[i : i + batch_size]] for i in range(0, len(search_seqs), batch_size)]
+        self.search_batches = set(range(len(batches)))
+        batches += [calib_ids[rest[i : i + batch_size]] for i in range(0, len(rest), batch_size)]
+        self.batches = batches
+        self.search_token_count = len(search_seqs) * seq_len
+        self.generator = torch.Generator().manual_seed(seed)
+        self.in_sum2: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+        self.layer_records: list[dict[str, Any]] = []
+        self.all_ratios: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def layer(
+        self, index: int, layer: nn.Module, inputs: list[tuple[torch.Tensor, dict[str, Any]]]
+    ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """Steps 1-5 of the module docstring on decoder layer ``index`` (in place); its float outputs."""
+        family = self.family
+        roundings = self.roundings
+        search_rounding = self.search_rounding
+        prefix = f"{family.layers_path}.{index}"
+        groups = [group for group in family.awq_groups if _group_applies(layer, group)]
+        skipped = [group for group in family.awq_groups if group not in groups]
+        linear_names = [name for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+        stats = _LayerStats(layer, groups, self.search_batches, extra=linear_names)
+        outputs: list[tuple[torch.Tensor, dict[str, Any]]] = []
+        try:
+            for batch, (hidden, kwargs) in enumerate(inputs):
+                stats.batch = batch
+                outputs.append((_first_output(layer(hidden, **kwargs)).detach(), kwargs))
+        finally:
+            stats.remove()
+        stats.tokens = self.n_seq * self.seq_len
+
+        # 2. scale search per group, on the original weights
+        record_groups: list[dict[str, Any]] = []
+        chosen: list[tuple[ScaleGroup, torch.Tensor]] = []
+        for group in groups:
+            first = group.linears[0]
+            group_roundings = [roundings[f"{prefix}.{name}"] for name in group.linears]
+            types = sorted({rounding.type_name for rounding in group_roundings})
+            names = sorted({(g.name if (g := _search_grid(r)) else r.type_name) for r in group_roundings})
+            self.search_grids.update(names)
+            self.export_types.update(types)
+            mean_abs = (stats.abs_sum[first] / stats.tokens).to(torch.float32)
+            mean_sq = (stats.sq_sum[first] / stats.tokens).to(torch.float32)
+            choice = _search_scale(
+                layer,
+                group,
+                mean_abs,
+                mean_sq,
+                stats.inspect_calls[group.inspect],
+                group_roundings,
+                self.alphas,
+                search_rounding,
+                self.rerank,
+            )
+            self.modes[choice.rounding] = self.modes.get(choice.rounding, 0) + 1
+            chosen.append((group, choice.scales))
+            entry: dict[str, Any] = {
+                "prev_op": group.prev_op,
+                "linears": list(group.linears),
+                "grid": names[0] if len(names) == 1 else names,
+                "export_types": types,
+                "rounding": choice.rounding,
+                "alpha": choice.alpha,
+                "loss": choice.loss,
+                "loss_rtn": choice.loss_rtn,
+            }
+            if choice.rounding == "rerank":
+                entry["loss_emulated"] = choice.loss_emulated
+                entry["reranked_alphas"] = list(choice.reranked)
+            record_groups.append(entry)
+        for group in skipped:
+            record_groups.append(
+                {
+                    "prev_op": group.prev_op,
+                    "linears": list(group.linears),
+                    "skipped": "shapes differ (grouped-query attention)",
+                }
+            )
+
+        # 3. fold
+        scale_of: dict[str, torch.Tensor] = {}
+        for group, s in chosen:
+            _fold(layer, group, s, family.norm_weight_offset)
+            for name in group.linears:
+                scale_of[name] = s
+
+        # 4. clipping search on the scaled weights and scaled inputs, with the scaled model's matrix
+        clip_record: dict[str, Any] = {}
+        if self.clip:
+            for group, s in chosen:
+                first = group.linears[0]
+                x_all = torch.cat(stats.search_inputs[first]) / s[None, :]
+                if x_all.shape[0] > self.clip_tokens:
+                    pick = torch.randperm(x_all.shape[0], generator=self.generator)[: self.clip_tokens]
+                    x_all = x_all[pick]
+                matrix = (stats.sq_sum[first] / stats.tokens).to(torch.float32) / s.pow(2)
+                for name in group.linears:
+                    rounding = roundings[f"{prefix}.{name}"]
+                    if name.rsplit(".", 1)[-1] in NO_CLIP_LINEARS or not rounding.quantized:
+                        continue
+                    linear = layer.get_submodule(name)
+                    weight32 = linear.weight.data.to(torch.float32)
+                    ratio, size, how = _clip_linear(
+                        weight32, x_all, rounding, matrix, search_rounding, self.clip_ratios
+                    )
+                    linear.weight.data = clip_groups(weight32, size, ratio).to(linear.weight.dtype)
+                    self.all_ratios.append(ratio.reshape(-1))
+                    clip_record[name] = {
+                        "mean_ratio": round(float(ratio.mean()), 4),
+                        "min_ratio": float(ratio.min()),
+                        "fraction_clipped": round(float((ratio < 1).float().mean()), 4),
+                        "rounding": how,
+                    }
+
+        # 5. importance matrix of every linear: inputs after folding are x / s
+        for name in stats.sq_sum:
+            s = scale_of.get(name)
+            sums = stats.sq_sum[name].to(torch.float32)
+            if s is not None:
+                sums = sums / s.pow(2)
+            full = f"{prefix}.{name}.weight"
+            self.in_sum2[full] = sums.cpu().numpy()
+            self.counts[full] = stats.tokens
+
+        order = {group.prev_op: position for position, group in enumerate(family.awq_groups)}
+        record_groups.sort(key=lambda entry: order[entry["prev_op"]])  # table order
+        self.layer_records.append({"layer": index, "groups": record_groups, "clip": clip_record})
+        return outputs  # 6. next layer's inputs
+
+    def finish(self) -> dict[str, Any]:
+        """Write the importance matrix (when asked) and return the run's record."""
+        n_seq, seq_len = self.n_seq, self.seq_len
+        imatrix_written = None
+        if self.imatrix_path is not None:
+            from exporters.gguf_imatrix import write_imatrix
+
+            imatrix_written = str(
+                write_imatrix(
+                    self.imatrix_path,
+                    self.in_sum2,
+                    self.counts,
+                    datasets=["bedside-awq-calibration"],
+                    chunk_count=n_seq,
+                    chunk_size=seq_len,
+                )
+            )
+        ratios = torch.cat(self.all_ratios) if self.all_ratios else torch.ones(0)
+        any_gguf = any(rounding.gguf for rounding in self.roundings.values())
+        export_rounding = (
+            "libggml with the importance matrix of the scaled model"
+            if any_gguf and self.with_imatrix
+            else "libggml (llama.cpp's reference rounding)"
+            if any_gguf
+            else "the grid's own arithmetic (bit-exact torch emulation)"
         )
-    ratios = torch.cat(all_ratios) if all_ratios else torch.ones(0)
-    any_gguf = any(rounding.gguf for rounding in roundings.values())
-    export_rounding = (
-        "libggml with the importance matrix of the scaled model"
-        if any_gguf and with_imatrix
-        else "libggml (llama.cpp's reference rounding)"
-        if any_gguf
-        else "the grid's own arithmetic (bit-exact torch emulation)"
-    )
-    # the least exact rounding any group was searched with (per group: search_rounding_groups)
-    overall = next((mode for mode in ("emulated", "rerank", "exact") if mode in modes), "none")
-    record = {
-        "method": "awq",
-        "scheme": scheme,
-        "export_grid": export_grid.name,
-        "search_grid": grid.name,
-        "search_grids": sorted(search_grids),  # per type: llama.cpp's per-tensor types and fallbacks
-        "export_types": sorted(export_types),
-        "search_grid_is_stand_in": grid.name != export_grid.name,
-        "export_rounding": export_rounding,
-        "search_rounding": overall,  # exact | rerank | emulated: the least exact of any group
-        "search_rounding_groups": modes,
-        "rerank": rerank if "rerank" in modes else 0,
-        "group_size": grid.group_size,
-        "n_grid": n_grid,
-        "alphas": alphas,
-        "loss": "inspect-module output MSE (attention block for q,k,v; MLP for gate,up; linear otherwise)",
-        "clip": clip,
-        "clip_ratios": list(clip_ratios) if clip else [],
-        "calibration": {
-            "sequences": n_seq,
-            "seq_len": seq_len,
-            "tokens": n_seq * seq_len,
-            "search_tokens": search_token_count,
-            "clip_tokens": clip_tokens,
-        },
-        "layers": layer_records,
-        "clip_summary": {
-            "groups": int(ratios.numel()),
-            "mean_ratio": round(float(ratios.mean()), 4) if ratios.numel() else None,
-            "fraction_clipped": round(float((ratios < 1).float().mean()), 4) if ratios.numel() else None,
-        },
-        "imatrix": imatrix_written,
-        "seconds": round(time.perf_counter() - start_time, 3),
-    }
-    return AwqResult(model=model, record=record)
+        modes = self.modes
+        # the least exact rounding any group was searched with (per group: search_rounding_groups)
+        overall = next((mode for mode in ("emulated", "rerank", "exact") if mode in modes), "none")
+        return {
+            "method": "awq",
+            "scheme": self.scheme,
+            "export_grid": self.export_grid.name,
+            "search_grid": self.grid.name,
+            "search_grids": sorted(self.search_grids),  # per type: llama.cpp's per-tensor types and fallbacks
+            "export_types": sorted(self.export_types),
+            "search_grid_is_stand_in": self.grid.name != self.export_grid.name,
+            "export_rounding": export_rounding,
+            "search_rounding": overall,  # exact | rerank | emulated: the least exact of any group
+            "search_rounding_groups": modes,
+            "rerank": self.rerank if "rerank" in modes else 0,
+            "group_size": self.grid.group_size,
+            "n_grid": self.n_grid,
+            "alphas": self.alphas,
+            "loss": "inspect-module output MSE (attention block for q,k,v; MLP for gate,up; linear otherwise)",
+            "clip": self.clip,
+            "clip_ratios": list(self.clip_ratios) if self.clip else [],
+            "calibration": {
+                "sequences": n_seq,
+                "seq_len": seq_len,
+                "tokens": n_seq * seq_len,
+                "search_tokens": self.search_token_count,
+                "clip_tokens": self.clip_tokens,
+            },
+            "layers": self.layer_records,
+            "clip_summary": {
+                "groups": int(ratios.numel()),
+                "mean_ratio": round(float(ratios.mean()), 4) if ratios.numel() else None,
+                "fraction_clipped": round(float((ratios < 1).float().mean()), 4) if ratios.numel() else None,
+            },
+            "imatrix": imatrix_written,
+            "seconds": round(time.perf_counter() - self.start_time, 3),
+        }

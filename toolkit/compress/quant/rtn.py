@@ -10,7 +10,7 @@ are left in float: only the decoder layers' ``nn.Linear`` weights are touched.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,22 +82,37 @@ def fake_quantize_model(
     GGUF export passes this matrix, so each linear is rounded as llama.cpp stores it instead
     (``export_rounding.export_round``: its per-tensor type, ``f16`` first, libggml with the matrix).
     """
-    if imatrix is not None:
-        from toolkit.compress.quant.export_rounding import export_round, linear_roundings
-
-        linears = decoder_linears(model)
-        roundings = linear_roundings(model, scheme, {name: m.in_features for name, m in linears}, True)
-        for name, linear in linears:
-            rounding = roundings[name]
-            if not rounding.quantized:
-                continue
-            weight = linear.weight.data
-            matrix = imatrix.get(f"{name}.weight")
-            linear.weight.data = export_round(weight, rounding, matrix).to(weight.dtype)
-        return model
-    for _name, linear in decoder_linears(model):
-        fake_quantize_linear(linear, grid_for_row(scheme, linear.in_features))
+    quantize = linear_quantizer(model, scheme, imatrix)
+    for name, linear in decoder_linears(model):
+        quantize(name, linear)
     return model
+
+
+def linear_quantizer(
+    model: nn.Module, scheme: str, imatrix: Mapping[str, np.ndarray] | None = None
+) -> Callable[[str, nn.Linear], None]:
+    """``quantize(full module name, linear)``: what ``fake_quantize_model`` does to one decoder linear.
+
+    Needs only the model's structure (a meta-device skeleton will do), so the block-by-block path
+    applies it to each block as it is loaded.
+    """
+    if imatrix is None:
+        return lambda _name, linear: fake_quantize_linear(linear, grid_for_row(scheme, linear.in_features))
+    from toolkit.compress.quant.export_rounding import export_round, linear_roundings
+
+    linears = decoder_linears(model)
+    roundings = linear_roundings(model, scheme, {name: m.in_features for name, m in linears}, True)
+
+    @torch.no_grad()
+    def quantize(name: str, linear: nn.Linear) -> None:
+        rounding = roundings[name]
+        if not rounding.quantized:
+            return
+        weight = linear.weight.data
+        matrix = imatrix.get(f"{name}.weight")
+        linear.weight.data = export_round(weight, rounding, matrix).to(weight.dtype)
+
+    return quantize
 
 
 @dataclass

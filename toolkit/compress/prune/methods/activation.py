@@ -128,21 +128,30 @@ def fake_quantized_decoder(model: nn.Module, grid: FakeQuantizer | None) -> Iter
         return
     originals: list[tuple[nn.Linear, torch.Tensor]] = []
     try:
-        for module in find_decoder_stack(model).layers.modules():
-            if not isinstance(module, nn.Linear):
-                continue
-            weight_grid = _grid_for_shape(grid, module.weight.shape)
-            name = "float" if weight_grid is None else weight_grid.name
-            record["grids"][name] = record["grids"].get(name, 0) + 1
-            if weight_grid is None:
-                continue
-            originals.append((module, module.weight.data))
-            module.weight.data = weight_grid.fake_quantize(module.weight.data)
-            record["linears"] += 1
+        originals = fake_quantize_linears(find_decoder_stack(model).layers, grid, record)
         yield record
     finally:
         for module, original in originals:
             module.weight.data = original
+
+
+def fake_quantize_linears(
+    modules: nn.Module, grid: FakeQuantizer, record: dict[str, Any]
+) -> list[tuple[nn.Linear, torch.Tensor]]:
+    """Fake-quantize every linear under `modules` in place (counted into `record`); (linear, original weight)."""
+    originals: list[tuple[nn.Linear, torch.Tensor]] = []
+    for module in modules.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        weight_grid = _grid_for_shape(grid, module.weight.shape)
+        name = "float" if weight_grid is None else weight_grid.name
+        record["grids"][name] = record["grids"].get(name, 0) + 1
+        if weight_grid is None:
+            continue
+        originals.append((module, module.weight.data))
+        module.weight.data = weight_grid.fake_quantize(module.weight.data)
+        record["linears"] += 1
+    return originals
 
 
 @dataclass(frozen=True)

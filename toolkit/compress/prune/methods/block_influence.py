@@ -31,10 +31,14 @@ class BlockInfluenceMeter:
     def __call__(self, boundary: int, hidden: torch.Tensor) -> None:
         current = hidden.detach().float()
         if boundary > 0 and self._previous is not None:
-            cosine = torch.nn.functional.cosine_similarity(self._previous, current, dim=-1)
-            self.cosine_sums[boundary - 1] += cosine.sum().double().cpu()
-            self.token_counts[boundary - 1] += cosine.numel()
+            self.add(boundary - 1, self._previous, current)
         self._previous = current
+
+    def add(self, layer: int, entering: torch.Tensor, leaving: torch.Tensor) -> None:
+        """Add one batch's cos(x_i,t, x_{i+1},t) of layer i (the block-by-block path calls this directly)."""
+        cosine = torch.nn.functional.cosine_similarity(entering.float(), leaving.float(), dim=-1)
+        self.cosine_sums[layer] += cosine.sum().double().cpu()
+        self.token_counts[layer] += cosine.numel()
 
     def scores(self) -> list[float]:
         """BI_i per layer (higher = the layer changes its input more = more important)."""
