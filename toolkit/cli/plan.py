@@ -138,7 +138,7 @@ def candidates_table(plan: Plan, top: int, num_layers: int) -> Table:
             _gib(m.host_bytes) if m.host_bytes else "-",
             "yes" if candidate.fits else "[red]no[/red]",
             f"{candidate.predicted_quality_loss:.2f}",
-            f"{candidate.predicted_decode_tokens_per_s or 0:.1f}",
+            f"{candidate.predicted_decode_tokens_per_s:.1f}" if candidate.predicted_decode_tokens_per_s else "-",
         )
     return table
 
