@@ -103,3 +103,32 @@ def test_simulate_writes_a_latency_plot_per_placement(tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2 and "--plot" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["../outside.gguf", "/etc/passwd", "linked.gguf"])
+def test_a_bundle_whose_model_leads_outside_is_refused(tmp_path, monkeypatch, capsys, model):
+    """runtime.json is untrusted: a model path (or a link) that leaves the bundle folder is one line, exit 2."""
+    from toolkit.cli.main import main
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (tmp_path / "outside.gguf").write_bytes(b"GGUF")
+    (bundle / "linked.gguf").symlink_to(tmp_path / "outside.gguf")
+    (bundle / "runtime.json").write_text(json.dumps({"model": model, "runtime": "llama.cpp"}))
+    monkeypatch.setattr(sys, "argv", ["bedside", "emulate", "--profile", "host", str(bundle), "--prompt", "hi"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "leads outside" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_truncated_gguf_in_a_bundle_is_one_line(tmp_path, monkeypatch, capsys):
+    from toolkit.cli.main import main
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "runtime.json").write_text(json.dumps({"model": "m.gguf", "runtime": "llama.cpp"}))
+    monkeypatch.setattr(sys, "argv", ["bedside", "simulate", "--profile", "host", "--bundle", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot read the GGUF file" in err and len(err.strip().splitlines()) == 1

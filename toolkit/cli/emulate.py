@@ -22,6 +22,7 @@ import typer
 from runtimes import load_runner
 from runtimes.runner import Runner
 from toolkit.core.errors import BedsideError
+from toolkit.core.paths import path_inside
 from toolkit.deploy.emulate import DelayInjector, TurnReport
 from toolkit.deploy.verify import opened_bundle
 from toolkit.plan.simulator import PLACEMENTS, target_clock
@@ -43,9 +44,10 @@ def _model_of(folder_or_file: Path) -> tuple[Path, str | None]:
     if folder_or_file.is_dir() and config.is_file():
         try:
             runtime = json.loads(config.read_text(encoding="utf-8"))
-            return folder_or_file / str(runtime["model"]), str(runtime["runtime"])
+            model, name = str(runtime["model"]).rstrip("/"), str(runtime["runtime"])
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise BedsideError(f"{config}: not a bundle's runtime.json ({error})") from None
+        return path_inside(folder_or_file, model, f"{config}'s model"), name
     artifact = resolve_artifact(folder_or_file)
     return artifact.path, artifact.runtime
 

@@ -63,3 +63,18 @@ def shared_data_dir() -> Path | None:
     """Development data beside the checkout (../shared/data); None on a user's fresh clone."""
     candidate = Path(os.environ.get("BEDSIDE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
     return candidate if candidate.is_dir() else None
+
+
+def path_inside(folder: Path, name: object, what: str) -> Path:
+    """folder / name when it stays inside `folder` (links resolved), else BedsideError naming `what`.
+
+    Files that name other files (a bundle's runtime.json, an export record) are untrusted: an absolute path,
+    '..' or a link must not lead a loader out of the folder they came in.
+    """
+    from toolkit.core.errors import BedsideError
+
+    text = str(name).rstrip("/")
+    path = folder / text
+    if not text or Path(text).is_absolute() or not path.resolve().is_relative_to(folder.resolve()):
+        raise BedsideError(f"{what}: '{text}' leads outside {folder}; run `bedside verify` on the bundle")
+    return path

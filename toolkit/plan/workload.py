@@ -21,6 +21,7 @@ from typing import Any
 
 from toolkit.core.errors import BedsideError
 from toolkit.core.formats import FORMATS, GGUF_FTYPES, KV_CACHE_DTYPES, ONNX_SCHEMES
+from toolkit.core.paths import path_inside
 from toolkit.core.records import EXPORT_RECORD
 from toolkit.model.facts import ModelFacts, facts_from_config, read_facts
 from toolkit.model.storage_types import ONNX_FLOAT_BYTES, StoredTensor
@@ -212,8 +213,8 @@ def read_gguf_workload(
 
     try:
         reader = GGUFReader(str(path))
-    except (OSError, ValueError) as error:
-        raise BedsideError(f"{path}: cannot read the GGUF file ({error})") from None
+    except Exception as error:  # gguf-py raises ValueError, struct.error, IndexError... on a damaged file
+        raise BedsideError(f"{path}: cannot read the GGUF file ({type(error).__name__}: {error})") from None
     arch = _gguf_scalar(reader, "general.architecture")
     if not isinstance(arch, str):
         raise BedsideError(f"{path}: the GGUF file names no general.architecture")
@@ -320,9 +321,10 @@ def read_artifact_workload(
     if path.is_dir() and (path / RUNTIME_CONFIG).is_file():
         try:
             runtime_config = json.loads((path / RUNTIME_CONFIG).read_text(encoding="utf-8"))
-            model = path / str(runtime_config["model"])
+            name = runtime_config["model"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
             raise BedsideError(f"{path / RUNTIME_CONFIG}: not a bundle's runtime.json ({error})") from None
+        model = path_inside(path, name, f"{path / RUNTIME_CONFIG}'s model")
         return read_artifact_workload(model, profile, runtime_config)
     if path.is_file() and path.suffix == ".gguf":
         quant = None
