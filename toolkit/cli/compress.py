@@ -92,6 +92,14 @@ def compress_command(
         int | None, typer.Option("--calib-sequences", help="Calibration sequences (1-128).")
     ] = None,
     seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per calibration sequence.")] = None,
+    sequential: Annotated[
+        str | None,
+        typer.Option(
+            "--sequential",
+            help="Block by block (one decoder block in memory): auto (default: models above 2 GiB in "
+            "float32), on, off.",
+        ),
+    ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print compression.json on stdout instead of the summary (no bars).")
@@ -110,6 +118,7 @@ def compress_command(
         "eval_data": eval_data,
         "calib_sequences": calib_sequences,
         "seq_len": seq_len,
+        "sequential": sequential,
     }
     overrides = {key: value for key, value in flags.items() if value is not None}
     if no_heal:

@@ -43,6 +43,9 @@ def deploy_command(
         int, typer.Option("--calib-sequences", help="Calibration sequences (1-128; fewer is faster).")
     ] = 64,
     heal_steps: Annotated[int, typer.Option("--heal-steps", help="LoRA healing steps after pruning.")] = 40,
+    no_heal: Annotated[
+        bool, typer.Option("--no-heal", help="Skip LoRA healing (also skipped when the host cannot hold it).")
+    ] = False,
     eval_tokens: Annotated[
         int, typer.Option("--eval-tokens", help="Tokens scored in validation (fewer is faster, noisier).")
     ] = 4096,
@@ -103,6 +106,7 @@ def deploy_command(
         max_attempts=max_attempts,
         calib_sequences=calib_sequences,
         heal_steps=heal_steps,
+        heal=not no_heal,
         eval_tokens=eval_tokens,
         seq_len=seq_len,
         prune_method=prune_method,

@@ -7,7 +7,7 @@ stderr), 2 on bad input (BedsideError, handled by toolkit.cli.main.main).
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,7 +17,7 @@ from rich.table import Table
 from toolkit.cli.options import FormatOption, KvCacheOption, PruneLayersOption, QuantOption
 from toolkit.core.errors import NothingFitsError
 from toolkit.core.units import GIB, MIB
-from toolkit.model.facts import read_facts
+from toolkit.model.facts import ModelFacts, read_facts
 from toolkit.plan.planner import make_plan, placement_label
 from toolkit.plan.quality_priors import load_sensitivities
 from toolkit.plan.schema import Candidate, Plan, write_plan
@@ -78,6 +78,7 @@ def plan_command(
         host_placement=host_placement,
         healed=not no_heal,
     )
+    plan.compression = compression_on_host(facts, plan, heal=not no_heal)
     if out is not None:
         write_plan(plan, out)
     if as_json:
@@ -86,6 +87,47 @@ def plan_command(
         print_plan(plan, top, facts.num_layers)
     if not plan.fits:
         raise NothingFitsError(plan.reason)
+
+
+def compression_on_host(facts: ModelFacts, plan: Plan, *, heal: bool) -> dict[str, Any]:
+    """The compression's own peak memory per stage for the chosen candidate (compress's default data
+    sizes), the host's memory, and whether the host can heal (else deploy compresses unhealed)."""
+    import psutil
+
+    from toolkit.compress.pipeline import SEQUENTIAL_THRESHOLD_BYTES
+    from toolkit.compress.record import CompressOptions
+    from toolkit.plan.compression_memory import compression_memory
+
+    defaults = CompressOptions()
+    chosen = plan.chosen
+    removed = chosen.layers_removed if chosen is not None else 0
+    quantized = chosen is not None and chosen.quant is not None and chosen.quant.upper() not in ("F16", "FP16", "FP32")
+    estimate = compression_memory(
+        facts,
+        calib_sequences=defaults.calib_sequences,
+        seq_len=defaults.seq_len,
+        eval_sequences=defaults.eval_sequences,
+        prune_layers=removed,
+        quant=quantized,
+        sequential=4 * facts.text_params > SEQUENTIAL_THRESHOLD_BYTES,
+        heal=heal and removed > 0,
+    )
+    host = int(psutil.virtual_memory().total)
+    estimate["host_memory_bytes"] = host
+    estimate["can_heal"] = estimate["heal"] is None or estimate["heal"] <= host
+    return estimate
+
+
+def compression_table(compression: dict[str, Any]) -> Table:
+    """Build-host memory per compress stage beside the host's memory."""
+    mode = "block by block" if compression.get("sequential") else "in memory"
+    table = Table(title=f"compression on this host ({mode}; host memory {_gib(compression['host_memory_bytes'])} GiB)")
+    table.add_column("stage")
+    table.add_column("peak GiB (estimate)", justify="right")
+    for stage in ("perplexity", "prune", "heal", "quantize"):
+        value = compression.get(stage)
+        table.add_row(stage, "-" if value is None else _gib(value))
+    return table
 
 
 def _gib(nbytes: float) -> str:
@@ -171,6 +213,10 @@ def print_plan(plan: Plan, top: int, num_layers: int) -> None:
             f"{escape(placement_label(plan.chosen, num_layers))}"
         )
         console.print(breakdown_table(plan.chosen))
+    if plan.compression is not None:
+        console.print(compression_table(plan.compression))
+        if not plan.compression.get("can_heal", True):
+            console.print("[yellow]this host cannot hold healing: deploy compresses without it (the report says so)[/yellow]")
     console.print(
         ("[green]" if plan.fits else "[red]") + escape(plan.reason) + ("[/green]" if plan.fits else "[/red]")
     )

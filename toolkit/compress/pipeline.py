@@ -57,7 +57,7 @@ from toolkit.compress.quant.awq import awq
 from toolkit.compress.quant.imatrix import gather_imatrix
 from toolkit.compress.quant.methods import GGUF_ONLY_METHODS
 from toolkit.compress.quant.methods import QUANT_METHODS as QUANT_METHOD_REGISTRY
-from toolkit.compress.quant.rtn import fake_quantize_model
+from toolkit.compress.quant.rtn import fake_quantize_model, linear_quantizer
 from toolkit.compress.record import CompressionRecord, CompressOptions
 from toolkit.compress.stages import StageRunner, eval_overlap, link_checkpoint, load_tokenizer, stage_hash
 from toolkit.compress.vision import VisionCalibration, slots_for
@@ -80,6 +80,12 @@ QUANT_METHODS: tuple[str, ...] = tuple(QUANT_METHOD_REGISTRY)  # awq, rtn, imatr
 MAX_CALIBRATION_SEQUENCES = 128
 DEFAULT_CALIBRATION = DEFAULT_DATA
 IMATRIX_NAME = "imatrix.gguf"
+SEQUENTIAL_MODES: tuple[str, ...] = ("auto", "on", "off")
+# `auto` streams a model whose float32 weights exceed this (a 1.1B model's 4.4 GB does, the 135M demo's
+# 0.5 GB does not): below it the whole model is small and the in-memory path keeps its one load.
+SEQUENTIAL_THRESHOLD_BYTES = 2 << 30
+# Selection methods with a block-by-block form (toolkit.compress.sequential.scoring; `last` needs no forward).
+SEQUENTIAL_SELECTION_METHODS: tuple[str, ...] = ("activation", "block-influence", "angular", "last")
 
 
 @dataclass
@@ -154,6 +160,10 @@ def validate_options(options: CompressOptions, num_layers: int | None = None) ->
         raise BedsideError(f"eval sequences must be at least 1, got {options.eval_sequences}")
     if options.heal_steps < 1:
         raise BedsideError(f"--heal-steps must be at least 1, got {options.heal_steps}")
+    if options.sequential not in SEQUENTIAL_MODES:
+        raise BedsideError(
+            f"--sequential must be one of {', '.join(SEQUENTIAL_MODES)}, got {options.sequential!r}"
+        )
     if options.heal_seconds is not None and options.heal_seconds <= 0:
         raise BedsideError(f"heal seconds must be positive, got {options.heal_seconds}")
 
@@ -322,7 +332,40 @@ class _Outcome:
 
 def _stage_entry(stored: dict[str, Any]) -> dict[str, Any]:
     keys = ("seconds", "peak_rss_bytes", "resumed", "hash", "folder", "output_sha256")
-    return {key: stored[key] for key in keys}
+    entry = {key: stored[key] for key in keys}
+    entry["sequential"] = bool(stored.get("sequential", False))
+    if "block_seconds" in stored:
+        entry["block_seconds"] = stored["block_seconds"]
+    return entry
+
+
+def use_sequential(options: CompressOptions, source: Path) -> bool:
+    """Whether the stages that can stream run block by block (`options.sequential`; module constants).
+
+    `auto`: when the source's float32 weights exceed SEQUENTIAL_THRESHOLD_BYTES and the model can
+    stream; `on` refuses a model that cannot (a LLaVA, a family with computed buffers) with the reason.
+    """
+    if options.sequential == "off":
+        return False
+    from toolkit.compress.sequential.checkpoint import ShardedCheckpoint
+    from toolkit.compress.sequential.model import LazyModel, SequentialUnsupported
+
+    if options.sequential == "auto":
+        elements = 0
+        for entry in ShardedCheckpoint(source).tensors.values():
+            count = 1
+            for dim in entry.shape:
+                count *= dim
+            elements += count
+        if elements * 4 <= SEQUENTIAL_THRESHOLD_BYTES:
+            return False
+    try:
+        LazyModel(source)
+    except SequentialUnsupported as error:
+        if options.sequential == "on":
+            raise BedsideError(f"--sequential on: {error}") from None
+        return False
+    return True
 
 
 def _say(progress: bool, text: str) -> None:
@@ -390,8 +433,36 @@ def _prune_stage(
             "replacement": replacement,
         }
 
+    def compute_sequential(lazy: Any, folder: Path, on_layer: Any) -> tuple[bool, dict[str, Any]]:
+        from toolkit.compress.sequential.scoring import sequential_select
+        from toolkit.compress.sequential.writing import sequential_replacement, write_pruned
+
+        if explicit:
+            layers = list(inputs["layers"])
+            selection = None
+            scores: dict[str, Any] = {"method": "explicit", "scores": [None] * num_layers}
+        else:
+            selection = sequential_select(options.method, lazy, data.calib_ids, n_remove, on_layer=on_layer, **knobs)
+            layers = list(selection.layers_to_remove)
+            scores = {"method": selection.method, "scores": list(selection.scores)}
+        folds: dict[Any, Any] = {}
+        replacement: dict[str, Any] | None = None
+        if options.replace == "linear":
+            _say(runner.progress, f"prune: fitting the linear replacement of layers {layers} (block by block)")
+            folds, replacement = sequential_replacement(lazy, layers, data.calib_ids, eval_input_ids=data.eval_ids)
+        write_pruned(lazy, folder, layers, folds, extra_source=runner.source, dtype=runner.storage_dtype)
+        return True, {
+            "layers_removed": layers,
+            "layer_scores": scores,
+            "selection": selection.to_dict() if selection is not None else None,
+            "replacement": replacement,
+        }
+
     _say(runner.progress, f"prune: removing {n_remove} of {num_layers} layers")
-    stored = runner.run("prune", input_hash, inputs, compute)
+    if runner.sequential and (explicit or options.method in SEQUENTIAL_SELECTION_METHODS):
+        stored = runner.run_sequential("prune", input_hash, inputs, compute_sequential)
+    else:
+        stored = runner.run("prune", input_hash, inputs, compute)
     return _Outcome(_stage_entry(stored), input_hash, True, stored["details"])
 
 
@@ -403,7 +474,8 @@ def _heal_stage(
     if n_removed == 0:
         return _Outcome({"skipped": "no layer removed: nothing to heal"}, previous, False, {"heal": None})
     if not options.heal:
-        return _Outcome({"skipped": "healing turned off (--no-heal)"}, previous, False, {"heal": None})
+        reason = options.heal_skip_reason or "healing turned off (--no-heal)"
+        return _Outcome({"skipped": reason}, previous, False, {"heal": None})
     inputs = {
         "max_steps": options.heal_steps,
         "max_seconds": options.heal_seconds,
@@ -482,8 +554,35 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         }
         return result.model, {"quant": details, "awq": record}
 
-    _say(runner.progress, f"quantize: {options.quant_method} for {scheme}")
-    stored = runner.run("quantize", input_hash, inputs, compute)
+    def compute_sequential(lazy: Any, folder: Path, on_layer: Any) -> tuple[bool, dict[str, Any]]:
+        from toolkit.compress.sequential.scoring import sequential_imatrix
+        from toolkit.compress.sequential.writing import sequential_awq
+
+        if options.quant_method == "rtn":
+            return False, {"quant": {**quant, "search_rounding": None}, "awq": None}
+        if options.quant_method == "imatrix":
+            stats = sequential_imatrix(lazy, data.calib_ids, on_layer=on_layer)
+            stats.write(folder / IMATRIX_NAME)
+            return False, {"quant": {**quant, "search_rounding": None, "imatrix": stats.record()}, "awq": None}
+        imatrix = folder / IMATRIX_NAME if write_imatrix else None
+        record = sequential_awq(
+            lazy, folder, data.calib_ids, scheme, imatrix_path=imatrix, seed=options.seed,
+            extra_source=runner.source, dtype=runner.storage_dtype, on_layer=on_layer,
+        )
+        record["imatrix"] = IMATRIX_NAME if imatrix is not None else None
+        details = {
+            **quant,
+            "search_grid": record.get("search_grid"),
+            "search_rounding": record.get("search_rounding"),
+            "export_rounding": record.get("export_rounding"),
+        }
+        return True, {"quant": details, "awq": record}
+
+    _say(runner.progress, f"quantize: {options.quant_method} for {scheme}" + (" (block by block)" if runner.sequential else ""))
+    if runner.sequential:
+        stored = runner.run_sequential("quantize", input_hash, inputs, compute_sequential)
+    else:
+        stored = runner.run("quantize", input_hash, inputs, compute)
     return _Outcome(_stage_entry(stored), input_hash, True, stored["details"])
 
 
@@ -537,9 +636,11 @@ def compress(
     remove_stale_temporaries(out)
     remove_stale_temporaries(out / "stages")
     source_sha = weights_sha256(source)
+    sequential = use_sequential(options, source)
     runner = StageRunner(
         source, out, tokenizer, data.eval_ids, progress, _storage_dtype(source),
         attach=vision.attach if vision is not None else None,
+        sequential=sequential,
     )
 
     quality: dict[str, float | None] = {"original": None, "pruned": None, "healed": None, "quantized": None}
@@ -559,10 +660,21 @@ def compress(
             imatrix_source = runner.current_dir / IMATRIX_NAME
         # What the exported file holds: with a matrix, llama.cpp's weighted rounding (libggml), else the grid.
         matrix = read_imatrix(imatrix_source).values if imatrix_source is not None else None
+        def per_layer(lazy: Any) -> Any:
+            quantize = linear_quantizer(lazy.model, scheme, matrix)
+
+            def transform(index: int, layer: Any) -> None:
+                for name, module in layer.named_modules():
+                    if isinstance(module, torch.nn.Linear):
+                        quantize(f"{lazy.layer_path(index)}.{name}", module)
+
+            return transform
+
         quality["quantized"] = runner.quality(
             f"quantized-{scheme}-{quantized.hash}",
             "quantized",
             lambda m: fake_quantize_model(m, scheme, imatrix=matrix),
+            per_layer,
         )
 
     (out / COMPRESSION_RECORD).unlink(missing_ok=True)  # never a record beside another run's weights
@@ -590,8 +702,9 @@ def compress(
         "calibration": data.calibration,
         "eval": data.evaluation,
         "data_split": data.split,
-        "quality": {"metric": "perplexity", **quality},
+        "quality": {"metric": "perplexity", **quality, "measurements": runner.measurements},
         "stages": {"prune": pruned.entry, "heal": healed.entry, "quantize": quantized.entry},
+        "sequential": sequential,
         "checkpoint": {"path": str(checkpoint), "sha256": checkpoint_sha},
         "imatrix": str(imatrix) if imatrix is not None else None,
         "seconds": round(time.perf_counter() - started, 3),

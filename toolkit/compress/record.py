@@ -30,6 +30,7 @@ class CompressOptions:
     quant_method: str = "awq"  # "awq" | "rtn" | "imatrix" (toolkit.compress.quant.methods)
     replace: str = "linear"  # removed spans: "linear" (fitted map folded in, prune.replace) | "none"
     heal: bool = True
+    heal_skip_reason: str | None = None  # why heal is False when a caller decided it (deploy: host too small)
     heal_steps: int = 40
     heal_seconds: float | None = None
     heal_projector: bool = False  # a LLaVA's projector trained fully beside the language model's LoRA
@@ -39,6 +40,7 @@ class CompressOptions:
     seq_len: int = 256
     eval_sequences: int = 16
     seed: int = 0
+    sequential: str = "auto"  # block by block: "auto" (models above the threshold), "on", "off"
 
 
 class _Record(BaseModel):
@@ -85,6 +87,7 @@ class CompressionRecord(_Record):
     checkpoint: CheckpointRef
     imatrix: str | None
     seconds: float
+    sequential: bool = False  # the streaming stages ran block by block (toolkit.compress.sequential)
 
 
 def read_compression_record(folder: Path) -> CompressionRecord:

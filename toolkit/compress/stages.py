@@ -185,6 +185,8 @@ def eval_overlap(calibration_keys: set[str], eval_keys: Sequence[str]) -> int:
 
 # compute(model, folder) -> (model or None when the weights are unchanged, details)
 StageCompute = Callable[[Any, Path], tuple[Any | None, dict[str, Any]]]
+# compute(lazy model, folder, on_layer(index, seconds)) -> (weights written into folder, details)
+SequentialCompute = Callable[[Any, Path, Callable[[int, float], None]], tuple[bool, dict[str, Any]]]
 
 
 class StageRunner:
@@ -203,6 +205,7 @@ class StageRunner:
         progress: bool,
         storage_dtype: torch.dtype = torch.float32,
         attach: Callable[[Any], None] | None = None,
+        sequential: bool = False,
     ) -> None:
         self.source = source
         self.attach = attach  # called on every model the runner makes live (a LLaVA's image positions)
@@ -216,6 +219,8 @@ class StageRunner:
         self.model: Any = None
         self.quality_path = self.stages_dir / "quality.json"
         self.quality_cache: dict[str, float] = _read_json_object(self.quality_path)
+        self.sequential = sequential  # stages that can stream run block by block (toolkit.compress.sequential)
+        self.measurements: dict[str, dict[str, Any]] = {}  # perplexity runs of this call: seconds, peak RSS
 
     def live_model(self) -> Any:
         """The current weights as a float32 model (loaded from `current_dir` when not live)."""
@@ -232,61 +237,147 @@ class StageRunner:
 
         `compute(model, folder)` returns the stage's model and details; it may write extra files
         into `folder` (the stage's folder under construction). A returned model of None means
-        "weights unchanged": the previous weights are hard-linked instead of saved again.
+        "weights unchanged": the previous weights are hard-linked instead of saved again. The time
+        and the peak RSS cover the stage's load of the model (when it is not live already), the
+        compute and the save.
         """
         folder = self.stages_dir / f"{name}-{input_hash[:12]}"
+        resumed = self._resume(folder, input_hash)
+        if resumed is not None:
+            return resumed
+        with building_folder(folder) as building:
+            start = time.perf_counter()
+            with RssSampler() as rss:
+                model = self.live_model()
+                changed, details = compute(model, building)
+                if changed is None:
+                    output_sha = self._link_unchanged(building)
+                else:
+                    if changed is not model and self.attach is not None:
+                        self.attach(changed)
+                    model = changed
+                    save_checkpoint(model, self.tokenizer, self.source, building, self.storage_dtype)
+                    model.to(torch.float32)  # exact: the saved values, widened
+                    output_sha = weights_sha256(building)
+            stored = self._store(name, input_hash, inputs, details, start, rss, output_sha, folder, building)
+        self.current_dir = folder
+        self.model = model
+        return {**stored, "resumed": False}
+
+    def run_sequential(
+        self, name: str, input_hash: str, inputs: dict[str, Any], compute: SequentialCompute
+    ) -> dict[str, Any]:
+        """`run` block by block: `compute(lazy, folder, on_layer)` reads the current weights through a
+        `LazyModel` and writes the stage's checkpoint into `folder` itself (returns True), or leaves
+        the weights unchanged (False: linked). Nothing stays live afterwards. The record adds
+        `sequential: true` and `block_seconds` (seconds per decoder block, every pass summed).
+        """
+        from toolkit.compress.sequential.model import LazyModel
+
+        folder = self.stages_dir / f"{name}-{input_hash[:12]}"
+        resumed = self._resume(folder, input_hash)
+        if resumed is not None:
+            return resumed
+        self.model = None  # the in-memory model of an earlier stage is not needed: free it first
+        block_seconds: dict[int, float] = {}
+
+        def on_layer(index: int, seconds: float) -> None:
+            block_seconds[index] = block_seconds.get(index, 0.0) + seconds
+
+        with building_folder(folder) as building:
+            start = time.perf_counter()
+            with RssSampler() as rss:
+                lazy = LazyModel(self.current_dir)
+                wrote, details = compute(lazy, building, on_layer)
+                if wrote:
+                    self.tokenizer.save_pretrained(building)
+                    output_sha = weights_sha256(building)
+                else:
+                    output_sha = self._link_unchanged(building)
+            stored = self._store(name, input_hash, inputs, details, start, rss, output_sha, folder, building)
+            stored["sequential"] = True
+            stored["block_seconds"] = [round(block_seconds[index], 3) for index in sorted(block_seconds)]
+            write_json_atomic(building / STAGE_RECORD, stored)
+        self.current_dir = folder
+        return {**stored, "resumed": False}
+
+    def _resume(self, folder: Path, input_hash: str) -> dict[str, Any] | None:
         stored = read_stage_record(folder) if folder.is_dir() else None
         if stored is not None and stored.get("hash") == input_hash:
             self.current_dir = folder
             self.model = None  # the next stage loads the resumed weights only if it needs them
             return {**stored, "resumed": True}
-        model = self.live_model()
-        with building_folder(folder) as building:
-            start = time.perf_counter()
-            with RssSampler() as rss:
-                changed, details = compute(model, building)
-            seconds = time.perf_counter() - start
-            if changed is None:
-                link_checkpoint(self.current_dir, building)
-                previous = read_stage_record(self.current_dir) or {}
-                output_sha = previous.get("output_sha256") or weights_sha256(building)
-            else:
-                if changed is not model and self.attach is not None:
-                    self.attach(changed)
-                model = changed
-                save_checkpoint(model, self.tokenizer, self.source, building, self.storage_dtype)
-                model.to(torch.float32)  # exact: the saved values, widened
-                output_sha = weights_sha256(building)
-            stored = {
-                "stage": name,
-                "hash": input_hash,
-                "inputs": inputs,
-                "details": details,
-                "seconds": round(seconds, 3),
-                "peak_rss_bytes": rss.peak_bytes,
-                "output_sha256": output_sha,
-                "folder": f"stages/{folder.name}",
-            }
-            write_json_atomic(building / STAGE_RECORD, stored)
-        self.current_dir = folder
-        self.model = model
-        return {**stored, "resumed": False}
+        return None
 
-    def quality(self, key: str, label: str, transform: Callable[[Any], Any] | None = None) -> float:
+    def _link_unchanged(self, building: Path) -> str:
+        link_checkpoint(self.current_dir, building)
+        previous = read_stage_record(self.current_dir) or {}
+        return str(previous.get("output_sha256") or weights_sha256(building))
+
+    def _store(
+        self,
+        name: str,
+        input_hash: str,
+        inputs: dict[str, Any],
+        details: dict[str, Any],
+        start: float,
+        rss: RssSampler,
+        output_sha: str,
+        folder: Path,
+        building: Path,
+    ) -> dict[str, Any]:
+        stored = {
+            "stage": name,
+            "hash": input_hash,
+            "inputs": inputs,
+            "details": details,
+            "seconds": round(time.perf_counter() - start, 3),
+            "peak_rss_bytes": rss.peak_bytes,
+            "output_sha256": output_sha,
+            "folder": f"stages/{folder.name}",
+        }
+        write_json_atomic(building / STAGE_RECORD, stored)
+        return stored
+
+    def quality(
+        self,
+        key: str,
+        label: str,
+        transform: Callable[[Any], Any] | None = None,
+        layer_transform: Callable[[Any], Callable[[int, Any], None]] | None = None,
+    ) -> float:
         """Perplexity of the current weights on the evaluation blocks, cached under `key`.
 
-        `transform` (e.g. fake quantization) is applied to the live model in place first; the
-        model is then dropped, since it no longer holds the stage's weights.
+        In memory, `transform` (e.g. fake quantization) is applied to the live model in place first;
+        the model is then dropped, since it no longer holds the stage's weights. Block by block
+        (`self.sequential`), `layer_transform(lazy)` gives the same change per loaded block. The
+        time and peak RSS of a measurement (load included) go to `self.measurements[label]`.
         """
         cache_key = f"{key}|{self.eval_key}"
         if cache_key in self.quality_cache:
             return float(self.quality_cache[cache_key])
-        model = self.live_model()
-        if transform is not None:
-            transform(model)
-        value = _perplexity_with_bar(model, self.eval_ids, self.progress, label)
-        if transform is not None:
-            self.model = None
+        start = time.perf_counter()
+        with RssSampler() as rss:
+            if self.sequential:
+                from toolkit.compress.sequential.model import LazyModel
+                from toolkit.compress.sequential.scoring import sequential_perplexity
+
+                self.model = None
+                lazy = LazyModel(self.current_dir)
+                per_layer = layer_transform(lazy) if layer_transform is not None else None
+                value = sequential_perplexity(lazy, self.eval_ids, transform=per_layer)
+            else:
+                model = self.live_model()
+                if transform is not None:
+                    transform(model)
+                value = _perplexity_with_bar(model, self.eval_ids, self.progress, label)
+                if transform is not None:
+                    self.model = None
+        self.measurements[label] = {
+            "seconds": round(time.perf_counter() - start, 3),
+            "peak_rss_bytes": rss.peak_bytes,
+            "sequential": self.sequential,
+        }
         self.quality_cache[cache_key] = value
         write_json_atomic(self.quality_path, self.quality_cache)
         return value

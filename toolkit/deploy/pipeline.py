@@ -97,6 +97,7 @@ class DeployOptions:
     max_attempts: int = 3
     calib_sequences: int = 64
     heal_steps: int = 40
+    heal: bool = True  # False: --no-heal; healing is also skipped when the host cannot hold it (host_can_heal)
     eval_tokens: int = 4096
     seq_len: int = 256
     prune_method: str = "activation"
@@ -192,9 +193,30 @@ class _Stages:
         self.console.print(f"  {name}: {note} in {seconds:.1f} s")
 
 
+def host_can_heal(model_arg: str, options: DeployOptions) -> tuple[bool, str | None]:
+    """Whether this host holds healing's peak (`toolkit.plan.compression_memory.heal_memory`) in its
+    memory; the reason (estimate against the host's memory) when it does not."""
+    import psutil
+
+    from toolkit.model.facts import read_facts
+    from toolkit.plan.compression_memory import heal_memory
+
+    needed = heal_memory(read_facts(model_arg), calib_sequences=options.calib_sequences, seq_len=options.seq_len)
+    total = int(psutil.virtual_memory().total)
+    if needed <= total:
+        return True, None
+    return False, (
+        f"the host cannot heal: healing needs about {needed / 2**30:.1f} GiB (whole model in float32, LoRA, "
+        f"activations) and the host has {total / 2**30:.1f} GiB; compressed without healing"
+    )
+
+
 def _compress(options: DeployOptions, model_arg: str, plan: Plan, work: Path) -> tuple[CompressResult, bool]:
+    heal, reason = (True, None) if not options.heal else host_can_heal(model_arg, options)
     compress_options = options_from_plan(
         plan,
+        heal=options.heal and heal,
+        heal_skip_reason=reason,
         calib=options.calib,
         eval_data=options.eval_data,
         calib_sequences=options.calib_sequences,

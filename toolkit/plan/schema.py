@@ -1,7 +1,7 @@
 """plan.json: the planner's decision, consumed by compress, export, validate and deploy; its read and write."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -85,6 +85,8 @@ class Plan(BaseModel):
     chosen: Candidate | None
     candidates: list[Candidate] = Field(default_factory=list)
     reason: str = ""
+    # the build host's memory per compress stage (toolkit.plan.compression_memory), beside the target's
+    compression: dict[str, Any] | None = None
 
 
 def write_plan(plan: Plan, path: Path) -> None:

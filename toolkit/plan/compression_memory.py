@@ -1,0 +1,107 @@
+"""The build host's memory for `bedside compress`, per stage: what compressing needs, beside what the target needs.
+
+Why: the plan says whether the compressed model fits the device; this says whether the machine that
+compresses it can, stage by stage, and whether it can heal (healing needs the whole model resident).
+
+Terms (bytes; P = parameters, L = layers, h = hidden, i = MLP width, V = vocabulary, T = tokens):
+
+- `base`: the process before any weights (Python, torch, transformers, tokenizer, the blocks),
+  BASE_BYTES, measured on this host (docs/BENCHMARKS.md, bench/sequential.py).
+- block by block (toolkit.compress.sequential), every stage holds one decoder block in float32
+  (4 x layer params; twice while a fake-quantized or searched copy sits beside the original) plus
+  its hidden states in float32 and its statistic:
+  - `prune`: max of the activation search, (L + 2) streams x T_a x h x 4 (T_a = min(8, sequences) x
+    min(128, seq_len)) + the reference distribution and one batch's logits (T_a x V x 4 x 2 +
+    4 x min(128, seq_len) x V x 4 x LOGIT_COPIES) + the float32 head (V x h x 4); and the linear
+    replacement's pass, T_c x h x 4 x 4 (states, outputs, span input, MLP output; T_c = sequences x
+    seq_len) + two h x h float64 sums.
+  - `quantize` (AWQ): the block's inputs and outputs, T_c x h x 4 x 2, the search subset's linear
+    inputs (1024 tokens x (3h + h + 2h + i) x 4, the inspect calls) and a batch's MLP activations
+    (8 x seq_len x i x 4 x 3).
+  - `perplexity`: T_e x h x 4 x 2 + the float32 head + one batch's logits (4 x seq_len x V x 4 x LOGIT_COPIES).
+- in memory (the path models under the sequential threshold take): the whole model in float32
+  (4P) plus the same activations, for every stage.
+- `heal` (never streamed): the whole model in float32 with LoRA and its optimizer state plus the
+  training activations; a host below it cannot heal and deploy continues unhealed.
+
+The constants are fitted on this host's measured peaks (bench/sequential.py); the estimate's error on
+the 1.1B- and 7B-shaped runs is in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from toolkit.model.facts import ModelFacts
+
+BASE_BYTES = 620 << 20  # process with torch, transformers, tokenizer and data loaded (measured, this host)
+LOGIT_COPIES = 3  # logits, log-softmax and the float32 copy alive together while one batch is scored
+ACTIVATION_SEQUENCES = 8  # the activation method's default max_sequences / max_tokens
+ACTIVATION_TOKENS = 128
+AWQ_SEARCH_TOKENS = 1024
+AWQ_BATCH = 8
+PERPLEXITY_BATCH = 4
+FLOAT32 = 4
+
+
+def compression_memory(
+    facts: ModelFacts,
+    *,
+    calib_sequences: int,
+    seq_len: int,
+    eval_sequences: int,
+    prune_layers: int,
+    quant: bool,
+    sequential: bool,
+    heal: bool = False,
+) -> dict[str, Any]:
+    """Estimated peak resident bytes of each compress stage on the build host (formulas in the module docstring)."""
+    h, i, v, layers = facts.hidden_size, facts.intermediate_size, facts.vocab_size, facts.num_layers
+    block = FLOAT32 * facts.layer_params
+    model = FLOAT32 * facts.text_params
+    head = FLOAT32 * v * h
+    calib_tokens = calib_sequences * seq_len
+    eval_tokens = eval_sequences * seq_len
+    batch_logits = PERPLEXITY_BATCH * seq_len * v * FLOAT32 * LOGIT_COPIES
+    resident = 2 * block if sequential else model
+    active_tokens = min(ACTIVATION_SEQUENCES, calib_sequences) * min(ACTIVATION_TOKENS, seq_len)
+    activation = (
+        (layers + 2) * active_tokens * h * FLOAT32
+        + active_tokens * v * FLOAT32 * 2
+        + PERPLEXITY_BATCH * min(ACTIVATION_TOKENS, seq_len) * v * FLOAT32 * LOGIT_COPIES
+        + head
+    )
+    replacement = calib_tokens * h * FLOAT32 * 4 + 2 * h * h * 8
+    search = min(AWQ_SEARCH_TOKENS, calib_tokens)
+    awq = (
+        2 * calib_tokens * h * FLOAT32
+        + search * (6 * h + i) * FLOAT32
+        + AWQ_BATCH * seq_len * i * FLOAT32 * 3
+    )
+    perplexity = 2 * eval_tokens * h * FLOAT32 + head + batch_logits
+    stages: dict[str, Any] = {
+        "perplexity": BASE_BYTES + (block if sequential else model) + perplexity,
+        "prune": BASE_BYTES + resident + max(activation, replacement) if prune_layers > 0 else None,
+        "quantize": BASE_BYTES + resident + awq if quant else None,
+        "heal": heal_memory(facts, calib_sequences=calib_sequences, seq_len=seq_len) if heal else None,
+    }
+    return {
+        **stages,
+        "sequential": sequential,
+        "peak": max(value for value in stages.values() if value is not None),
+        "terms": {"base": BASE_BYTES, "block_float32": block, "model_float32": model, "head_float32": head},
+    }
+
+
+HEAL_BATCH = 4
+HEAL_ACTIVATION_COPIES = 16  # saved tensors per layer and token (attention + MLP) in float32, h-wide units
+
+
+def heal_memory(facts: ModelFacts, *, calib_sequences: int, seq_len: int) -> int:
+    """Healing's peak: the float32 model, LoRA + Adam state (small), and one batch's saved activations
+    (HEAL_BATCH x seq_len x layers x (16 h + 3 i) x 4) and logits."""
+    h, i = facts.hidden_size, facts.intermediate_size
+    tokens = min(HEAL_BATCH, calib_sequences) * seq_len
+    activations = tokens * facts.num_layers * (HEAL_ACTIVATION_COPIES * h + 3 * i) * FLOAT32
+    logits = tokens * facts.vocab_size * FLOAT32 * LOGIT_COPIES
+    return BASE_BYTES + FLOAT32 * facts.text_params + activations + logits
