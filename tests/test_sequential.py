@@ -35,18 +35,26 @@ from toolkit.compress.stages import load_causal_lm, perplexity
 from toolkit.model.source import resolve_model_dir
 
 pytestmark = pytest.mark.heavy
+LAYERS = 8  # the demo's first 8 of 30 decoder layers: the same code paths at a quarter of the time
 
 
 @pytest.fixture(scope="module")
 def bf16_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo checkpoint stored in bf16 over four shards (tied head: only the embedding is stored)."""
+    """The demo checkpoint's first LAYERS layers stored in bf16 over several shards (tied head: only the
+    embedding is stored)."""
     demo = resolve_model_dir("demo", need_weights=True)
     folder = tmp_path_factory.mktemp("bf16-demo")
     source = ShardedCheckpoint(demo)
-    specs = {name: (entry.shape, torch.bfloat16) for name, entry in source.tensors.items()}
-    write_shards(folder, specs, source.read, 80 << 20)
+    kept = {f"model.layers.{index}." for index in range(LAYERS)}
+    specs = {
+        name: (entry.shape, torch.bfloat16)
+        for name, entry in source.tensors.items()
+        if not name.startswith("model.layers.") or any(name.startswith(prefix) for prefix in kept)
+    }
+    write_shards(folder, specs, source.read, 20 << 20)
     config = json.loads((demo / "config.json").read_text(encoding="utf-8"))
     config["dtype"] = "bfloat16"
+    config["num_hidden_layers"] = LAYERS
     (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     for path in demo.iterdir():
         if path.is_file() and not path.name.endswith(".safetensors") and path.name != "config.json":
@@ -66,16 +74,16 @@ def _bf16_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def test_shards_roundtrip_and_unchanged_shards_are_linked(bf16_demo: Path, tmp_path: Path) -> None:
     source = ShardedCheckpoint(bf16_demo)
-    assert len(source.files) == 4
+    assert len(source.files) >= 3
     assert all(source.read(name).dtype == torch.bfloat16 for name in list(source.tensors)[:5])
-    last = "model.layers.29.mlp.down_proj.weight"
+    last = f"model.layers.{LAYERS - 1}.mlp.down_proj.weight"
     writer = ShardWriter(source, tmp_path, lambda name: name, {last})
     writer.put(last, torch.zeros(source.tensors[last].shape))
     writer.finish()
     written = ShardedCheckpoint(tmp_path)
     assert torch.equal(written.read(last), torch.zeros(source.tensors[last].shape, dtype=torch.bfloat16))
     linked = [path for path in source.files if (tmp_path / path.name).stat().st_ino == path.stat().st_ino]
-    assert len(linked) == 3  # only the shard holding the changed tensor was rewritten
+    assert len(linked) == len(source.files) - 1  # only the shard holding the changed tensor was rewritten
     other = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(written.read(other), source.read(other))
 
@@ -117,7 +125,7 @@ def test_replacement_prune_and_awq_write_the_in_memory_weights(
     bf16_demo: Path, ids: tuple[torch.Tensor, torch.Tensor], tmp_path: Path
 ) -> None:
     calib, evaluation = ids
-    removed = [5, 6, 12]
+    removed = [2, 3, 5]
     pruned = tmp_path / "pruned"
     pruned.mkdir()
     lazy = LazyModel(bf16_demo)
@@ -126,14 +134,14 @@ def test_replacement_prune_and_awq_write_the_in_memory_weights(
     model = load_causal_lm(bf16_demo)
     expected = replace_removed_layers(model, removed, calib, eval_input_ids=evaluation, strict=False)
     remove_layers(model, removed)
-    assert record["spans"] == pytest.approx(expected.record["spans"]) or record == expected.record
+    assert record == expected.record
     written = ShardedCheckpoint(pruned)
     state = _bf16_state(model)
     stored = {name for name in state if name in written}
     assert stored == set(state) - {"lm_head.weight"}  # tied head, not stored (as save_pretrained does)
     assert all(torch.equal(written.read(name), state[name]) for name in stored)
     config = json.loads((pruned / "config.json").read_text(encoding="utf-8"))
-    assert config["num_hidden_layers"] == 27 and config["dtype"] == "bfloat16"
+    assert config["num_hidden_layers"] == LAYERS - 3 and config["dtype"] == "bfloat16"
 
     quantized = tmp_path / "awq"
     quantized.mkdir()
@@ -151,4 +159,4 @@ def test_replacement_prune_and_awq_write_the_in_memory_weights(
     matrix = read_imatrix(quantized / "imatrix.gguf").values
     for name, values in read_imatrix(tmp_path / "imatrix.gguf").values.items():
         np.testing.assert_allclose(matrix[name], values, rtol=1e-6)
-    assert load_causal_lm(quantized).config.num_hidden_layers == 27
+    assert load_causal_lm(quantized).config.num_hidden_layers == LAYERS - 3

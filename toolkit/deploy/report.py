@@ -639,12 +639,13 @@ def render_html(report: dict[str, Any]) -> str:
         ],
     )
     stages = _table(
-        ["stage", "seconds", "resumed"],
+        ["stage", "seconds", "resumed", "note"],
         [
             [
                 html.escape(name),
                 html.escape(str(value.get("seconds", ""))),
                 "yes" if value.get("resumed") else "no",
+                html.escape(_stage_note(value)),
             ]
             for name, value in report["stages"].items()
         ],
@@ -715,3 +716,9 @@ def print_summary(console: Console, report: dict[str, Any], out: Path) -> None:
     console.print(f"report: {out / REPORT_JSON}, {out / REPORT_HTML}")
     if report.get("bundle"):
         console.print(f"bundle: {out / report['bundle']['folder']} and {out / report['bundle']['tarball']}")
+
+
+def _stage_note(value: dict[str, Any]) -> str:
+    """What a deploy stage's record says beside its time: why compress did not heal (--no-heal, or a host too small)."""
+    heal = (value.get("stages") or {}).get("heal") if isinstance(value.get("stages"), dict) else None
+    return f"not healed: {heal['skipped']}" if isinstance(heal, dict) and heal.get("skipped") else ""
