@@ -1,6 +1,6 @@
 """Benchmark: block-by-block compression of Llama-shaped models with random bf16 weights (issue 14, part 1).
 
-    .venv/bin/python bench/sequential.py --shape tinyllama-1.1b [--calib-sequences 16] [--export]
+    .venv/bin/python bench/sequential.py --shape tinyllama-1.1b [--calib-sequences 4 --seq-len 128] [--export]
     nice -n 10 .venv/bin/python bench/sequential.py --shape llama2-7b --export
 
 Writes a Llama checkpoint with the named model's shapes and random bf16 weights shard by shard into
@@ -8,7 +8,7 @@ Writes a Llama checkpoint with the named model's shapes and random bf16 weights 
 with the demo model's tokenizer (no Llama tokenizer is available offline, so the vocabulary is the
 demo's 49152 tokens instead of Llama's 32000: +70 M parameters at 1.1B, +140 M at 7B), then runs
 
-    bedside compress --model DIR --prune-layers 4 --quant Q4_K_M --no-heal --calib-sequences N --out OUT
+    bedside compress --model DIR --prune-layers 4 --quant Q4_K_M --no-heal --calib-sequences N --seq-len S --out OUT
 
 in a child process (/usr/bin/time-style peak from the child's own VmHWM via resource), optionally
 `bedside export --format gguf`, and records per stage: seconds, peak RSS (load and save included, from
@@ -162,7 +162,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "bedside" / "bench-sequential")
-    parser.add_argument("--calib-sequences", type=int, default=16)
+    parser.add_argument("--calib-sequences", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--export", action="store_true", help="also bedside export --format gguf --quant Q4_K_M")
     args = parser.parse_args()
     work = args.work / args.shape
@@ -171,7 +172,8 @@ def main() -> None:
     bedside = [sys.executable, "-m", "toolkit.cli.main"]
     compress_command = [
         *bedside, "compress", "--model", str(checkpoint), "--prune-layers", "4", "--quant", "Q4_K_M", "--no-heal",
-        "--calib-sequences", str(args.calib_sequences), "--no-progress", "--out", str(out),
+        "--calib-sequences", str(args.calib_sequences), "--seq-len", str(args.seq_len), "--no-progress",
+        "--out", str(out),
     ]
     kept = work / "compression-run.json"  # the first run's record: a resumed run records no peaks
     runs_path = work / "runs.json"
@@ -232,8 +234,8 @@ def main() -> None:
         "stages": stages,
         "runs": runs,
         "host": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
-        "command": f"nice -n 10 .venv/bin/python bench/sequential.py --shape {args.shape} --calib-sequences "
-        f"{args.calib_sequences}" + (" --export" if args.export else ""),
+        "command": f".venv/bin/python bench/sequential.py --shape {args.shape} --calib-sequences "
+        f"{args.calib_sequences} --seq-len {args.seq_len}" + (" --export" if args.export else ""),
     }
     target = ROOT / "docs" / "benchmarks" / f"sequential_{args.shape}.json"
     write_json_atomic(target, result)

@@ -14,6 +14,7 @@ import json
 import re
 import struct
 from pathlib import Path
+from typing import Any
 
 from toolkit.core.errors import BedsideError
 from toolkit.model.architectures import MULTIMODAL
@@ -112,6 +113,25 @@ def _renamed(shapes: dict[str, tuple[int, ...]], facts: ModelFacts) -> dict[str,
 
 
 def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    header, _ = read_safetensors_header(path)
+    try:
+        return {
+            str(name): tuple(int(d) for d in entry["shape"])
+            for name, entry in header.items()
+            if name != "__metadata__"
+        }
+    except (ValueError, KeyError, TypeError) as error:
+        raise BedsideError(
+            f"{path} is not a valid safetensors file ({error}): download or save the weights again"
+        ) from None
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the byte offset where its data starts (8 + header length).
+
+    Checks only the framing (length within the file and the format's limit, a JSON object); one-line
+    BedsideError otherwise.
+    """
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
@@ -124,14 +144,10 @@ def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             header = json.loads(handle.read(length))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-        return {
-            str(name): tuple(int(d) for d in entry["shape"])
-            for name, entry in header.items()
-            if name != "__metadata__"
-        }
+        return header, 8 + length
     except OSError as error:
         raise BedsideError(f"cannot read {path}: {error.strerror or error}") from None
-    except (ValueError, KeyError, TypeError) as error:
+    except ValueError as error:
         raise BedsideError(
             f"{path} is not a valid safetensors file ({error}): download or save the weights again"
         ) from None

@@ -441,26 +441,40 @@ def replace_removed_layers(
             else {}
         )
         for span in targets:
-            before, after = statistics[span].relative_errors(maps[span])
-            entry: dict[str, Any] = {
-                "layers": span.layers,
-                "fold": "embedding"
-                if targets[span][0] == "embedding"
-                else f"layer {span.start - 1} mlp.down_proj",
-                "calibration_tokens": statistics[span].tokens,
-                "relative_error_before": before,
-                "relative_error_after": after,
-            }
-            if span in held:
-                entry.update(
-                    held_apart_tokens=held[span][2],
-                    held_apart_relative_error_before=held[span][0],
-                    held_apart_relative_error_after=held[span][1],
-                )
-            entries.append(entry)
+            entries.append(span_entry(span, targets[span][0], statistics[span], maps[span], held.get(span)))
         for span, target in targets.items():  # fold only after every pass ran on the original weights
             fold_map(target, maps[span])
-    record = {
+    return Replacement(maps=maps, record=replacement_record(ridge, entries, skipped))
+
+
+def span_entry(
+    span: Span,
+    kind: str,
+    statistics: SpanStatistics,
+    transform: torch.Tensor,
+    held: tuple[float, float, int] | None,
+) -> dict[str, Any]:
+    """compression.json's record of one span: fold, tokens, relative errors before/after (and held apart)."""
+    before, after = statistics.relative_errors(transform)
+    entry: dict[str, Any] = {
+        "layers": span.layers,
+        "fold": "embedding" if kind == "embedding" else f"layer {span.start - 1} mlp.down_proj",
+        "calibration_tokens": statistics.tokens,
+        "relative_error_before": before,
+        "relative_error_after": after,
+    }
+    if held is not None:
+        entry.update(
+            held_apart_tokens=held[2],
+            held_apart_relative_error_before=held[0],
+            held_apart_relative_error_after=held[1],
+        )
+    return entry
+
+
+def replacement_record(ridge: float, entries: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> dict[str, Any]:
+    """compression.json `replacement` for mode linear."""
+    return {
         "mode": "linear",
         "method": "ReplaceMe least squares, folded (toolkit.compress.prune.replace)",
         "ridge": ridge,
@@ -468,4 +482,3 @@ def replace_removed_layers(
         "spans": entries,
         "skipped": skipped,
     }
-    return Replacement(maps=maps, record=record)

@@ -40,6 +40,18 @@ class ImatrixStats:
     seq_len: int
     seconds: float
 
+    @classmethod
+    def from_sums(cls, sums: dict[str, torch.Tensor], calib_ids: torch.Tensor, seconds: float) -> ImatrixStats:
+        """The stats of float64 sums gathered over every token of `calib_ids` (each weight saw them all)."""
+        tokens = int(calib_ids.numel())
+        return cls(
+            in_sum2={name: total.cpu().numpy().astype(np.float32) for name, total in sums.items()},
+            counts=dict.fromkeys(sums, tokens),
+            sequences=int(calib_ids.shape[0]),
+            seq_len=int(calib_ids.shape[1]),
+            seconds=seconds,
+        )
+
     def means(self) -> dict[str, np.ndarray]:
         """``in_sum2 / counts`` per weight: what the quantizer receives (float32)."""
         return {
@@ -110,11 +122,4 @@ def gather_imatrix(model: nn.Module, calib_ids: torch.Tensor, *, batch_size: int
             handle.remove()
         if was_training:
             model.train()
-    tokens = int(calib_ids.numel())
-    return ImatrixStats(
-        in_sum2={name: total.cpu().numpy().astype(np.float32) for name, total in sums.items()},
-        counts=dict.fromkeys(sums, tokens),
-        sequences=int(calib_ids.shape[0]),
-        seq_len=int(calib_ids.shape[1]),
-        seconds=time.perf_counter() - start,
-    )
+    return ImatrixStats.from_sums(sums, calib_ids, time.perf_counter() - start)

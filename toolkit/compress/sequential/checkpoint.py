@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from toolkit.core.errors import BedsideError
+from toolkit.model.checkpoint import read_safetensors_header
 
 # safetensors dtype names <-> torch dtypes (the float and integer types a checkpoint stores)
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -46,7 +47,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100 << 20
 COPY_CHUNK = 64 << 20  # bytes per read/write when a tensor passes unchanged
 
 
@@ -67,21 +67,11 @@ class StoredTensor:
 
 def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     """The tensors of one safetensors file (absolute offsets) and its metadata; BedsideError if malformed."""
+    header, start = read_safetensors_header(path)
+    size = path.stat().st_size
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, StoredTensor] = {}
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            raw = handle.read(8)
-            if len(raw) < 8:
-                raise ValueError("shorter than the 8-byte header length")
-            (length,) = struct.unpack("<Q", raw)
-            if length > min(size - 8, MAX_HEADER_BYTES):
-                raise ValueError(f"header length {length:,} runs past the file's {size:,} bytes")
-            header = json.loads(handle.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        tensors: dict[str, StoredTensor] = {}
-        start = 8 + length
         for name, entry in header.items():
             begin, end = (int(v) for v in entry["data_offsets"])
             if entry["dtype"] not in SAFETENSORS_DTYPES:
@@ -91,11 +81,9 @@ def read_header(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
             tensors[str(name)] = StoredTensor(
                 path, start + begin, start + end, str(entry["dtype"]), tuple(int(d) for d in entry["shape"])
             )
-        return tensors, {str(k): str(v) for k, v in metadata.items()}
-    except OSError as error:
-        raise BedsideError(f"cannot read {path}: {error.strerror or error}") from None
     except (ValueError, KeyError, TypeError) as error:
         raise BedsideError(f"{path} is not a valid safetensors file ({error}): save the weights again") from None
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
 class ShardedCheckpoint:

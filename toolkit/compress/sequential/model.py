@@ -37,10 +37,6 @@ class SequentialUnsupported(BedsideError):
     """The checkpoint cannot be compressed block by block (the message says why); it is compressed in memory."""
 
 
-class _StopForward(Exception):
-    """Raised by the hook on layer 0 once its inputs are captured."""
-
-
 LayerInput = tuple[torch.Tensor, dict[str, Any]]
 
 
@@ -160,28 +156,10 @@ class LazyModel:
     @torch.no_grad()
     def capture(self, batches: Sequence[torch.Tensor]) -> list[LayerInput]:
         """(hidden states, keyword arguments) entering decoder layer 0 for each batch of token ids."""
-        embedding = self.model.get_input_embeddings()
-        path = self.module_path(embedding)
-        captured: list[LayerInput] = []
+        from toolkit.compress.quant.awq import _capture_layer0_inputs
 
-        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            kwargs = dict(kwargs)
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            for key in ("hidden_states", "past_key_values", "past_key_value"):
-                kwargs.pop(key, None)
-            kwargs["use_cache"] = False
-            captured.append((hidden.detach(), kwargs))
-            raise _StopForward
-
-        handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            with self.loaded(path):
-                for ids in batches:
-                    with contextlib.suppress(_StopForward):
-                        self.model(input_ids=ids, use_cache=False)
-        finally:
-            handle.remove()
-        return captured
+        with self.loaded(self.module_path(self.model.get_input_embeddings())):
+            return _capture_layer0_inputs(self.model, self.layers, batches)
 
     @contextlib.contextmanager
     def head(self) -> Iterator[Any]:

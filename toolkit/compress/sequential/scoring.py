@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -31,7 +30,7 @@ from toolkit.compress.prune.methods.activation import (
     fake_quantize_linears,
     resolve_quantizer,
 )
-from toolkit.compress.prune.methods.angular import angular_distance
+from toolkit.compress.prune.methods.angular import angular_selection
 from toolkit.compress.prune.methods.block_influence import BlockInfluenceMeter
 from toolkit.compress.prune.registry import LayerSelection
 from toolkit.compress.prune.stack import calibration_batches
@@ -126,14 +125,7 @@ def sequential_imatrix(
         finally:
             for handle in handles:
                 handle.remove()
-    tokens = int(calib_ids.numel())
-    return ImatrixStats(
-        in_sum2={name: total.cpu().numpy().astype(np.float32) for name, total in sums.items()},
-        counts=dict.fromkeys(sums, tokens),
-        sequences=int(calib_ids.shape[0]),
-        seq_len=int(calib_ids.shape[1]),
-        seconds=time.perf_counter() - start,
-    )
+    return ImatrixStats.from_sums(sums, calib_ids, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,20 +177,7 @@ def sequential_angular(lazy: LazyModel, calib_ids: torch.Tensor, n_remove: int, 
         collected[boundary].append(hidden[:, -1, :].detach().float().cpu())
 
     _boundaries(lazy, calibration_batches(calib_ids, batch_size), on_boundary)
-    boundaries = torch.stack([torch.cat(per_batch, dim=0) for per_batch in collected])
-    num_layers = lazy.num_layers
-    scores = [angular_distance(boundaries[i], boundaries[i + 1]) for i in range(num_layers)]
-    details: dict[str, object] = {}
-    layers: list[int] = []
-    if n_remove > 0:
-        distances = {
-            start: angular_distance(boundaries[start], boundaries[start + n_remove])
-            for start in range(num_layers - n_remove + 1)
-        }
-        best = min(distances, key=lambda start: (distances[start], start))
-        layers = list(range(best, best + n_remove))
-        details = {"block_distances": {str(start): d for start, d in distances.items()}, "block_start": best}
-    return LayerSelection("angular", layers, scores, 1, 0.0, details)
+    return angular_selection(torch.stack([torch.cat(per_batch, dim=0) for per_batch in collected]), n_remove)
 
 
 @dataclass

@@ -33,6 +33,8 @@ from toolkit.compress.prune.replace import (
     SpanStatistics,
     check_layer_indices,
     fold_target,
+    replacement_record,
+    span_entry,
     spans_of,
 )
 from toolkit.compress.prune.surgery import prune_config
@@ -148,44 +150,25 @@ def sequential_replacement(
         )
         for span, stats in statistics.items():
             maps[span] = stats.solve(ridge)
-        held: dict[Span, list[float]] = {}
+        sums: dict[Span, list[float]] = {}
         if eval_input_ids is not None and eval_input_ids.numel() > 0:
-            held = {span: [0.0, 0.0, 0.0, 0] for span in maps}
+            sums = {span: [0.0, 0.0, 0.0, 0] for span in maps}
 
             def measure(span: Span, x: torch.Tensor, base: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
                 replaced = base + x @ maps[span].to(x.dtype)
-                entry = held[span]
+                entry = sums[span]
                 entry[0] += float((h_in - h_out).double().square().sum())
                 entry[1] += float((replaced - h_out).double().square().sum())
                 entry[2] += float(h_out.double().square().sum())
                 entry[3] += int(x.shape[0])
 
             _span_pass(lazy, list(maps), eval_input_ids, measure, batch_size)
+        held = {
+            span: ((b / max(o, 1e-30)) ** 0.5, (a / max(o, 1e-30)) ** 0.5, int(n)) for span, (b, a, o, n) in sums.items()
+        }
         for span, kind in targets.items():
-            before, after = statistics[span].relative_errors(maps[span])
-            entry: dict[str, Any] = {
-                "layers": span.layers,
-                "fold": "embedding" if kind == "embedding" else f"layer {span.start - 1} mlp.down_proj",
-                "calibration_tokens": statistics[span].tokens,
-                "relative_error_before": before,
-                "relative_error_after": after,
-            }
-            if span in held:
-                b, a, o, n = held[span]
-                entry.update(
-                    held_apart_tokens=int(n),
-                    held_apart_relative_error_before=(b / max(o, 1e-30)) ** 0.5,
-                    held_apart_relative_error_after=(a / max(o, 1e-30)) ** 0.5,
-                )
-            entries.append(entry)
-    record = {
-        "mode": "linear",
-        "method": "ReplaceMe least squares, folded (toolkit.compress.prune.replace)",
-        "ridge": ridge,
-        "loss": "relative residual error of the span output ||h^ - h_out|| / ||h_out||",
-        "spans": entries,
-        "skipped": skipped,
-    }
+            entries.append(span_entry(span, kind, statistics[span], maps[span], held.get(span)))
+    record = replacement_record(ridge, entries, skipped)
     return {span: (targets[span], maps[span]) for span in maps}, record
 
 

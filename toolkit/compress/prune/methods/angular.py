@@ -57,6 +57,11 @@ def select_angular(
     L + 1 boundary states kept for the last token only. Knobs: batch_size.
     """
     boundaries = last_token_boundaries(model, calibration_batches(calib_input_ids, batch_size))
+    return angular_selection(boundaries, n_remove)
+
+
+def angular_selection(boundaries: torch.Tensor, n_remove: int) -> LayerSelection:
+    """The `angular` choice and scores from the last token's boundary states (L + 1, sequences, hidden)."""
     num_layers = boundaries.shape[0] - 1
     scores = [angular_distance(boundaries[i], boundaries[i + 1]) for i in range(num_layers)]
     details: dict[str, object] = {}
