@@ -125,6 +125,29 @@ class ShardedCheckpoint:
         return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
 
 
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Copy tensor `name` into `out` (same shape, any float dtype), COPY_CHUNK bytes at a time: the
+        resident cost is `out` plus one chunk, not `out` plus the stored tensor."""
+        stored = self.resolve(name)
+        if stored is None:
+            raise BedsideError(f"the checkpoint in '{self.folder}' has no tensor {name!r}")
+        entry = self.tensors[stored]
+        if tuple(out.shape) != entry.shape:
+            raise BedsideError(f"tensor {name!r} is {entry.shape} in '{self.folder}', the model expects {tuple(out.shape)}")
+        dtype = SAFETENSORS_DTYPES[entry.dtype]
+        flat = out.reshape(-1)
+        if flat.data_ptr() != out.data_ptr() or not out.is_contiguous():
+            raise AssertionError("read_into needs a contiguous tensor")
+        item = torch.empty(0, dtype=dtype).element_size()
+        step = max(1, COPY_CHUNK // item)
+        for first in range(0, flat.numel(), step):
+            count = min(step, flat.numel() - first)
+            buffer = bytearray(count * item)
+            _read_into(entry.file, entry.begin + first * item, memoryview(buffer))
+            flat[first : first + count].copy_(torch.frombuffer(buffer, dtype=dtype))
+        return out
+
+
 def _read_into(path: Path, offset: int, view: memoryview) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:

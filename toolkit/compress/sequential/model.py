@@ -40,6 +40,31 @@ class SequentialUnsupported(BedsideError):
 LayerInput = tuple[torch.Tensor, dict[str, Any]]
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_freed_memory() -> None:
+    """Make glibc serve every allocation of 1 MiB or more with its own mapping, returned on free.
+
+    Why: glibc raises its mmap threshold after each large free (up to 32 MiB), so a released block's
+    16-46 MB tensors come back from the heap the next time and their pages stay resident after
+    release, counted in the RSS though free; loading block after block, that retention grows the peak
+    by several blocks. A fixed threshold (mallopt, which also stops the adjustment) keeps the resident
+    set to what is alive. No effect off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        return
+
+
 def first_output(output: Any) -> torch.Tensor:
     """The hidden states of a decoder layer's output (a tensor, or the first item of a tuple)."""
     return output[0] if isinstance(output, tuple | list) else output
@@ -54,6 +79,7 @@ class LazyModel:
         from toolkit.model.llava import is_vision_language
 
         self.folder = Path(folder)
+        return_freed_memory()
         refuse_custom_code(self.folder)
         if is_vision_language(self.folder):
             raise SequentialUnsupported("a vision-language model is compressed in memory (image calibration)")
@@ -112,11 +138,11 @@ class LazyModel:
 
     # -- weights --------------------------------------------------------------------------------
 
-    def _tensor_for(self, name: str) -> torch.Tensor:
+    def _stored_name(self, name: str) -> str:
         if name in self.checkpoint:
-            return self.checkpoint.read(name)
+            return name
         if name.endswith(self.family.lm_head_name) and self._tied():
-            return self.checkpoint.read(f"{self.family.base_model_path}.{self.family.embedding_name}")
+            return f"{self.family.base_model_path}.{self.family.embedding_name}"
         raise BedsideError(f"the checkpoint in '{self.folder}' has no tensor {name!r}")
 
     def _tied(self) -> bool:
@@ -129,7 +155,7 @@ class LazyModel:
         module.to_empty(device="cpu")
         persistent = module.state_dict(keep_vars=True)
         for name, tensor in persistent.items():
-            tensor.data.copy_(self._tensor_for(f"{path}.{name}" if path else name))
+            self.checkpoint.read_into(self._stored_name(f"{path}.{name}" if path else name), tensor.data)
         return module
 
     def release(self, path: str) -> None:
@@ -169,9 +195,9 @@ class LazyModel:
         norm = self.load(norm_path)
         head = self.model.get_submodule(head_path)
         tied = head.weight is self.model.get_input_embeddings().weight
-        if tied:  # a tied head shares the embedding's Parameter: give the head a weight of its own
-            head.weight = nn.Parameter(torch.empty(0), requires_grad=False)
-        head.weight = nn.Parameter(self._tensor_for(self.family.lm_head_name).to(torch.float32), requires_grad=False)
+        stored = self._stored_name(self.family.lm_head_name)  # a tied head reads the embedding
+        weight = torch.empty(self.checkpoint.tensors[self.checkpoint.resolve(stored) or stored].shape, dtype=torch.float32)
+        head.weight = nn.Parameter(self.checkpoint.read_into(stored, weight), requires_grad=False)
         cap = getattr(self.config.get_text_config(decoder=True), "final_logit_softcapping", None)
 
         def logits(hidden: torch.Tensor) -> torch.Tensor:
