@@ -158,6 +158,32 @@ def run_child(command: list[str], log: Path) -> dict[str, Any]:
             "process_peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
+def write_partial(work: Path, out: Path, args: argparse.Namespace) -> None:
+    """The finished stages of a run that has not ended: their stage.json (seconds, peak RSS, per block)."""
+    stages = {}
+    for record_path in sorted((out / "stages").glob("*/stage.json")):
+        stored = json.loads(record_path.read_text(encoding="utf-8"))
+        blocks = stored.get("block_seconds") or []
+        stages[stored["stage"]] = {
+            "seconds": stored["seconds"],
+            "peak_rss_bytes": stored["peak_rss_bytes"],
+            "sequential": stored.get("sequential", False),
+            "seconds_per_block": round(sum(blocks) / len(blocks), 3) if blocks else None,
+            "block_seconds": blocks,
+            "layers_removed": stored["details"].get("layers_removed"),
+        }
+    quality_path = out / "stages" / "quality.json"
+    result = {
+        "benchmark": "sequential compression (issue 14 part 1), PARTIAL: the run had not ended",
+        "shape": args.shape,
+        "stages": stages,
+        "perplexities": json.loads(quality_path.read_text(encoding="utf-8")) if quality_path.is_file() else {},
+        "host": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+    }
+    write_json_atomic(ROOT / "docs" / "benchmarks" / f"sequential_{args.shape}.json", result)
+    print(json.dumps(stages, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
@@ -165,6 +191,9 @@ def main() -> None:
     parser.add_argument("--calib-sequences", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--export", action="store_true", help="also bedside export --format gguf --quant Q4_K_M")
+    parser.add_argument(
+        "--partial", action="store_true", help="record the finished stages of a run still going (stage.json files)"
+    )
     args = parser.parse_args()
     work = args.work / args.shape
     checkpoint = build_checkpoint(work / "checkpoint", args.shape)
@@ -175,6 +204,9 @@ def main() -> None:
         "--calib-sequences", str(args.calib_sequences), "--seq-len", str(args.seq_len), "--no-progress",
         "--out", str(out),
     ]
+    if args.partial:
+        write_partial(work, out, args)
+        return
     kept = work / "compression-run.json"  # the first run's record: a resumed run records no peaks
     runs_path = work / "runs.json"
     runs = json.loads(runs_path.read_text(encoding="utf-8")) if runs_path.is_file() else {}

@@ -7,18 +7,20 @@ Terms (bytes; P = parameters, L = layers, h = hidden, i = MLP width, V = vocabul
 
 - `base`: the process before any weights (Python, torch, transformers, tokenizer, the blocks),
   BASE_BYTES, measured on this host (docs/BENCHMARKS.md, bench/sequential.py).
-- block by block (toolkit.compress.sequential), every stage holds one decoder block in float32
-  (4 x layer params; twice while a fake-quantized or searched copy sits beside the original) plus
-  its hidden states in float32 and its statistic:
-  - `prune`: max of the activation search, (L + 2) streams x T_a x h x 4 (T_a = min(8, sequences) x
-    min(128, seq_len)) + the reference distribution and one batch's logits (T_a x V x 4 x 2 +
-    4 x min(128, seq_len) x V x 4 x LOGIT_COPIES) + the float32 head (V x h x 4); and the linear
-    replacement's pass, T_c x h x 4 x 4 (states, outputs, span input, MLP output; T_c = sequences x
-    seq_len) + two h x h float64 sums.
-  - `quantize` (AWQ): the block's inputs and outputs, T_c x h x 4 x 2, the search subset's linear
-    inputs (1024 tokens x (3h + h + 2h + i) x 4, the inspect calls) and a batch's MLP activations
+- block by block (toolkit.compress.sequential), a stage alternates between two phases and peaks in the
+  larger: the block phase (one decoder block in float32, 4 x layer params, twice while a fake-quantized or
+  searched copy sits beside the original, plus the hidden states) and the head phase (the float32 output
+  head V x h x 4 and the logits it makes):
+  - `prune`, the activation search: (L + 2) streams x T_a x h x 4 of hidden states (T_a = min(8,
+    sequences) x min(128, seq_len)) in both phases; in the head phase the reference distribution
+    (T_a x V x 4 x 2) and one batch's logits (4 x min(128, seq_len) x V x 4 x LOGIT_COPIES). The linear
+    replacement's pass: one block + T_c x h x 4 x 4 (states, outputs, span input, MLP output; T_c =
+    sequences x seq_len) + two h x h float64 sums.
+  - `quantize` (AWQ, no head): two blocks, the block's inputs and outputs (T_c x h x 4 x 2), the search
+    subset's linear inputs (min(1024, T_c) x (6h + i) x 4) and a batch's MLP activations
     (8 x seq_len x i x 4 x 3).
-  - `perplexity`: T_e x h x 4 x 2 + the float32 head + one batch's logits (4 x seq_len x V x 4 x LOGIT_COPIES).
+  - `perplexity`: the states (T_e x h x 4 x 2) and one block, or the head and one batch's logits
+    (4 x seq_len x V x 4 x LOGIT_COPIES).
 - in memory (the path models under the sequential threshold take): the whole model in float32
   (4P) plus the same activations, for every stage.
 - `heal` (never streamed): the whole model in float32 with LoRA and its optimizer state plus the
@@ -34,7 +36,7 @@ from typing import Any
 
 from toolkit.model.facts import ModelFacts
 
-BASE_BYTES = 620 << 20  # process with torch, transformers, tokenizer and data loaded (measured, this host)
+BASE_BYTES = 450 << 20  # process with torch, transformers, tokenizer and data blocks loaded (measured, this host)
 LOGIT_COPIES = 3  # logits, log-softmax and the float32 copy alive together while one batch is scored
 ACTIVATION_SEQUENCES = 8  # the activation method's default max_sequences / max_tokens
 ACTIVATION_TOKENS = 128
@@ -63,26 +65,26 @@ def compression_memory(
     calib_tokens = calib_sequences * seq_len
     eval_tokens = eval_sequences * seq_len
     batch_logits = PERPLEXITY_BATCH * seq_len * v * FLOAT32 * LOGIT_COPIES
-    resident = 2 * block if sequential else model
     active_tokens = min(ACTIVATION_SEQUENCES, calib_sequences) * min(ACTIVATION_TOKENS, seq_len)
-    activation = (
-        (layers + 2) * active_tokens * h * FLOAT32
-        + active_tokens * v * FLOAT32 * 2
-        + PERPLEXITY_BATCH * min(ACTIVATION_TOKENS, seq_len) * v * FLOAT32 * LOGIT_COPIES
-        + head
-    )
+    streams = (layers + 2) * active_tokens * h * FLOAT32
+    reference = active_tokens * v * FLOAT32 * 2
+    activation_logits = PERPLEXITY_BATCH * min(ACTIVATION_TOKENS, seq_len) * v * FLOAT32 * LOGIT_COPIES
     replacement = calib_tokens * h * FLOAT32 * 4 + 2 * h * h * 8
     search = min(AWQ_SEARCH_TOKENS, calib_tokens)
-    awq = (
-        2 * calib_tokens * h * FLOAT32
-        + search * (6 * h + i) * FLOAT32
-        + AWQ_BATCH * seq_len * i * FLOAT32 * 3
-    )
-    perplexity = 2 * eval_tokens * h * FLOAT32 + head + batch_logits
+    awq = 2 * calib_tokens * h * FLOAT32 + search * (6 * h + i) * FLOAT32 + AWQ_BATCH * seq_len * i * FLOAT32 * 3
+    states = 2 * eval_tokens * h * FLOAT32
+    if sequential:
+        prune = max(2 * block + streams, head + reference + activation_logits + streams, block + replacement)
+        quantize = 2 * block + awq
+        perplexity = max(block + states, head + states + batch_logits)
+    else:
+        prune = model + max(streams + reference + activation_logits, replacement)
+        quantize = model + awq
+        perplexity = model + states + batch_logits
     stages: dict[str, Any] = {
-        "perplexity": BASE_BYTES + (block if sequential else model) + perplexity,
-        "prune": BASE_BYTES + resident + max(activation, replacement) if prune_layers > 0 else None,
-        "quantize": BASE_BYTES + resident + awq if quant else None,
+        "perplexity": BASE_BYTES + perplexity,
+        "prune": BASE_BYTES + prune if prune_layers > 0 else None,
+        "quantize": BASE_BYTES + quantize if quant else None,
         "heal": heal_memory(facts, calib_sequences=calib_sequences, seq_len=seq_len) if heal else None,
     }
     return {
