@@ -220,7 +220,9 @@ class StageRunner:
         self.quality_path = self.stages_dir / "quality.json"
         self.quality_cache: dict[str, float] = _read_json_object(self.quality_path)
         self.sequential = sequential  # stages that can stream run block by block (toolkit.compress.sequential)
-        self.measurements: dict[str, dict[str, Any]] = {}  # perplexity runs of this call: seconds, peak RSS
+        self.measurements: dict[str, dict[str, Any]] = {}  # perplexity runs by label: seconds, peak RSS
+        self.measured_path = self.stages_dir / "quality-measurements.json"  # the same by cache key, for resumes
+        self.measured: dict[str, Any] = _read_json_object(self.measured_path)
 
     def live_model(self) -> Any:
         """The current weights as a float32 model (loaded from `current_dir` when not live)."""
@@ -355,6 +357,8 @@ class StageRunner:
         """
         cache_key = f"{key}|{self.eval_key}"
         if cache_key in self.quality_cache:
+            if cache_key in self.measured:
+                self.measurements[label] = self.measured[cache_key]
             return float(self.quality_cache[cache_key])
         start = time.perf_counter()
         with RssSampler() as rss:
@@ -373,13 +377,14 @@ class StageRunner:
                 value = _perplexity_with_bar(model, self.eval_ids, self.progress, label)
                 if transform is not None:
                     self.model = None
-        self.measurements[label] = {
+        self.measurements[label] = self.measured[cache_key] = {
             "seconds": round(time.perf_counter() - start, 3),
             "peak_rss_bytes": rss.peak_bytes,
             "sequential": self.sequential,
         }
         self.quality_cache[cache_key] = value
         write_json_atomic(self.quality_path, self.quality_cache)
+        write_json_atomic(self.measured_path, self.measured)
         return value
 
 
