@@ -17,8 +17,9 @@ Terms (bytes; P = parameters, L = layers, h = hidden, i = MLP width, V = vocabul
     replacement's pass: one block + T_c x h x 4 x 4 (states, outputs, span input, MLP output; T_c =
     sequences x seq_len) + two h x h float64 sums.
   - `quantize` (AWQ, no head): two blocks, the block's inputs and outputs (T_c x h x 4 x 2), the search
-    subset's linear inputs (min(1024, T_c) x (6h + i) x 4) and a batch's MLP activations
-    (8 x seq_len x i x 4 x 3).
+    subset's linear inputs (min(1024, T_c) x (6h + i) x 4), a batch's MLP activations
+    (8 x seq_len x i x 4 x 3), one chunk of the clip search's errors (max(h, i) / 32 groups x
+    min(512, T) tokens x 256 rows x 4) and four copies of the largest linear (h x i x 4).
   - `perplexity`: the states (T_e x h x 4 x 2) and one block, or the head and one batch's logits
     (4 x seq_len x V x 4 x LOGIT_COPIES).
 - in memory (the path models under the sequential threshold take): the whole model in float32
@@ -42,6 +43,10 @@ ACTIVATION_SEQUENCES = 8  # the activation method's default max_sequences / max_
 ACTIVATION_TOKENS = 128
 AWQ_SEARCH_TOKENS = 1024
 AWQ_BATCH = 8
+AWQ_CLIP_TOKENS = 512  # awq's clip_tokens
+AWQ_CLIP_GROUP = 32  # the smallest group a clip search runs on
+AWQ_CLIP_ROWS = 256  # awq.CLIP_OUT_ROWS
+AWQ_WEIGHT_COPIES = 4
 PERPLEXITY_BATCH = 4
 FLOAT32 = 4
 
@@ -71,7 +76,14 @@ def compression_memory(
     activation_logits = PERPLEXITY_BATCH * min(ACTIVATION_TOKENS, seq_len) * v * FLOAT32 * LOGIT_COPIES
     replacement = calib_tokens * h * FLOAT32 * 4 + 2 * h * h * 8
     search = min(AWQ_SEARCH_TOKENS, calib_tokens)
-    awq = 2 * calib_tokens * h * FLOAT32 + search * (6 * h + i) * FLOAT32 + AWQ_BATCH * seq_len * i * FLOAT32 * 3
+    clip_tokens = min(AWQ_CLIP_TOKENS, search)
+    awq = (
+        2 * calib_tokens * h * FLOAT32
+        + search * (6 * h + i) * FLOAT32
+        + AWQ_BATCH * seq_len * i * FLOAT32 * 3
+        + max(h, i) // AWQ_CLIP_GROUP * clip_tokens * AWQ_CLIP_ROWS * FLOAT32  # one clip-error chunk
+        + AWQ_WEIGHT_COPIES * h * i * FLOAT32  # the largest linear: scaled, rounded, padded, difference
+    )
     states = 2 * eval_tokens * h * FLOAT32
     if sequential:
         prune = max(2 * block + streams, head + reference + activation_logits + streams, block + replacement)

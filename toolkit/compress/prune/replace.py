@@ -329,23 +329,32 @@ def held_apart_errors(
     model: nn.Module, maps: dict[Span, torch.Tensor], input_ids: torch.Tensor, *, batch_size: int = 4
 ) -> dict[Span, tuple[float, float, int]]:
     """(before, after, tokens) on held-apart ids: the fitted maps applied to the unreplaced model's states."""
-    sums = {span: [0.0, 0.0, 0.0, 0] for span in maps}
+    measure = HeldApartErrors(maps)
+    stream_spans(model, list(maps), input_ids, measure, batch_size=batch_size)
+    return measure.result()
 
-    def measure(
-        span: Span, x: torch.Tensor, base: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor
-    ) -> None:
-        replaced = base + x @ maps[span].to(x.dtype)
-        entry = sums[span]
+
+class HeldApartErrors:
+    """A span callback summing ||h_s - h_out||^2, ||h^ - h_out||^2 (h^ = base + x T), ||h_out||^2 and tokens."""
+
+    def __init__(self, maps: dict[Span, torch.Tensor]) -> None:
+        self.maps = maps
+        self.sums = {span: [0.0, 0.0, 0.0, 0] for span in maps}
+
+    def __call__(self, span: Span, x: torch.Tensor, base: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        replaced = base + x @ self.maps[span].to(x.dtype)
+        entry = self.sums[span]
         entry[0] += float((h_in - h_out).double().square().sum())
         entry[1] += float((replaced - h_out).double().square().sum())
         entry[2] += float(h_out.double().square().sum())
         entry[3] += int(x.shape[0])
 
-    stream_spans(model, list(maps), input_ids, measure, batch_size=batch_size)
-    return {
-        span: ((b / max(o, 1e-30)) ** 0.5, (a / max(o, 1e-30)) ** 0.5, int(n))
-        for span, (b, a, o, n) in sums.items()
-    }
+    def result(self) -> dict[Span, tuple[float, float, int]]:
+        """(before, after, tokens) per span: relative errors of the span output."""
+        return {
+            span: ((b / max(o, 1e-30)) ** 0.5, (a / max(o, 1e-30)) ** 0.5, int(n))
+            for span, (b, a, o, n) in self.sums.items()
+        }
 
 
 # ---------------------------------------------------------------------------------------------

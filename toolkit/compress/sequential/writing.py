@@ -29,6 +29,7 @@ from torch import nn
 
 from toolkit.compress.prune.replace import (
     DEFAULT_RIDGE,
+    HeldApartErrors,
     Span,
     SpanStatistics,
     check_layer_indices,
@@ -150,22 +151,11 @@ def sequential_replacement(
         )
         for span, stats in statistics.items():
             maps[span] = stats.solve(ridge)
-        sums: dict[Span, list[float]] = {}
+        held: dict[Span, tuple[float, float, int]] = {}
         if eval_input_ids is not None and eval_input_ids.numel() > 0:
-            sums = {span: [0.0, 0.0, 0.0, 0] for span in maps}
-
-            def measure(span: Span, x: torch.Tensor, base: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
-                replaced = base + x @ maps[span].to(x.dtype)
-                entry = sums[span]
-                entry[0] += float((h_in - h_out).double().square().sum())
-                entry[1] += float((replaced - h_out).double().square().sum())
-                entry[2] += float(h_out.double().square().sum())
-                entry[3] += int(x.shape[0])
-
+            measure = HeldApartErrors(maps)
             _span_pass(lazy, list(maps), eval_input_ids, measure, batch_size)
-        held = {
-            span: ((b / max(o, 1e-30)) ** 0.5, (a / max(o, 1e-30)) ** 0.5, int(n)) for span, (b, a, o, n) in sums.items()
-        }
+            held = measure.result()
         for span, kind in targets.items():
             entries.append(span_entry(span, kind, statistics[span], maps[span], held.get(span)))
     record = replacement_record(ridge, entries, skipped)
