@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     reference = read_imatrix_sums(out)
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
     calib = torch.tensor(chunks, dtype=torch.long)
     runs: dict[str, Any] = {}
     for variant in ("float32_weights", "f16_weights"):

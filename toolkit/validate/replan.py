@@ -18,6 +18,10 @@ holds too, corrected when the target's speed was measured:
     speed_ratio = measured_decode_tokens_per_s / predicted_decode_tokens_per_s   (of a host-profile attempt)
     corrected_speed(c) = c.predicted_decode_tokens_per_s * speed_ratio  must be >= profile minimum
 
+Until a speed was measured on the target, the floor is checked on the bandwidth bound
+(c.decode_bound_tokens_per_s), as the planner checks it (toolkit/plan/planner.py: the simulator's CPU
+calibration does not transfer between machines yet).
+
 Among the rest, the planner's own order (chosen rule) decides.
 Ratios from several attempts are combined by taking the most pessimistic one (largest memory and quality
 ratio, smallest speed ratio).
@@ -60,6 +64,7 @@ class Corrections:
     failed_quality_loss: float | None = None  # predicted loss of the last quality failure
     failed_memory_bytes: int | None = None  # estimate of the last memory failure
     speed_ratio: float = 1.0  # measured / predicted decode speed, where the measurement is the target's
+    speed_measured: bool = False  # True once a target measurement set speed_ratio
     failed_speed: float | None = None  # predicted decode speed of the fastest speed failure
 
     def learn(
@@ -77,7 +82,9 @@ class Corrections:
         self.tried.append(candidate_key(candidate))
         predicted_speed = candidate.predicted_decode_tokens_per_s
         if target_speed is not None and predicted_speed:
-            self.speed_ratio = min(self.speed_ratio, target_speed / predicted_speed)
+            ratio = target_speed / predicted_speed
+            self.speed_ratio = min(self.speed_ratio, ratio) if self.speed_measured else ratio
+            self.speed_measured = True
         if speed_failed and predicted_speed is not None:
             self.failed_speed = max(predicted_speed, self.failed_speed or predicted_speed)
         if measured_memory is not None and candidate.memory.total_bytes > 0:
@@ -122,7 +129,11 @@ def next_candidate(
         speed = candidate.predicted_decode_tokens_per_s
         if corrections.failed_speed is not None and (speed is None or speed <= corrections.failed_speed):
             continue
-        if speed is not None and speed * corrections.speed_ratio < min_speed:
+        floor_speed = (
+            speed * corrections.speed_ratio if corrections.speed_measured and speed is not None
+            else candidate.decode_bound_tokens_per_s
+        )
+        if floor_speed is not None and floor_speed < min_speed:
             too_slow += 1
             continue
         considered += 1
