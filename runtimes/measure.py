@@ -14,10 +14,9 @@ text, repeated to length); decode `decode_tokens` tokens greedily one at a time,
 KV cache to exactly `context`; record memory (peak and at context, after this first pass). With `warm_pass` (the
 default) the same prefill and decode then run again from an empty cache, and the speeds reported are this
 second pass's: the steady state a runtime's own benchmark reports (llama-bench times runs after a warm-up),
-not a first call's. ONNX Runtime plans memory per input shape on first sight, so its first decode at
-positions 992..1023 ran 0.85x of a warm one, and the warm session holds ~5 % more (int4_b32 at context 1024:
-441.6 MiB after the first pass, 464.2 after the second); llama.cpp showed neither (docs/RUNTIMES.md, "Measured
-speeds against the runtimes' own benchmarks"). Memory figures stay the first pass's, as the estimator is
+not a first call's (ONNX Runtime plans memory per input shape on first sight, so its first decode at a new
+length is slower; docs/RUNTIMES.md, "Measured speeds against the runtimes' own benchmarks", bench/runtime_parity.py
+records both passes). Memory figures stay the first pass's, as the estimator is
 calibrated on them; the first pass's times and the resident memory after the warm pass are in `details`
 (first_pass_prefill_seconds, first_pass_decode_seconds, warm_pass_rss_bytes). Then, optionally,
 score `score_ids`
