@@ -27,6 +27,7 @@ from torch import nn
 
 from toolkit.compress.prune.methods.activation import (
     ReferenceDistribution,
+    check_activation_knobs,
     fake_quantize_linears,
     resolve_quantizer,
 )
@@ -255,12 +256,7 @@ def sequential_activation(
     block by block: round 0, the reference and the quantized full model in one pass, one pass per
     later round (module docstring). `reuse_prefix` is accepted for the knob set; forks always reuse."""
     del reuse_prefix
-    if max_sequences < 1 or max_tokens < 2:
-        raise BedsideError(
-            f"activation: max_sequences must be >= 1 and max_tokens >= 2 (got {max_sequences}, {max_tokens})"
-        )
-    if top_k_candidates is not None and top_k_candidates < 1:
-        raise BedsideError(f"activation: top_k_candidates must be >= 1, got {top_k_candidates}")
+    check_activation_knobs(max_sequences, max_tokens, top_k_candidates)
     grid = resolve_quantizer(quant_scheme)
     num_layers = lazy.num_layers
     ids = calib_input_ids[:max_sequences, :max_tokens]

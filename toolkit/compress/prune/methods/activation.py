@@ -94,6 +94,15 @@ class FakeQuantizer(Protocol):
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor: ...
 
 
+def check_activation_knobs(max_sequences: int, max_tokens: int, top_k_candidates: int | None) -> None:
+    """One-line errors for knobs the activation selection cannot run with (in memory and block by block)."""
+    if max_sequences < 1 or max_tokens < 2:
+        raise BedsideError(
+            f"activation: max_sequences must be >= 1 and max_tokens >= 2 (got {max_sequences}, {max_tokens})"
+        )
+    if top_k_candidates is not None and top_k_candidates < 1:
+        raise BedsideError(f"activation: top_k_candidates must be >= 1, got {top_k_candidates}")
+
 def resolve_quantizer(quant_scheme: str | FakeQuantizer | None) -> FakeQuantizer | None:
     """A grid from a scheme name (toolkit.compress.quant.grids), or the given quantizer object, or None."""
     if quant_scheme is None or not isinstance(quant_scheme, str):
@@ -260,12 +269,7 @@ def select_activation(
     + sum_{k<n} |C_k| forward passes, |C_k| = L - k or min(K, L - k) after round 0 with
     top_k_candidates = K. Full description, knobs and memory: the module docstring.
     """
-    if max_sequences < 1 or max_tokens < 2:
-        raise BedsideError(
-            f"activation: max_sequences must be >= 1 and max_tokens >= 2 (got {max_sequences}, {max_tokens})"
-        )
-    if top_k_candidates is not None and top_k_candidates < 1:
-        raise BedsideError(f"activation: top_k_candidates must be >= 1, got {top_k_candidates}")
+    check_activation_knobs(max_sequences, max_tokens, top_k_candidates)
     grid = resolve_quantizer(quant_scheme)
     num_layers = find_decoder_stack(model).num_layers
     ids = calib_input_ids[:max_sequences, :max_tokens]
