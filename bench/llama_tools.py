@@ -31,7 +31,7 @@ from pathlib import Path
 from toolkit.core.atomic import building_folder, remove_stale_temporaries, write_json_atomic
 from toolkit.core.errors import BedsideError
 from toolkit.core.paths import LLAMA_CPP_VERSION, cache_dir
-from toolkit.deploy.verify import is_bundle_path
+from toolkit.core.safe_tar import Member, check_members, write_members
 
 TARGETS: tuple[str, ...] = ("llama-imatrix", "llama-bench")
 # Set-up's wheel flags (GGML_NATIVE=OFF, Release) plus what keeps the build to the two tools, offline.
@@ -67,49 +67,15 @@ def tools_dir(version: str = LLAMA_CPP_VERSION) -> Path:
     return cache_dir() / "llama-tools" / version
 
 
-def checked_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
-    """Every member of `tar`, refused unless each is a file or folder with a safe name under one top folder.
+def checked_members(tar: tarfile.TarFile, archive: Path) -> tuple[str, list[Member]]:
+    """The top folder and every member of `tar`, checked by toolkit.core.safe_tar's rules.
 
-    Safe: relative, normalised (no '', '.', '..' parts, no backslash or control character), not twice in the
-    archive, not inside a member that is a file, no file where another member needs a folder. Links, devices,
-    fifos and sparse files are refused. Raises BedsideError naming the first offending member.
+    Raises BedsideError naming the first offending member (safe_tar.RefusedMember is a ValueError).
     """
-    members: list[tarfile.TarInfo] = []
-    kinds: dict[str, str] = {}
-    parents: set[str] = set()
-    top: str | None = None
-    for member in tar:
-        name = member.name[:-1] if member.isdir() and member.name.endswith("/") else member.name
-        if member.issparse() or not (member.isreg() or member.isdir()):
-            raise BedsideError(f"sdist '{archive}' refused: member '{name}' is not a regular file or folder")
-        if not is_bundle_path(name):
-            raise BedsideError(
-                f"sdist '{archive}' refused: member '{name}' has an absolute, '..' or unnormalised name"
-            )
-        parts = name.split("/")
-        top = top or parts[0]
-        if parts[0] != top or (len(parts) == 1 and not member.isdir()):
-            raise BedsideError(
-                f"sdist '{archive}' refused: member '{name}' is outside its one top folder '{top}'"
-            )
-        if name in kinds:
-            raise BedsideError(f"sdist '{archive}' refused: member '{name}' is in the archive twice")
-        if member.isreg() and name in parents:
-            raise BedsideError(
-                f"sdist '{archive}' refused: member '{name}' is a file where the archive has a folder"
-            )
-        for depth in range(1, len(parts)):
-            parent = "/".join(parts[:depth])
-            if kinds.get(parent) == "file":
-                raise BedsideError(
-                    f"sdist '{archive}' refused: member '{name}' lies inside a file of the archive"
-                )
-            parents.add(parent)
-        kinds[name] = "folder" if member.isdir() else "file"
-        members.append(member)
-    if top is None:
-        raise BedsideError(f"sdist '{archive}' is empty")
-    return members
+    try:
+        return check_members(tar)
+    except ValueError as error:
+        raise BedsideError(f"sdist '{archive}' refused: {error}") from None
 
 
 def extract_checked(archive: Path, target: Path, prefix: str = "") -> Path:
@@ -120,32 +86,13 @@ def extract_checked(archive: Path, target: Path, prefix: str = "") -> Path:
     """
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            members = checked_members(tar, archive)
-            for member in members:
-                name = member.name.rstrip("/")
-                if prefix and not (name + "/").startswith(prefix.rstrip("/") + "/"):
-                    continue
-                path = target.joinpath(*name.split("/"))
-                if member.isdir():
-                    path.mkdir(mode=0o755, parents=True, exist_ok=True)
-                    continue
-                path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                if source is None:
-                    raise BedsideError(f"sdist '{archive}': member '{name}' has no data")
-                mode = 0o755 if member.mode & 0o111 else 0o644
-                handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-                with os.fdopen(handle, "wb") as stream:
-                    shutil.copyfileobj(source, stream, 1 << 20)
-                    if stream.tell() != member.size:
-                        raise BedsideError(
-                            f"sdist '{archive}': member '{name}' is shorter than its header says"
-                        )
+            top, members = checked_members(tar, archive)
+            write_members(tar, members, target, keep_executable=True, prefix=prefix)
     except (tarfile.TarError, EOFError, OSError) as error:
         raise BedsideError(
             f"sdist '{archive}' cannot be unpacked ({error}): delete it and run `make setup`"
         ) from None
-    return target / members[0].name.split("/")[0]
+    return target / top
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ import numpy as np
 
 from runtimes.registry import RUNNERS
 from runtimes.results import MeasureResult, RuntimeCrashError, RuntimeLoadError, ScoreResult
-from runtimes.runner import first_line, log_softmax
+from runtimes.runner import PrefilledPrompt, first_line
 from toolkit.core.memory_sampling import current_rss_bytes, peak_rss_bytes
 from toolkit.core.windows import window_ids
 
@@ -378,7 +378,7 @@ def _image_results(runner: Any, items: list[dict[str, Any]], full_path: str | No
     for item in items:
         parts = runner.prompt_parts(item["messages"], item["image"])
         answer_ids = runner.tokenize(item["answer"], add_special=False)
-        prompt = _PrefilledPrompt(runner, parts)
+        prompt = PrefilledPrompt(runner, parts)
         try:
             rows = prompt.rows(answer_ids)
             if full_path is not None:
@@ -402,44 +402,6 @@ def _image_results(runner: Any, items: list[dict[str, Any]], full_path: str | No
     if full_path is not None and full_rows:
         np.save(full_path, np.concatenate(full_rows, axis=0))
     return results
-
-
-class _PrefilledPrompt:
-    """A prompt (text and image) prefilled once; continuations scored or generated after it, then rewound."""
-
-    def __init__(self, runner: Any, parts: list[Any]) -> None:
-        self.runner = runner
-        runner.reset()
-        self.last = runner.forward_parts(parts)[-1]
-        self.end = runner.n_past
-
-    def rows(self, continuation: list[int]) -> np.ndarray:
-        """log p(. | prompt, continuation[:t]) for each t, float32 [len(continuation), vocab]."""
-        if not continuation:
-            raise ValueError("an answer tokenized to nothing")
-        if self.end + len(continuation) > self.runner.n_ctx:
-            raise ValueError(
-                f"{self.end + len(continuation)} positions exceed the context of {self.runner.n_ctx} tokens"
-            )
-        rows = [log_softmax(self.last[None, :])]
-        if len(continuation) > 1:
-            rows.append(log_softmax(self.runner.forward(continuation[:-1], all_logits=True)))
-            self.runner.rewind(self.end)
-        return np.concatenate(rows, axis=0)
-
-    def greedy(self, max_new_tokens: int) -> str:
-        """The greedy reply after the prompt (as `Runner.generate` with greedy=True), as text."""
-        runner, logits, tokens = self.runner, self.last, []
-        while len(tokens) < max_new_tokens:
-            token = int(np.argmax(logits))
-            if runner.is_end_of_generation(token):
-                break
-            tokens.append(token)
-            if len(tokens) >= max_new_tokens or runner.n_past >= runner.n_ctx:
-                break
-            logits = runner.forward([token])[-1]
-        runner.rewind(self.end)
-        return runner.detokenize(tokens)
 
 
 def _signal_name(number: int) -> str:

@@ -376,20 +376,11 @@ class Runner(ABC):
         continuation is run with all logits kept; the cache is left empty.
         """
         continuation = [int(i) for i in continuation]
-        if not continuation:
-            raise ValueError("an answer tokenized to nothing")
-        if self.parts_length(parts) + len(continuation) > self.n_ctx:
-            raise ValueError(
-                f"{self.parts_length(parts) + len(continuation)} positions exceed the context of {self.n_ctx} tokens"
-            )
-        self.reset()
+        _check_fits(self.parts_length(parts), continuation, self.n_ctx)
         try:
-            rows = [log_softmax(self.forward_parts(parts))]
-            if len(continuation) > 1:
-                rows.append(log_softmax(self.forward(continuation[:-1], all_logits=True)))
+            return PrefilledPrompt(self, parts).rows(continuation)
         finally:
             self.reset()
-        return np.concatenate(rows, axis=0)
 
     def continuation_logprobs(self, parts: Sequence[PromptPart], continuation: Sequence[int]) -> np.ndarray:
         """log p(continuation[t] | prompt parts, continuation[:t]) per token, float32 [len(continuation)]."""
@@ -537,3 +528,44 @@ class Runner(ABC):
             prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds,
         )
+
+
+def _check_fits(prompt_length: int, continuation: Sequence[int], n_ctx: int) -> None:
+    """Refuse an empty answer, or one that does not fit the context after its prompt."""
+    if not continuation:
+        raise ValueError("an answer tokenized to nothing")
+    if prompt_length + len(continuation) > n_ctx:
+        raise ValueError(f"{prompt_length + len(continuation)} positions exceed the context of {n_ctx} tokens")
+
+
+class PrefilledPrompt:
+    """A prompt (text and image) prefilled once; continuations scored or generated after it, then rewound."""
+
+    def __init__(self, runner: Runner, parts: Sequence[PromptPart]) -> None:
+        self.runner = runner
+        runner.reset()
+        self.last = runner.forward_parts(parts)[-1]
+        self.end = runner.n_past
+
+    def rows(self, continuation: list[int]) -> np.ndarray:
+        """log p(. | prompt, continuation[:t]) for each t, float32 [len(continuation), vocab]."""
+        _check_fits(self.end, continuation, self.runner.n_ctx)
+        rows = [log_softmax(self.last[None, :])]
+        if len(continuation) > 1:
+            rows.append(log_softmax(self.runner.forward(continuation[:-1], all_logits=True)))
+            self.runner.rewind(self.end)
+        return np.concatenate(rows, axis=0)
+
+    def greedy(self, max_new_tokens: int) -> str:
+        """The greedy reply after the prompt (as `Runner.generate` with greedy=True), as text."""
+        runner, logits, tokens = self.runner, self.last, []
+        while len(tokens) < max_new_tokens:
+            token = int(np.argmax(logits))
+            if runner.is_end_of_generation(token):
+                break
+            tokens.append(token)
+            if len(tokens) >= max_new_tokens or runner.n_past >= runner.n_ctx:
+                break
+            logits = runner.forward([token])[-1]
+        runner.rewind(self.end)
+        return runner.detokenize(tokens)

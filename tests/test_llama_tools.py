@@ -46,7 +46,7 @@ def _archive(path: Path, entries: list[tuple[str, str, bytes | str]]) -> Path:
 
 def _members(path: Path) -> list[str]:
     with tarfile.open(path, "r:gz") as tar:
-        return [member.name for member in checked_members(tar, path)]
+        return [name for _, name in checked_members(tar, path)[1]]
 
 
 GOOD = [
@@ -71,16 +71,16 @@ def test_a_plain_archive_passes_and_only_the_prefix_is_extracted(tmp_path: Path)
 @pytest.mark.parametrize(
     ("entries", "why"),
     [
-        ([("pkg/a", "file", b"x"), ("pkg/link", "symlink", "/etc/passwd")], "not a regular file"),
-        ([("pkg/a", "file", b"x"), ("pkg/hard", "hardlink", "pkg/a")], "not a regular file"),
-        ([("pkg/fifo", "fifo", b"")], "not a regular file"),
+        ([("pkg/a", "file", b"x"), ("pkg/link", "symlink", "/etc/passwd")], "symlink"),
+        ([("pkg/a", "file", b"x"), ("pkg/hard", "hardlink", "pkg/a")], "hard link"),
+        ([("pkg/fifo", "fifo", b"")], "fifo"),
         ([("pkg/../../evil", "file", b"x")], "unnormalised"),
         ([("/etc/evil", "file", b"x")], "unnormalised"),
         ([("pkg/./a", "file", b"x")], "unnormalised"),
         ([("pkg//a", "file", b"x")], "unnormalised"),
         ([("pkg/a\\b", "file", b"x")], "unnormalised"),
-        ([("pkg/a", "file", b"x"), ("other/b", "file", b"y")], "outside its one top folder"),
-        ([("toplevel-file", "file", b"x")], "outside its one top folder"),
+        ([("pkg/a", "file", b"x"), ("other/b", "file", b"y")], "one top folder"),
+        ([("toplevel-file", "file", b"x")], "one top folder"),
         ([("pkg/a", "file", b"x"), ("pkg/a", "file", b"y")], "twice"),
         ([("pkg/a", "file", b"x"), ("pkg/a/b", "file", b"y")], "inside a file"),
         ([("pkg/a/b", "file", b"y"), ("pkg/a", "file", b"x")], "a file where the archive has a folder"),

@@ -48,6 +48,7 @@ from runtimes import RuntimeLoadError, load_runner
 from runtimes.llamacpp_runner import runner_options
 from runtimes.measure import MeasureJob, measure_in_child
 from toolkit.core.errors import BedsideError
+from toolkit.core.safe_tar import RefusedMember, check_members, is_safe_relative_path, write_members
 from toolkit.core.units import GIB, MIB
 from toolkit.core.vision import IMAGE_MARKER
 from toolkit.deploy.bundle import MANIFEST, RUNTIME_CONFIG, SMOKE_PROMPT, file_sha256
@@ -79,33 +80,6 @@ class VerifyResult:
         return all(check.passed for check in self.checks)
 
 
-def is_bundle_path(name: object) -> bool:
-    """Whether `name` is a normalised relative POSIX path (no '', '.', '..' parts, no backslash or control character)."""
-    if not isinstance(name, str) or not name or name.startswith("/"):
-        return False
-    if "\\" in name or any(ord(char) < 32 or ord(char) == 127 for char in name):
-        return False
-    return all(part not in ("", ".", "..") for part in name.split("/"))
-
-
-def _member_kind(member: tarfile.TarInfo) -> str:
-    if member.issym():
-        return "a symlink"
-    if member.islnk():
-        return "a hard link"
-    if member.ischr() or member.isblk():
-        return "a device"
-    if member.isfifo():
-        return "a fifo"
-    if member.issparse():
-        return "a sparse file"
-    if member.isfile():
-        return "file"
-    if member.isdir():
-        return "folder"
-    return f"of tar type {member.type!r}"
-
-
 def _refuse(archive: Path, name: str, why: str) -> BedsideError:
     return BedsideError(f"bundle archive '{archive}' refused: member '{name}' {why}; nothing was extracted")
 
@@ -120,45 +94,21 @@ class _CheckedArchive:
 
 
 def _checked_members(tar: tarfile.TarFile, archive: Path) -> _CheckedArchive:
-    """Check every member of `tar` (see the module docstring) in one pass, reading manifest.json on the way."""
-    members: list[tuple[tarfile.TarInfo, str]] = []
-    kinds: dict[str, str] = {}
-    parents: set[str] = set()
-    top: str | None = None
-    manifest: bytes | None = None
-    for member in tar:
-        if len(members) >= MAX_ARCHIVE_MEMBERS:
-            raise BedsideError(
-                f"bundle archive '{archive}' refused: more than {MAX_ARCHIVE_MEMBERS} members; nothing was extracted"
-            )
-        kind = _member_kind(member)
-        name = member.name[:-1] if kind == "folder" and member.name.endswith("/") else member.name
-        if kind not in ("file", "folder"):
-            raise _refuse(archive, name, f"is {kind}: a bundle holds only files and folders")
-        if not is_bundle_path(name):
-            raise _refuse(archive, name, "has an absolute, '..' or unnormalised name")
-        parts = name.split("/")
-        if top is None:
-            top = parts[0]
-        if parts[0] != top or (len(parts) == 1 and kind != "folder"):
-            raise _refuse(archive, name, f"is not inside the archive's one top folder '{top}'")
-        if name in kinds:
-            raise _refuse(archive, name, "is in the archive twice")
-        if kind == "file" and name in parents:
-            raise _refuse(archive, name, "is a file where the archive has a folder")
-        for depth in range(1, len(parts)):
-            parent = "/".join(parts[:depth])
-            if kinds.get(parent) == "file":
-                raise _refuse(archive, name, "lies inside a file of the archive")
-            parents.add(parent)
-        kinds[name] = kind
-        members.append((member, name))
-        if name == f"{top}/{MANIFEST}" and kind == "file" and member.size <= MAX_MANIFEST_BYTES:
+    """Check every member of `tar` (toolkit.core.safe_tar's rules) in one pass, reading manifest.json on the way."""
+    manifest: list[bytes] = []
+
+    def read_manifest(member: tarfile.TarInfo, name: str, top: str) -> None:
+        if name == f"{top}/{MANIFEST}" and member.isfile() and member.size <= MAX_MANIFEST_BYTES:
             stream = tar.extractfile(member)  # read now, while the archive is read forward anyway
-            manifest = stream.read() if stream is not None else None
-    if top is None:
-        raise BedsideError(f"bundle archive '{archive}' is empty: it does not hold a bundle folder")
-    return _CheckedArchive(top, members, manifest)
+            manifest.extend([stream.read()] if stream is not None else [])
+
+    try:
+        top, members = check_members(tar, MAX_ARCHIVE_MEMBERS, read_manifest)
+    except RefusedMember as error:
+        raise _refuse(archive, error.name, error.why) from None
+    except ValueError as error:
+        raise BedsideError(f"bundle archive '{archive}' refused: {error}; nothing was extracted") from None
+    return _CheckedArchive(top, members, manifest[0] if manifest else None)
 
 
 def _listed_total(manifest: bytes | None) -> int | None:
@@ -197,24 +147,6 @@ def _check_sizes(checked: _CheckedArchive, archive: Path, folder: Path) -> None:
         )
 
 
-def _extract(tar: tarfile.TarFile, members: list[tuple[tarfile.TarInfo, str]], folder: Path) -> None:
-    """Write the checked members under `folder`: folders 0755, files 0644, never through a link."""
-    for member, name in members:
-        target = folder.joinpath(*name.split("/"))
-        if member.isdir():
-            target.mkdir(mode=0o755, parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        source = tar.extractfile(member)
-        if source is None:
-            raise tarfile.ReadError(f"member '{name}' has no data")
-        handle = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(handle, "wb") as stream:
-            shutil.copyfileobj(source, stream, 1 << 20)
-            if stream.tell() != member.size:
-                raise tarfile.ReadError(f"member '{name}' is shorter than its header says")
-
-
 @contextlib.contextmanager
 def opened_bundle(path: Path) -> Iterator[Path]:
     """Yield the bundle folder: `path` itself, or a .tar.gz checked and unpacked into a temporary folder."""
@@ -230,7 +162,7 @@ def opened_bundle(path: Path) -> Iterator[Path]:
             with tarfile.open(path, "r:*") as tar:
                 checked = _checked_members(tar, path)
                 _check_sizes(checked, path, Path(folder))
-                _extract(tar, checked.members, Path(folder))
+                write_members(tar, checked.members, Path(folder))
         except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
             raise BedsideError(
                 f"bundle archive '{path}' cannot be unpacked ({error}): it is truncated or damaged"
@@ -328,7 +260,7 @@ def _file_check(
     def fail(detail: str) -> Check:
         return Check(f"sha256 {relative}", False, None, None, "==", detail=detail)
 
-    if not is_bundle_path(relative):
+    if not is_safe_relative_path(relative):
         return fail(f"{relative} is outside the bundle or not a normalised relative path: refused, not read")
     if not _is_sha256(expected):
         return fail(f"{MANIFEST} lists no sha256 for {relative}")
@@ -427,7 +359,7 @@ def _why_not_load(
     except ValueError as error:
         return None, str(error)
     model = runtime["model"].rstrip("/")
-    if not is_bundle_path(model):
+    if not is_safe_relative_path(model):
         return None, f"{RUNTIME_CONFIG}'s model '{runtime['model']}' is outside the bundle"
     listed = [name for name in manifest["files"] if name == model or name.startswith(model + "/")]
     if not listed:
@@ -455,7 +387,7 @@ def _smoke_image(folder: Path, name: Any) -> Path | None:
     """The bundle's smoke image (runtime.json `smoke_image`), refused when it leads outside the bundle."""
     if not name:
         return None
-    if not isinstance(name, str) or not is_bundle_path(name):
+    if not isinstance(name, str) or not is_safe_relative_path(name):
         raise ValueError(f"runtime.json smoke_image {name!r} is not a path inside the bundle")
     return folder / name
 

@@ -443,23 +443,32 @@ def _progress(enabled: bool) -> Any:
 
 @torch.no_grad()
 def awq(
-    model: nn.Module,
-    calib_ids: torch.Tensor,
-    scheme: str,
-    *,
-    n_grid: int = 10,
-    clip: bool = True,
-    progress: bool = True,
-    imatrix_path: str | Path | None = None,
-    search_tokens: int = 1024,
-    clip_tokens: int = 512,
-    batch_size: int = 8,
-    clip_ratios: Sequence[float] = CLIP_RATIOS,
-    seed: int = 0,
-    search_rounding: str = "rerank",
-    rerank: int = 3,
+    model: nn.Module, calib_ids: torch.Tensor, scheme: str, *, progress: bool = True, **knobs: Any
 ) -> AwqResult:
-    """Run AWQ on ``model`` in place (see the module docstring for the formulas).
+    """Run AWQ on ``model`` in place (see the module docstring for the formulas), layer by layer with a progress bar.
+
+    ``knobs`` are AwqSearch's keyword arguments (n_grid, clip, imatrix_path, search_tokens, ...), documented
+    there. Returns AwqResult with the same model object (weights scaled, folded, clipped; still float).
+    """
+    search = AwqSearch(model, calib_ids, scheme, **knobs)
+    layers = decoder_layers(model, search.family)
+    was_training = model.training
+    model.eval()
+    inputs = _capture_layer0_inputs(model, layers, search.batches)
+    with _progress(progress) as bar:
+        task = bar.add_task(f"AWQ {scheme} (search {search.grid.name})", total=len(layers))
+        for index, layer in enumerate(layers):
+            inputs = search.layer(index, layer, inputs)
+            bar.update(task, advance=1, description=f"AWQ {scheme} layer {index + 1}/{len(layers)}")
+    if was_training:
+        model.train()
+    return AwqResult(model=model, record=search.finish())
+
+
+class AwqSearch:
+    """One AWQ run, layer by layer: what every layer shares (roundings, batches, alphas) and what the
+    layers add up to (importance matrix, records). ``awq`` drives it over a model in memory;
+    ``toolkit.compress.sequential`` drives it over one loaded block at a time.
 
     Args:
         calib_ids: ``[n_sequences, seq_len]`` token ids (e.g. ``toolkit.data.make_blocks(...).input_ids``).
@@ -482,43 +491,7 @@ def awq(
             candidate with libggml + matrix; slower), ``emulated`` (the emulation only). Types with no
             emulation (Q2_K, IQ types) are always searched exactly.
         rerank: alphas re-ranked with exact rounding under ``rerank``.
-
-    Returns:
-        AwqResult with the same model object (weights scaled, folded, clipped; still float).
     """
-    search = AwqSearch(
-        model,
-        calib_ids,
-        scheme,
-        n_grid=n_grid,
-        clip=clip,
-        imatrix_path=imatrix_path,
-        search_tokens=search_tokens,
-        clip_tokens=clip_tokens,
-        batch_size=batch_size,
-        clip_ratios=clip_ratios,
-        seed=seed,
-        search_rounding=search_rounding,
-        rerank=rerank,
-    )
-    layers = decoder_layers(model, search.family)
-    was_training = model.training
-    model.eval()
-    inputs = _capture_layer0_inputs(model, layers, search.batches)
-    with _progress(progress) as bar:
-        task = bar.add_task(f"AWQ {scheme} (search {search.grid.name})", total=len(layers))
-        for index, layer in enumerate(layers):
-            inputs = search.layer(index, layer, inputs)
-            bar.update(task, advance=1, description=f"AWQ {scheme} layer {index + 1}/{len(layers)}")
-    if was_training:
-        model.train()
-    return AwqResult(model=model, record=search.finish())
-
-
-class AwqSearch:
-    """One AWQ run, layer by layer: what every layer shares (roundings, batches, alphas) and what the
-    layers add up to (importance matrix, records). ``awq`` drives it over a model in memory;
-    ``toolkit.compress.sequential`` drives it over one loaded block at a time. Arguments: ``awq``."""
 
     @torch.no_grad()
     def __init__(
