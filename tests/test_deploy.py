@@ -189,13 +189,13 @@ def test_replan_after_quality_failure_takes_fewer_layers_or_more_bits():
     # with a floor below every corrected loss, nothing is left
     nothing, why = next_candidate(roomy, corrections, floor_pct=1.0)
     assert nothing is None and "no candidate left" in why
-    # the speed floor holds in a re-plan as in the plan (on the bound until the target's speed was measured): a
-    # faster minimum than the candidate's bound skips it
-    slower = following.decode_bound_tokens_per_s
+    # the speed floor holds in a re-plan as in the plan (on the prediction, x the measured ratio once the target's
+    # speed was measured): a faster minimum than the candidate's prediction skips it
+    slower = following.predicted_decode_tokens_per_s
     faster, why = next_candidate(roomy, corrections, floor_pct=400.0, min_speed=slower + 0.01)
     assert faster is not None, why
-    assert faster.decode_bound_tokens_per_s > slower
-    none_fast_enough = max(c.decode_bound_tokens_per_s for c in roomy.candidates) + 1
+    assert faster.predicted_decode_tokens_per_s > slower
+    none_fast_enough = max(c.predicted_decode_tokens_per_s for c in roomy.candidates) + 1
     nothing, why = next_candidate(roomy, corrections, floor_pct=400.0, min_speed=none_fast_enough)
     assert nothing is None and "below the" in why and "speed floor" in why
 
@@ -734,12 +734,17 @@ def test_layer_plot_is_left_out_when_no_layer_was_scored():
 
 
 def test_replan_speed_floor_uses_the_measured_ratio_once_the_target_was_measured():
-    """Unmeasured: the floor is checked on the bandwidth bound; after a host attempt measured its decode speed, on
-    predicted x (measured / predicted) of that attempt."""
+    """Unmeasured: the floor is checked on the simulator's prediction (ratio 1), as the planner checks it; after a
+    host attempt measured its decode speed, on predicted x (measured / predicted) of that attempt."""
     _, _, plan = tiny_plan()
     chosen = plan.chosen
     corrections = Corrections()
     assert not corrections.speed_measured
+    fits = [c for c in plan.candidates if candidate_key(c) != candidate_key(chosen) and c.fits]
+    above_predictions = max(c.predicted_decode_tokens_per_s for c in fits) + 0.01
+    assert all(c.decode_bound_tokens_per_s > above_predictions for c in fits)  # the bound alone would pass them
+    nothing, why = next_candidate(plan, corrections, floor_pct=400.0, min_speed=above_predictions)
+    assert nothing is None and "speed floor" in why
     corrections.learn(chosen, None, None, quality_failed=False, memory_failed=False,
                       target_speed=chosen.predicted_decode_tokens_per_s * 0.5)  # fmt: skip
     assert corrections.speed_measured and corrections.speed_ratio == pytest.approx(0.5)

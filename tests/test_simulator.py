@@ -26,6 +26,7 @@ from toolkit.plan.simulator import (
     tier_bytes,
 )
 from toolkit.plan.workload import make_workload
+from toolkit.target.host import RUNTIME_UNUSED_CPU_FEATURES
 from toolkit.target.profiles import Figure, load_profile
 
 CONFIG = {
@@ -57,12 +58,19 @@ def facts():
 
 @pytest.fixture()
 def cpu_profile():
-    """One 1 GiB RAM tier at 10 GB/s; 2 cores, 1 TFLOPS float, 2 TOPS int8."""
+    """One 1 GiB RAM tier at 10 GB/s; 2 cores, 1 TFLOPS float, 2 TOPS int8 (AVX2 only: every runtime uses it)."""
     base = load_profile("workstation-cpu-16gb")
     tier = base.memory_tiers[0].model_copy(
         update={"capacity_gib": fig(1), "bandwidth_gbs": fig(10), "sustained_bandwidth_gbs": None}
     )
-    compute = base.compute.model_copy(update={"cores": fig(2), "fp16_tflops": fig(1), "int8_tops": fig(2)})
+    compute = base.compute.model_copy(
+        update={
+            "cores": fig(2),
+            "fp16_tflops": fig(1),
+            "int8_tops": fig(2),
+            "cpu_features": ["avx", "avx2", "fma", "f16c"],
+        }
+    )
     return base.model_copy(
         update={"memory_tiers": [tier], "reserved_gib": fig(0), "headroom_pct": fig(0), "compute": compute}
     )
@@ -118,6 +126,29 @@ def test_epoch_time_is_the_roofline_max(facts, cpu_profile):
     assert layer.compute_units() > layer.memory_units()
     one = epoch(w, target, Placement("device", 4), 0, 1, 1).segments[0]
     assert one.memory_units() > one.compute_units()
+
+
+@pytest.mark.parametrize(
+    ("runtime", "features", "flops_share", "int8_share", "isa"),
+    [
+        ("llama.cpp", ["avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"], 32 / 1024,
+         64 / 2048, "avx2"),
+        ("onnxruntime", ["avx2", "fma", "avx512f", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"], 64 / 1024,
+         256 / 2048, "avx512"),
+        ("llama.cpp", ["avx2", "fma", "avx_vnni"], 1.0, 64 / 128, None),
+        ("onnxruntime", ["avx2", "fma", "avx_vnni"], 1.0, 1.0, None),
+        ("torch", ["avx2", "amx_tile", "amx_bf16", "amx_int8"], 1.0, 1.0, None),
+    ],
+)  # fmt: skip
+def test_cpu_peak_is_the_isa_the_runtime_uses(cpu_profile, runtime, features, flops_share, int8_share, isa):
+    """A CPU with AMX: the portable llama.cpp build runs AVX2 kernels, so its peak is 32 of 1024 FLOP per cycle."""
+    compute = cpu_profile.compute.model_copy(update={"cpu_features": features})
+    target = make_target(cpu_profile.model_copy(update={"compute": compute}), runtime, record=UNIT)
+    assert target.main.float_flops == pytest.approx(1e12 * flops_share)
+    assert target.main.int_ops == pytest.approx(2e12 * int8_share)
+    notes = [note for note in target.notes if note.startswith("CPU peak scaled")]
+    assert notes == ([f"CPU peak scaled to {isa} from amx ({flops_share * 1024:g} of 1024 FLOP/cycle): "
+                      f"{RUNTIME_UNUSED_CPU_FEATURES[runtime][1]}"] if isa else [])  # fmt: skip
 
 
 def test_overhead_and_prefill_chunks(facts, cpu_profile):

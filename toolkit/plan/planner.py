@@ -17,12 +17,11 @@ largest n_gpu_layers that fits the GPU (llama.cpp users' manual search, here a b
   predicted   the simulator's decode tokens/s on the profile at the plan's context, with the candidate's
               placement and KV precision (toolkit.plan.simulator.predict_decode_tokens_per_s; the figure
               `bedside simulate --plan plan.json` prints for the chosen candidate); it ranks host placements
-  passes      fits and bound >= profile.min_decode_tokens_per_s. The floor filters on the upper bound, not on
-              the prediction, until the simulator's CPU calibration transfers between machines: fitted on this
-              loaded 2-core host (median error 34 %, a 50 ms step overhead at the grid's edge, compute efficiency
-              relative to an AMX peak the portable llama.cpp build does not use) it predicts ~5 tok/s for the
-              135M demo on workstation-cpu-16gb, which made the planner remove 6 layers there
-              (docs/SIMULATOR.md, "The planner's speed floor")
+  passes      fits and predicted >= profile.min_decode_tokens_per_s (the bound is recorded beside it; a candidate
+              whose bound is below the floor cannot pass either). The CPU efficiencies are fitted relative to the
+              peak of the instruction set each runtime uses (toolkit.target.host.runtime_peak_share), so they
+              transfer to other CPU profiles; GPU efficiencies are assumptions (docs/SIMULATOR.md, "The planner's
+              speed floor")
   quality     predicted perplexity increase (toolkit.plan.quality_priors.predict_quality; the KV precision is
               one more factor)
 
@@ -247,9 +246,10 @@ def _score(search: _Search, deployment: Deployment, tensors: list[StoredTensor])
         reasons.append(
             f"needs {_gib(memory.host_bytes)} of {name}, over its {_gib(search.host_budget or 0)} budget"
         )
-    if bound < search.min_speed:
+    if speed < search.min_speed:
         reasons.append(
-            f"decodes at most {bound:.1f} tok/s (bandwidth bound), below the {search.min_speed:g} tok/s minimum"
+            f"predicted {speed:.1f} tok/s decode (simulator; bandwidth bound {bound:.1f}), below the "
+            f"{search.min_speed:g} tok/s minimum"
         )
     candidate = Candidate(
         format=deployment.format,
@@ -268,7 +268,7 @@ def _score(search: _Search, deployment: Deployment, tensors: list[StoredTensor])
         decode_bound_tokens_per_s=round(bound, 2),
         reason="; ".join(reasons),
     )
-    return _Scored(candidate, quality, candidate.fits and bound >= search.min_speed)
+    return _Scored(candidate, quality, candidate.fits and speed >= search.min_speed)
 
 
 def _largest_gpu_layers(search: _Search, deployment: Deployment, tensors: list[StoredTensor]) -> int | None:
@@ -366,8 +366,8 @@ def make_plan(
     passing = [s for s in scored if s.passes]
     chosen = _choose(passing)
     ordered = _order(scored, chosen)
-    if chosen is not None:
-        chosen.candidate.predicted = _predicted_terms(facts, chosen, healed)
+    for each in passing:  # a re-plan may pick any passing candidate; its report shows the terms beside the measured
+        each.candidate.predicted = _predicted_terms(facts, each, healed)
     fp16_bytes = facts.total_params * 2
     plan = Plan(
         model=model_name,
@@ -433,7 +433,7 @@ def _order(scored: list[_Scored], chosen: _Scored | None) -> list[_Scored]:
 
 
 def _predicted_terms(facts: ModelFacts, scored: _Scored, healed: bool) -> PredictedQuality:
-    """The chosen candidate's quality terms, with the depth curve named when the depth term is a prior."""
+    """A candidate's quality terms, with the depth curve named when the depth term is a prior."""
     q, k = scored.quality, scored.candidate.layers_removed
     depth_prior = ""
     if q.depth_source == "prior" and k > 0:
@@ -542,11 +542,12 @@ def _nothing_fits_reason(
             f"fits the {_budget_line(profile, budget)} but {smallest.reason}"
         )
     if fitting:
-        fastest = max(fitting, key=lambda s: s.candidate.decode_bound_tokens_per_s or 0.0).candidate
+        fastest = max(fitting, key=lambda s: s.candidate.predicted_decode_tokens_per_s or 0.0).candidate
         return (
             f"nothing passes on '{profile.name}': {len(fitting)} candidates fit in memory, but the fastest "
-            f"({_describe(fastest, facts.num_layers)}) decodes at most {fastest.decode_bound_tokens_per_s:g} "
-            f"tok/s (bandwidth bound), below the profile's minimum of {min_speed:g} tok/s"
+            f"({_describe(fastest, facts.num_layers)}) is predicted at {fastest.predicted_decode_tokens_per_s:g} "
+            f"tok/s decode (simulator; bandwidth bound {fastest.decode_bound_tokens_per_s:g}), below the "
+            f"profile's minimum of {min_speed:g} tok/s"
         )
     return (
         f"nothing fits on '{profile.name}': the smallest candidate ({_describe(smallest, facts.num_layers)}) needs "

@@ -65,8 +65,8 @@ class Candidate(BaseModel):
     fits: bool
     predicted_quality_loss: float  # predicted perplexity increase, percent
     predicted_decode_tokens_per_s: float | None = None  # the simulator's (toolkit.plan.simulator)
-    decode_bound_tokens_per_s: float | None = None  # bandwidth upper bound: what the speed floor filters on
-    predicted: PredictedQuality | None = None  # the terms of predicted_quality_loss (the chosen candidate's)
+    decode_bound_tokens_per_s: float | None = None  # bandwidth upper bound, recorded beside the prediction
+    predicted: PredictedQuality | None = None  # the terms of predicted_quality_loss (candidates that pass)
     reason: str = ""
 
 

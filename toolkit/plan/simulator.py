@@ -59,6 +59,7 @@ from toolkit.core.units import GIB
 from toolkit.plan.calibration import Efficiency, efficiency_for, read_calibration
 from toolkit.plan.memory import estimate_memory
 from toolkit.plan.workload import Workload
+from toolkit.target.host import runtime_peak_share
 from toolkit.target.profiles import GB, DeviceProfile, MemoryTier, available_bytes
 
 F32 = 4
@@ -233,8 +234,14 @@ def make_target(
     cpu_eff = efficiency_for(runtime, "cpu", record, scheme)
     if compute.accelerator == "cpu":
         share = min(cores, threads or cores) / cores
+        flops_share, int8_share, isa_note = runtime_peak_share(runtime, compute.cpu_features or [])
+        if isa_note:
+            notes.append(isa_note)
         cpu = Processor(
-            "cpu", compute.fp16_tflops.value * 1e12 * share, compute.int8_tops.value * 1e12 * share, cpu_eff
+            "cpu",
+            compute.fp16_tflops.value * 1e12 * share * flops_share,
+            compute.int8_tops.value * 1e12 * share * int8_share,
+            cpu_eff,
         )
         main = cpu
     else:

@@ -128,6 +128,33 @@ def detect_cpu() -> CpuFacts:
     return CpuFacts(model, cores, cores_source, mhz, mhz_source, features)
 
 
+# CPU features a runtime's kernels leave unused, so its reachable peak is that of the ISA below them. llama.cpp is
+# built with -DGGML_NATIVE=OFF (AMX crash, docs/ENVIRONMENT.md): `llama_print_system_info()` reports AVX, AVX2, F16C
+# and FMA only. ONNX Runtime's MLAS picks AVX-512 kernels at run time; AMX counted out (assumption: its float and
+# 4-bit MatMulNBits kernels have no AMX path).
+_AMX = frozenset({"amx_tile", "amx_bf16", "amx_int8"})
+_AVX512 = frozenset({"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni"})
+RUNTIME_UNUSED_CPU_FEATURES: dict[str, tuple[frozenset[str], str]] = {
+    "llama.cpp": (_AMX | _AVX512, "the portable llama.cpp build (AVX2/FMA/F16C kernels, docs/ENVIRONMENT.md)"),
+    "onnxruntime": (_AMX, "ONNX Runtime's MLAS kernels (AVX-512 at most; no AMX path assumed)"),
+}
+
+
+def runtime_peak_share(runtime: str, features: list[str] | tuple[str, ...]) -> tuple[float, float, str | None]:
+    """(FP16, INT8) peak of `runtime`'s CPU kernels as a share of the CPU's own, and a note when below 1.
+
+    share = FLOP per cycle of the best ISA the runtime uses / FLOP per cycle of the best ISA present
+    (_cpu_throughput_per_cycle of each feature set); 1 when the runtime or the features are unknown.
+    """
+    unused, what = RUNTIME_UNUSED_CPU_FEATURES.get(runtime, (frozenset(), ""))
+    if not features or not unused & set(features):
+        return 1.0, 1.0, None
+    flops, int8_ops, isa = _cpu_throughput_per_cycle(tuple(features))
+    used_flops, used_int8, used_isa = _cpu_throughput_per_cycle(tuple(f for f in features if f not in unused))
+    note = f"CPU peak scaled to {used_isa} from {isa} ({used_flops:g} of {flops:g} FLOP/cycle): {what}"
+    return used_flops / flops, used_int8 / int8_ops, note if used_flops < flops else None
+
+
 def _cpu_throughput_per_cycle(features: tuple[str, ...]) -> tuple[float, float, str]:
     """(FP16-or-better FLOP, INT8 op) per core per cycle for the best ISA present, and its name.
 

@@ -18,9 +18,8 @@ holds too, corrected when the target's speed was measured:
     speed_ratio = measured_decode_tokens_per_s / predicted_decode_tokens_per_s   (of a host-profile attempt)
     corrected_speed(c) = c.predicted_decode_tokens_per_s * speed_ratio  must be >= profile minimum
 
-Until a speed was measured on the target, the floor is checked on the bandwidth bound
-(c.decode_bound_tokens_per_s), as the planner checks it (toolkit/plan/planner.py: the simulator's CPU
-calibration does not transfer between machines yet).
+Until a speed was measured on the target, speed_ratio is 1: the floor is checked on the prediction, as the
+planner checks it (toolkit/plan/planner.py).
 
 Among the rest, the planner's own order (chosen rule) decides.
 Ratios from several attempts are combined by taking the most pessimistic one (largest memory and quality
@@ -129,10 +128,7 @@ def next_candidate(
         speed = candidate.predicted_decode_tokens_per_s
         if corrections.failed_speed is not None and (speed is None or speed <= corrections.failed_speed):
             continue
-        floor_speed = (
-            speed * corrections.speed_ratio if corrections.speed_measured and speed is not None
-            else candidate.decode_bound_tokens_per_s
-        )
+        floor_speed = speed * corrections.speed_ratio if speed is not None else candidate.decode_bound_tokens_per_s
         if floor_speed is not None and floor_speed < min_speed:
             too_slow += 1
             continue
