@@ -533,7 +533,7 @@ def _prior_table(report: dict[str, Any]) -> str:
         for row in report["quality"].get("prior_vs_measured") or []
     ]
     if not rows:
-        return "<p>no prediction recorded (plan written before predictions carried their terms)</p>"
+        return "<p>no prediction recorded for the deployed candidate (a plan records the terms of the candidates that pass it)</p>"
     return _table(["term", "predicted", "measured", "prediction's source"], rows)
 
 
@@ -652,7 +652,7 @@ def render_html(report: dict[str, Any]) -> str:
     )
     data = report["data"]
     data_rows = [
-        [html.escape(name), html.escape(str((value or {}).get(key)))]
+        [html.escape(name), key, html.escape(str((value or {}).get(key)))]
         for name, value in data.items()
         for key in ("source", "sha256", "documents", "tokens")
         if value
@@ -674,7 +674,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;font-size:90%}}.pass{{color:#080;fo
 <h2>Accuracy before and after compression</h2>{_accuracy_table(report)}
 <h2>Predicted and measured quality</h2>{_prior_table(report)}
 <h2>Stages</h2>{stages}
-<h2>Data (hashes and counts only)</h2>{_table(["set", "value"], data_rows)}
+<h2>Data (hashes and counts only)</h2>{_table(["set", "field", "value"], data_rows)}
 {figures}
 </body></html>
 """
@@ -719,6 +719,11 @@ def print_summary(console: Console, report: dict[str, Any], out: Path) -> None:
 
 
 def _stage_note(value: dict[str, Any]) -> str:
-    """What a deploy stage's record says beside its time: why compress did not heal (--no-heal, or a host too small)."""
+    """What a deploy stage's record says beside its time: why compress did not heal (--no-heal, or a host too small),
+    or that the stage (the bundle) was still running when the report was written."""
     heal = (value.get("stages") or {}).get("heal") if isinstance(value.get("stages"), dict) else None
-    return f"not healed: {heal['skipped']}" if isinstance(heal, dict) and heal.get("skipped") else ""
+    if isinstance(heal, dict) and heal.get("skipped"):
+        return f"not healed: {heal['skipped']}"
+    if value.get("seconds") is None:
+        return "running when this report was written (the report goes into the bundle)"
+    return ""
