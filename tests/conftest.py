@@ -15,26 +15,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Modules that share the session's demo exports: their ONNX tests run in one xdist group, and their GGUF tests in
-# two (the evaluations; the export and quantization checks), so the ONNX and GGUF families are made and scored in
-# parallel. The two GGUF groups each convert the demo once (~15 s) instead of leaving one worker with all of them.
+# Modules that share the session's demo exports: their GGUF tests run in one xdist group and their ONNX tests in
+# another, so each export is made once and the two export families are made (and scored) in parallel.
 SHARED_EXPORT_MODULES = ("test_evaluate.py", "test_exporters.py", "test_quant_methods.py")
 ONNX_DEMO_SCHEMES = ("fp32", "int4_b32")
 
 
 def xdist_group(nodeid: str) -> str:
     """A test's xdist group from its node id: its module (module fixtures are built once per worker), or for the
-    modules sharing the demo exports, "demo-onnx" (ONNX tests), "demo-gguf-eval" (test_evaluate's other tests) or
-    "demo-gguf" (the rest)."""
+    modules sharing the demo exports, "demo-onnx" (ONNX tests) or "demo-gguf" (the rest)."""
     path, _, name = nodeid.partition("::")
     module = path.rsplit("/", 1)[-1]
     if module not in SHARED_EXPORT_MODULES:
         return module
     params = name.partition("[")[2]
     onnx = "onnx" in name.partition("[")[0] or any(scheme in params for scheme in ONNX_DEMO_SCHEMES)
-    if onnx:
-        return "demo-onnx"
-    return "demo-gguf-eval" if module == "test_evaluate.py" else "demo-gguf"
+    return "demo-onnx" if onnx else "demo-gguf"
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
