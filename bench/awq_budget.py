@@ -91,6 +91,30 @@ def child(result_path: Path, threads: int) -> None:
     result_path.write_text(json.dumps(out), encoding="utf-8")
 
 
+def propagation(threads: int) -> dict[str, float]:
+    """Seconds of one plain forward of the decoder layers over the same calibration ids (batches of 8), in float32
+    and under bfloat16 autocast: the part of AWQ's time that only propagates each layer's inputs to the next."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    model_dir = resolve_model_dir("demo")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    documents = load_dataset_spec("medquad") + load_dataset_spec("pubmedqa")
+    calibration, _evaluation, _record = split_calibration_eval(documents, 0.1, SEED)
+    ids = make_blocks(calibration, tokenizer, SEQ_LEN, SEQUENCES, SEED).input_ids
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False).eval()
+    seconds = {}
+    with torch.no_grad():
+        for name, bf16 in (("float32", False), ("bfloat16_autocast", True)):
+            start = time.perf_counter()
+            for first in range(0, len(ids), 8):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    model.model(ids[first : first + 8])
+            seconds[name] = round(time.perf_counter() - start, 2)
+    return seconds
+
+
 def run(threads: int) -> dict[str, Any]:
     """Run the child and combine its figures with the parent's view (wall time, exit status)."""
 
@@ -172,6 +196,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fresh", action="store_true", help="measure again even where a result exists")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--propagation", action="store_true", help="also time a plain decoder forward over the same tokens"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -182,6 +209,10 @@ def main() -> None:
     if args.fresh or "awq_seconds" not in result:
         result = run(args.threads)
         write_json_atomic(RESULTS, result)
+    if args.propagation:
+        result["propagation_seconds"] = {"threads": args.threads, "measured": utc_now(), **propagation(args.threads)}
+        write_json_atomic(RESULTS, result)
+        print(json.dumps(result["propagation_seconds"]))
     update_benchmarks_doc("awq-budget", render(result))
 
 
