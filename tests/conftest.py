@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One timed pass per runtime measurement (runtimes.measure.WARM_PASS_ENV): speeds are benchmarks, not test results,
+# and the warm pass doubles each measurement; tests of the warm pass itself ask for it explicitly.
+os.environ.setdefault("BEDSIDE_MEASURE_WARM_PASS", "0")
 # Under pytest-xdist (`make test` runs two workers on a 2-core machine) each worker gets one BLAS/OpenMP thread:
 # two workers with two threads each would spin against each other.
 if "PYTEST_XDIST_WORKER" in os.environ:

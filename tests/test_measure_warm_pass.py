@@ -66,6 +66,7 @@ def test_speeds_come_from_the_warm_pass_and_memory_from_the_first(monkeypatch: p
     monkeypatch.setattr(measure, "current_rss_bytes", lambda: next(readings))
     monkeypatch.setattr(measure, "peak_rss_bytes", lambda: 0)
 
+    monkeypatch.delenv("BEDSIDE_MEASURE_WARM_PASS", raising=False)  # the product's default: two passes
     result = run_job("slow-first", Path("model.bin"), MeasureJob(context=64, decode_tokens=8, n_threads=1))
     runner = runners[0]
     # two identical passes from an empty cache: prefill 56 tokens in chunks of 16, then 8 single-token steps
@@ -98,3 +99,11 @@ def test_without_the_warm_pass_one_pass_is_timed(monkeypatch: pytest.MonkeyPatch
     assert len(runners[0].calls) == 12
     assert result.decode_seconds > 8 * 0.002
     assert "first_pass_decode_seconds" not in result.details
+
+
+def test_the_warm_pass_is_the_default_unless_the_environment_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(measure.WARM_PASS_ENV, raising=False)
+    assert MeasureJob().warm_pass is True
+    monkeypatch.setenv(measure.WARM_PASS_ENV, "0")
+    assert MeasureJob().warm_pass is False
+    assert MeasureJob(warm_pass=True).warm_pass is True  # an explicit request wins
