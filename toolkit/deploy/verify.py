@@ -24,7 +24,8 @@ A .tar.gz is checked member by member before anything is extracted (filter="data
 enough on Python < 3.11.13, CVE-2025-4517): only regular files and folders with normalised relative
 names inside one top folder, each named once; no links, devices or sparse files; the total size within
 the manifest's `sizes` (plus MANIFEST_SLACK_BYTES), MAX_ARCHIVE_BYTES and the free space of the
-temporary folder. The archive is then unpacked by this module, file by file, with O_NOFOLLOW.
+temporary folder. The archive is then unpacked file by file with O_NOFOLLOW (the checks and the writing are
+toolkit.core.safe_tar's, shared with the benchmarks' sdist extraction).
 Bad input (missing path, not a bundle, unsafe or malformed archive, malformed manifest, unknown
 profile, bad key file) is a BedsideError (exit 2).
 """

@@ -17,8 +17,8 @@ largest n_gpu_layers that fits the GPU (llama.cpp users' manual search, here a b
   predicted   the simulator's decode tokens/s on the profile at the plan's context, with the candidate's
               placement and KV precision (toolkit.plan.simulator.predict_decode_tokens_per_s; the figure
               `bedside simulate --plan plan.json` prints for the chosen candidate); it ranks host placements
-  passes      fits and predicted >= profile.min_decode_tokens_per_s (the bound is recorded beside it; a candidate
-              whose bound is below the floor cannot pass either). The CPU efficiencies are fitted relative to the
+  passes      fits and predicted >= profile.min_decode_tokens_per_s (the bound is recorded beside it and named in
+              the reason of a candidate below the floor). The CPU efficiencies are fitted relative to the
               peak of the instruction set each runtime uses (toolkit.target.host.runtime_peak_share), so they
               transfer to other CPU profiles; GPU efficiencies are assumptions (docs/SIMULATOR.md, "The planner's
               speed floor")

@@ -151,8 +151,11 @@ def runtime_peak_share(runtime: str, features: list[str] | tuple[str, ...]) -> t
         return 1.0, 1.0, None
     flops, int8_ops, isa = _cpu_throughput_per_cycle(tuple(features))
     used_flops, used_int8, used_isa = _cpu_throughput_per_cycle(tuple(f for f in features if f not in unused))
-    note = f"CPU peak scaled to {used_isa} from {isa} ({used_flops:g} of {flops:g} FLOP/cycle): {what}"
-    return used_flops / flops, used_int8 / int8_ops, note if used_flops < flops else None
+    note = (
+        f"CPU peak scaled to {used_isa} from {isa} ({used_flops:g} of {flops:g} FLOP/cycle, {used_int8:g} of "
+        f"{int8_ops:g} INT8 op/cycle): {what}"
+    )
+    return used_flops / flops, used_int8 / int8_ops, note if (used_flops, used_int8) != (flops, int8_ops) else None
 
 
 def _cpu_throughput_per_cycle(features: tuple[str, ...]) -> tuple[float, float, str]:
