@@ -449,6 +449,8 @@ def test_pruned_gemma3_gguf_keeps_each_layers_attention_type(tmp_path):
     from exporters.gguf_exporter import check_converter, default_llama_cpp_dir
     from runtimes import LlamaCppRunner
     from runtimes.gguf_header import read_gguf_header
+    from toolkit.plan.workload import read_artifact_workload
+    from toolkit.target.profiles import load_profile
 
     try:
         check_converter(default_llama_cpp_dir())
@@ -458,6 +460,8 @@ def test_pruned_gemma3_gguf_keeps_each_layers_attention_type(tmp_path):
     assert model.config.layer_types == [SLIDING] * 4 + [FULL] + [SLIDING] * 2
 
     result = export(folder, "gguf", "F16", tmp_path / "out")
+    workload = read_artifact_workload(result.model_file, load_profile("workstation-cpu-8gb"))  # "gemma3" in GGUF
+    assert (workload.num_layers, workload.runtime) == (7, "llama.cpp")
     pattern = read_gguf_header(result.model_file).values["gemma3.attention.sliding_window_pattern"]
     assert pattern == [kind == SLIDING for kind in model.config.layer_types]
     assert result.record["model_keys"] == {"gemma3.attention.sliding_window_pattern": pattern}

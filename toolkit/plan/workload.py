@@ -204,6 +204,10 @@ def _gguf_role(name: str) -> tuple[str, int | None]:
     return parts[0], None
 
 
+# llama.cpp's `general.architecture` where it differs from the Hugging Face model_type of the same family.
+GGUF_ARCH_MODEL_TYPE = {"gemma3": "gemma3_text"}
+
+
 def read_gguf_workload(
     path: Path, profile: DeviceProfile, quant: str | None = None, settings: dict[str, Any] | None = None
 ) -> Workload:
@@ -237,7 +241,7 @@ def read_gguf_workload(
         raise BedsideError(f"{path}: the GGUF file has no token_embd tensor")
     heads = number("attention.head_count")
     config = {
-        "model_type": arch,
+        "model_type": GGUF_ARCH_MODEL_TYPE.get(arch, arch),
         "hidden_size": number("embedding_length"),
         "intermediate_size": number("feed_forward_length"),
         "num_attention_heads": heads,
