@@ -158,7 +158,7 @@ def run_child(command: list[str], log: Path) -> dict[str, Any]:
             "process_peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
-def write_partial(work: Path, out: Path, args: argparse.Namespace) -> None:
+def write_partial(out: Path, args: argparse.Namespace) -> None:
     """The finished stages of a run that has not ended: their stage.json (seconds, peak RSS, per block)."""
     stages = {}
     for record_path in sorted((out / "stages").glob("*/stage.json")):
@@ -196,17 +196,17 @@ def main() -> None:
     )
     args = parser.parse_args()
     work = args.work / args.shape
-    checkpoint = build_checkpoint(work / "checkpoint", args.shape)
     out = work / "compressed"
+    if args.partial:  # reads the running compress's stage records; builds nothing
+        write_partial(out, args)
+        return
+    checkpoint = build_checkpoint(work / "checkpoint", args.shape)
     bedside = [sys.executable, "-m", "toolkit.cli.main"]
     compress_command = [
         *bedside, "compress", "--model", str(checkpoint), "--prune-layers", "4", "--quant", "Q4_K_M", "--no-heal",
         "--calib-sequences", str(args.calib_sequences), "--seq-len", str(args.seq_len), "--no-progress",
         "--out", str(out),
     ]
-    if args.partial:
-        write_partial(work, out, args)
-        return
     kept = work / "compression-run.json"  # the first run's record: a resumed run records no peaks
     runs_path = work / "runs.json"
     runs = json.loads(runs_path.read_text(encoding="utf-8")) if runs_path.is_file() else {}
