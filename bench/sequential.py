@@ -172,6 +172,8 @@ def write_partial(out: Path, args: argparse.Namespace) -> None:
             "block_seconds": blocks,
             "layers_removed": stored["details"].get("layers_removed"),
         }
+    if not stages:  # would overwrite the recorded result with an empty one
+        raise SystemExit(f"no finished stage under {out / 'stages'}: nothing to record")
     quality_path = out / "stages" / "quality.json"
     result = {
         "benchmark": "sequential compression (issue 14 part 1), PARTIAL: the run had not ended",
