@@ -49,7 +49,7 @@ per-tensor rules give it (``export_rounding.linear_roundings``: ``Q4_K_M`` write
 *scaled* model that step 5 writes (so each alpha candidate is rounded with its own matrix). No torch grid
 emulates that weighted rounding, so with ``search_rounding="rerank"`` (default) every alpha is first scored
 on the torch emulation (``SEARCH_STAND_INS`` for k-quants, which are slow to emulate: Q4_K -> asym4_g32,
-Q5_K -> Q5_1), then the ``rerank`` best alphas and alpha 0 are scored again with libggml + matrix and the
+Q5_K -> Q5_1, Q6_K -> sym6_g16), then the ``rerank`` best alphas and alpha 0 are scored again with libggml + matrix and the
 best of those by that exact loss is kept; clipping likewise re-ranks ``{r*, r* +- 0.05, 1}`` per group
 with the exact rounding around the emulated best ``r*``. ``"exact"`` scores every candidate with libggml;
 types libggml alone rounds (Q2_K, IQ types, including those llama.cpp writes only with a matrix: IQ3_XXS,
@@ -82,7 +82,7 @@ from toolkit.core.errors import BedsideError
 from toolkit.model.architectures import ScaleGroup, TextFamily
 
 # Export grid -> the grid the search quantizes with (same bits, cheap emulation).
-SEARCH_STAND_INS: dict[str, str] = {"Q4_K": "asym4_g32", "Q5_K": "Q5_1"}
+SEARCH_STAND_INS: dict[str, str] = {"Q4_K": "asym4_g32", "Q5_K": "Q5_1", "Q6_K": "sym6_g16"}
 CLIP_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0 .. 0.5
 NO_CLIP_LINEARS: tuple[str, ...] = ("q_proj", "k_proj")
 SEARCH_ROUNDINGS: tuple[str, ...] = ("rerank", "exact", "emulated")

@@ -22,7 +22,8 @@ Names and what they emulate (formulas in each family's module docstring):
   MatMulNBitsQuantizer from the grid (``bits``, ``group_size``, ``symmetric``).
 - Comparison grids ``asym4_g32|g64|g128`` and ``sym4_g32|g64|g128``: the MatMulNBits arithmetic at
   those group sizes. The demo model's weights lie exactly on an asymmetric block-32 grid (they come
-  from Q4_1), so use g64 / g128 or symmetric grids to compare methods on it.
+  from Q4_1), so use g64 / g128 or symmetric grids to compare methods on it. ``sym6_g16``: the same
+  arithmetic at 6 bits on blocks of 16, the first pass of Q6_K (AWQ's search stand-in for it).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ _COMPARISON_GRIDS: dict[str, QuantGrid] = {
         for symmetric in (True, False)
     )
 }
+# Q6_K's shape without its scale search or int8 sub-block scales: AWQ's fast stand-in for Q6_K rows
+_COMPARISON_GRIDS["sym6_g16"] = onnx_grid(6, 16, True, name="sym6_g16")
 
 _SCALE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 _ONNX_SCHEME_GRIDS: dict[str, QuantGrid] = {

@@ -48,7 +48,7 @@ Knobs:
         (`toolkit.model.storage_types.GGUF_FALLBACK`: Q4_K -> Q5_0, ...), or stays float where none fits;
         the K-mixes' per-layer Q6_K upgrades are not emulated. A k-quant row is scored on AWQ's
         stand-in of the same bits (`toolkit.compress.quant.awq.SEARCH_STAND_INS`: Q4_K -> asym4_g32,
-        Q5_K -> Q5_1): the torch emulation of Q4_K takes about 80 s per 5632 x 2048 matrix on this
+        Q5_K -> Q5_1, Q6_K -> sym6_g16): the torch emulation of Q4_K takes about 80 s per 5632 x 2048 matrix on this
         host, the stand-in about 1 s, and selection only ranks layers.
     top_k_candidates: from round 1 on, try only the K remaining layers with the lowest block
         influence (ShortGPT's BI, measured in the reference pass). None tries every layer.
