@@ -90,6 +90,32 @@ def test_plan_json_contract_and_exit_codes(tmp_path):
     assert "Traceback" not in none.stderr
 
 
+def test_plan_estimates_16_bit_healing_for_a_streamed_16_bit_model():
+    """Llama-2-7B (fp16 weights, streamed): healing in 16 bits with gradient checkpointing, estimated as such and
+    labelled in the table; the 135M fixture (bf16 but compressed in memory) heals in float32."""
+    from toolkit.compress.record import CompressOptions
+    from toolkit.model.facts import read_facts
+    from toolkit.plan.compression_memory import heal_memory
+
+    defaults = CompressOptions()
+    for name, sixteen_bit in (("llama-2-7b", True), ("smollm2-135m", False)):
+        result = run_bedside(
+            "plan", "--model", str(FIXTURES / name), "--profile", "jetson4gb", "--prune-layers", "4", "--json"
+        )
+        assert result.returncode == 0, result.stderr
+        compression = json.loads(result.stdout)["compression"]
+        expected = heal_memory(
+            read_facts(str(FIXTURES / name)),
+            calib_sequences=defaults.calib_sequences,
+            seq_len=defaults.seq_len,
+            sixteen_bit=sixteen_bit,
+        )
+        assert (compression["heal_sixteen_bit"], compression["heal"]) == (sixteen_bit, expected), name
+        assert compression["can_heal"] == (expected <= compression["host_memory_bytes"])
+    table = run_bedside("plan", "--model", str(FIXTURES / "llama-2-7b"), "--profile", "jetson4gb", "--prune-layers", "4")
+    assert "heal (16-bit, checkpointing)" in table.stdout
+
+
 def test_deploy_with_missing_data_is_one_line_exit_2(tmp_path):
     result = run_bedside(
         "deploy",

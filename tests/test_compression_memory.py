@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from toolkit.compress import heal as healing
 from toolkit.compress.prune.methods.activation import select_activation
 from toolkit.compress.quant import awq
 from toolkit.compress.stages import perplexity
@@ -31,6 +32,36 @@ def test_mirrored_activation_and_perplexity_figures_are_their_defaults() -> None
     assert _default(select_activation, "max_sequences") == estimate.ACTIVATION_SEQUENCES
     assert _default(select_activation, "max_tokens") == estimate.ACTIVATION_TOKENS
     assert _default(perplexity, "batch_size") == estimate.PERPLEXITY_BATCH
+
+
+def test_mirrored_heal_figures_are_heals_defaults() -> None:
+    assert healing.DEFAULT_RANK == estimate.HEAL_LORA_RANK
+    assert _default(healing.heal, "batch_size") == estimate.HEAL_BATCH
+
+
+def test_a_streamed_16_bit_model_heals_in_16_bits_and_the_estimate_says_so() -> None:
+    """Llama-2-7B's shapes: float32 healing (26 GB of weights alone) does not fit a 24 GiB host; 16 bits with
+    gradient checkpointing does (2P + adapters + one layer's activations)."""
+    from toolkit.model.facts import facts_from_config
+
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False, "dtype": "bfloat16",
+    }  # fmt: skip
+    facts = facts_from_config(config)
+    assert facts.extra["dtype"] == "bfloat16"
+    assert estimate.heals_in_sixteen_bits(True, "bfloat16") and estimate.heals_in_sixteen_bits(True, "float16")
+    assert not estimate.heals_in_sixteen_bits(False, "bfloat16") and not estimate.heals_in_sixteen_bits(True, "float32")
+    full = estimate.heal_memory(facts, calib_sequences=4, seq_len=128)
+    half = estimate.heal_memory(facts, calib_sequences=4, seq_len=128, sixteen_bit=True)
+    assert full > 4 * facts.text_params > 24 * 2**30
+    assert 2 * facts.text_params < half < 0.55 * full and half < 16 * 2**30
+    stages = estimate.compression_memory(
+        facts, calib_sequences=4, seq_len=128, eval_sequences=1, prune_layers=4, quant=True, sequential=True,
+        heal=True, heal_sixteen_bit=True,
+    )  # fmt: skip
+    assert stages["heal"] == half and stages["heal_sixteen_bit"] is True
 
 
 def test_the_estimator_imports_no_torch() -> None:

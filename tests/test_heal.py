@@ -96,6 +96,33 @@ def test_training_reduces_loss_on_a_repeated_pattern():
     assert result.record.loss_tokens == 20 * 4 * 31  # every position but the first of each block
 
 
+def test_bf16_healing_with_gradient_checkpointing_trains_as_without_it():
+    """The 16-bit heal of a streamed model: bf16 base weights, float32 adapters; checkpointing recomputes the
+    same forward (losses and merged weights equal), trains (loss falls) and is recorded."""
+    results = {
+        checkpointing: heal(
+            tiny_llama().to(torch.bfloat16),
+            None,
+            pattern_blocks(),
+            max_steps=8,
+            lr=1e-2,
+            gradient_checkpointing=checkpointing,
+            progress=False,
+        )
+        for checkpointing in (False, True)
+    }
+    plain, checkpointed = results[False], results[True]
+    assert checkpointed.record.losses == pytest.approx(plain.record.losses, rel=1e-6)
+    assert checkpointed.record.final_loss < 0.8 * checkpointed.record.initial_loss
+    assert (checkpointed.record.weights_dtype, checkpointed.record.gradient_checkpointing) == ("bfloat16", True)
+    assert (plain.record.weights_dtype, plain.record.gradient_checkpointing) == ("bfloat16", False)
+    for (name, weight), (_, other) in zip(
+        checkpointed.model.named_parameters(), plain.model.named_parameters(), strict=True
+    ):
+        assert weight.dtype == torch.bfloat16 and torch.equal(weight, other), name
+    assert HealRecord.model_validate({**checkpointed.record.model_dump(), "weights_dtype": "float32"})
+
+
 def test_merged_model_equals_the_peft_model_and_keeps_the_architecture(tmp_path):
     model = tiny_llama()
     original_keys = saved_keys(model, tmp_path / "original")

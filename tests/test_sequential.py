@@ -160,3 +160,29 @@ def test_replacement_prune_and_awq_write_the_in_memory_weights(
     for name, values in read_imatrix(tmp_path / "imatrix.gguf").values.items():
         np.testing.assert_allclose(matrix[name], values, rtol=1e-6)
     assert load_causal_lm(quantized).config.num_hidden_layers == LAYERS - 3
+
+
+def test_a_streamed_bf16_model_heals_in_bf16_with_gradient_checkpointing(bf16_demo: Path, tmp_path: Path) -> None:
+    """compress --sequential on a bf16 checkpoint: the pruned model heals in bf16 (the weights' own precision,
+    half of float32) with gradient checkpointing, the healed checkpoint stays bf16 and differs from the
+    pruned one, and the stage records its precision and its peak (load and save included)."""
+    from toolkit.compress.pipeline import compress
+    from toolkit.compress.record import CompressOptions
+
+    notes = Path(__file__).parent / "fixtures" / "eval" / "clinical_notes.txt"
+    options = CompressOptions(
+        prune_layers=2, method="last", replace="none", heal_steps=2, calib=str(notes),
+        calib_sequences=4, seq_len=32, eval_sequences=2, sequential="on",
+    )  # fmt: skip
+    record = compress(str(bf16_demo), tmp_path / "out", options, progress=False).record
+    assert record["sequential"] is True and len(record["layers_removed"]) == 2
+    assert (record["heal"]["weights_dtype"], record["heal"]["gradient_checkpointing"]) == ("bfloat16", True)
+    assert record["heal"]["steps"] == 2 and all(np.isfinite(record["heal"]["losses"]))
+    stage = record["stages"]["heal"]
+    assert stage["peak_rss_bytes"] > 0 and stage["sequential"] is False  # healing holds the whole model
+    healed = ShardedCheckpoint(tmp_path / "out" / stage["folder"])
+    pruned = ShardedCheckpoint(tmp_path / "out" / record["stages"]["prune"]["folder"])
+    assert {entry.dtype for entry in healed.tensors.values()} == {"BF16"}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert healed.read(name).dtype == torch.bfloat16 and not torch.equal(healed.read(name), pruned.read(name))
+    assert np.isfinite(record["quality"]["healed"])

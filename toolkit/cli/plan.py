@@ -96,12 +96,13 @@ def compression_on_host(facts: ModelFacts, plan: Plan, *, heal: bool) -> dict[st
 
     from toolkit.compress.pipeline import SEQUENTIAL_THRESHOLD_BYTES
     from toolkit.compress.record import CompressOptions
-    from toolkit.plan.compression_memory import compression_memory
+    from toolkit.plan.compression_memory import compression_memory, heals_in_sixteen_bits
 
     defaults = CompressOptions()
     chosen = plan.chosen
     removed = chosen.layers_removed if chosen is not None else 0
     quantized = chosen is not None and chosen.quant is not None and chosen.quant.upper() not in ("F16", "FP16", "FP32")
+    sequential = 4 * facts.text_params > SEQUENTIAL_THRESHOLD_BYTES
     estimate = compression_memory(
         facts,
         calib_sequences=defaults.calib_sequences,
@@ -109,8 +110,9 @@ def compression_on_host(facts: ModelFacts, plan: Plan, *, heal: bool) -> dict[st
         eval_sequences=defaults.eval_sequences,
         prune_layers=removed,
         quant=quantized,
-        sequential=4 * facts.text_params > SEQUENTIAL_THRESHOLD_BYTES,
+        sequential=sequential,
         heal=heal and removed > 0,
+        heal_sixteen_bit=heals_in_sixteen_bits(sequential, str(facts.extra.get("dtype"))),
     )
     host = int(psutil.virtual_memory().total)
     estimate["host_memory_bytes"] = host
@@ -126,7 +128,8 @@ def compression_table(compression: dict[str, Any]) -> Table:
     table.add_column("peak GiB (estimate)", justify="right")
     for stage in ("perplexity", "prune", "heal", "quantize"):
         value = compression.get(stage)
-        table.add_row(stage, "-" if value is None else _gib(value))
+        label = "heal (16-bit, checkpointing)" if stage == "heal" and compression.get("heal_sixteen_bit") else stage
+        table.add_row(label, "-" if value is None else _gib(value))
     return table
 
 

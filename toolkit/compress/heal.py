@@ -120,6 +120,8 @@ class HealRecord(BaseModel):
     initial_loss: float
     final_loss: float
     losses: list[float]
+    weights_dtype: str = "float32"  # the frozen base weights while training (16-bit for streamed models)
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -446,6 +448,7 @@ def heal(
     warmup = _default_warmup(max_steps) if warmup_steps is None else max(0, warmup_steps)
 
     device = next(model.parameters()).device
+    weights_dtype = next(model.parameters()).dtype
     was_training = model.training
     requires_grad = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     n_blocks, seq_len = (int(size) for size in train_blocks.shape)
@@ -538,6 +541,8 @@ def heal(
     result_model.train(was_training)
 
     record = HealRecord(
+        weights_dtype=str(weights_dtype).removeprefix("torch."),
+        gradient_checkpointing=gradient_checkpointing,
         rank=rank,
         alpha=float(alpha),
         dropout=float(dropout),

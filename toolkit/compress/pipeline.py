@@ -71,6 +71,7 @@ from toolkit.data import data_sha256, load_dataset_spec, make_blocks, split_cali
 from toolkit.model.checkpoint import loadable_checkpoint
 from toolkit.model.facts import read_facts
 from toolkit.model.llava import is_vision_language, require_processor
+from toolkit.plan.compression_memory import heals_in_sixteen_bits
 
 if TYPE_CHECKING:
     from toolkit.plan.schema import Plan
@@ -483,9 +484,14 @@ def _heal_stage(
         "blocks": token_ids_sha256(data.heal_ids, data.heal_labels),
         **({"projector": True} if options.heal_projector else {}),
     }
+    dtype = heal_dtype(runner.sequential, runner.storage_dtype)
+    if dtype != torch.float32:
+        inputs["dtype"] = str(dtype).removeprefix("torch.")
     input_hash = stage_hash("heal", previous, inputs)
 
     def compute(model: Any, _folder: Path) -> tuple[Any, dict[str, Any]]:
+        if dtype != torch.float32:
+            _say(runner.progress, f"heal: the whole model in {inputs['dtype']} with gradient checkpointing")
         result = heal(
             model,
             runner.tokenizer,
@@ -496,10 +502,11 @@ def _heal_stage(
             seed=options.seed,
             progress=runner.progress,
             modules_to_save=["multi_modal_projector"] if options.heal_projector else (),
+            gradient_checkpointing=dtype != torch.float32,
         )
         return result.model, {"heal": result.record.model_dump(mode="json")}
 
-    stored = runner.run("heal", input_hash, inputs, compute)
+    stored = runner.run("heal", input_hash, inputs, compute, dtype=dtype)
     return _Outcome(_stage_entry(stored), input_hash, True, stored["details"])
 
 
@@ -711,6 +718,13 @@ def compress(
     }).model_dump(mode="json")
     write_json_atomic(out / COMPRESSION_RECORD, record)
     return CompressResult(checkpoint=checkpoint, record=record, imatrix=imatrix)
+
+
+def heal_dtype(sequential: bool, storage_dtype: torch.dtype) -> torch.dtype:
+    """Precision of the weights while healing (`compression_memory.heals_in_sixteen_bits`: a streamed
+    16-bit source heals in its 16 bits with gradient checkpointing; everything else in float32)."""
+    name = str(storage_dtype).removeprefix("torch.")
+    return storage_dtype if heals_in_sixteen_bits(sequential, name) else torch.float32
 
 
 def _storage_dtype(source: Path) -> torch.dtype:

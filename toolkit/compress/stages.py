@@ -224,16 +224,23 @@ class StageRunner:
         self.measured_path = self.stages_dir / "quality-measurements.json"  # the same by cache key, for resumes
         self.measured: dict[str, Any] = _read_json_object(self.measured_path)
 
-    def live_model(self) -> Any:
-        """The current weights as a float32 model (loaded from `current_dir` when not live)."""
+    def live_model(self, dtype: torch.dtype = torch.float32) -> Any:
+        """The current weights as a `dtype` model (loaded from `current_dir` when not live in that dtype)."""
+        if self.model is not None and next(self.model.parameters()).dtype != dtype:
+            self.model = None
         if self.model is None:
-            self.model = load_causal_lm(self.current_dir, torch.float32)
+            self.model = load_causal_lm(self.current_dir, dtype)
             if self.attach is not None:
                 self.attach(self.model)
         return self.model
 
     def run(
-        self, name: str, input_hash: str, inputs: dict[str, Any], compute: StageCompute
+        self,
+        name: str,
+        input_hash: str,
+        inputs: dict[str, Any],
+        compute: StageCompute,
+        dtype: torch.dtype = torch.float32,
     ) -> dict[str, Any]:
         """Resume stage `name` from its folder, or compute it (timed, peak RSS sampled) and save it.
 
@@ -241,7 +248,8 @@ class StageRunner:
         into `folder` (the stage's folder under construction). A returned model of None means
         "weights unchanged": the previous weights are hard-linked instead of saved again. The time
         and the peak RSS cover the stage's load of the model (when it is not live already), the
-        compute and the save.
+        compute and the save. `dtype` is the precision the model is loaded in (the 16-bit heal of a
+        streamed model); a model that is not float32 is not kept live (the next stage reloads).
         """
         folder = self.stages_dir / f"{name}-{input_hash[:12]}"
         resumed = self._resume(folder, input_hash)
@@ -250,7 +258,7 @@ class StageRunner:
         with building_folder(folder) as building:
             start = time.perf_counter()
             with RssSampler() as rss:
-                model = self.live_model()
+                model = self.live_model(dtype)
                 changed, details = compute(model, building)
                 if changed is None:
                     output_sha = self._link_unchanged(building)
@@ -259,11 +267,12 @@ class StageRunner:
                         self.attach(changed)
                     model = changed
                     save_checkpoint(model, self.tokenizer, self.source, building, self.storage_dtype)
-                    model.to(torch.float32)  # exact: the saved values, widened
+                    if dtype == torch.float32:
+                        model.to(torch.float32)  # exact: the saved values, widened
                     output_sha = weights_sha256(building)
             stored = self._store(name, input_hash, inputs, details, start, rss, output_sha, folder, building)
         self.current_dir = folder
-        self.model = model
+        self.model = model if dtype == torch.float32 else None
         return {**stored, "resumed": False}
 
     def run_sequential(

@@ -198,15 +198,23 @@ def host_can_heal(model_arg: str, options: DeployOptions) -> tuple[bool, str | N
     memory; the reason (estimate against the host's memory) when it does not."""
     import psutil
 
+    from toolkit.compress.pipeline import SEQUENTIAL_THRESHOLD_BYTES
     from toolkit.model.facts import read_facts
-    from toolkit.plan.compression_memory import heal_memory
+    from toolkit.plan.compression_memory import heal_memory, heals_in_sixteen_bits
 
-    needed = heal_memory(read_facts(model_arg), calib_sequences=options.calib_sequences, seq_len=options.seq_len)
+    facts = read_facts(model_arg)
+    sixteen_bit = heals_in_sixteen_bits(
+        4 * facts.text_params > SEQUENTIAL_THRESHOLD_BYTES, str(facts.extra.get("dtype"))
+    )
+    needed = heal_memory(
+        facts, calib_sequences=options.calib_sequences, seq_len=options.seq_len, sixteen_bit=sixteen_bit
+    )
     total = int(psutil.virtual_memory().total)
     if needed <= total:
         return True, None
+    precision = "16 bits with gradient checkpointing" if sixteen_bit else "float32"
     return False, (
-        f"the host cannot heal: healing needs about {needed / 2**30:.1f} GiB (whole model in float32, LoRA, "
+        f"the host cannot heal: healing needs about {needed / 2**30:.1f} GiB (whole model in {precision}, LoRA, "
         f"activations) and the host has {total / 2**30:.1f} GiB; compressed without healing"
     )
 

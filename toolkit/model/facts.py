@@ -343,6 +343,9 @@ def _text_facts(
     for key in ("rope_theta", "sliding_window", "rms_norm_eps", "hidden_act", "hidden_activation"):
         if values.get(key) is not None:
             extra[key] = values[key]
+    stored = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(stored, str):
+        extra["dtype"] = stored  # the weights' stored precision (bf16 sources heal in 16 bits when streamed)
     quantization = config.get("quantization_config")
     if isinstance(quantization, Mapping):
         extra["quantization"] = quantization.get("quant_method", "unknown")

@@ -24,8 +24,13 @@ Terms (bytes; P = parameters, L = layers, h = hidden, i = MLP width, V = vocabul
     (4 x seq_len x V x 4 x LOGIT_COPIES).
 - in memory (the path models under the sequential threshold take): the whole model in float32
   (4P) plus the same activations, for every stage.
-- `heal` (never streamed): the whole model in float32 with LoRA and its optimizer state plus the
-  training activations; a host below it cannot heal and deploy continues unhealed.
+- `heal` (never streamed): the whole model with LoRA (rank r, float32 adapters with their gradient
+  and two AdamW moments: 16 r (8h + 3(h + i)) L bytes) plus the training activations; a host below it
+  cannot heal and deploy continues unhealed. In float32 (models compressed in memory): 4P, and every
+  layer's saved activations (HEAL_BATCH x seq_len x L x (16h + 3i) x 4). A streamed model stored in
+  16 bits (`heals_in_sixteen_bits`) heals in those 16 bits with gradient checkpointing: 2P, each
+  layer's input kept (tokens x L x h x 2) and one layer's activations recomputed (tokens x (16h + 3i)
+  x 4), plus the largest linear's float32 merge delta (h x i x 4). Logits in float32 either way.
 
 The constants are fitted on this host's measured peaks (bench/sequential.py); the estimate's error on
 the 1.1B- and 7B-shaped runs is in docs/BENCHMARKS.md.
@@ -61,6 +66,7 @@ def compression_memory(
     quant: bool,
     sequential: bool,
     heal: bool = False,
+    heal_sixteen_bit: bool = False,
 ) -> dict[str, Any]:
     """Estimated peak resident bytes of each compress stage on the build host (formulas in the module docstring)."""
     h, i, v, layers = facts.hidden_size, facts.intermediate_size, facts.vocab_size, facts.num_layers
@@ -97,11 +103,14 @@ def compression_memory(
         "perplexity": BASE_BYTES + perplexity,
         "prune": BASE_BYTES + prune if prune_layers > 0 else None,
         "quantize": BASE_BYTES + quantize if quant else None,
-        "heal": heal_memory(facts, calib_sequences=calib_sequences, seq_len=seq_len) if heal else None,
+        "heal": heal_memory(facts, calib_sequences=calib_sequences, seq_len=seq_len, sixteen_bit=heal_sixteen_bit)
+        if heal
+        else None,
     }
     return {
         **stages,
         "sequential": sequential,
+        "heal_sixteen_bit": heal and heal_sixteen_bit,
         "peak": max(value for value in stages.values() if value is not None),
         "terms": {"base": BASE_BYTES, "block_float32": block, "model_float32": model, "head_float32": head},
     }
@@ -109,13 +118,29 @@ def compression_memory(
 
 HEAL_BATCH = 4
 HEAL_ACTIVATION_COPIES = 16  # saved tensors per layer and token (attention + MLP) in float32, h-wide units
+HEAL_LORA_RANK = 8  # toolkit.compress.heal.DEFAULT_RANK
+ADAM_STATE_COPIES = 4  # an adapter parameter, its gradient and AdamW's two moments, float32 each
+SIXTEEN_BIT_DTYPES = ("bfloat16", "float16")
 
 
-def heal_memory(facts: ModelFacts, *, calib_sequences: int, seq_len: int) -> int:
-    """Healing's peak: the float32 model, LoRA + Adam state (small), and one batch's saved activations
-    (HEAL_BATCH x seq_len x layers x (16 h + 3 i) x 4) and logits."""
-    h, i = facts.hidden_size, facts.intermediate_size
+def heals_in_sixteen_bits(sequential: bool, dtype: str | None) -> bool:
+    """Whether compress heals in 16 bits: a model streamed block by block (too big for float32 in memory)
+    whose checkpoint stores 16-bit weights keeps them while healing, with gradient checkpointing."""
+    return sequential and dtype in SIXTEEN_BIT_DTYPES
+
+
+def heal_memory(facts: ModelFacts, *, calib_sequences: int, seq_len: int, sixteen_bit: bool = False) -> int:
+    """Healing's peak (module docstring): the model in float32 (or 16 bits with gradient checkpointing),
+    the LoRA adapters with their optimizer state, one batch's activations and its logits."""
+    h, i, layers = facts.hidden_size, facts.intermediate_size, facts.num_layers
     tokens = min(HEAL_BATCH, calib_sequences) * seq_len
-    activations = tokens * facts.num_layers * (HEAL_ACTIVATION_COPIES * h + 3 * i) * FLOAT32
+    lora = ADAM_STATE_COPIES * FLOAT32 * HEAL_LORA_RANK * (8 * h + 3 * (h + i)) * layers
+    layer_activations = tokens * (HEAL_ACTIVATION_COPIES * h + 3 * i) * FLOAT32
     logits = tokens * facts.vocab_size * FLOAT32 * LOGIT_COPIES
-    return BASE_BYTES + FLOAT32 * facts.text_params + activations + logits
+    if sixteen_bit:
+        weights = 2 * facts.text_params
+        activations = tokens * layers * h * 2 + layer_activations + h * i * FLOAT32
+    else:
+        weights = FLOAT32 * facts.text_params
+        activations = layer_activations * layers
+    return BASE_BYTES + weights + lora + activations + logits
