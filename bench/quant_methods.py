@@ -1,4 +1,8 @@
-"""Bench 8: quantization methods through the same GGUF export: plain (RTN) / imatrix (llama.cpp) / AWQ.
+"""Bench 8: quantization and depth-pruning methods through the same GGUF export, one table (issue 17).
+
+Rows: plain (RTN) / imatrix (llama.cpp) / AWQ at Q4_0 and Q4_K_M; then 6 of 30 layers removed + Q4_0 by
+block influence (ShortGPT) + RTN, by activation selection + AWQ, and by activation selection + the linear
+replacement + AWQ (Bedside's default), each unhealed and healed (LoRA, the pipeline's default 40 steps).
 
 Run from the repository root (resumes: finished rows in the JSON are skipped; `--fresh` measures again):
 
@@ -15,6 +19,10 @@ that folder (`exporters.export(..., imatrix=<the folder's imatrix.gguf>)`, as `b
 - imatrix: llama.cpp's method: no scales, matrix `mean_t x_tj^2` gathered on the unscaled model, export with it;
 - awq: scales + clipping searched on the export's rounding (emulated search, the best alphas and clip ratios
   re-ranked with libggml + the scaled model's matrix), export with that matrix.
+
+Pruned rows (`PRUNED_VARIANTS`): `compress(CompressOptions(prune_layers=6, method=..., replace=..., quant="Q4_0",
+quant_method=..., heal=...))` on the same calibration, exported and scored the same way; the healed row of a
+variant runs in the unhealed row's folder, so its prune stage is the same one (resumed, not recomputed).
 
 Scores (toolkit/validate/evaluate.py): on the held-apart medical text (PubMedQA contexts, MedQuAD answers of
 the evaluation side, never seen by calibration), windows of 512 tokens, at most 4096 tokens,
@@ -61,7 +69,17 @@ METHODS: tuple[str, ...] = ("plain", "imatrix", "awq")
 PIPELINE_METHOD = {"plain": "rtn", "imatrix": "imatrix", "awq": "awq"}
 CALIB_SEQUENCES, CALIB_LEN, SEED = 64, 512, 0
 EVAL_MAX_TOKENS, EVAL_SEQ_LEN = 4096, 512
-TARGET_KL_RATIO = 0.7  # awq KL at most 70 % of imatrix's
+TARGET_KL_RATIO = 0.7  # awq KL at most 70 % of imatrix's (and Bedside's pruned row at most 70 % of ShortGPT's)
+TARGET_HEALED_KL = 0.6  # nats, Bedside's pruned row healed
+PRUNE_LAYERS, PRUNED_SCHEME = 6, "Q4_0"
+# variant -> (label, selection method, replacement, quantization method)
+PRUNED_VARIANTS: dict[str, tuple[str, str, str, str]] = {
+    "block-influence+rtn": ("block influence (ShortGPT) + RTN", "block-influence", "none", "rtn"),
+    "activation+awq": ("activation + AWQ", "activation", "none", "awq"),
+    "activation+linear+awq": ("activation + linear replacement + AWQ", "activation", "linear", "awq"),
+}
+BASELINE_VARIANT, BEDSIDE_VARIANT = "block-influence+rtn", "activation+linear+awq"
+HEAL_STATES: tuple[str, ...] = ("unhealed", "healed")
 TARGET_AWQ_SECONDS = 60.0
 TARGET_PEAK_BYTES = 1.5e9
 
@@ -118,8 +136,13 @@ def float_child(result_path: Path, threads: int) -> None:
     write_json_atomic(result_path, row)
 
 
+def _pruned_key(variant: str, heal_state: str) -> str:
+    return f"{PRUNED_SCHEME}/{variant}/{heal_state}"
+
+
 def child(scheme: str, method: str, result_path: Path, threads: int) -> None:
-    """Compress, export and evaluate one row; write the row to `result_path`."""
+    """Compress, export and evaluate one row (`method` a quantization method, or `variant/heal_state` of a
+    pruned row); write the row to `result_path`."""
     import torch
 
     from exporters import export
@@ -129,24 +152,29 @@ def child(scheme: str, method: str, result_path: Path, threads: int) -> None:
     torch.set_num_threads(threads)
     root = bench_cache_dir("quant_methods")
     calib, evaluation, documents = _data_paths(root / "data")
-    out = root / f"{scheme}-{method}"
-    options = CompressOptions(
-        prune_layers=0,
-        quant=scheme,
-        quant_method=PIPELINE_METHOD[method],
-        calib=str(calib),
-        eval_data=str(evaluation),
-        calib_sequences=CALIB_SEQUENCES,
-        seq_len=CALIB_LEN,
-        eval_sequences=1,
-        seed=SEED,
-    )
+    common = {
+        "calib": str(calib), "eval_data": str(evaluation), "calib_sequences": CALIB_SEQUENCES,
+        "seq_len": CALIB_LEN, "eval_sequences": 1, "seed": SEED, "quant": scheme,
+    }  # fmt: skip
+    if "/" in method:  # a pruned row: variant/heal_state, in the variant's folder (healed resumes its prune)
+        variant, heal_state = method.split("/")
+        _label, selection, replace, quant_method = PRUNED_VARIANTS[variant]
+        out = root / f"pruned-{variant}"
+        export_dir = out / f"gguf-{heal_state}"
+        options = CompressOptions(
+            prune_layers=PRUNE_LAYERS, method=selection, replace=replace, quant_method=quant_method,
+            heal=heal_state == "healed", **common,
+        )  # fmt: skip
+    else:
+        quant_method = PIPELINE_METHOD[method]
+        out = root / f"{scheme}-{method}"
+        export_dir = out / "gguf"
+        options = CompressOptions(prune_layers=0, quant_method=quant_method, **common)
     with Timer() as compress_timer:
         result = compress("demo", out, options, progress=False)
     vmhwm = proc_status_bytes("VmHWM")
     record = result.record
     stage = record["stages"]["quantize"]
-    export_dir = out / "gguf"
     with Timer() as export_timer:
         exported = export(
             result.checkpoint, "gguf", scheme, export_dir, imatrix=result.imatrix, threads=threads
@@ -157,7 +185,14 @@ def child(scheme: str, method: str, result_path: Path, threads: int) -> None:
     row = {
         "scheme": scheme,
         "method": method,
-        "pipeline_method": PIPELINE_METHOD[method],
+        "pipeline_method": quant_method,
+        "layers_removed": record.get("layers_removed"),
+        "replacement": record.get("replacement"),
+        "stage_seconds": {name: entry.get("seconds") for name, entry in record["stages"].items() if entry},
+        "stage_resumed": {name: entry.get("resumed") for name, entry in record["stages"].items() if entry},
+        "heal": {key: (record.get("heal") or {}).get(key) for key in ("steps", "initial_loss", "final_loss")}
+        if record.get("heal")
+        else None,
         "kl": scores["kl_divergence"],
         "perplexity": scores["perplexity"],
         "top1_agreement": scores["top1_agreement"],
@@ -198,66 +233,73 @@ def _load_range(results: dict[str, Any]) -> str:
     return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
 
 
+def _table_row(row: dict[str, Any], scheme: str, removed: str, method: str) -> list[str]:
+    compress_seconds = (row.get("compress_timer") or {}).get("seconds")
+    return [
+        scheme,
+        removed,
+        method,
+        _fmt(row["kl"], 4),
+        _fmt(row["perplexity"], 2),
+        _fmt(row["top1_agreement"], 3),
+        _fmt(row["quantize_seconds"], 1) if row.get("pipeline_method") != "rtn" else "-",
+        _fmt(compress_seconds, 0),
+        _fmt(row["process_peak_bytes"] / 1e9 if row["process_peak_bytes"] else None, 2),
+        row.get("search_rounding") or "-",
+    ]
+
+
 def report(results: dict[str, Any]) -> str:
     """The markdown section: one table, then the targets as measured."""
     rows = []
     reference = results["rows"].get(_row_key("float", "-"))
     if reference is not None:
         rows.append(
-            [
-                "float (reference)",
-                "-",
-                _fmt(reference["kl"], 4),
-                _fmt(reference["perplexity"], 2),
-                "1.000",
-                "-",
-                "-",
-                "-",
-            ]
+            ["float (reference)", "0", "-", _fmt(reference["kl"], 4), _fmt(reference["perplexity"], 2), "1.000"]
+            + ["-"] * 4
         )
     for scheme in SCHEMES:
         for method in METHODS:
             row = results["rows"].get(_row_key(scheme, method))
-            if row is None:
-                continue
-            rows.append(
-                [
-                    scheme,
-                    method,
-                    _fmt(row["kl"], 4),
-                    _fmt(row["perplexity"], 2),
-                    _fmt(row["top1_agreement"], 3),
-                    _fmt(row["quantize_seconds"], 1) if method != "plain" else "-",
-                    _fmt(row["process_peak_bytes"] / 1e9 if row["process_peak_bytes"] else None, 2),
-                    row.get("search_rounding") or "-",
-                ]
-            )
+            if row is not None:
+                rows.append(_table_row(row, scheme, "0", method))
+    for variant, (label, *_rest) in PRUNED_VARIANTS.items():
+        for heal_state in HEAL_STATES:
+            row = results["rows"].get(_pruned_key(variant, heal_state))
+            if row is not None:
+                layers = ", ".join(str(index) for index in row.get("layers_removed") or [])
+                rows.append(
+                    _table_row(row, PRUNED_SCHEME, f"{PRUNE_LAYERS} ({layers})", f"{label}, {heal_state}")
+                )
     table = markdown_table(
         [
             "scheme",
+            "layers removed",
             "method",
             "KL (nats)",
             "perplexity",
             "top-1 agreement",
             "quantize stage (s)",
+            "compress (s)",
             "process peak (GB)",
             "search rounding",
         ],
         rows,
     )
     lines = [
-        "## Quantization methods through the GGUF export (bench 8)",
+        "## Quantization and depth pruning through the GGUF export (bench 8)",
         "",
         f"Command: `{results.get('command', '.venv/bin/python -m bench.quant_methods --threads 2')}` "
-        "(raw: `docs/benchmarks/quant_methods.json`). Demo model, no layer removed, 64 x 512 calibration tokens "
-        '(shared PubMedQA/MedQuAD calibration split), evaluated with `evaluate(gguf, reference="demo")` on the '
-        "held-apart medical text (512-token windows, 4096 tokens). plain = RTN (no matrix), imatrix = llama.cpp's "
-        "importance matrix of the unscaled model, awq = Bedside's AWQ searched on the export's rounding, "
-        "exported with the scaled model's matrix. Quantize stage = AWQ or gathering the matrix; process peak = "
-        "VmHWM of the process running compress (model, calibration, stage, the pipeline's perplexity checks). "
+        "(raw: `docs/benchmarks/quant_methods.json`; `make bench` runs it). Demo model (30 layers), 64 x 512 "
+        "calibration tokens (shared PubMedQA/MedQuAD calibration split), evaluated with "
+        '`evaluate(gguf, reference="demo")` on the held-apart medical text (512-token windows, 4096 tokens). '
+        "plain = RTN (no matrix), imatrix = llama.cpp's importance matrix of the unscaled model, awq = Bedside's "
+        "AWQ searched on the export's rounding, exported with the scaled model's matrix. Pruned rows: "
+        f"{PRUNE_LAYERS} layers removed, {PRUNED_SCHEME}; healed = LoRA with the pipeline's defaults on the same "
+        "calibration. Quantize stage = AWQ or gathering the matrix; compress = the whole `compress` call "
+        "(a healed row resumes its variant's prune stage); process peak = VmHWM of the process running compress. "
         f"Threads: {results.get('threads')}; 1-minute load average at the start and end of the rows: "
-        f"{_load_range(results)} on 2 cores (a shared machine, other jobs running: times are not idle-machine "
-        "times).",
+        f"{_load_range(results)} on 2 cores (times under load overstate an idle machine's).",
         "",
         table,
         "",
@@ -274,6 +316,20 @@ def report(results: dict[str, Any]) -> str:
                 f"AWQ {awq['quantize_seconds']:.0f} s (target <= {TARGET_AWQ_SECONDS:.0f} s on an idle machine), "
                 f"process peak {awq['process_peak_bytes'] / 1e9:.2f} GB (target <= {TARGET_PEAK_BYTES / 1e9:.1f} GB)."
             )
+    baseline = results["rows"].get(_pruned_key(BASELINE_VARIANT, "unhealed"))
+    bedside = results["rows"].get(_pruned_key(BEDSIDE_VARIANT, "unhealed"))
+    if baseline and bedside:
+        ratio = bedside["kl"] / baseline["kl"]
+        lines.append(
+            f"- {PRUNE_LAYERS} layers + {PRUNED_SCHEME}, unhealed: Bedside's KL / block influence + RTN = {ratio:.2f} "
+            f"(target <= {TARGET_KL_RATIO}: {'met' if ratio <= TARGET_KL_RATIO else 'missed'})."
+        )
+    healed = results["rows"].get(_pruned_key(BEDSIDE_VARIANT, "healed"))
+    if healed:
+        lines.append(
+            f"- {PRUNE_LAYERS} layers + {PRUNED_SCHEME}, healed: Bedside's KL {healed['kl']:.3f} nats "
+            f"(target <= {TARGET_HEALED_KL}: {'met' if healed['kl'] <= TARGET_HEALED_KL else 'missed'})."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -283,14 +339,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results.update(command=command_line(), threads=args.threads)
     loads: list[list[float]] = results.setdefault("loadavg", [])  # before and after each row run now
     plan = [(scheme, method) for scheme in args.schemes for method in args.methods]
+    plan += [(PRUNED_SCHEME, f"{variant}/{state}") for variant in args.variants for state in HEAL_STATES]
     if args.float_reference:
         plan.insert(0, ("float", "-"))
     for scheme, method in plan:
         key = _row_key(scheme, method)
-        if key in results["rows"] and not args.fresh:
+        if key in results["rows"] and not args.fresh and key not in args.again:
             print(f"{key}: done (skipping)")
             continue
-        result_path = bench_cache_dir("quant_methods") / f"row-{scheme}-{method}.json"
+        result_path = bench_cache_dir("quant_methods") / f"row-{key.replace('/', '_')}.json"
         result_path.unlink(missing_ok=True)
         loads.append(load_average())
         started = time.perf_counter()
@@ -308,6 +365,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{key}: KL {row['kl']}, ppl {row['perplexity']}, top-1 {row['top1_agreement']}")
         loads.append(load_average())
         write_json_atomic(RESULTS, results)
+        update_benchmarks_doc("bench-quant-methods", report(results))
     results["updated"] = utc_now()
     write_json_atomic(RESULTS, results)
     update_benchmarks_doc("bench-quant-methods", report(results))
@@ -334,7 +392,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="measure every row again")
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--variants", nargs="*", default=list(PRUNED_VARIANTS), choices=list(PRUNED_VARIANTS),
+        help=f"pruned rows ({PRUNE_LAYERS} layers + {PRUNED_SCHEME}), each unhealed and healed; none: no pruned row",
+    )  # fmt: skip
+    parser.add_argument(
+        "--again", nargs="*", default=[], metavar="ROW", help="measure these rows again (keys as in the JSON)"
+    )
     parser.add_argument(
         "--no-float-reference", dest="float_reference", action="store_false", help="skip the float row"
     )

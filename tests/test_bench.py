@@ -77,3 +77,25 @@ def test_write_json_atomic_leaves_no_temporary(tmp_path: Path) -> None:
     write_json_atomic(target, {"configs": {"x": 2}})
     assert json.loads(target.read_text()) == {"configs": {"x": 2}}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_quant_methods_report_has_one_table_with_the_pruned_rows_and_their_targets() -> None:
+    from bench.quant_methods import BASELINE_VARIANT, BEDSIDE_VARIANT, _pruned_key, report
+
+    def row(kl: float, method: str = "awq", layers: list[int] | None = None) -> dict:
+        return {
+            "kl": kl, "perplexity": 20.0, "top1_agreement": 0.8, "quantize_seconds": 50.0, "pipeline_method": method,
+            "process_peak_bytes": 2e9, "compress_timer": {"seconds": 90.0}, "layers_removed": layers,
+        }  # fmt: skip
+
+    rows = {
+        _pruned_key(BASELINE_VARIANT, "unhealed"): row(1.0, "rtn", [12, 13, 14, 15, 16, 17]),
+        _pruned_key(BEDSIDE_VARIANT, "unhealed"): row(0.75, layers=[13, 14, 15, 16, 17, 18]),
+        _pruned_key(BEDSIDE_VARIANT, "healed"): row(0.55, layers=[13, 14, 15, 16, 17, 18]),
+    }
+    text = report({"rows": rows, "threads": 2})
+    table = [line for line in text.splitlines() if line.startswith("| Q4_0 | 6 (")]
+    assert len(table) == 3 and "| 6 (12, 13, 14, 15, 16, 17) | block influence (ShortGPT) + RTN, unhealed |" in table[0]
+    assert "| - | 90 |" in table[0]  # RTN has no quantize stage; the compress column is there
+    assert "Bedside's KL / block influence + RTN = 0.75 (target <= 0.7: missed)" in text
+    assert "healed: Bedside's KL 0.550 nats (target <= 0.6: met)" in text
