@@ -552,37 +552,3 @@ def test_cli_compresses_and_prints_a_summary(tiny, tmp_path):
     assert record["heal"]["steps"] == 2
     for word in ("prune", "heal", "quantize", "layers removed", "checkpoint"):
         assert word in result.stdout
-
-
-# ---------------------------------------------------------------------------------------------
-# The demo model
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.demo
-@pytest.mark.heavy
-def test_demo_model_two_layers_removed_healing_lowers_perplexity(demo_model_dir, tmp_path):
-    from toolkit.data import NAMED_SOURCES
-
-    try:
-        NAMED_SOURCES["radiology"].load()
-    except BedsideError as error:
-        pytest.skip(f"radiology reports absent: {error}")
-    options = CompressOptions(
-        prune_layers=2,
-        method="last",
-        quant="Q4_0",
-        quant_method="rtn",
-        heal_steps=4,
-        calib_sequences=4,
-        seq_len=128,
-        eval_sequences=4,
-    )
-    record = compress("demo", tmp_path / "out", options, progress=False).record
-    quality = record["quality"]
-    assert record["layers_removed"] == [27, 28]
-    assert quality["original"] < quality["pruned"]
-    assert quality["healed"] < quality["pruned"]
-    assert math.isfinite(quality["quantized"])
-    config = json.loads((tmp_path / "out" / "checkpoint" / "config.json").read_text())
-    assert config["num_hidden_layers"] == 28

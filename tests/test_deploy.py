@@ -605,7 +605,10 @@ def test_deploy_end_to_end_killed_then_resumed_and_verified(killed_then_resumed)
         quality[name] is not None for name in ("original", "pruned", "healed", "quantized", "exported")
     )
     assert quality["pruned"] > quality["original"]  # removing layers costs perplexity
+    assert quality["healed"] < quality["pruned"]  # healing (4 LoRA steps) wins some of it back
     assert len(report["layer_selection"]["scores"]) == 30
+    config = json.loads((out / "work" / "compress" / "checkpoint" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30 - len(report["attempts"][-1]["layers_removed"])
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4
     prediction = report["speed"]["target_prediction"]
