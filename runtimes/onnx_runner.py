@@ -107,11 +107,11 @@ class FolderTokenizer:
                     f"{folder / 'tokenizer.json'}: cannot be read ({first_line(error)})"
                 ) from error
         elif any((folder / name).is_file() for name in ("tokenizer.model", "vocab.json")):
-            from transformers import AutoTokenizer
+            from toolkit.core.tokenizer_loading import load_auto_tokenizer
 
             try:
                 refuse_custom_code(folder)  # a tokenizer_config.json auto_map would import the folder's code
-                self._slow = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+                self._slow = load_auto_tokenizer(folder)
             except Exception as error:
                 raise RuntimeLoadError(
                     f"{folder}: tokenizer cannot be loaded ({first_line(error)})"

@@ -51,12 +51,9 @@ class TorchRunner(Runner):
                 f"{path}: no tokenizer (expected tokenizer.json or tokenizer.model beside config.json)"
             )
         import torch
-        from transformers import (
-            AutoConfig,
-            AutoModelForCausalLM,
-            AutoTokenizer,
-            LlavaForConditionalGeneration,
-        )
+        from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
+
+        from toolkit.core.tokenizer_loading import load_auto_tokenizer
 
         if n_threads:
             torch.set_num_threads(n_threads)
@@ -67,7 +64,7 @@ class TorchRunner(Runner):
         else:
             dtype = torch.float32
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            self.tokenizer = load_auto_tokenizer(path)
         except Exception as error:
             raise RuntimeLoadError(f"{path}: tokenizer cannot be loaded: {first_line(error)}") from error
         try:

@@ -108,11 +108,11 @@ def load_causal_lm(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
 
 def load_tokenizer(folder: Path) -> Any:
     """The checkpoint's tokenizer (local files only)."""
-    from transformers import AutoTokenizer
+    from toolkit.core.tokenizer_loading import load_auto_tokenizer
 
     refuse_custom_code(folder)
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        return load_auto_tokenizer(folder, local_files_only=True)
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise BedsideError(f"cannot load the tokenizer in '{folder}': {first}") from None

@@ -48,7 +48,9 @@ def convert_pickle_checkpoint(model_dir: Path, work: Path) -> Path:
     target = work / "source-safetensors"
     if any(target.glob("*.safetensors")):
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.core.tokenizer_loading import load_auto_tokenizer
 
     refuse_custom_code(model_dir)
     names = ", ".join(path.name for path in pickle_weights(model_dir)) or "pickle weights"
@@ -56,7 +58,7 @@ def convert_pickle_checkpoint(model_dir: Path, work: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, use_safetensors=False, trust_remote_code=False
         )
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+        tokenizer = load_auto_tokenizer(model_dir)
     except Exception as error:  # unpickling, torch.load and transformers raise many types: all are bad input
         text = str(error).strip()
         first = text.splitlines()[0] if text else type(error).__name__
