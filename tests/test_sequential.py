@@ -185,4 +185,9 @@ def test_a_streamed_bf16_model_heals_in_bf16_with_gradient_checkpointing(bf16_de
     assert {entry.dtype for entry in healed.tensors.values()} == {"BF16"}
     name = "model.layers.0.self_attn.q_proj.weight"
     assert healed.read(name).dtype == torch.bfloat16 and not torch.equal(healed.read(name), pruned.read(name))
+    # saved shard by shard from the bf16 model (no whole-file serialization): the pruned layout, loadable
+    assert [path.name for path in healed.files] == [path.name for path in pruned.files] and len(healed.files) > 1
+    assert set(healed.tensors) == set(pruned.tensors)
+    reloaded = load_causal_lm(tmp_path / "out" / stage["folder"], torch.bfloat16)
+    assert torch.equal(reloaded.state_dict()[name], healed.read(name))
     assert np.isfinite(record["quality"]["healed"])

@@ -134,6 +134,33 @@ def save_checkpoint(model: Any, tokenizer: Any, source: Path, folder: Path, dtyp
             shutil.copy2(source / name, folder / name)
 
 
+def save_checkpoint_streamed(model: Any, tokenizer: Any, source: Path, current: Path, folder: Path) -> None:
+    """`save_checkpoint` for a model held in its storage dtype (the 16-bit heal of a streamed model): the tensors
+    of `current`'s shards (the stage's input checkpoint) rewritten from the model one at a time, same shard
+    layout and dtype, so saving needs no second copy of the weights (transformers' safetensors save
+    serializes a whole file in memory first: +2 GB on a 1.1B model in bf16, +12 GB on a 7B)."""
+    from toolkit.compress.sequential.checkpoint import ShardedCheckpoint, ShardWriter
+
+    stored = ShardedCheckpoint(current)
+    state = model.state_dict()
+    names = {stored.resolve(name): name for name in state if stored.resolve(name) is not None}
+    writer = ShardWriter(stored, folder, rename=lambda name: name, changed=set(names))
+    try:
+        for stored_name, name in sorted(names.items()):
+            writer.put(stored_name, state[name])
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    for name in CARRIED_FILES:
+        if (source / name).is_file() and not (folder / name).exists():
+            shutil.copy2(source / name, folder / name)
+
+
 def read_stage_record(folder: Path) -> dict[str, Any] | None:
     """The `stage.json` of a finished stage folder, or None when absent or unreadable."""
     path = folder / STAGE_RECORD
@@ -266,9 +293,11 @@ class StageRunner:
                     if changed is not model and self.attach is not None:
                         self.attach(changed)
                     model = changed
-                    save_checkpoint(model, self.tokenizer, self.source, building, self.storage_dtype)
                     if dtype == torch.float32:
+                        save_checkpoint(model, self.tokenizer, self.source, building, self.storage_dtype)
                         model.to(torch.float32)  # exact: the saved values, widened
+                    else:  # held in its storage dtype: rewrite the input's shards, one tensor at a time
+                        save_checkpoint_streamed(model, self.tokenizer, self.source, self.current_dir, building)
                     output_sha = weights_sha256(building)
             stored = self._store(name, input_hash, inputs, details, start, rss, output_sha, folder, building)
         self.current_dir = folder
