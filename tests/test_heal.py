@@ -142,6 +142,18 @@ def test_merged_model_equals_the_peft_model_and_keeps_the_architecture(tmp_path)
     assert not any("lora" in key for key in healed_keys)
 
 
+def test_merge_refuses_an_adapter_holding_nan_and_leaves_the_weights():
+    model = tiny_llama()
+    original = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    peft_model = heal(tiny_llama(), None, pattern_blocks(), max_steps=1, progress=False, merge=False).model
+    name, parameter = next((n, p) for n, p in peft_model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        parameter[0, 0] = float("nan")
+    with pytest.raises(BedsideError, match="NaN or inf"):
+        merge_lora(peft_model)
+    assert torch.equal(peft_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, original)
+
+
 def test_heal_returns_the_merged_model_as_it_came(tmp_path):
     model = tiny_llama()
     flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}

@@ -384,9 +384,16 @@ def merge_lora(peft_model: Any) -> Any:
     """Fold every adapter into its base weight, W <- W + (alpha / r) B A, and drop the peft wrapper.
 
     Returns the plain transformers model: same class, same state-dict keys as before LoRA was
-    attached. `safe_merge` refuses to merge adapters holding NaN or inf.
+    attached. Adapters holding NaN or inf are refused before anything is merged; the merge is then in
+    place (peft's `safe_merge` would clone every weight first: on a model loaded in 16 bits from its
+    memory-mapped shards the clones sat beside the mapped originals, +1.3 GB on a 1.1B model).
     """
-    return peft_model.merge_and_unload(safe_merge=True)
+    import torch
+
+    for name, parameter in peft_model.named_parameters():
+        if "lora_" in name and not bool(torch.isfinite(parameter).all()):
+            raise BedsideError(f"the LoRA adapter {name} holds NaN or inf: healing diverged; lower --heal-lr")
+    return peft_model.merge_and_unload(safe_merge=False)
 
 
 def heal(
