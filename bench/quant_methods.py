@@ -190,7 +190,10 @@ def child(scheme: str, method: str, result_path: Path, threads: int) -> None:
         "replacement": record.get("replacement"),
         "stage_seconds": {name: entry.get("seconds") for name, entry in record["stages"].items() if entry},
         "stage_resumed": {name: entry.get("resumed") for name, entry in record["stages"].items() if entry},
-        "heal": {key: (record.get("heal") or {}).get(key) for key in ("steps", "initial_loss", "final_loss")}
+        "heal": {
+            key: (record.get("heal") or {}).get(key, "ce" if key == "objective" else None)
+            for key in ("steps", "initial_loss", "final_loss", "objective")
+        }
         if record.get("heal")
         else None,
         "kl": scores["kl_divergence"],
@@ -268,9 +271,10 @@ def report(results: dict[str, Any]) -> str:
             row = results["rows"].get(_pruned_key(variant, heal_state))
             if row is not None:
                 layers = ", ".join(str(index) for index in row.get("layers_removed") or [])
-                rows.append(
-                    _table_row(row, PRUNED_SCHEME, f"{PRUNE_LAYERS} ({layers})", f"{label}, {heal_state}")
-                )
+                state = heal_state
+                if row.get("heal"):
+                    state += f" ({row['heal'].get('objective', 'ce')})"
+                rows.append(_table_row(row, PRUNED_SCHEME, f"{PRUNE_LAYERS} ({layers})", f"{label}, {state}"))
     table = markdown_table(
         [
             "scheme",
@@ -296,7 +300,8 @@ def report(results: dict[str, Any]) -> str:
         "plain = RTN (no matrix), imatrix = llama.cpp's importance matrix of the unscaled model, awq = Bedside's "
         "AWQ searched on the export's rounding, exported with the scaled model's matrix. Pruned rows: "
         f"{PRUNE_LAYERS} layers removed, {PRUNED_SCHEME}; healed = LoRA with the pipeline's defaults on the same "
-        "calibration. Quantize stage = AWQ or gathering the matrix; compress = the whole `compress` call "
+        "calibration (kd: distilling the unpruned model's top-64 log-probabilities, the default; ce: the LM "
+        "loss). Quantize stage = AWQ or gathering the matrix; compress = the whole `compress` call "
         "(a healed row resumes its variant's prune stage); process peak = VmHWM of the process running compress. "
         f"Threads: {results.get('threads')}; 1-minute load average at the start and end of the rows: "
         f"{_load_range(results)} on 2 cores (times under load overstate an idle machine's).",

@@ -159,6 +159,7 @@ def test_record_contract_keys_and_types(awq_run):
 
     heal = record["heal"]
     assert heal["steps"] == 3 and len(heal["losses"]) == 3
+    assert (heal["objective"], heal["kd_top_k"], heal["objective_note"]) == ("kd", 64, None)  # the default
 
     calibration = record["calibration"]
     assert calibration["sequences"] == 8 and calibration["seq_len"] == 32 and calibration["tokens"] == 256
@@ -188,7 +189,7 @@ def test_record_contract_keys_and_types(awq_run):
 def test_checkpoint_reloads_and_equals_the_pipeline_run_in_memory(awq_run, tiny, tmp_path):
     """Redo prune -> heal -> AWQ by hand on the same data: the saved checkpoint gives the same logits."""
     from exporters.gguf_imatrix import read_imatrix
-    from toolkit.compress.heal import heal
+    from toolkit.compress.heal import heal, teacher_targets
     from toolkit.compress.prune import remove_layers, select_layers
     from toolkit.compress.prune.replace import replace_removed_layers
     from toolkit.compress.quant.awq import awq
@@ -208,7 +209,8 @@ def test_checkpoint_reloads_and_equals_the_pipeline_run_in_memory(awq_run, tiny,
     assert selection.layers_to_remove == record["layers_removed"]
     replace_removed_layers(model, selection.layers_to_remove, data.calib_ids, eval_input_ids=data.eval_ids)
     remove_layers(model, selection.layers_to_remove)
-    model = heal(model, None, data.heal_ids, max_steps=3, seed=0, progress=False).model
+    teacher = teacher_targets(load_float(folder), data.heal_ids)  # distillation from the unpruned model
+    model = heal(model, None, data.heal_ids, max_steps=3, seed=0, progress=False, teacher=teacher).model
     model = awq(model, data.calib_ids, "Q4_0", progress=False, seed=0, imatrix_path=tmp_path / "m.gguf").model
 
     saved = load_float(result.checkpoint)
@@ -418,6 +420,7 @@ def test_options_from_plan_takes_the_chosen_candidate_and_flags_override():
         (CompressOptions(quant="Q9_9"), "Q4_K_M"),
         (CompressOptions(quant="Q4_0", quant_method="gptq"), "awq, rtn"),
         (CompressOptions(quant="Q4_0", calib_sequences=0), "between 1 and 128"),
+        (CompressOptions(prune_layers=1, heal_objective="mse"), "--heal-objective must be one of kd, ce"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tiny, tmp_path, options, needle):

@@ -392,3 +392,58 @@ def test_healing_the_pruned_demo_model_lowers_held_apart_perplexity(demo_model_d
         )
     assert healed < unhealed
     assert result.model.config.num_hidden_layers == 28
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation from the unpruned model (objective "kd")
+# ---------------------------------------------------------------------------------------------
+
+
+def _kl_to(teacher, student, blocks: torch.Tensor) -> float:
+    reference = torch.log_softmax(logits(teacher, blocks), -1)
+    return float((reference.exp() * (reference - torch.log_softmax(logits(student, blocks), -1))).sum(-1).mean())
+
+
+def test_teacher_targets_and_kd_loss_equal_a_hand_computation():
+    from toolkit.compress.heal import kd_loss_sum, teacher_targets
+
+    teacher, student = tiny_llama(seed=0), tiny_llama(seed=1)
+    blocks = pattern_blocks(n_blocks=3, seq=8)
+    targets = teacher_targets(teacher, blocks, top_k=5, batch_size=2)
+    log_p = torch.log_softmax(logits(teacher, blocks), -1)
+    assert targets.top_k == 5 and targets.indices.shape == (3, 8, 5)
+    torch.testing.assert_close(targets.logprobs, log_p.topk(5, -1).values)
+    labels = blocks.clone()
+    labels[0, 4:] = IGNORE_INDEX  # positions 3.. of block 0 predict ignored labels
+    log_q = torch.log_softmax(logits(student, blocks), -1)
+    expected = 0.0
+    for b in range(3):
+        for t in range(7):
+            if labels[b, t + 1] != IGNORE_INDEX:
+                expected -= sum(
+                    float(log_p[b, t, v].exp() * log_q[b, t, v]) for v in log_p[b, t].topk(5).indices.tolist()
+                )
+    got = kd_loss_sum(logits(student, blocks), targets, torch.arange(3), labels)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_kd_healing_pulls_the_pruned_model_back_to_the_original():
+    """One of two layers removed; distilling the full model's top-16 log-probs on the training blocks lowers the
+    KL to it there (random tokens: nothing to generalise from; the demo's held-apart figures are in
+    docs/BENCHMARKS.md), and the record says kd."""
+    from toolkit.compress.heal import teacher_targets
+    from toolkit.compress.prune import remove_layers
+
+    teacher = tiny_llama()
+    pruned = tiny_llama()
+    remove_layers(pruned, [1])
+    blocks = torch.randint(8, 64, (16, 32), generator=torch.Generator().manual_seed(0))
+    before = _kl_to(teacher, pruned, blocks)
+    targets = teacher_targets(teacher, blocks, top_k=16)
+    result = heal(pruned, None, blocks, max_steps=30, lr=1e-2, teacher=targets, progress=False)
+    after = _kl_to(teacher, result.model, blocks)
+    assert after < 0.7 * before, (before, after)
+    assert result.record.final_loss < result.record.initial_loss
+    assert (result.record.objective, result.record.kd_top_k) == ("kd", 16)
+    with pytest.raises(BedsideError, match="teacher targets cover"):
+        heal(tiny_llama(), None, blocks[:8], max_steps=1, teacher=targets, progress=False)

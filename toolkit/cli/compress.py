@@ -76,6 +76,14 @@ def compress_command(
     ] = None,
     no_heal: Annotated[bool, typer.Option("--no-heal", help="Skip LoRA healing after pruning.")] = False,
     heal_steps: Annotated[int | None, typer.Option("--heal-steps", help="LoRA optimizer steps.")] = None,
+    heal_objective: Annotated[
+        str | None,
+        typer.Option(
+            "--heal-objective",
+            help="kd (default: distil the unpruned model's top-64 next-token log-probabilities) or ce (the LM "
+            "loss on the calibration text).",
+        ),
+    ] = None,
     heal_projector: Annotated[
         bool,
         typer.Option("--heal-projector", help="A LLaVA: train the vision projector in full while healing."),
@@ -114,6 +122,7 @@ def compress_command(
         "quant_method": quant_method,
         "replace": replace,
         "heal_steps": heal_steps,
+        "heal_objective": heal_objective,
         "calib": calib,
         "eval_data": eval_data,
         "calib_sequences": calib_sequences,

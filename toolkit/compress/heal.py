@@ -14,6 +14,20 @@ linear instead of in * out. At the end `merge_and_unload()` folds (alpha / r) * 
 healed model has the input model's architecture and state-dict keys (no `lora_` tensors), so
 quantization and export see an ordinary checkpoint.
 
+Objective. `ce`: the causal LM loss on the data (transformers' `labels`). `kd` (knowledge distillation
+from the unpruned model, the teacher; Minitron, Muralidharan et al. 2024, arXiv:2407.14679, found logit
+distillation better than the LM loss for retraining pruned models): per position t, the teacher's top-k
+next-token log-probabilities are computed once before training (`teacher_targets`, k = KD_TOP_K) and the
+student minimises their cross-entropy
+
+    L_kd = -(1/N) sum_t sum_{v in top-k_T(t)} p_T(v | x_<t) log q_S(v | x_<t)
+
+over the N positions that count (the same label mask as `ce`), which is KL(p_T^k || q_S) up to the
+teacher's constant entropy: healing pulls the pruned model back towards the original's distribution,
+where `ce` pulls it towards the calibration text (on the demo with 6 layers removed, 40 steps on
+radiology: KL to the original on held-apart text 0.938 -> 1.014 with `ce`, -> 0.459 with `kd`;
+docs/BENCHMARKS.md). Storing top-k (indices and log-probs) keeps the targets at 2 k numbers per token.
+
 Training recipe (deliberately plain, one torch loop):
 - AdamW over the adapter parameters only, weight decay 0, gradient norm clipped at 1.0.
 - Learning rate 2e-4 with a short linear warm-up and then constant. 2e-4 and a constant schedule
@@ -81,6 +95,63 @@ FALLBACK_LORA_TARGETS: tuple[str, ...] = (
 
 StoppedBy = Literal["steps", "time"]
 SCHEDULE = "linear warm-up, then constant"  # the learning-rate schedule `heal` uses
+HEAL_OBJECTIVES: tuple[str, ...] = ("kd", "ce")  # module docstring
+KD_TOP_K = 64  # teacher log-probabilities kept per position
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's top-k next-token log-probabilities for each position of the training blocks.
+
+    `logprobs` float32 and `indices` int64, both [n_blocks, seq_len, k]; position t holds the distribution
+    of token t + 1 (as the logits at t predict it).
+    """
+
+    logprobs: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def top_k(self) -> int:
+        return int(self.indices.shape[-1])
+
+
+def teacher_targets(
+    teacher: Any, blocks: torch.Tensor, top_k: int = KD_TOP_K, batch_size: int = 4
+) -> TeacherTargets:
+    """`TeacherTargets` of `teacher` on `blocks` [n, seq]: log_softmax of its logits, top `top_k` per position."""
+    import torch
+
+    device = next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    values, indices = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, blocks.shape[0], batch_size):
+                ids = blocks[start : start + batch_size].to(device=device, dtype=torch.long)
+                logits = teacher(input_ids=ids, use_cache=False).logits.to(torch.float32)
+                top = torch.log_softmax(logits, dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+                values.append(top.values.cpu())
+                indices.append(top.indices.cpu())
+    finally:
+        teacher.train(was_training)
+    return TeacherTargets(logprobs=torch.cat(values), indices=torch.cat(indices))
+
+
+def kd_loss_sum(logits: torch.Tensor, targets: TeacherTargets, index: torch.Tensor, labels: torch.Tensor) -> Any:
+    """Sum over the counted positions of -sum_k p_T log q_S (module docstring) for one micro-batch.
+
+    `logits` [b, seq, V] of the student on blocks `index`; `labels` [b, seq] (IGNORE_INDEX = not counted):
+    position t counts when label t + 1 does, as in the LM loss.
+    """
+    import torch
+
+    log_q = torch.log_softmax(logits[:, :-1].to(torch.float32), dim=-1)
+    p_teacher = targets.logprobs[index][:, :-1].to(log_q.device).exp()
+    picked = log_q.gather(-1, targets.indices[index][:, :-1].to(log_q.device))
+    per_position = -(p_teacher * picked).sum(-1)
+    counted = (labels[:, 1:] != IGNORE_INDEX).to(per_position.dtype)
+    return (per_position * counted).sum()
 
 
 class HealRecord(BaseModel):
@@ -120,6 +191,9 @@ class HealRecord(BaseModel):
     initial_loss: float
     final_loss: float
     losses: list[float]
+    objective: Literal["ce", "kd"] = "ce"  # the LM loss, or distillation from the unpruned model
+    kd_top_k: int | None = None
+    objective_note: str | None = None  # why the pipeline healed with `ce` where `kd` was asked for
     weights_dtype: str = "float32"  # the frozen base weights while training (16-bit for streamed models)
     gradient_checkpointing: bool = False
 
@@ -419,6 +493,7 @@ def heal(
     merge: bool = True,
     progress: bool = True,
     modules_to_save: Sequence[str] = (),
+    teacher: TeacherTargets | None = None,
 ) -> HealResult:
     """Fine-tune LoRA adapters on `train_blocks` and merge them: W' = W + (alpha / rank) B A.
 
@@ -454,6 +529,11 @@ def heal(
     else:
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
     warmup = _default_warmup(max_steps) if warmup_steps is None else max(0, warmup_steps)
+    if teacher is not None and tuple(teacher.indices.shape[:2]) != tuple(train_blocks.shape):
+        raise BedsideError(
+            f"teacher targets cover {tuple(teacher.indices.shape[:2])} positions, the blocks "
+            f"{tuple(train_blocks.shape)}: compute them on the same blocks"
+        )
 
     device = next(model.parameters()).device
     weights_dtype = next(model.parameters()).dtype
@@ -509,14 +589,19 @@ def heal(
                 normaliser = torch.tensor(max(1, counted), device=device)
                 step_loss = 0.0
                 for index in micro_batches:
-                    output = peft_model(
-                        input_ids=blocks[index].to(device),
-                        labels=labels[index].to(device),
-                        num_items_in_batch=normaliser,
-                        use_cache=False,
-                    )
-                    output.loss.backward()
-                    step_loss += float(output.loss.detach())
+                    if teacher is None:
+                        output = peft_model(
+                            input_ids=blocks[index].to(device),
+                            labels=labels[index].to(device),
+                            num_items_in_batch=normaliser,
+                            use_cache=False,
+                        )
+                        loss = output.loss
+                    else:
+                        output = peft_model(input_ids=blocks[index].to(device), use_cache=False)
+                        loss = kd_loss_sum(output.logits, teacher, index, labels[index].to(device)) / normaliser
+                    loss.backward()
+                    step_loss += float(loss.detach())
                     tokens_seen += int(index.numel()) * seq_len
                 if max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
@@ -549,6 +634,8 @@ def heal(
     result_model.train(was_training)
 
     record = HealRecord(
+        objective="ce" if teacher is None else "kd",
+        kd_top_k=None if teacher is None else teacher.top_k,
         weights_dtype=str(weights_dtype).removeprefix("torch."),
         gradient_checkpointing=gradient_checkpointing,
         rank=rank,

@@ -49,7 +49,7 @@ import torch
 
 from exporters.gguf_imatrix import read_imatrix
 from toolkit import __version__
-from toolkit.compress.heal import heal, question_answer_training_blocks
+from toolkit.compress.heal import HEAL_OBJECTIVES, heal, question_answer_training_blocks, teacher_targets
 from toolkit.compress.prune import check_layer_indices, get_selection_method, remove_layers, select_layers
 from toolkit.compress.prune.replace import check_replace_mode, replace_removed_layers
 from toolkit.compress.quant import get_grid
@@ -59,7 +59,14 @@ from toolkit.compress.quant.methods import GGUF_ONLY_METHODS
 from toolkit.compress.quant.methods import QUANT_METHODS as QUANT_METHOD_REGISTRY
 from toolkit.compress.quant.rtn import fake_quantize_model, linear_quantizer
 from toolkit.compress.record import CompressionRecord, CompressOptions
-from toolkit.compress.stages import StageRunner, eval_overlap, link_checkpoint, load_tokenizer, stage_hash
+from toolkit.compress.stages import (
+    StageRunner,
+    eval_overlap,
+    link_checkpoint,
+    load_causal_lm,
+    load_tokenizer,
+    stage_hash,
+)
 from toolkit.compress.vision import VisionCalibration, slots_for
 from toolkit.core.atomic import building_folder, remove_stale_temporaries, write_json_atomic
 from toolkit.core.errors import BedsideError, NothingFitsError
@@ -161,6 +168,10 @@ def validate_options(options: CompressOptions, num_layers: int | None = None) ->
         raise BedsideError(f"eval sequences must be at least 1, got {options.eval_sequences}")
     if options.heal_steps < 1:
         raise BedsideError(f"--heal-steps must be at least 1, got {options.heal_steps}")
+    if options.heal_objective not in HEAL_OBJECTIVES:
+        raise BedsideError(
+            f"--heal-objective must be one of {', '.join(HEAL_OBJECTIVES)}, got {options.heal_objective!r}"
+        )
     if options.sequential not in SEQUENTIAL_MODES:
         raise BedsideError(
             f"--sequential must be one of {', '.join(SEQUENTIAL_MODES)}, got {options.sequential!r}"
@@ -487,11 +498,20 @@ def _heal_stage(
     dtype = heal_dtype(runner.sequential, runner.storage_dtype)
     if dtype != torch.float32:
         inputs["dtype"] = str(dtype).removeprefix("torch.")
+    objective, why_not_kd = _heal_objective(options, runner, dtype)
+    if objective == "kd":
+        inputs["objective"] = "kd"
     input_hash = stage_hash("heal", previous, inputs)
 
     def compute(model: Any, _folder: Path) -> tuple[Any, dict[str, Any]]:
         if dtype != torch.float32:
             _say(runner.progress, f"heal: the whole model in {inputs['dtype']} with gradient checkpointing")
+        teacher = None
+        if objective == "kd":
+            _say(runner.progress, "heal: the unpruned model's top-k log-probabilities on the healing blocks")
+            original = load_causal_lm(runner.source, torch.float32)
+            teacher = teacher_targets(original, data.heal_ids)
+            del original
         result = heal(
             model,
             runner.tokenizer,
@@ -503,8 +523,10 @@ def _heal_stage(
             progress=runner.progress,
             modules_to_save=["multi_modal_projector"] if options.heal_projector else (),
             gradient_checkpointing=dtype != torch.float32,
+            teacher=teacher,
         )
-        return result.model, {"heal": result.record.model_dump(mode="json")}
+        record = result.record.model_copy(update={"objective_note": why_not_kd})
+        return result.model, {"heal": record.model_dump(mode="json")}
 
     stored = runner.run("heal", input_hash, inputs, compute, dtype=dtype)
     return _Outcome(_stage_entry(stored), input_hash, True, stored["details"])
@@ -718,6 +740,22 @@ def compress(
     }).model_dump(mode="json")
     write_json_atomic(out / COMPRESSION_RECORD, record)
     return CompressResult(checkpoint=checkpoint, record=record, imatrix=imatrix)
+
+
+def _heal_objective(options: CompressOptions, runner: StageRunner, dtype: torch.dtype) -> tuple[str, str | None]:
+    """The objective the heal stage trains with, and why it is not the one asked for (or None).
+
+    Distillation needs the unpruned model's logits on the healing blocks: computed in memory from the source
+    in float32, so models healed in 16 bits (streamed, too big for a second float32 copy) and LLaVAs (whose
+    blocks carry image positions the teacher would need too) fall back to the LM loss.
+    """
+    if options.heal_objective == "ce":
+        return "ce", None
+    if runner.attach is not None:
+        return "ce", "a LLaVA heals with the LM loss (distillation is for text models)"
+    if dtype != torch.float32:
+        return "ce", "a model healed in 16 bits heals with the LM loss (no second copy for the teacher)"
+    return "kd", None
 
 
 def heal_dtype(sequential: bool, storage_dtype: torch.dtype) -> torch.dtype:

@@ -34,6 +34,7 @@ class CompressOptions:
     heal_steps: int = 40
     heal_seconds: float | None = None
     heal_projector: bool = False  # a LLaVA's projector trained fully beside the language model's LoRA
+    heal_objective: str = "kd"  # "kd": distil the unpruned model's top-k log-probs | "ce": the LM loss (heal.py)
     calib: str | None = None  # data spec for load_dataset_spec; None -> the radiology corpus
     eval_data: str | None = None  # held-apart data for per-stage perplexity; None -> eval split of calib
     calib_sequences: int = 64  # <= 128

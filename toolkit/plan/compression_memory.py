@@ -31,6 +31,9 @@ Terms (bytes; P = parameters, L = layers, h = hidden, i = MLP width, V = vocabul
   16 bits (`heals_in_sixteen_bits`) heals in those 16 bits with gradient checkpointing: 2P, each
   layer's input kept (tokens x L x h x 2) and one layer's activations recomputed (tokens x (16h + 3i)
   x 4), plus the largest linear's float32 merge delta (h x i x 4). Logits in float32 either way.
+  Distillation (`kd`, the default for text models healed in float32) first loads the unpruned model in
+  float32 beside the student to take its top-k log-probabilities (4P + one batch's logits), freed before
+  training: the stage peaks in the larger of that phase and training.
 
 The constants are fitted on this host's measured peaks (bench/sequential.py); the estimate's error on
 the 1.1B- and 7B-shaped runs is in docs/BENCHMARKS.md.
@@ -131,16 +134,20 @@ def heals_in_sixteen_bits(sequential: bool, dtype: str | None) -> bool:
 
 def heal_memory(facts: ModelFacts, *, calib_sequences: int, seq_len: int, sixteen_bit: bool = False) -> int:
     """Healing's peak (module docstring): the model in float32 (or 16 bits with gradient checkpointing),
-    the LoRA adapters with their optimizer state, one batch's activations and its logits."""
+    then the larger of the teacher phase (distillation: the unpruned float32 model and a batch's logits) and
+    training (the LoRA adapters with their optimizer state, one batch's activations and its logits)."""
     h, i, layers = facts.hidden_size, facts.intermediate_size, facts.num_layers
     tokens = min(HEAL_BATCH, calib_sequences) * seq_len
     lora = ADAM_STATE_COPIES * FLOAT32 * HEAL_LORA_RANK * (8 * h + 3 * (h + i)) * layers
     layer_activations = tokens * (HEAL_ACTIVATION_COPIES * h + 3 * i) * FLOAT32
     logits = tokens * facts.vocab_size * FLOAT32 * LOGIT_COPIES
+    training = lora + logits
     if sixteen_bit:
         weights = 2 * facts.text_params
-        activations = tokens * layers * h * 2 + layer_activations + h * i * FLOAT32
+        training += tokens * layers * h * 2 + layer_activations + h * i * FLOAT32
+        teacher = 0  # healed with the LM loss: no second copy (toolkit.compress.pipeline._heal_objective)
     else:
         weights = FLOAT32 * facts.text_params
-        activations = layer_activations * layers
-    return BASE_BYTES + weights + lora + activations + logits
+        training += layer_activations * layers
+        teacher = FLOAT32 * facts.text_params + logits if facts.vision is None else 0
+    return BASE_BYTES + weights + max(teacher, training)
