@@ -15,7 +15,9 @@ Terms (bytes; P = parameters, L = layers, h = hidden, i = MLP width, V = vocabul
     sequences) x min(128, seq_len)) in both phases; in the head phase the reference distribution
     (T_a x V x 4 x 2) and one batch's logits (4 x min(128, seq_len) x V x 4 x LOGIT_COPIES). The linear
     replacement's pass: one block + T_c x h x 4 x 4 (states, outputs, span input, MLP output; T_c =
-    sequences x seq_len) + two h x h float64 sums.
+    sequences x seq_len) + two h x h float64 sums. Scoring with a quantizer (a scheme given) adds, in
+    the block phase, the fake-quantizer's temporaries on the largest linear, FAKE_QUANT_TEMPORARIES x h x
+    i x 4 (measured: docs/BENCHMARKS.md, the 7B-shaped run).
   - `quantize` (AWQ, no head): two blocks, the block's inputs and outputs (T_c x h x 4 x 2), the search
     subset's linear inputs (min(1024, T_c) x (6h + i) x 4), a batch's MLP activations
     (8 x seq_len x i x 4 x 3), one chunk of the clip search's errors (max(h, i) / 32 groups x
@@ -55,6 +57,9 @@ AWQ_CLIP_TOKENS = 512  # awq's clip_tokens
 AWQ_CLIP_GROUP = 32  # the smallest group a clip search runs on
 AWQ_CLIP_ROWS = 256  # awq.CLIP_OUT_ROWS
 AWQ_WEIGHT_COPIES = 4
+# float32 temporaries of `fake_quantize` (asym4_g32, the Q4_K stand-in) beside its input and output, in units
+# of the matrix: 5.5 measured on 4096 x 11008 and on 2048 x 5632 (docs/BENCHMARKS.md)
+FAKE_QUANT_TEMPORARIES = 5.5
 PERPLEXITY_BATCH = 4
 FLOAT32 = 4
 
@@ -94,12 +99,15 @@ def compression_memory(
         + AWQ_WEIGHT_COPIES * h * i * FLOAT32  # the largest linear: scaled, rounded, padded, difference
     )
     states = 2 * eval_tokens * h * FLOAT32
+    quantizer = int(FAKE_QUANT_TEMPORARIES * h * i * FLOAT32) if quant else 0
     if sequential:
-        prune = max(2 * block + streams, head + reference + activation_logits + streams, block + replacement)
+        prune = max(
+            2 * block + streams + quantizer, head + reference + activation_logits + streams, block + replacement
+        )
         quantize = 2 * block + awq
         perplexity = max(block + states, head + states + batch_logits)
     else:
-        prune = model + max(streams + reference + activation_logits, replacement)
+        prune = model + max(streams + reference + activation_logits + quantizer, replacement)
         quantize = model + awq
         perplexity = model + states + batch_logits
     stages: dict[str, Any] = {
