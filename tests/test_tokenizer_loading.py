@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,26 +29,51 @@ def _large_vocab_checkpoint(folder: Path, model_type: str) -> Path:
     return folder
 
 
-def test_a_gemma_tokenizer_loads_without_the_false_alarm(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def take(self) -> str:
+        text, self.messages = "\n".join(self.messages), []
+        return text
+
+
+@pytest.fixture
+def transformers_warnings() -> Iterator[_Records]:
+    """What transformers logs at WARNING and above, whatever verbosity and stream earlier tests left it with."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    records = _Records()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(records)
+    yield records
+    logger.removeHandler(records)
+    hf_logging.set_verbosity(verbosity)
+
+
+def test_a_gemma_tokenizer_loads_without_the_false_alarm(tmp_path: Path, transformers_warnings: _Records) -> None:
     from transformers import AutoTokenizer
 
     folder = _large_vocab_checkpoint(tmp_path, "gemma3_text")
-    capfd.readouterr()
     AutoTokenizer.from_pretrained(folder)
-    assert WARNING in capfd.readouterr().err  # what users saw before (transformers' handler writes to stderr)
+    assert WARNING in transformers_warnings.take()  # what users saw before
     tokenizer = load_auto_tokenizer(folder)
-    assert WARNING not in capfd.readouterr().err
+    assert WARNING not in transformers_warnings.take()
     assert tokenizer("w5 w99999 nope").input_ids == [6, 100_000, 0]
     tokenizer.save_pretrained(tmp_path / "saved")
     saved = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert "fix_mistral_regex" not in saved
 
 
-def test_a_mistral_tokenizer_keeps_transformers_check(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
-    folder = _large_vocab_checkpoint(tmp_path, "mistral")
-    capfd.readouterr()
-    load_auto_tokenizer(folder)
-    assert WARNING in capfd.readouterr().err
+def test_a_mistral_tokenizer_keeps_transformers_check(tmp_path: Path, transformers_warnings: _Records) -> None:
+    load_auto_tokenizer(_large_vocab_checkpoint(tmp_path, "mistral"))
+    assert WARNING in transformers_warnings.take()
 
 
 def test_model_types_reads_the_text_model_too(tmp_path: Path) -> None:
