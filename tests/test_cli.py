@@ -112,6 +112,11 @@ def test_plan_estimates_16_bit_healing_for_a_streamed_16_bit_model():
         )
         assert (compression["heal_sixteen_bit"], compression["heal"]) == (sixteen_bit, expected), name
         assert compression["can_heal"] == (expected <= compression["host_memory_bytes"])
+    llava = run_bedside(
+        "plan", "--model", str(FIXTURES / "llava-1.5-7b"), "--profile", "jetson4gb", "--prune-layers", "4", "--json"
+    )  # a LLaVA cannot stream: compressed in memory, healed in float32
+    compression = json.loads(llava.stdout)["compression"]
+    assert (compression["sequential"], compression["heal_sixteen_bit"]) == (False, False)
     table = run_bedside("plan", "--model", str(FIXTURES / "llama-2-7b"), "--profile", "jetson4gb", "--prune-layers", "4")
     assert "heal (16-bit, checkpointing)" in table.stdout
 

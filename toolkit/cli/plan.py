@@ -102,7 +102,7 @@ def compression_on_host(facts: ModelFacts, plan: Plan, *, heal: bool) -> dict[st
     chosen = plan.chosen
     removed = chosen.layers_removed if chosen is not None else 0
     quantized = chosen is not None and chosen.quant is not None and chosen.quant.upper() not in ("F16", "FP16", "FP32")
-    sequential = 4 * facts.text_params > SEQUENTIAL_THRESHOLD_BYTES
+    sequential = 4 * facts.text_params > SEQUENTIAL_THRESHOLD_BYTES and facts.vision is None  # a LLaVA cannot stream
     estimate = compression_memory(
         facts,
         calib_sequences=defaults.calib_sequences,

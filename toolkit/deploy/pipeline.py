@@ -203,9 +203,8 @@ def host_can_heal(model_arg: str, options: DeployOptions) -> tuple[bool, str | N
     from toolkit.plan.compression_memory import heal_memory, heals_in_sixteen_bits
 
     facts = read_facts(model_arg)
-    sixteen_bit = heals_in_sixteen_bits(
-        4 * facts.text_params > SEQUENTIAL_THRESHOLD_BYTES, str(facts.extra.get("dtype"))
-    )
+    streams = 4 * facts.text_params > SEQUENTIAL_THRESHOLD_BYTES and facts.vision is None  # a LLaVA cannot
+    sixteen_bit = heals_in_sixteen_bits(streams, str(facts.extra.get("dtype")))
     needed = heal_memory(
         facts, calib_sequences=options.calib_sequences, seq_len=options.seq_len, sixteen_bit=sixteen_bit
     )
