@@ -178,6 +178,7 @@ def test_a_streamed_bf16_model_heals_in_bf16_with_gradient_checkpointing(bf16_de
     assert record["sequential"] is True and len(record["layers_removed"]) == 2
     assert (record["heal"]["weights_dtype"], record["heal"]["gradient_checkpointing"]) == ("bfloat16", True)
     assert record["heal"]["steps"] == 2 and all(np.isfinite(record["heal"]["losses"]))
+    assert record["heal"]["objective"] == "ce" and "16 bits" in record["heal"]["objective_note"]  # no teacher copy
     stage = record["stages"]["heal"]
     assert stage["peak_rss_bytes"] > 0 and stage["sequential"] is False  # healing holds the whole model
     healed = ShardedCheckpoint(tmp_path / "out" / stage["folder"])
