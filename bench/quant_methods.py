@@ -137,7 +137,7 @@ def float_child(result_path: Path, threads: int) -> None:
 
 
 def _pruned_key(variant: str, heal_state: str) -> str:
-    return f"{PRUNED_SCHEME}/{variant}/{heal_state}"
+    return _row_key(PRUNED_SCHEME, f"{variant}/{heal_state}")
 
 
 def child(scheme: str, method: str, result_path: Path, threads: int) -> None:

@@ -94,15 +94,14 @@ def compression_on_host(facts: ModelFacts, plan: Plan, *, heal: bool) -> dict[st
     sizes), the host's memory, and whether the host can heal (else deploy compresses unhealed)."""
     import psutil
 
-    from toolkit.compress.pipeline import SEQUENTIAL_THRESHOLD_BYTES
     from toolkit.compress.record import CompressOptions
-    from toolkit.plan.compression_memory import compression_memory, heals_in_sixteen_bits
+    from toolkit.plan.compression_memory import compression_memory, heals_in_sixteen_bits, streams_by_default
 
     defaults = CompressOptions()
     chosen = plan.chosen
     removed = chosen.layers_removed if chosen is not None else 0
     quantized = chosen is not None and chosen.quant is not None and chosen.quant.upper() not in ("F16", "FP16", "FP32")
-    sequential = 4 * facts.text_params > SEQUENTIAL_THRESHOLD_BYTES and facts.vision is None  # a LLaVA cannot stream
+    sequential = streams_by_default(facts)
     estimate = compression_memory(
         facts,
         calib_sequences=defaults.calib_sequences,

@@ -78,7 +78,7 @@ from toolkit.data import data_sha256, load_dataset_spec, make_blocks, split_cali
 from toolkit.model.checkpoint import loadable_checkpoint
 from toolkit.model.facts import read_facts
 from toolkit.model.llava import is_vision_language, require_processor
-from toolkit.plan.compression_memory import heals_in_sixteen_bits
+from toolkit.plan.compression_memory import SEQUENTIAL_THRESHOLD_BYTES, heals_in_sixteen_bits
 
 if TYPE_CHECKING:
     from toolkit.plan.schema import Plan
@@ -89,9 +89,6 @@ MAX_CALIBRATION_SEQUENCES = 128
 DEFAULT_CALIBRATION = DEFAULT_DATA
 IMATRIX_NAME = "imatrix.gguf"
 SEQUENTIAL_MODES: tuple[str, ...] = ("auto", "on", "off")
-# `auto` streams a model whose float32 weights exceed this (a 1.1B model's 4.4 GB does, the 135M demo's
-# 0.5 GB does not): below it the whole model is small and the in-memory path keeps its one load.
-SEQUENTIAL_THRESHOLD_BYTES = 2 << 30
 # Selection methods with a block-by-block form (toolkit.compress.sequential.scoring; `last` needs no forward).
 SEQUENTIAL_SELECTION_METHODS: tuple[str, ...] = ("activation", "block-influence", "angular", "last")
 

@@ -128,6 +128,11 @@ def save_checkpoint(model: Any, tokenizer: Any, source: Path, folder: Path, dtyp
     model.to(dtype)
     model.config.dtype = dtype
     model.save_pretrained(folder, safe_serialization=True)
+    _save_tokenizer_and_carried_files(tokenizer, source, folder)
+
+
+def _save_tokenizer_and_carried_files(tokenizer: Any, source: Path, folder: Path) -> None:
+    """The tokenizer, and the source's CARRIED_FILES the weights' save did not produce."""
     tokenizer.save_pretrained(folder)
     for name in CARRIED_FILES:
         if (source / name).is_file() and not (folder / name).exists():
@@ -155,10 +160,7 @@ def save_checkpoint_streamed(model: Any, tokenizer: Any, source: Path, current: 
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    for name in CARRIED_FILES:
-        if (source / name).is_file() and not (folder / name).exists():
-            shutil.copy2(source / name, folder / name)
+    _save_tokenizer_and_carried_files(tokenizer, source, folder)
 
 
 def read_stage_record(folder: Path) -> dict[str, Any] | None:

@@ -198,13 +198,11 @@ def host_can_heal(model_arg: str, options: DeployOptions) -> tuple[bool, str | N
     memory; the reason (estimate against the host's memory) when it does not."""
     import psutil
 
-    from toolkit.compress.pipeline import SEQUENTIAL_THRESHOLD_BYTES
     from toolkit.model.facts import read_facts
-    from toolkit.plan.compression_memory import heal_memory, heals_in_sixteen_bits
+    from toolkit.plan.compression_memory import heal_memory, heals_in_sixteen_bits, streams_by_default
 
     facts = read_facts(model_arg)
-    streams = 4 * facts.text_params > SEQUENTIAL_THRESHOLD_BYTES and facts.vision is None  # a LLaVA cannot
-    sixteen_bit = heals_in_sixteen_bits(streams, str(facts.extra.get("dtype")))
+    sixteen_bit = heals_in_sixteen_bits(streams_by_default(facts), str(facts.extra.get("dtype")))
     needed = heal_memory(
         facts, calib_sequences=options.calib_sequences, seq_len=options.seq_len, sixteen_bit=sixteen_bit
     )

@@ -62,6 +62,15 @@ AWQ_WEIGHT_COPIES = 4
 FAKE_QUANT_TEMPORARIES = 5.5
 PERPLEXITY_BATCH = 4
 FLOAT32 = 4
+# `--sequential auto` streams a model whose float32 weights exceed this (a 1.1B model's 4.4 GB does, the 135M
+# demo's 0.5 GB does not): below it the whole model is small and the in-memory path keeps its one load.
+SEQUENTIAL_THRESHOLD_BYTES = 2 << 30
+
+
+def streams_by_default(facts: ModelFacts) -> bool:
+    """What `--sequential auto` decides from the config alone (toolkit.compress.pipeline.use_sequential reads the
+    shards): float32 weights above SEQUENTIAL_THRESHOLD_BYTES, and not a LLaVA, which cannot stream."""
+    return FLOAT32 * facts.text_params > SEQUENTIAL_THRESHOLD_BYTES and facts.vision is None
 
 
 def compression_memory(

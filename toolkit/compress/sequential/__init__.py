@@ -17,6 +17,6 @@ float32, the batches' hidden states, and the statistic.
 
 Every function gives the in-memory function's result within float tolerance (tests/test_sequential.py);
 the pipeline streams when `CompressOptions.sequential` says so (`auto`: models whose float32 weights
-exceed `toolkit.compress.pipeline.SEQUENTIAL_THRESHOLD_BYTES`). Healing does not stream (it needs the
+exceed `toolkit.plan.compression_memory.SEQUENTIAL_THRESHOLD_BYTES`). Healing does not stream (it needs the
 whole model's backward) and loads the model in memory.
 """
