@@ -194,6 +194,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--export", action="store_true", help="also bedside export --format gguf --quant Q4_K_M")
     parser.add_argument(
+        "--awq-search-rounding", choices=("rerank", "exact", "emulated"), default="rerank",
+        help="compress's --awq-search-rounding (emulated: no libggml re-rank; the 7B shape's AWQ in minutes, not hours)",
+    )  # fmt: skip
+    parser.add_argument(
         "--partial", action="store_true", help="record the finished stages of a run still going (stage.json files)"
     )
     args = parser.parse_args()
@@ -207,6 +211,7 @@ def main() -> None:
     compress_command = [
         *bedside, "compress", "--model", str(checkpoint), "--prune-layers", "4", "--quant", "Q4_K_M", "--no-heal",
         "--calib-sequences", str(args.calib_sequences), "--seq-len", str(args.seq_len), "--no-progress",
+        "--awq-search-rounding", args.awq_search_rounding,
         "--out", str(out),
     ]
     kept = work / "compression-run.json"  # the first run's record: a resumed run records no peaks

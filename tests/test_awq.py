@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit.compress.quant.awq import _fold, _scales, awq, search_grid_for
+from toolkit.compress.quant.awq import _fold, _scales, _search_clip, awq, resolve_propagation, search_grid_for
+from toolkit.compress.quant.grids import get_grid
 from toolkit.compress.quant.rtn import decoder_linears, fake_quantize_model, rtn
+from toolkit.core.errors import BedsideError
 from toolkit.model.architectures import ScaleGroup
 
 SCHEME = "Q4_0"
@@ -191,6 +193,53 @@ def test_gqa_skips_v_to_o() -> None:
         assert "alpha" in by_prev["input_layernorm"] and "alpha" in by_prev["mlp.up_proj"]
 
 
+def test_clip_search_gram_form_equals_the_product_over_tokens() -> None:
+    """``d^T H d`` with ``H = X^T X / T`` per group is ``mean_t (x . d)^2`` (llm-awq's direct form): same errors
+    within float rounding, same ratio chosen per (row, group); a partial last group is zero-padded."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(40, 80, generator=generator) * 0.05  # 80 = 2 groups of 32 + a padded 16
+    inputs = torch.randn(96, 80, generator=generator) * torch.rand(80, generator=generator) * 3
+    grid = get_grid("asym4_g32")
+    ratios = (1.0, 0.9, 0.8, 0.7)
+    ratio, err = _search_clip(weight, inputs, lambda w, r: grid.fake_quantize(w, clip_ratio=r), 32, ratios)
+    x = torch.nn.functional.pad(inputs, (0, 16)).double().reshape(96, 3, 32)
+    direct = []
+    for candidate in ratios:
+        full = torch.full((40, 3), candidate)
+        diff = torch.nn.functional.pad(weight - grid.fake_quantize(weight, clip_ratio=full), (0, 16)).double()
+        direct.append(torch.einsum("tgi,ogi->tog", x, diff.reshape(40, 3, 32)).pow(2).mean(0))  # [out, G]
+    stacked = torch.stack(direct)
+    torch.testing.assert_close(err.double(), stacked.min(0).values, rtol=1e-5, atol=1e-12)
+    assert torch.equal(ratio, torch.tensor(ratios)[stacked.argmin(0)])
+    assert ratio.unique().numel() > 1  # the rows do choose differently: the comparison is not vacuous
+
+
+def test_bfloat16_propagation_keeps_statistics_and_says_so(tmp_path: Path) -> None:
+    """The non-search sequences pass in bfloat16: the importance matrix (every token's x^2) stays within 2 % of
+    the float32 pass's, the record names the precision, and an unknown name is refused."""
+    from exporters.gguf_imatrix import read_imatrix
+
+    ids = _ids(16, 64, 1)
+    matrices = {}
+    for precision in ("float32", "bfloat16"):
+        path = tmp_path / f"{precision}.imatrix.gguf"
+        result = awq(
+            _tiny_llama(), ids, SCHEME, progress=False, n_grid=2, clip=False, search_tokens=128,
+            imatrix_path=path, propagation=precision,
+        )  # fmt: skip
+        assert result.record["propagation"] == precision
+        matrices[precision] = read_imatrix(path).values
+    last = "model.layers.1.mlp.down_proj.weight"  # the second layer's inputs went through the first in bf16
+    for name, values in matrices["float32"].items():
+        torch.testing.assert_close(
+            torch.from_numpy(matrices["bfloat16"][name]), torch.from_numpy(values), rtol=2e-2, atol=1e-6
+        )
+    assert not torch.equal(torch.from_numpy(matrices["bfloat16"][last]), torch.from_numpy(matrices["float32"][last]))
+    with pytest.raises(BedsideError, match="propagation must be one of auto, float32, bfloat16"):
+        resolve_propagation("half", torch.device("cpu"))
+    assert resolve_propagation("auto", torch.device("cuda")) == "float32"
+
+
 def test_kquant_search_uses_stand_in_grid() -> None:
     assert search_grid_for("Q4_K_M").name == "asym4_g32"
     assert search_grid_for("Q4_K_M", 512).name == "asym4_g32"
@@ -243,7 +292,6 @@ def test_demo_model_awq_beats_rtn(demo_model_dir: Path) -> None:
     full-size comparison is bench 8 (bench/quant_methods.py, docs/BENCHMARKS.md)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toolkit.core.errors import BedsideError
     from toolkit.data.blocks import make_blocks, split_calibration_eval
     from toolkit.data.sources import load_dataset_spec
 

@@ -474,6 +474,7 @@ def assert_one_line_error(code: int, stderr: str, *needles: str) -> None:
         (["--prune-layers", "1", "--method", "nope"], ["'nope'", "activation", "last"]),
         (["--quant", "Q9_9"], ["Q9_9", "Q4_K_M", "int4_b32"]),
         (["--quant", "Q4_0", "--quant-method", "gptq"], ["gptq", "awq, rtn"]),
+        (["--quant", "Q4_0", "--awq-search-rounding", "fast"], ["--awq-search-rounding", "'fast'", "rerank"]),
         (["--prune-layers", "1", "--replace", "cubic"], ["--replace", "'cubic'", "linear, none"]),
         (["--prune-layers", "1", "--method", "replace-aware", "--replace", "none"], ["--replace linear"]),
         (["--quant", "Q4_0", "--calib-sequences", "129"], ["between 1 and 128"]),

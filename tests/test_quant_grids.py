@@ -22,6 +22,9 @@ LEGACY_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 KQUANT_TYPES = ("Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 
+NEGATIVE_ZERO_ROW = 12
+
+
 def _weights_with_edge_cases(rows: int, columns: int, seed: int) -> np.ndarray:
     """Gaussian rows of varied scale, then rows that stress the corner cases of block quantizers."""
     rng = np.random.default_rng(seed)
@@ -42,6 +45,12 @@ def _weights_with_edge_cases(rows: int, columns: int, seed: int) -> np.ndarray:
     weight[9, 7] = 127.0
     weight[9, 8:12] = (2.5, -2.5, 0.5, -1.5)
     weight[10, :32] = (-8.0, 2.5, -2.5, 1.5, -0.5, 7.0) + (0.0,) * 26
+    if rows < 13:
+        return weight
+    weight[11, :32] = 1.0  # the tie the other way round: +m before -m
+    weight[11, 2], weight[11, 5] = 64.0, -64.0
+    weight[NEGATIVE_ZERO_ROW, :32] = 0.0  # negative zeros: ggml's block maximum starts at +0.0f
+    weight[NEGATIVE_ZERO_ROW, 0:32:3] = -0.0
     return weight
 
 
@@ -72,6 +81,7 @@ def _ggml_legacy_bytes(name: str, weight: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("name", LEGACY_TYPES)
 def test_legacy_ggml_grids_match_gguf_py_bytes(name):
     weight = _weights_with_edge_cases(24, 256, seed=1)
+    weight[NEGATIVE_ZERO_ROW] = 1.0  # gguf-py keeps -0.0 where libggml writes +0.0 (the libggml test holds it)
     qtype = gguf.GGMLQuantizationType[name]
     reference = gguf.quants.quantize(weight, qtype)
     ours = _ggml_legacy_bytes(name, torch.from_numpy(weight))

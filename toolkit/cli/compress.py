@@ -66,6 +66,15 @@ def compress_command(
             "(llama.cpp importance matrix, GGUF only).",
         ),
     ] = None,
+    awq_search_rounding: Annotated[
+        str | None,
+        typer.Option(
+            "--awq-search-rounding",
+            help="How AWQ rounds its candidates where no torch grid is the export's rounding (GGUF with a "
+            "matrix): rerank (default: emulated, then the best few with libggml), exact (all with libggml; "
+            "slowest), emulated (fastest; for quick runs of big models).",
+        ),
+    ] = None,
     replace: Annotated[
         str | None,
         typer.Option(
@@ -120,6 +129,7 @@ def compress_command(
         "method": method,
         "quant": quant,
         "quant_method": quant_method,
+        "awq_search_rounding": awq_search_rounding,
         "replace": replace,
         "heal_steps": heal_steps,
         "heal_objective": heal_objective,

@@ -53,7 +53,7 @@ from toolkit.compress.heal import HEAL_OBJECTIVES, heal, question_answer_trainin
 from toolkit.compress.prune import check_layer_indices, get_selection_method, remove_layers, select_layers
 from toolkit.compress.prune.replace import check_replace_mode, replace_removed_layers
 from toolkit.compress.quant import get_grid
-from toolkit.compress.quant.awq import awq
+from toolkit.compress.quant.awq import SEARCH_ROUNDINGS, awq, resolve_propagation
 from toolkit.compress.quant.imatrix import gather_imatrix
 from toolkit.compress.quant.methods import GGUF_ONLY_METHODS
 from toolkit.compress.quant.methods import QUANT_METHODS as QUANT_METHOD_REGISTRY
@@ -88,6 +88,7 @@ QUANT_METHODS: tuple[str, ...] = tuple(QUANT_METHOD_REGISTRY)  # awq, rtn, imatr
 MAX_CALIBRATION_SEQUENCES = 128
 DEFAULT_CALIBRATION = DEFAULT_DATA
 IMATRIX_NAME = "imatrix.gguf"
+AWQ_PROPAGATION = "auto"  # bfloat16 for the non-search sequences where the CPU multiplies it natively
 SEQUENTIAL_MODES: tuple[str, ...] = ("auto", "on", "off")
 # Selection methods with a block-by-block form (toolkit.compress.sequential.scoring; `last` needs no forward).
 SEQUENTIAL_SELECTION_METHODS: tuple[str, ...] = ("activation", "block-influence", "angular", "last")
@@ -154,6 +155,10 @@ def validate_options(options: CompressOptions, num_layers: int | None = None) ->
         raise BedsideError(
             f"--quant-method {options.quant_method} is llama.cpp's importance matrix: it applies to GGUF schemes "
             f"only, not {options.quant!r} (use awq or rtn)"
+        )
+    if options.awq_search_rounding not in SEARCH_ROUNDINGS:
+        raise BedsideError(
+            f"--awq-search-rounding must be one of {', '.join(SEARCH_ROUNDINGS)}, got {options.awq_search_rounding!r}"
         )
     if not 1 <= options.calib_sequences <= MAX_CALIBRATION_SEQUENCES:
         raise BedsideError(
@@ -548,8 +553,14 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         return _Outcome({"skipped": reason}, previous, False, {"quant": quant, "awq": None})
     inputs: dict[str, Any] = {"scheme": scheme, "method": options.quant_method}
     if options.quant_method == "awq":
-        # search_rounding: the search rounds as the export does (libggml + matrix), not on a stand-in
-        inputs.update(calibration=data.calibration["blocks_sha256"], seed=options.seed, search_rounding="rerank")
+        # search_rounding: how candidates are rounded (rerank: as the export does, libggml + matrix, for the
+        # finalists); propagation: the precision of the non-search sequences' pass (AWQ_PROPAGATION: auto)
+        inputs.update(
+            calibration=data.calibration["blocks_sha256"],
+            seed=options.seed,
+            search_rounding=options.awq_search_rounding,
+            propagation=resolve_propagation(AWQ_PROPAGATION, torch.device("cpu")),
+        )
     if options.quant_method == "imatrix":
         inputs.update(calibration=data.calibration["blocks_sha256"])
     input_hash = stage_hash("quantize", previous, inputs)
@@ -568,8 +579,9 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
 
         imatrix = folder / IMATRIX_NAME if write_imatrix else None
         result = awq(
-            model, data.calib_ids, scheme, imatrix_path=imatrix, progress=runner.progress, seed=options.seed
-        )
+            model, data.calib_ids, scheme, imatrix_path=imatrix, progress=runner.progress, seed=options.seed,
+            search_rounding=options.awq_search_rounding, propagation=AWQ_PROPAGATION,
+        )  # fmt: skip
         record = dict(result.record)
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None  # relative to the stage folder
         details = {
@@ -594,6 +606,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         record = sequential_awq(
             lazy, folder, data.calib_ids, scheme, imatrix_path=imatrix, seed=options.seed,
             extra_source=runner.source, dtype=runner.storage_dtype, on_layer=on_layer,
+            search_rounding=options.awq_search_rounding, propagation=AWQ_PROPAGATION,
         )
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None
         details = {

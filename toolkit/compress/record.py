@@ -28,6 +28,7 @@ class CompressOptions:
     method: str = "activation"  # prune selection method (registry name)
     quant: str | None = None  # export scheme (Q4_K_M, Q4_0, int4_b32, ...) or None: no quantize stage
     quant_method: str = "awq"  # "awq" | "rtn" | "imatrix" (toolkit.compress.quant.methods)
+    awq_search_rounding: str = "rerank"  # AWQ candidates: "rerank" | "exact" | "emulated" (quant.awq.AwqSearch)
     replace: str = "linear"  # removed spans: "linear" (fitted map folded in, prune.replace) | "none"
     heal: bool = True
     heal_skip_reason: str | None = None  # why heal is False when a caller decided it (deploy: host too small)

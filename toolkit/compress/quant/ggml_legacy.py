@@ -36,9 +36,11 @@ def _reciprocal_or_zero(step: torch.Tensor) -> torch.Tensor:
 
 
 def signed_absmax(blocks: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """The element of largest magnitude, keeping its sign; the first one on ties (ggml's loop)."""
+    """The element of largest magnitude, keeping its sign; the first one on ties (ggml's loop), and +0.0 for a
+    block of zeros (ggml's running maximum starts at +0.0f, so a block of -0.0 stores a positive-zero scale)."""
     index = blocks.abs().argmax(dim=dim, keepdim=True)
-    return blocks.gather(dim, index).squeeze(dim)
+    result = blocks.gather(dim, index).squeeze(dim)
+    return torch.where(result == 0, torch.zeros_like(result), result)
 
 
 @dataclass(frozen=True, kw_only=True)
