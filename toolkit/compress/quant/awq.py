@@ -79,6 +79,7 @@ from toolkit.compress.quant.ggml_lib import LibggmlGrid
 from toolkit.compress.quant.grids import get_grid, grid_for_row
 from toolkit.compress.quant.rtn import decoder_layers, resolve_text_family
 from toolkit.core.errors import BedsideError
+from toolkit.core.heap import release_free_heap
 from toolkit.model.architectures import ScaleGroup, TextFamily
 
 # Export grid -> the grid the search quantizes with (same bits, cheap emulation).
@@ -190,22 +191,23 @@ def _scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @torch.no_grad()
 def _fold(layer: nn.Module, group: ScaleGroup, s: torch.Tensor, norm_offset: float) -> None:
-    """Fold ``s`` into the group: linears' columns times s, the producer of their input divided by s."""
+    """Fold ``s`` into the group: linears' columns times s, the producer of their input divided by s.
+
+    Written in place (``copy_``): a checkpoint loaded by memory map keeps its pages mapped while any of its
+    tensors lives, so a replaced tensor would hold the file's pages and the new copy's at once.
+    """
     prev = layer.get_submodule(group.prev_op)
+    weight = prev.weight.data
     if isinstance(prev, nn.Linear):
-        weight = prev.weight.data
-        prev.weight.data = (weight.to(torch.float32) / s[:, None]).to(weight.dtype)
+        weight.copy_(weight.to(torch.float32) / s[:, None])
     else:
-        weight = prev.weight.data
-        folded = (weight.to(torch.float32) + norm_offset) / s - norm_offset
-        prev.weight.data = folded.to(weight.dtype)
+        weight.copy_((weight.to(torch.float32) + norm_offset) / s - norm_offset)
     bias = getattr(prev, "bias", None)
     if bias is not None:
-        bias.data = (bias.data.to(torch.float32) / s).to(bias.dtype)
+        bias.data.copy_(bias.data.to(torch.float32) / s)
     for name in group.linears:
-        linear = layer.get_submodule(name)
-        weight = linear.weight.data
-        linear.weight.data = (weight.to(torch.float32) * s[None, :]).to(weight.dtype)
+        weight = layer.get_submodule(name).weight.data
+        weight.copy_(weight.to(torch.float32) * s[None, :])
 
 
 def _group_applies(layer: nn.Module, group: ScaleGroup) -> bool:
@@ -626,6 +628,7 @@ class AwqSearch:
                 outputs.append((output.to(hidden.dtype), kwargs))
         finally:
             stats.remove()
+        release_free_heap()  # the pass's activations, before the search allocates its own
         stats.tokens = self.n_seq * self.seq_len
 
         # 2. scale search per group, on the original weights
@@ -702,7 +705,7 @@ class AwqSearch:
                     ratio, size, how = _clip_linear(
                         weight32, x_all, rounding, matrix, search_rounding, self.clip_ratios
                     )
-                    linear.weight.data = clip_groups(weight32, size, ratio).to(linear.weight.dtype)
+                    linear.weight.data.copy_(clip_groups(weight32, size, ratio))  # in place: see _fold
                     self.all_ratios.append(ratio.reshape(-1))
                     clip_record[name] = {
                         "mean_ratio": round(float(ratio.mean()), 4),
@@ -724,6 +727,8 @@ class AwqSearch:
         order = {group.prev_op: position for position, group in enumerate(family.awq_groups)}
         record_groups.sort(key=lambda entry: order[entry["prev_op"]])  # table order
         self.layer_records.append({"layer": index, "groups": record_groups, "clip": clip_record})
+        del stats
+        release_free_heap()  # the layer's freed activations back to the OS, not left to fragment the heap
         return outputs  # 6. next layer's inputs
 
     def finish(self) -> dict[str, Any]:
