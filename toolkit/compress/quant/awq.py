@@ -10,7 +10,9 @@ Per decoder layer ``l`` (inputs ``X_l`` = outputs of layer ``l-1`` of the float 
 1. **Statistics.** One forward pass of the layer over all calibration tokens, with hooks on each
    scale group's linears: ``m_j = mean_t |x_tj|`` per input channel ``j`` (all tokens), the sums
    ``sum_t x_tj^2`` for the importance matrix, and, for a subset of whole sequences
-   (``search_tokens``), the call of the group's ``inspect`` module and its float output ``y``.
+   (``search_tokens``), the call of the group's ``inspect`` module and its float output ``y``. The
+   sequences outside that subset pass in bfloat16 where the CPU multiplies it natively (``propagation``);
+   the subset, the loss's reference, always in float32.
 2. **Scale search** per group of the architecture table (``norm -> q,k,v``; ``v -> o`` only when
    ``v.out == o.in``, i.e. not under grouped-query attention; ``norm -> gate,up``; ``up -> down``):
    for ``alpha in {0, 1/n_grid, ..., 1}``::
@@ -34,7 +36,8 @@ Per decoder layer ``l`` (inputs ``X_l`` = outputs of layer ``l-1`` of the float 
        err_r[o, g] = mean_t ( sum_{i in g} x'_ti (W'_oi - Q_r(W')_oi) )^2,   x' = x / s
        Q_r = Q(clamp(W', -r max|W'_og|, r max|W'_og|)),   r in {1.0, 0.95, ..., 0.5}
 
-   on ``clip_tokens`` tokens; the best ``r`` per ``(o, g)`` is applied by clamping ``W'`` (weights
+   on ``clip_tokens`` tokens, computed as ``d^T H_g d`` with ``d = W'_og - Q_r(W')_og`` and the group's
+   input Gram matrix ``H_g = X'_g^T X'_g / T``; the best ``r`` per ``(o, g)`` is applied by clamping ``W'`` (weights
    stay float; exporting with the same grid then stores exactly ``Q_r``).
 5. **Importance matrix** (llama.cpp ``imatrix``) from the same pass, for every linear of the layer
    (o_proj too where no group scales it): the inputs of a linear after folding are ``x / s``, so
