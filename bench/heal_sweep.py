@@ -71,11 +71,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     held = make_blocks(
         load_dataset_spec(str(root / "data" / "evaluation.jsonl")), tokenizer, SEQ_LEN, EVAL_SEQUENCES, 0
     ).input_ids
-    teacher_model = AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
+    teacher_model = AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32, trust_remote_code=False).eval()
     reference = _log_probs(teacher_model, held)
     teacher = teacher_targets(teacher_model, data.heal_ids)
     del teacher_model
-    student = AutoModelForCausalLM.from_pretrained(stages[-1], dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(stages[-1], dtype=torch.float32, trust_remote_code=False).eval()
     before = _kl(reference, _log_probs(student, held))
     load = load_average()
     start = time.perf_counter()
