@@ -24,7 +24,6 @@ def _default(function: object, name: str) -> object:
 def test_mirrored_awq_figures_are_awqs_defaults() -> None:
     assert estimate.AWQ_CLIP_ROWS == awq.CLIP_OUT_ROWS
     assert _default(awq.AwqSearch.__init__, "search_tokens") == estimate.AWQ_SEARCH_TOKENS
-    assert _default(awq.AwqSearch.__init__, "clip_tokens") == estimate.AWQ_CLIP_TOKENS
     assert _default(awq.AwqSearch.__init__, "batch_size") == estimate.AWQ_BATCH
 
 

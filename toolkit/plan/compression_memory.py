@@ -20,8 +20,10 @@ Terms (bytes; P = parameters, L = layers, h = hidden, i = MLP width, V = vocabul
     i x 4 (measured: docs/BENCHMARKS.md, the 7B-shaped run).
   - `quantize` (AWQ, no head): two blocks, the block's inputs and outputs (T_c x h x 4 x 2), the search
     subset's linear inputs (min(1024, T_c) x (6h + i) x 4), a batch's MLP activations
-    (8 x seq_len x i x 4 x 3), one chunk of the clip search's errors (max(h, i) / 32 groups x
-    min(512, T) tokens x 256 rows x 4) and four copies of the largest linear (h x i x 4).
+    (8 x seq_len x i x 4 x 3), one chunk of the clip search's errors (256 rows x max(h, i) float64
+    differences and their product with the groups' Gram matrices, x 2), four copies of the largest linear (h x i x 4), and the emulated
+    search's fake-quantizer temporaries on it (FAKE_QUANT_TEMPORARIES x h x i x 4, as in prune: every
+    candidate of the largest group is rounded on the torch emulation first; measured on the 7B-shaped run).
   - `perplexity`: the states (T_e x h x 4 x 2) and one block, or the head and one batch's logits
     (4 x seq_len x V x 4 x LOGIT_COPIES).
 - in memory (the path models under the sequential threshold take): the whole model in float32
@@ -53,8 +55,6 @@ ACTIVATION_SEQUENCES = 8  # the activation method's default max_sequences / max_
 ACTIVATION_TOKENS = 128
 AWQ_SEARCH_TOKENS = 1024
 AWQ_BATCH = 8
-AWQ_CLIP_TOKENS = 512  # awq's clip_tokens
-AWQ_CLIP_GROUP = 32  # the smallest group a clip search runs on
 AWQ_CLIP_ROWS = 256  # awq.CLIP_OUT_ROWS
 AWQ_WEIGHT_COPIES = 4
 # float32 temporaries of `fake_quantize` (asym4_g32, the Q4_K stand-in) beside its input and output, in units
@@ -62,6 +62,7 @@ AWQ_WEIGHT_COPIES = 4
 FAKE_QUANT_TEMPORARIES = 5.5
 PERPLEXITY_BATCH = 4
 FLOAT32 = 4
+FLOAT64 = 8
 # `--sequential auto` streams a model whose float32 weights exceed this (a 1.1B model's 4.4 GB does, the 135M
 # demo's 0.5 GB does not): below it the whole model is small and the in-memory path keeps its one load.
 SEQUENTIAL_THRESHOLD_BYTES = 2 << 30
@@ -99,12 +100,11 @@ def compression_memory(
     activation_logits = PERPLEXITY_BATCH * min(ACTIVATION_TOKENS, seq_len) * v * FLOAT32 * LOGIT_COPIES
     replacement = calib_tokens * h * FLOAT32 * 4 + 2 * h * h * 8
     search = min(AWQ_SEARCH_TOKENS, calib_tokens)
-    clip_tokens = min(AWQ_CLIP_TOKENS, search)
     awq = (
         2 * calib_tokens * h * FLOAT32
         + search * (6 * h + i) * FLOAT32
         + AWQ_BATCH * seq_len * i * FLOAT32 * 3
-        + max(h, i) // AWQ_CLIP_GROUP * clip_tokens * AWQ_CLIP_ROWS * FLOAT32  # one clip-error chunk
+        + 2 * AWQ_CLIP_ROWS * max(h, i) * FLOAT64  # one clip-error chunk: float64 differences and d^T H
         + AWQ_WEIGHT_COPIES * h * i * FLOAT32  # the largest linear: scaled, rounded, padded, difference
     )
     states = 2 * eval_tokens * h * FLOAT32
@@ -113,11 +113,11 @@ def compression_memory(
         prune = max(
             2 * block + streams + quantizer, head + reference + activation_logits + streams, block + replacement
         )
-        quantize = 2 * block + awq
+        quantize = 2 * block + awq + quantizer
         perplexity = max(block + states, head + states + batch_logits)
     else:
         prune = model + max(streams + reference + activation_logits + quantizer, replacement)
-        quantize = model + awq
+        quantize = model + awq + quantizer
         perplexity = model + states + batch_logits
     stages: dict[str, Any] = {
         "perplexity": BASE_BYTES + perplexity,
