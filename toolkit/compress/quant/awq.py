@@ -606,7 +606,8 @@ class AwqSearch:
         self.in_sum2: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
         self.layer_records: list[dict[str, Any]] = []
-        self.all_ratios: list[torch.Tensor] = []
+        # clip-ratio totals for the summary (count, sum, clipped): a 7B's ratios would be ~0.6 GB if kept
+        self.ratio_totals = [0, 0.0, 0]
 
     @torch.no_grad()
     def layer(
@@ -709,7 +710,10 @@ class AwqSearch:
                         weight32, x_all, rounding, matrix, search_rounding, self.clip_ratios
                     )
                     linear.weight.data.copy_(clip_groups(weight32, size, ratio))  # in place: see _fold
-                    self.all_ratios.append(ratio.reshape(-1))
+                    totals = self.ratio_totals
+                    totals[0] += ratio.numel()
+                    totals[1] += float(ratio.sum(dtype=torch.float64))
+                    totals[2] += int((ratio < 1).sum())
                     clip_record[name] = {
                         "mean_ratio": round(float(ratio.mean()), 4),
                         "min_ratio": float(ratio.min()),
@@ -751,7 +755,7 @@ class AwqSearch:
                     chunk_size=seq_len,
                 )
             )
-        ratios = torch.cat(self.all_ratios) if self.all_ratios else torch.ones(0)
+        count, ratio_sum, clipped = self.ratio_totals
         any_gguf = any(rounding.gguf for rounding in self.roundings.values())
         export_rounding = (
             "libggml with the importance matrix of the scaled model"
@@ -791,9 +795,9 @@ class AwqSearch:
             },
             "layers": self.layer_records,
             "clip_summary": {
-                "groups": int(ratios.numel()),
-                "mean_ratio": round(float(ratios.mean()), 4) if ratios.numel() else None,
-                "fraction_clipped": round(float((ratios < 1).float().mean()), 4) if ratios.numel() else None,
+                "groups": count,
+                "mean_ratio": round(ratio_sum / count, 4) if count else None,
+                "fraction_clipped": round(clipped / count, 4) if count else None,
             },
             "imatrix": imatrix_written,
             "seconds": round(time.perf_counter() - self.start_time, 3),
