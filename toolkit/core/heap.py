@@ -2,8 +2,8 @@
 
 Why: torch's CPU tensors come from glibc malloc. Between the mmap threshold (dynamic, up to 32 MiB) and
 the many same-sized activations of a layer-by-layer pass, freed blocks stay in the heap's free lists and
-the resident size climbs layer after layer while the live tensors stay constant (AWQ on the demo: 380 MB
-of live tensors, 2.0 GB resident; docs/BENCHMARKS.md). ``malloc_trim(0)`` releases every free page of
+the resident size climbs layer after layer while the live tensors stay constant (AWQ on the demo, measured
+in docs/BENCHMARKS.md, bench 2's reading). ``malloc_trim(0)`` releases every free page of
 every arena (``madvise(MADV_DONTNEED)``), at the cost of page faults when the memory is reused.
 """
 
