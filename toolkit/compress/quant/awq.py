@@ -606,7 +606,7 @@ class AwqSearch:
         self.in_sum2: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
         self.layer_records: list[dict[str, Any]] = []
-        # clip-ratio totals for the summary (count, sum, clipped): a 7B's ratios would be ~0.6 GB if kept
+        # clip-ratio totals for the summary (count, sum, clipped), not the ratios: one float per row and group
         self.ratio_totals = [0, 0.0, 0]
 
     @torch.no_grad()
