@@ -552,6 +552,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         reason = f"{scheme} stores float weights: nothing to quantize"
         return _Outcome({"skipped": reason}, previous, False, {"quant": quant, "awq": None})
     inputs: dict[str, Any] = {"scheme": scheme, "method": options.quant_method}
+    propagation = resolve_propagation(AWQ_PROPAGATION, torch.device("cpu"))
     if options.quant_method == "awq":
         # search_rounding: how candidates are rounded (rerank: as the export does, libggml + matrix, for the
         # finalists); propagation: the precision of the non-search sequences' pass (AWQ_PROPAGATION: auto)
@@ -559,7 +560,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             calibration=data.calibration["blocks_sha256"],
             seed=options.seed,
             search_rounding=options.awq_search_rounding,
-            propagation=resolve_propagation(AWQ_PROPAGATION, torch.device("cpu")),
+            propagation=propagation,
         )
     if options.quant_method == "imatrix":
         inputs.update(calibration=data.calibration["blocks_sha256"])
@@ -580,7 +581,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         imatrix = folder / IMATRIX_NAME if write_imatrix else None
         result = awq(
             model, data.calib_ids, scheme, imatrix_path=imatrix, progress=runner.progress, seed=options.seed,
-            search_rounding=options.awq_search_rounding, propagation=AWQ_PROPAGATION,
+            search_rounding=options.awq_search_rounding, propagation=propagation,
         )  # fmt: skip
         record = dict(result.record)
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None  # relative to the stage folder
@@ -606,7 +607,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         record = sequential_awq(
             lazy, folder, data.calib_ids, scheme, imatrix_path=imatrix, seed=options.seed,
             extra_source=runner.source, dtype=runner.storage_dtype, on_layer=on_layer,
-            search_rounding=options.awq_search_rounding, propagation=AWQ_PROPAGATION,
+            search_rounding=options.awq_search_rounding, propagation=propagation,
         )
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None
         details = {

@@ -21,9 +21,10 @@ Terms (bytes; P = parameters, L = layers, h = hidden, i = MLP width, V = vocabul
   - `quantize` (AWQ, no head): two blocks, the block's inputs and outputs (T_c x h x 4 x 2), the search
     subset's linear inputs (min(1024, T_c) x (6h + i) x 4), a batch's MLP activations
     (8 x seq_len x i x 4 x 3), one chunk of the clip search's errors (256 rows x max(h, i) float64
-    differences and their product with the groups' Gram matrices, x 2), four copies of the largest linear (h x i x 4), and the emulated
-    search's fake-quantizer temporaries on it (FAKE_QUANT_TEMPORARIES x h x i x 4, as in prune: every
-    candidate of the largest group is rounded on the torch emulation first; measured on the 7B-shaped run).
+    differences and their product with the groups' Gram matrices, x 2), four copies of the largest
+    linear (h x i x 4), and the emulated search's fake-quantizer temporaries on it
+    (FAKE_QUANT_TEMPORARIES x h x i x 4, as in prune: every candidate of the largest group is rounded on
+    the torch emulation first; measured on the 7B-shaped run).
   - `perplexity`: the states (T_e x h x 4 x 2) and one block, or the head and one batch's logits
     (4 x seq_len x V x 4 x LOGIT_COPIES).
 - in memory (the path models under the sequential threshold take): the whole model in float32
@@ -98,7 +99,7 @@ def compression_memory(
     streams = (layers + 2) * active_tokens * h * FLOAT32
     reference = active_tokens * v * FLOAT32 * 2
     activation_logits = PERPLEXITY_BATCH * min(ACTIVATION_TOKENS, seq_len) * v * FLOAT32 * LOGIT_COPIES
-    replacement = calib_tokens * h * FLOAT32 * 4 + 2 * h * h * 8
+    replacement = calib_tokens * h * FLOAT32 * 4 + 2 * h * h * FLOAT64
     search = min(AWQ_SEARCH_TOKENS, calib_tokens)
     awq = (
         2 * calib_tokens * h * FLOAT32

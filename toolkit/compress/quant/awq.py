@@ -606,8 +606,8 @@ class AwqSearch:
         self.in_sum2: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
         self.layer_records: list[dict[str, Any]] = []
-        # clip-ratio totals for the summary (count, sum, clipped), not the ratios: one float per row and group
-        self.ratio_totals = [0, 0.0, 0]
+        # clip-ratio totals for the summary, not the ratios (one float per row and group of every linear)
+        self.clip_groups, self.clip_ratio_sum, self.clip_groups_clipped = 0, 0.0, 0
 
     @torch.no_grad()
     def layer(
@@ -710,10 +710,9 @@ class AwqSearch:
                         weight32, x_all, rounding, matrix, search_rounding, self.clip_ratios
                     )
                     linear.weight.data.copy_(clip_groups(weight32, size, ratio))  # in place: see _fold
-                    totals = self.ratio_totals
-                    totals[0] += ratio.numel()
-                    totals[1] += float(ratio.sum(dtype=torch.float64))
-                    totals[2] += int((ratio < 1).sum())
+                    self.clip_groups += ratio.numel()
+                    self.clip_ratio_sum += float(ratio.sum(dtype=torch.float64))
+                    self.clip_groups_clipped += int((ratio < 1).sum())
                     clip_record[name] = {
                         "mean_ratio": round(float(ratio.mean()), 4),
                         "min_ratio": float(ratio.min()),
@@ -755,7 +754,7 @@ class AwqSearch:
                     chunk_size=seq_len,
                 )
             )
-        count, ratio_sum, clipped = self.ratio_totals
+        count = self.clip_groups
         any_gguf = any(rounding.gguf for rounding in self.roundings.values())
         export_rounding = (
             "libggml with the importance matrix of the scaled model"
@@ -796,8 +795,8 @@ class AwqSearch:
             "layers": self.layer_records,
             "clip_summary": {
                 "groups": count,
-                "mean_ratio": round(ratio_sum / count, 4) if count else None,
-                "fraction_clipped": round(clipped / count, 4) if count else None,
+                "mean_ratio": round(self.clip_ratio_sum / count, 4) if count else None,
+                "fraction_clipped": round(self.clip_groups_clipped / count, 4) if count else None,
             },
             "imatrix": imatrix_written,
             "seconds": round(time.perf_counter() - self.start_time, 3),
