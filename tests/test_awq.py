@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit.compress.quant.awq import _fold, _scales, _search_clip, awq, resolve_propagation, search_grid_for
+from toolkit.compress.quant.awq import (
+    AwqSearch,
+    _alpha_order,
+    _fold,
+    _scales,
+    _search_clip,
+    awq,
+    resolve_propagation,
+    search_grid_for,
+)
 from toolkit.compress.quant.grids import get_grid
 from toolkit.compress.quant.rtn import decoder_linears, fake_quantize_model, rtn
 from toolkit.core.errors import BedsideError
@@ -238,6 +247,42 @@ def test_bfloat16_propagation_keeps_statistics_and_says_so(tmp_path: Path) -> No
     with pytest.raises(BedsideError, match="propagation must be one of auto, float32, bfloat16"):
         resolve_propagation("half", torch.device("cpu"))
     assert resolve_propagation("auto", torch.device("cuda")) == "float32"
+
+
+def _searched(alphas: list[float], loss: dict[float, float], how: str) -> dict[float, float]:
+    found: dict[float, float] = {}
+    for alpha in _alpha_order(alphas, how, found):
+        found[alpha] = loss[alpha]
+    return found
+
+
+@pytest.mark.parametrize("n_grid", [10, 9, 20])
+def test_refined_alpha_search_finds_the_grids_minimum_of_a_unimodal_loss(n_grid: int) -> None:
+    """refine evaluates every second alpha and the best one's neighbours: the grid's minimum wherever the
+    loss is unimodal, in n_grid / 2 + 3 evaluations."""
+    alphas = [i / n_grid for i in range(n_grid + 1)]
+    for centre in alphas:
+        loss = {alpha: (alpha - centre) ** 2 + 0.01 * alpha for alpha in alphas}
+        found = _searched(alphas, loss, "refine")
+        assert min(found, key=found.get) == min(loss, key=loss.get), centre
+        assert len(found) <= n_grid // 2 + 3 + n_grid % 2 and {alphas[0], alphas[-1]} <= set(found)
+    assert _searched(alphas, loss, "grid") == loss
+    # not unimodal: a minimum between two coarse points, both worse than a far coarse point, is missed
+    bumpy = {alpha: 1.0 for alpha in alphas} | {alphas[3]: 0.0, alphas[8]: 0.5}
+    found = _searched(alphas, bumpy, "refine")
+    assert min(found, key=found.get) == alphas[8] and alphas[3] not in found
+
+
+def test_alpha_search_is_recorded_and_a_bad_name_refused() -> None:
+    ids = _ids(4, 32, 3)
+    counts = {}
+    for how in ("refine", "grid"):
+        record = awq(_tiny_llama(layers=1), ids, SCHEME, progress=False, alpha_search=how, clip=False).record
+        assert record["alpha_search"] == how
+        counts[how] = record["alphas_evaluated"]
+    assert counts == {"refine": 4 * 8, "grid": 4 * 11}  # one MHA layer: four groups
+    with pytest.raises(BedsideError, match="alpha_search must be one of refine, grid, got 'golden'"):
+        AwqSearch(_tiny_llama(layers=1), ids, SCHEME, alpha_search="golden")
 
 
 def test_kquant_search_uses_stand_in_grid() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import math
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,29 @@ def _quantize_with_libggml(weight: np.ndarray, name: str) -> np.ndarray:
     blocks = np.zeros((rows, columns // block * type_size), dtype=np.uint8)
     lib.ggml_quantize_chunk(int(qtype), source.ctypes.data, blocks.ctypes.data, 0, rows, columns, None)
     return blocks
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_signed_absmax_is_ggmls_first_largest_magnitude(dim):
+    """The two-reduction fast path equals ggml's loop (first element of strictly larger |x| wins) on blocks
+    full of magnitude ties of both signs, and stores +0.0 for blocks of zeros."""
+    from toolkit.compress.quant.ggml_legacy import signed_absmax
+
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randint(-3, 4, (4096, 8), generator=generator).to(torch.float32)
+    blocks[0] = -0.0
+    blocks = blocks if dim == -1 else blocks.T.contiguous()
+    rows = blocks if dim == -1 else blocks.T
+    expected = []
+    for row in rows.tolist():
+        best, value = 0.0, 0.0
+        for x in row:
+            if abs(x) > best:
+                best, value = abs(x), x
+        expected.append(value)
+    result = signed_absmax(blocks, dim=dim)
+    assert torch.equal(result, torch.tensor(expected))
+    assert math.copysign(1.0, float(result[0])) == 1.0
 
 
 @pytest.mark.parametrize("name", LEGACY_TYPES + KQUANT_TYPES)
@@ -306,6 +330,20 @@ def test_quantized_record_codes_and_dequantize_agree():
         assert int(record.codes.min()) >= 0 and int(record.codes.max()) < 2**grid.bits
     signed = get_grid("Q8_0").quantize(weight).codes
     assert int(signed.min()) >= -127 and int(signed.max()) <= 127
+
+
+@pytest.mark.parametrize("name", LEGACY_TYPES)
+def test_legacy_fake_quantize_shortcut_equals_the_record(name):
+    """The legacy grids' fake_quantize skips the integer codes: bit-identical to quantize().dequantize() on the
+    edge rows (ties, zeros, negative zeros, underflow), with and without clipping, in float32 and bfloat16."""
+    grid = get_grid(name)
+    weight = torch.from_numpy(_weights_with_edge_cases(16, 256, seed=5))
+    ratio = torch.rand(16, 8, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.5
+    for clip in (None, ratio):
+        for dtype in (torch.float32, torch.bfloat16):
+            shortcut = grid.fake_quantize(weight.to(dtype), clip)
+            expected = grid.quantize(weight.to(dtype), clip).dequantize().to(dtype)
+            assert shortcut.dtype == dtype and torch.equal(shortcut, expected)
 
 
 def test_float_grids():

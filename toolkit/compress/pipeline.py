@@ -89,6 +89,7 @@ MAX_CALIBRATION_SEQUENCES = 128
 DEFAULT_CALIBRATION = DEFAULT_DATA
 IMATRIX_NAME = "imatrix.gguf"
 AWQ_PROPAGATION = "auto"  # bfloat16 for the non-search sequences where the CPU multiplies it natively
+AWQ_ALPHA_SEARCH = "refine"  # coarse half of the alphas, then the best one's neighbours (awq.ALPHA_SEARCHES)
 SEQUENTIAL_MODES: tuple[str, ...] = ("auto", "on", "off")
 # Selection methods with a block-by-block form (toolkit.compress.sequential.scoring; `last` needs no forward).
 SEQUENTIAL_SELECTION_METHODS: tuple[str, ...] = ("activation", "block-influence", "angular", "last")
@@ -561,6 +562,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             seed=options.seed,
             search_rounding=options.awq_search_rounding,
             propagation=propagation,
+            alpha_search=AWQ_ALPHA_SEARCH,
         )
     if options.quant_method == "imatrix":
         inputs.update(calibration=data.calibration["blocks_sha256"])
@@ -581,7 +583,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         imatrix = folder / IMATRIX_NAME if write_imatrix else None
         result = awq(
             model, data.calib_ids, scheme, imatrix_path=imatrix, progress=runner.progress, seed=options.seed,
-            search_rounding=options.awq_search_rounding, propagation=propagation,
+            search_rounding=options.awq_search_rounding, propagation=propagation, alpha_search=AWQ_ALPHA_SEARCH,
         )  # fmt: skip
         record = dict(result.record)
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None  # relative to the stage folder
@@ -608,6 +610,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             lazy, folder, data.calib_ids, scheme, imatrix_path=imatrix, seed=options.seed,
             extra_source=runner.source, dtype=runner.storage_dtype, on_layer=on_layer,
             search_rounding=options.awq_search_rounding, propagation=propagation,
+            alpha_search=AWQ_ALPHA_SEARCH,
         )
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None
         details = {
