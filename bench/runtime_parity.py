@@ -11,7 +11,9 @@ child processes per file and setting,
 
     prefill tok/s = 992 / prefill_seconds,   decode tok/s = 32 / decode_seconds,   reported: the mean over runs
 
-(the mean of per-run rates, as llama-bench's avg_ts). References on the same file and thread count:
+(the mean of per-run rates, as llama-bench's avg_ts). For GGUF the two sides run in interleaved rounds (Bedside
+flash attention off, on, then `llama-bench -r 1`), so that a drift of the host's speed falls on both alike.
+References on the same file and thread count:
 
 - llama.cpp: `llama-bench -m FILE -t T -r R -fa 0,1 -p 992 -n 32 -d 0,992 -o json`, built from the same sdist as
   the llama-cpp-python Bedside runs; prefill is compared with pp992 @ d0 (992 tokens from an empty cache),
@@ -188,14 +190,21 @@ def _ort_reference_child(folder: Path, threads: int, reps: int) -> dict[str, Any
         return json.loads(out.read_text(encoding="utf-8"))
 
 
-def _bedside(runtime: str, path: Path, threads: int, reps: int, options: dict[str, Any]) -> dict[str, Any]:
-    """`reps` measurement children (runtimes.measure, warm pass on) on `path`: prefill 992, decode 32 at 992..1023."""
+def _bedside_run(runtime: str, path: Path, threads: int, options: dict[str, Any]) -> Any:
+    """One measurement child (runtimes.measure, warm pass on) on `path`: prefill 992, decode 32 at 992..1023."""
     from runtimes.measure import MeasureJob, measure_in_child
 
-    runs = []
-    for _ in range(reps):
-        job = MeasureJob(context=CONTEXT, decode_tokens=DECODE, n_threads=threads, runner_options=options)
-        runs.append(measure_in_child(runtime, path, job))
+    job = MeasureJob(context=CONTEXT, decode_tokens=DECODE, n_threads=threads, runner_options=options)
+    return measure_in_child(runtime, path, job)
+
+
+def _bedside(runtime: str, path: Path, threads: int, reps: int, options: dict[str, Any]) -> dict[str, Any]:
+    """`reps` measurement children on `path`, one after another (see `_bedside_summary`)."""
+    return _bedside_summary([_bedside_run(runtime, path, threads, options) for _ in range(reps)], options)
+
+
+def _bedside_summary(runs: Sequence[Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Speeds of measurement runs: means of per-run rates, the seconds of each run, their memory."""
     return {
         "runner_options": options,
         "prefill_seconds": [round(r.prefill_seconds, 4) for r in runs],
@@ -220,6 +229,39 @@ def _run_llama_bench(binary: Path, arguments: list[str]) -> tuple[str, list[dict
         tail = completed.stderr.strip().splitlines()[-1:] or ["no output"]
         raise BedsideError(f"llama-bench failed (status {completed.returncode}): {tail[0]}")
     return " ".join(command), parse_llama_bench(completed.stdout)
+
+
+def _interleaved_gguf(binary: Path, runtime: str, path: Path, threads: int, reps: int) -> dict[str, Any]:
+    """`reps` rounds of: Bedside with flash attention off, Bedside with it on, llama-bench (-r 1, both settings).
+
+    Interleaved so that a drift of the host's speed (a 2048 x 2048 matmul here ran at 147-280 GFLOPS in one
+    evening) falls on both sides alike; the speeds are means over the rounds of per-run rates on each side.
+    """
+    off: list[Any] = []
+    on: list[Any] = []
+    rounds: list[dict[str, Any]] = []
+    for _ in range(reps):
+        off.append(_bedside_run(runtime, path, threads, {}))
+        on.append(_bedside_run(runtime, path, threads, {"flash_attn": True}))
+        rounds.append(_llama_bench(binary, path, threads, 1))
+    by_fa: dict[int, dict[str, Any]] = {}
+    for fa in (0, 1):
+        by_fa[fa] = {
+            key: float(np.mean([entry["by_flash_attn"][fa][key] for entry in rounds]))
+            for key in ("prefill_tok_s", "decode_tok_s", "prefill_tok_s_n_batch_512")
+        }
+        by_fa[fa]["per_round"] = [entry["by_flash_attn"][fa] for entry in rounds]
+    reference = {
+        "commands": rounds[0]["commands"],
+        "by_flash_attn": by_fa,
+        "rows": [row for entry in rounds for row in entry["rows"]],
+        "interleaved_rounds": reps,
+    }
+    return {
+        "bedside_flash_attn_off": _bedside_summary(off, {}),
+        "bedside_flash_attn_on": _bedside_summary(on, {"flash_attn": True}),
+        "llama_bench": reference,
+    }
 
 
 def _llama_bench(binary: Path, gguf: Path, threads: int, reps: int) -> dict[str, Any]:
@@ -311,11 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runtime = RUNTIME_OF[format_name]
         entry: dict[str, Any] = {"runtime": runtime, "path": str(path), "loadavg_before": load_average()}
         if format_name == "gguf":
-            entry["bedside_flash_attn_off"] = _bedside(runtime, path, args.threads, args.reps, {})
-            entry["bedside_flash_attn_on"] = _bedside(
-                runtime, path, args.threads, args.reps, {"flash_attn": True}
-            )
-            entry["llama_bench"] = _llama_bench(tools.bench, path, args.threads, args.reps)
+            entry.update(_interleaved_gguf(tools.bench, runtime, path, args.threads, args.reps))
             by_fa = entry["llama_bench"]["by_flash_attn"]
             for fa, setting in (
                 (0, "flash attention off (Bedside's CPU default)"),
@@ -380,7 +418,9 @@ def write_docs(record: dict[str, Any]) -> None:
         [
             "## Measured speeds against the runtimes' own benchmarks (issue 15, section 4)",
             "",
-            f"Same file, {record['threads']} threads, {record['reps']} runs each (bench/runtime_parity.py; raw: "
+            f"Same file, {record['threads']} threads, {record['reps']} runs each, for GGUF in interleaved rounds (Bedside "
+            "flash attention off, on, then llama-bench -r 1) so that a drift of the host's speed falls on both sides "
+            "(bench/runtime_parity.py; raw: "
             "docs/benchmarks/runtime_parity.json). Bedside: `runtimes.measure` (what `bedside eval` measures), "
             f"prefill of {record['prefill_tokens']} tokens from an empty cache, decode of {record['decode_tokens']} "
             f"at positions {record['prefill_tokens']}..{record['context'] - 1}, speeds of the warm (second) pass. "

@@ -256,7 +256,8 @@ def main() -> None:
             "estimate_bytes": estimate.get(name),
         }
     for label, measurement in record["quality"].get("measurements", {}).items():
-        stages[f"perplexity-{label}"] = {**measurement, "estimate_bytes": estimate.get("perplexity")}
+        key = "perplexity_quantized" if label == "quantized" else "perplexity"
+        stages[f"perplexity-{label}"] = {**measurement, "estimate_bytes": estimate.get(key)}
     for entry in stages.values():
         if entry.get("estimate_bytes") and entry.get("peak_rss_bytes"):
             entry["estimate_error"] = round(entry["estimate_bytes"] / entry["peak_rss_bytes"] - 1, 3)

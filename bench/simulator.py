@@ -81,8 +81,29 @@ def measure_key(format_name: str, quant: str, context: int) -> str:
     return f"{format_name}/{quant}@{context}"
 
 
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures calibrate and accuracy read: medians over the repeated runs (per-run figures kept in `runs`)."""
+    first = runs[0]
+    prefill = statistics.median(run["prefill_seconds"] for run in runs)
+    decode = statistics.median(run["decode_seconds"] for run in runs)
+    return {
+        "prefill_tokens": first["prefill_tokens"],
+        "prefill_seconds": prefill,
+        "decode_tokens": first["decode_tokens"],
+        "decode_seconds": decode,
+        "prefill_tok_s": round(first["prefill_tokens"] / prefill, 3),
+        "decode_tok_s": round(first["decode_tokens"] / decode, 3),
+        "host_bandwidth_gb_s": round(statistics.median(run["host_bandwidth_gb_s"] for run in runs), 3),
+        "loadavg_before": first["loadavg_before"],
+        "loadavg_after": runs[-1]["loadavg_after"],
+        "measured": runs[-1]["measured"],
+        "repeats": len(runs),
+    }
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every (artifact, context) job not measured yet; contexts interleaved so load drifts spread out."""
+    """Run every (artifact, context) job `--repeats` times (rounds over the whole grid, so that a drift of the host's
+    speed spreads over every job), skipping runs already recorded; each job's figures are the median run's."""
     results = read_json(MEASUREMENTS) if not args.fresh else {}
     results.setdefault("runs", []).append({"command": command_line(), "started": utc_now()})
     results["setup"] = {
@@ -90,48 +111,57 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "job": f"runtimes.measure.MeasureJob(context=C, decode_tokens={DECODE_TOKENS}, n_threads={args.threads}, "
         "device='cpu'), FILLER_TEXT prompt: what `bedside eval --context C --threads T` measures",
         "threads": args.threads,
+        "repeats": args.repeats,
+        "summary": "median prefill and decode seconds over the repeats, median bandwidth",
         "calibration_contexts": list(CALIBRATION_CONTEXTS),
         "accuracy_contexts": list(ACCURACY_CONTEXTS),
     }
     entries = results.setdefault("measurements", {})
     contexts = sorted({*CALIBRATION_CONTEXTS, *ACCURACY_CONTEXTS})
-    for context in contexts:
-        for format_name, quant in ARTIFACTS:
-            key = measure_key(format_name, quant, context)
-            if key in entries:
-                continue
-            path = artifact_path(format_name, quant)
-            bandwidth, _ = measure_memory_bandwidth.__wrapped__(args.threads, 256, 1.0)
-            load_before = load_average()
-            job = MeasureJob(
-                context=context, decode_tokens=DECODE_TOKENS, n_threads=args.threads, device="cpu"
-            )
-            measured = measure_in_child(RUNTIME_OF[format_name], path, job, timeout_s=1800)
-            entries[key] = {
-                "format": format_name,
-                "quant": quant,
-                "runtime": RUNTIME_OF[format_name],
-                "path": str(path),
-                "context": context,
-                "set": "calibration" if context in CALIBRATION_CONTEXTS else "accuracy",
-                "threads": args.threads,
-                "prefill_tokens": measured.prefill_tokens,
-                "prefill_seconds": measured.prefill_seconds,
-                "decode_tokens": measured.decode_tokens,
-                "decode_seconds": measured.decode_seconds,
-                "prefill_tok_s": round(measured.prefill_tokens_per_s, 3),
-                "decode_tok_s": round(measured.decode_tokens_per_s, 3),
-                "host_bandwidth_gb_s": round(bandwidth, 3),
-                "loadavg_before": load_before,
-                "loadavg_after": load_average(),
-                "measured": utc_now(),
-            }
-            write_json_atomic(MEASUREMENTS, results)
-            print(
-                f"{key}: prefill {entries[key]['prefill_tok_s']:.1f} tok/s, decode {entries[key]['decode_tok_s']:.2f} "
-                f"tok/s, bandwidth {bandwidth:.2f} GB/s, load {entries[key]['loadavg_after']}",
-                flush=True,
-            )
+    for _round in range(args.repeats):
+        for context in contexts:
+            for format_name, quant in ARTIFACTS:
+                key = measure_key(format_name, quant, context)
+                runs = entries.get(key, {}).get("runs", [])
+                if len(runs) >= args.repeats:
+                    continue
+                path = artifact_path(format_name, quant)
+                bandwidth, _ = measure_memory_bandwidth.__wrapped__(args.threads, 256, 1.0)
+                load_before = load_average()
+                job = MeasureJob(
+                    context=context, decode_tokens=DECODE_TOKENS, n_threads=args.threads, device="cpu"
+                )
+                measured = measure_in_child(RUNTIME_OF[format_name], path, job, timeout_s=1800)
+                runs.append(
+                    {
+                        "prefill_tokens": measured.prefill_tokens,
+                        "prefill_seconds": measured.prefill_seconds,
+                        "decode_tokens": measured.decode_tokens,
+                        "decode_seconds": measured.decode_seconds,
+                        "host_bandwidth_gb_s": round(bandwidth, 3),
+                        "loadavg_before": load_before,
+                        "loadavg_after": load_average(),
+                        "measured": utc_now(),
+                    }
+                )
+                entries[key] = {
+                    "format": format_name,
+                    "quant": quant,
+                    "runtime": RUNTIME_OF[format_name],
+                    "path": str(path),
+                    "context": context,
+                    "set": "calibration" if context in CALIBRATION_CONTEXTS else "accuracy",
+                    "threads": args.threads,
+                    **_summary(runs),
+                    "runs": runs,
+                }
+                write_json_atomic(MEASUREMENTS, results)
+                print(
+                    f"{key} run {len(runs)}: prefill {measured.prefill_tokens_per_s:.1f} tok/s, decode "
+                    f"{measured.decode_tokens_per_s:.2f} tok/s, bandwidth {bandwidth:.2f} GB/s, "
+                    f"load {runs[-1]['loadavg_after']}",
+                    flush=True,
+                )
     results["runs"][-1]["finished"] = utc_now()
     write_json_atomic(MEASUREMENTS, results)
     return results
@@ -326,6 +356,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
         else None,
         "within_15_pct": sum(error <= 15 for error in errors),
         "points": len(errors),
+        "repeats": sorted({entry.get("repeats", 1) for entry in measurements.values()}),
     }
     write_json_atomic(ACCURACY, summary)
     update_doc(summary)
@@ -349,7 +380,8 @@ def update_doc(summary: dict[str, Any]) -> None:
     body = (
         f"Command: `{summary['command']}` (after `measure` and `calibrate`; raw: "
         "`docs/benchmarks/simulator_measurements.json`, `simulator_calibration.json`, `simulator_accuracy.json`). "
-        f"Speeds in tokens/s; error = predicted / measured - 1. Median absolute error: **{summary['median_abs_error_pct']} %** "
+        f"Measured: the median of {'/'.join(map(str, summary.get('repeats') or [1]))} run(s) per job, rounds over "
+        "the whole grid. Speeds in tokens/s; error = predicted / measured - 1. Median absolute error: **{summary['median_abs_error_pct']} %** "
         f"(prefill {summary['median_abs_error_pct_prefill']} %, decode {summary['median_abs_error_pct_decode']} %); "
         f"{summary['within_15_pct']} of {summary['points']} predictions within 15 %.\n\n{table}\n"
     )
@@ -369,6 +401,7 @@ def main() -> None:
     parser.add_argument("phase", choices=("measure", "calibrate", "accuracy", "all"))
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--fresh", action="store_true", help="forget earlier measurements")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per job, the median kept (default 3)")
     args = parser.parse_args()
     if args.phase in ("measure", "all"):
         measure(args)

@@ -71,3 +71,25 @@ def test_the_estimator_imports_no_torch() -> None:
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_quantized_perplexity_adds_the_export_roundings_copy_of_the_largest_linear() -> None:
+    """The quantized model's perplexity rounds each linear as the export does before its forward: the block phase
+    holds the rounded copy and libggml's temporaries of the largest linear on top of the plain figure; none
+    without quantization."""
+    from toolkit.model.facts import facts_from_config
+
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": 28, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False, "dtype": "bfloat16",
+    }  # fmt: skip
+    facts = facts_from_config(config)
+    common = {"calib_sequences": 2, "seq_len": 64, "eval_sequences": 16, "prune_layers": 0, "sequential": True}
+    quantized = estimate.compression_memory(facts, quant=True, **common)
+    plain = estimate.compression_memory(facts, quant=False, **common)
+    extra = int((1 + estimate.EXPORT_ROUND_TEMPORARIES) * 4096 * 11008 * 4)
+    block_phase = estimate.BASE_BYTES + 4 * facts.layer_params + 2 * 16 * 64 * 4096 * 4
+    assert quantized["perplexity_quantized"] == max(block_phase + extra, plain["perplexity"])
+    assert quantized["perplexity_quantized"] > plain["perplexity"] == quantized["perplexity"]
+    assert plain["perplexity_quantized"] is None

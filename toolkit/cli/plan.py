@@ -125,7 +125,7 @@ def compression_table(compression: dict[str, Any]) -> Table:
     table = Table(title=f"compression on this host ({mode}; host memory {_gib(compression['host_memory_bytes'])} GiB)")
     table.add_column("stage")
     table.add_column("peak GiB (estimate)", justify="right")
-    for stage in ("perplexity", "prune", "heal", "quantize"):
+    for stage in ("perplexity", "prune", "heal", "quantize", "perplexity_quantized"):
         value = compression.get(stage)
         label = "heal (16-bit, checkpointing)" if stage == "heal" and compression.get("heal_sixteen_bit") else stage
         table.add_row(label, "-" if value is None else _gib(value))

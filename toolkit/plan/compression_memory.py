@@ -26,7 +26,10 @@ Terms (bytes; P = parameters, L = layers, h = hidden, i = MLP width, V = vocabul
     (FAKE_QUANT_TEMPORARIES x h x i x 4, as in prune: every candidate of the largest group is rounded on
     the torch emulation first; measured on the 7B-shaped run).
   - `perplexity`: the states (T_e x h x 4 x 2) and one block, or the head and one batch's logits
-    (4 x seq_len x V x 4 x LOGIT_COPIES).
+    (4 x seq_len x V x 4 x LOGIT_COPIES). `perplexity_quantized` (the quantized model's figure) first rounds
+    each linear as the export does (F16, then libggml with the matrix): on the largest, its float32 output
+    beside the weight it replaces plus EXPORT_ROUND_TEMPORARIES x h x i x 4 of temporaries
+    (bench/fake_quant_memory.py --export-rounding).
 - in memory (the path models under the sequential threshold take): the whole model in float32
   (4P) plus the same activations, for every stage.
 - `heal` (never streamed): the whole model with LoRA (rank r, float32 adapters with their gradient
@@ -61,6 +64,9 @@ AWQ_WEIGHT_COPIES = 4
 # float32 temporaries of `fake_quantize` (asym4_g32, the Q4_K stand-in) beside its input and output, in units
 # of the matrix: 5.5 measured on 4096 x 11008 and on 2048 x 5632 (docs/BENCHMARKS.md)
 FAKE_QUANT_TEMPORARIES = 5.5
+# temporaries of `export_round` (F16 intermediate, libggml Q4_K/Q6_K with a matrix) beside its input and output:
+# 1.14 (Q4_K) and 1.21 (Q6_K) on 4096 x 11008, 1.24 on 5632 x 2048 (docs/BENCHMARKS.md)
+EXPORT_ROUND_TEMPORARIES = 1.2
 PERPLEXITY_BATCH = 4
 FLOAT32 = 4
 FLOAT64 = 8
@@ -110,18 +116,22 @@ def compression_memory(
     )
     states = 2 * eval_tokens * h * FLOAT32
     quantizer = int(FAKE_QUANT_TEMPORARIES * h * i * FLOAT32) if quant else 0
+    rounding = int((1 + EXPORT_ROUND_TEMPORARIES) * h * i * FLOAT32)  # the rounded copy and its temporaries
     if sequential:
         prune = max(
             2 * block + streams + quantizer, head + reference + activation_logits + streams, block + replacement
         )
         quantize = 2 * block + awq + quantizer
         perplexity = max(block + states, head + states + batch_logits)
+        perplexity_quantized = max(block + states + rounding, head + states + batch_logits)
     else:
         prune = model + max(streams + reference + activation_logits + quantizer, replacement)
         quantize = model + awq + quantizer
         perplexity = model + states + batch_logits
+        perplexity_quantized = model + max(rounding, states + batch_logits)
     stages: dict[str, Any] = {
         "perplexity": BASE_BYTES + perplexity,
+        "perplexity_quantized": BASE_BYTES + perplexity_quantized if quant else None,
         "prune": BASE_BYTES + prune if prune_layers > 0 else None,
         "quantize": BASE_BYTES + quantize if quant else None,
         "heal": heal_memory(facts, calib_sequences=calib_sequences, seq_len=seq_len, sixteen_bit=heal_sixteen_bit)
