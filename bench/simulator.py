@@ -381,7 +381,7 @@ def update_doc(summary: dict[str, Any]) -> None:
         f"Command: `{summary['command']}` (after `measure` and `calibrate`; raw: "
         "`docs/benchmarks/simulator_measurements.json`, `simulator_calibration.json`, `simulator_accuracy.json`). "
         f"Measured: the median of {'/'.join(map(str, summary.get('repeats') or [1]))} run(s) per job, rounds over "
-        "the whole grid. Speeds in tokens/s; error = predicted / measured - 1. Median absolute error: **{summary['median_abs_error_pct']} %** "
+        f"the whole grid. Speeds in tokens/s; error = predicted / measured - 1. Median absolute error: **{summary['median_abs_error_pct']} %** "
         f"(prefill {summary['median_abs_error_pct_prefill']} %, decode {summary['median_abs_error_pct_decode']} %); "
         f"{summary['within_15_pct']} of {summary['points']} predictions within 15 %.\n\n{table}\n"
     )
