@@ -128,6 +128,7 @@ def compression_table(compression: dict[str, Any]) -> Table:
     for stage in ("perplexity", "prune", "heal", "quantize", "perplexity_quantized"):
         value = compression.get(stage)
         label = "heal (16-bit, checkpointing)" if stage == "heal" and compression.get("heal_sixteen_bit") else stage
+        label = "perplexity of the quantized model" if stage == "perplexity_quantized" else label
         table.add_row(label, "-" if value is None else _gib(value))
     return table
 
