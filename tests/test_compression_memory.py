@@ -12,6 +12,7 @@ from toolkit.compress import heal as healing
 from toolkit.compress.prune.methods.activation import select_activation
 from toolkit.compress.quant import awq
 from toolkit.compress.stages import perplexity
+from toolkit.model.facts import ModelFacts, facts_from_config
 from toolkit.plan import compression_memory as estimate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _default(function: object, name: str) -> object:
     return inspect.signature(function).parameters[name].default  # type: ignore[arg-type]
+
+
+def _llama2_7b_facts(layers: int) -> ModelFacts:
+    """ModelFacts of Llama-2-7B's shapes (bf16) with `layers` decoder layers."""
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 11008, "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False, "dtype": "bfloat16",
+    }  # fmt: skip
+    return facts_from_config(config)
 
 
 def test_mirrored_awq_figures_are_awqs_defaults() -> None:
@@ -41,14 +52,7 @@ def test_mirrored_heal_figures_are_heals_defaults() -> None:
 def test_a_streamed_16_bit_model_heals_in_16_bits_and_the_estimate_says_so() -> None:
     """Llama-2-7B's shapes: float32 healing (26 GB of weights alone) does not fit a 24 GiB host; 16 bits with
     gradient checkpointing does (2P + adapters + one layer's activations)."""
-    from toolkit.model.facts import facts_from_config
-
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-        "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-        "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False, "dtype": "bfloat16",
-    }  # fmt: skip
-    facts = facts_from_config(config)
+    facts = _llama2_7b_facts(layers=32)
     assert facts.extra["dtype"] == "bfloat16"
     assert estimate.heals_in_sixteen_bits(True, "bfloat16") and estimate.heals_in_sixteen_bits(True, "float16")
     assert not estimate.heals_in_sixteen_bits(False, "bfloat16") and not estimate.heals_in_sixteen_bits(True, "float32")
@@ -77,14 +81,7 @@ def test_the_quantized_perplexity_adds_the_export_roundings_copy_of_the_largest_
     """The quantized model's perplexity rounds each linear as the export does before its forward: the block phase
     holds the rounded copy and libggml's temporaries of the largest linear on top of the plain figure; none
     without quantization."""
-    from toolkit.model.facts import facts_from_config
-
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-        "intermediate_size": 11008, "num_hidden_layers": 28, "num_attention_heads": 32, "num_key_value_heads": 32,
-        "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False, "dtype": "bfloat16",
-    }  # fmt: skip
-    facts = facts_from_config(config)
+    facts = _llama2_7b_facts(layers=28)
     common = {"calib_sequences": 2, "seq_len": 64, "eval_sequences": 16, "prune_layers": 0, "sequential": True}
     quantized = estimate.compression_memory(facts, quant=True, **common)
     plain = estimate.compression_memory(facts, quant=False, **common)

@@ -64,17 +64,22 @@ class GgmlLegacyGrid(QuantGrid):
     group_size: int = GGML_BLOCK
     row_multiple: int = GGML_BLOCK
 
+    def _quantize_blocks(
+        self, blocks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+        """(step, float codes, zero point, minimum or None) of float32 ``[out, n_blocks, 32]`` blocks."""
+        if self.ggml_type == "Q8_0":
+            return _quantize_q8_0(blocks)
+        if self.symmetric:
+            return _quantize_centred(blocks, self.bits)
+        return _quantize_min_offset(blocks, self.bits)
+
     def fake_quantize(self, weight: torch.Tensor, clip_ratio: torch.Tensor | None = None) -> torch.Tensor:
         """``quantize(...).dequantize()`` without the integer codes: the same float32 operations in the same
         order (so bit-identical) and fewer temporaries; AWQ's searches call it once per candidate."""
         prepared = self._prepare(weight, clip_ratio)
         blocks = prepared.reshape(weight.shape[0], -1, GGML_BLOCK)
-        if self.ggml_type == "Q8_0":
-            step, codes, zero, minimum = _quantize_q8_0(blocks)
-        elif self.symmetric:
-            step, codes, zero, minimum = _quantize_centred(blocks, self.bits)
-        else:
-            step, codes, zero, minimum = _quantize_min_offset(blocks, self.bits)
+        step, codes, zero, minimum = self._quantize_blocks(blocks)
         values = codes.sub_(zero).mul_(step.to(torch.float16).to(torch.float32).unsqueeze(-1))  # codes: a temporary
         if minimum is not None:
             values.add_(minimum.to(torch.float16).to(torch.float32).unsqueeze(-1))
@@ -83,12 +88,7 @@ class GgmlLegacyGrid(QuantGrid):
     def _quantize_float32(self, weight: torch.Tensor, in_features: int) -> QuantizedWeight:
         out_features = weight.shape[0]
         blocks = weight.reshape(out_features, -1, GGML_BLOCK)
-        if self.ggml_type == "Q8_0":
-            step, codes, zero, minimum = _quantize_q8_0(blocks)
-        elif self.symmetric:
-            step, codes, zero, minimum = _quantize_centred(blocks, self.bits)
-        else:
-            step, codes, zero, minimum = _quantize_min_offset(blocks, self.bits)
+        step, codes, zero, minimum = self._quantize_blocks(blocks)
         step_stored = step.to(torch.float16)
         fields = {"d": step_stored}
         offsets = None
