@@ -77,10 +77,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     del teacher_model
     student = AutoModelForCausalLM.from_pretrained(stages[-1], dtype=torch.float32, trust_remote_code=False).eval()
     before = _kl(reference, _log_probs(student, held))
+    labels = data.heal_labels if args.kd_positions == "answers" else None
     load = load_average()
     start = time.perf_counter()
     result = heal(
-        student, tokenizer, data.heal_ids, train_labels=data.heal_labels, lr=args.lr, max_steps=args.steps,
+        student, tokenizer, data.heal_ids, train_labels=labels, lr=args.lr, max_steps=args.steps,
         rank=args.rank, alpha=2.0 * args.rank, seed=0, progress=False, teacher=teacher,
     )  # fmt: skip
     seconds = time.perf_counter() - start
@@ -92,6 +93,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rank": args.rank,
         "alpha": 2.0 * args.rank,
         "objective": "kd",
+        "kd_positions": args.kd_positions,
+        "positions_counted": int((labels[:, 1:] != -100).sum()) if labels is not None else int(data.heal_ids[:, 1:].numel()),
+        "positions": int(data.heal_ids[:, 1:].numel()),
         "kl_unhealed": round(before, 4),
         "kl_healed": round(_kl(reference, _log_probs(result.model.eval(), held)), 4),
         "final_loss": result.record.final_loss,
@@ -108,6 +112,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument(
+        "--kd-positions", choices=("answers", "all"), default="answers",
+        help="positions the distillation loss counts: the answers (the LM loss's mask) or every position",
+    )  # fmt: skip
     args = parser.parse_args()
     row = run(args)
     print(row)
