@@ -107,6 +107,19 @@ def test_bytes_of_a_decode_epoch(facts, cpu_profile):
     assert len(step.segments) == 5 and step.link_seconds == 0
 
 
+def test_the_onnx_export_copies_its_kv_cache_every_call(facts, cpu_profile):
+    """optimum's graph writes present = Concat(past, new) into a fresh tensor: each call reads the past once more
+    and writes all of it, where llama.cpp appends in place (test above)."""
+    w = make_workload(facts, Deployment("onnx", "int4_b32", runtime="onnxruntime"), cpu_profile)
+    target = make_target(cpu_profile, "onnxruntime", record=UNIT)
+    kv_token_layer = 2 * 2 * 16 * 4.0  # K and V x kv_heads x head_dim x float32
+    for cached, tokens in ((100, 1), (256, 128)):
+        layer0 = epoch(w, target, Placement("device", 4), cached, tokens, tokens).segments[0]
+        activations = tokens * 64 * 4
+        assert layer0.read_bytes == w.layer_bytes[0] + kv_token_layer * (2 * cached + tokens) + activations
+        assert layer0.written_bytes == kv_token_layer * (cached + tokens) + activations
+
+
 def test_epoch_time_is_the_roofline_max(facts, cpu_profile):
     w = workload(facts, cpu_profile)
     target = make_target(cpu_profile, "llama.cpp", threads=1, record=UNIT)  # 1 of 2 cores: half the peak

@@ -23,7 +23,9 @@ Placement (what lives where):
 Per epoch and per segment (each decoder layer, the head), bytes at the tier that holds them and FLOPs:
   weights     the layer's tensors at their stored size (toolkit.plan.workload: the GGUF's own table or the
               memory estimator's)
-  KV read     2 x kv_heads x head_dim x (p + T) x element bytes; KV written: the same for T tokens
+  KV read     2 x kv_heads x head_dim x (p + T) x element bytes; KV written: the same for T tokens. The ONNX
+              export copies its cache every call (present = Concat(past, new), a fresh tensor): + p read and
+              + p written
   activations the residual stream in and out: 2 x T x hidden x 4
   FLOPs       2 x T x layer matrix elements (integer peak for quantized weights, float peak otherwise)
               + attention 4 x T x (p + (T + 1) / 2) x heads x head_dim (float peak)
@@ -400,6 +402,8 @@ def epoch(
         else:
             layer.float_flops += matmul_flops
         kv_read, kv_written = kv_token * (cached + tokens), kv_token * tokens
+        if workload.kv_copied_per_call:  # Concat(past, new) -> present: the past read and written once more
+            kv_read, kv_written = kv_read + kv_token * cached, kv_written + kv_token * cached
         if placement.kv_on_spill and on_model:
             segments.append(Segment(target.cpu, spill, kv_read, kv_written, float_flops=attention_flops))
             qkv = tokens * (facts.num_heads + 2 * facts.num_kv_heads) * facts.head_dim * F32
