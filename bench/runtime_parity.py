@@ -51,6 +51,7 @@ from bench.common import (
     command_line,
     load_average,
     markdown_table,
+    read_json,
     replace_section,
     short_command,
     utc_now,
@@ -380,6 +381,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def merge_earlier(record: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
+    """`--only` re-measures some files: keep the earlier record's other files, each marked with the run that
+    measured it (`earlier_runs`), in ARTIFACTS order."""
+    order = [f"{format_name}/{quant}" for format_name, quant in ARTIFACTS]
+    kept = {key: entry for key, entry in earlier.get("artifacts", {}).items() if key not in record["artifacts"]}
+    if not kept:
+        return record
+    run_of = {key: "earlier" for key in kept}
+    runs = {"earlier": {name: earlier.get(name) for name in ("command", "started", "finished", "reps")}}
+    artifacts = {**kept, **record["artifacts"]}
+    comparisons = [row for row in earlier.get("comparisons", []) if row["artifact"] in kept]
+    comparisons += record["comparisons"]
+    rank = {key: position for position, key in enumerate(order)}
+    return {
+        **record,
+        "artifacts": dict(sorted(artifacts.items(), key=lambda item: rank.get(item[0], len(order)))),
+        "comparisons": sorted(comparisons, key=lambda row: rank.get(row["artifact"], len(order))),
+        "earlier_runs": {"artifacts": run_of, **runs},
+    }
+
+
 def write_docs(record: dict[str, Any]) -> None:
     """The docs/RUNTIMES.md section: commands, the side-by-side table and the load averages."""
     rows = [
@@ -451,10 +473,25 @@ def write_docs(record: dict[str, Any]) -> None:
             "",
             f"Measured {record['started']} to {record['finished']}; load average {record['loadavg_start']} at the "
             f"start, {record['loadavg_end']} at the end (1, 5, 15 min; this 2-core machine is shared).",
+            *_earlier_line(record),
         ]
     )
     current = DOC.read_text(encoding="utf-8")
     write_text_atomic(DOC, replace_section(current, MARKER, body))
+
+
+def _earlier_line(record: dict[str, Any]) -> list[str]:
+    """Which rows an earlier run measured, when `--only` re-measured the others."""
+    earlier = record.get("earlier_runs")
+    if not earlier:
+        return []
+    run = earlier["earlier"]
+    keys = ", ".join(earlier["artifacts"])
+    return [
+        "",
+        f"The rows of {keys} are from the earlier run `{short_command(run['command'])}` ({run['started']} to "
+        f"{run['finished']}, {run['reps']} runs each); the others from the command above (`--only`).",
+    ]
 
 
 def main() -> None:
@@ -471,6 +508,8 @@ def main() -> None:
         Path(out).write_text(json.dumps(result), encoding="utf-8")
         return
     record = run(args)
+    if args.only and RESULTS.is_file():
+        record = merge_earlier(record, read_json(RESULTS))
     write_json_atomic(RESULTS, record)
     if not args.no_docs:
         write_docs(record)

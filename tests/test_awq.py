@@ -285,58 +285,6 @@ def test_alpha_search_is_recorded_and_a_bad_name_refused() -> None:
         AwqSearch(_tiny_llama(layers=1), ids, SCHEME, alpha_search="golden")
 
 
-def _layer1_matrix_and_hooked(next_inputs: str, clip: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """AWQ of a 2-layer model (float32 pass, no export matrix): layer 1's q_proj matrix sum_t x^2 as the search
-    gathered it, and as hooked on the result with layer 0's linears rounded as exported (f16, then the grid),
-    and on the result as it is (float; without clipping the folded model computes the original's function)."""
-    from toolkit.compress.quant.awq import _capture_layer0_inputs
-    from toolkit.compress.quant.rtn import decoder_layers
-
-    model = _tiny_llama()
-    ids = _ids(8, 32, 5)
-    search = AwqSearch(model, ids, SCHEME, n_grid=2, clip=clip, search_tokens=64, propagation="float32",
-                       next_inputs=next_inputs)  # fmt: skip
-    layers = decoder_layers(model)
-    inputs = _capture_layer0_inputs(model, layers, search.batches)
-    for index, layer in enumerate(layers):
-        inputs = search.layer(index, layer, inputs)
-    gathered = torch.from_numpy(search.in_sum2["model.layers.1.self_attn.q_proj.weight"])
-
-    def hooked() -> torch.Tensor:
-        sums = torch.zeros(64, dtype=torch.float64)
-
-        def hook(_module: torch.nn.Module, args: tuple, _output: torch.Tensor) -> None:
-            sums.add_(args[0].reshape(-1, 64).to(torch.float64).pow(2).sum(0))
-
-        handle = layers[1].self_attn.q_proj.register_forward_hook(hook)
-        with torch.no_grad():
-            model(ids)
-        handle.remove()
-        return sums.to(torch.float32)
-
-    floating = hooked()
-    with torch.no_grad():
-        for name, module in layers[0].named_modules():
-            if isinstance(module, torch.nn.Linear):
-                grid = get_grid(search.roundings[f"model.layers.0.{name}"].type_name)
-                module.weight.copy_(grid.fake_quantize(module.weight.half().float()))
-    return gathered, hooked(), floating
-
-
-def test_quantized_next_inputs_gather_the_quantized_models_activations() -> None:
-    """next_inputs="quantized": layer 1 is searched on layer 0's output with its linears rounded as exported, so
-    its matrix equals sum x^2 hooked on that model; "float" (llm-awq) gathers the float model's. A bad name is
-    refused."""
-    gathered, quantized, floating = _layer1_matrix_and_hooked("quantized", clip=True)
-    torch.testing.assert_close(gathered, quantized, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(gathered, floating, rtol=1e-3)  # rounding layer 0 moved layer 1's inputs
-    gathered, quantized, floating = _layer1_matrix_and_hooked("float", clip=False)
-    torch.testing.assert_close(gathered, floating, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(gathered, quantized, rtol=1e-3)
-    with pytest.raises(BedsideError, match="next_inputs must be one of float, quantized, got 'int8'"):
-        AwqSearch(_tiny_llama(layers=1), _ids(4, 32, 3), SCHEME, next_inputs="int8")
-
-
 def test_kquant_search_uses_stand_in_grid() -> None:
     assert search_grid_for("Q4_K_M").name == "asym4_g32"
     assert search_grid_for("Q4_K_M", 512).name == "asym4_g32"

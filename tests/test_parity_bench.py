@@ -157,3 +157,27 @@ def test_mean_rate_is_the_mean_of_per_run_rates() -> None:
     assert mean_rate(100, [1.0, 0.5]) == pytest.approx((100 + 200) / 2)
     with pytest.raises(BedsideError):
         mean_rate(100, [])
+
+
+def test_only_keeps_the_earlier_runs_other_files_in_order() -> None:
+    """`--only Q4_K_M` re-measures one file: the earlier record's other files and rows stay, marked as earlier."""
+    from bench.runtime_parity import merge_earlier
+
+    def row(key: str, ratio: float) -> dict:
+        return {"artifact": key, "setting": "s", "prefill_ratio": ratio, "decode_ratio": ratio}
+
+    earlier = {
+        "command": "python -m bench.runtime_parity --reps 5", "started": "t0", "finished": "t1", "reps": 5,
+        "artifacts": {"gguf/Q8_0": {"a": 1}, "gguf/Q4_K_M": {"a": 2}, "onnx/int4_b32": {"a": 3}},
+        "comparisons": [row("gguf/Q8_0", 1.0), row("gguf/Q4_K_M", 0.9), row("onnx/int4_b32", 1.3)],
+    }  # fmt: skip
+    new = {"reps": 9, "artifacts": {"gguf/Q4_K_M": {"a": 4}}, "comparisons": [row("gguf/Q4_K_M", 1.0)]}
+    merged = merge_earlier(new, earlier)
+    assert list(merged["artifacts"]) == ["gguf/Q8_0", "gguf/Q4_K_M", "onnx/int4_b32"]
+    assert merged["artifacts"]["gguf/Q4_K_M"] == {"a": 4}
+    assert [(r["artifact"], r["prefill_ratio"]) for r in merged["comparisons"]] == [
+        ("gguf/Q8_0", 1.0), ("gguf/Q4_K_M", 1.0), ("onnx/int4_b32", 1.3)
+    ]  # fmt: skip
+    assert merged["earlier_runs"]["artifacts"] == {"gguf/Q8_0": "earlier", "onnx/int4_b32": "earlier"}
+    assert merged["earlier_runs"]["earlier"]["reps"] == 5
+    assert merge_earlier(new, {"artifacts": {"gguf/Q4_K_M": {}}}) is new  # nothing else to keep

@@ -90,7 +90,6 @@ DEFAULT_CALIBRATION = DEFAULT_DATA
 IMATRIX_NAME = "imatrix.gguf"
 AWQ_PROPAGATION = "auto"  # bfloat16 for the non-search sequences where the CPU multiplies it natively
 AWQ_ALPHA_SEARCH = "refine"  # coarse half of the alphas, then the best one's neighbours (awq.ALPHA_SEARCHES)
-AWQ_NEXT_INPUTS = "float"  # each layer's inputs: the float layer's outputs (llm-awq) or quantized (awq.NEXT_INPUTS)
 SEQUENTIAL_MODES: tuple[str, ...] = ("auto", "on", "off")
 # Selection methods with a block-by-block form (toolkit.compress.sequential.scoring; `last` needs no forward).
 SEQUENTIAL_SELECTION_METHODS: tuple[str, ...] = ("activation", "block-influence", "angular", "last")
@@ -564,7 +563,6 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             search_rounding=options.awq_search_rounding,
             propagation=propagation,
             alpha_search=AWQ_ALPHA_SEARCH,
-            next_inputs=AWQ_NEXT_INPUTS,
         )
     if options.quant_method == "imatrix":
         inputs.update(calibration=data.calibration["blocks_sha256"])
@@ -586,7 +584,6 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         result = awq(
             model, data.calib_ids, scheme, imatrix_path=imatrix, progress=runner.progress, seed=options.seed,
             search_rounding=options.awq_search_rounding, propagation=propagation, alpha_search=AWQ_ALPHA_SEARCH,
-            next_inputs=AWQ_NEXT_INPUTS,
         )  # fmt: skip
         record = dict(result.record)
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None  # relative to the stage folder
@@ -613,7 +610,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             lazy, folder, data.calib_ids, scheme, imatrix_path=imatrix, seed=options.seed,
             extra_source=runner.source, dtype=runner.storage_dtype, on_layer=on_layer,
             search_rounding=options.awq_search_rounding, propagation=propagation,
-            alpha_search=AWQ_ALPHA_SEARCH, next_inputs=AWQ_NEXT_INPUTS,
+            alpha_search=AWQ_ALPHA_SEARCH,
         )
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None
         details = {

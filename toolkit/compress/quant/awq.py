@@ -42,11 +42,8 @@ Per decoder layer ``l`` (inputs ``X_l`` = outputs of layer ``l-1`` of the float 
 5. **Importance matrix** (llama.cpp ``imatrix``) from the same pass, for every linear of the layer
    (o_proj too where no group scales it): the inputs of a linear after folding are ``x / s``, so
    ``in_sum2_j = sum_t x_tj^2 / s_j^2`` and ``counts = tokens``; the export passes this file to llama.cpp.
-6. The next layer's inputs (``next_inputs``): ``float``, this layer's float outputs from pass 1 (as llm-awq
-   does; folding is exact, so they equal the scaled float model's outputs up to the clipping), or
-   ``quantized``, its outputs with every linear rounded as exported, ``W <- export_round(W')`` (a second pass
-   over all tokens, as GPTQ and llm-compressor's sequential pipeline propagate), so that each layer's
-   statistics, search and matrix see the inputs the quantized model will give it.
+6. The next layer's inputs are this layer's float outputs from pass 1 (as llm-awq does; folding is
+   exact, so they equal the scaled float model's outputs up to the clipping).
 
 **The rounding searched is the rounding exported.** Each linear is stored in the type llama.cpp's
 per-tensor rules give it (``export_rounding.linear_roundings``: ``Q4_K_M`` writes some ``attn_v`` /
@@ -94,7 +91,6 @@ CLIP_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(1
 NO_CLIP_LINEARS: tuple[str, ...] = ("q_proj", "k_proj")
 SEARCH_ROUNDINGS: tuple[str, ...] = ("rerank", "exact", "emulated")
 PROPAGATIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
-NEXT_INPUTS: tuple[str, ...] = ("float", "quantized")
 ALPHA_SEARCHES: tuple[str, ...] = ("refine", "grid")
 CLIP_RERANK_STEPS: tuple[float, ...] = (0.0, 0.05, -0.05)  # around the emulated best ratio, plus ratio 1
 CLIP_OUT_ROWS = 256  # output rows per clip-error product (memory: 256 x in float64 differences)
@@ -570,8 +566,6 @@ class AwqSearch:
             statistics ``mean|x|``, ``mean x^2`` and the next layer's inputs): ``bfloat16`` (CPU autocast),
             ``float32``, or ``auto`` (bfloat16 where the CPU multiplies it natively). The search sequences,
             whose outputs are the loss's reference, always run in float32.
-        next_inputs: ``float`` (the float layer's outputs, as llm-awq) or ``quantized`` (the outputs with the
-            layer's linears rounded as exported: one more pass per layer); module docstring, step 6.
     """
 
     @torch.no_grad()
@@ -593,11 +587,8 @@ class AwqSearch:
         rerank: int = 3,
         propagation: str = "auto",
         alpha_search: str = "refine",
-        next_inputs: str = "float",
     ) -> None:
         self.start_time = time.perf_counter()
-        if next_inputs not in NEXT_INPUTS:
-            raise BedsideError(f"next_inputs must be one of {', '.join(NEXT_INPUTS)}, got {next_inputs!r}")
         if calib_ids.ndim != 2 or calib_ids.shape[0] < 1:
             raise BedsideError(f"calibration ids must be [n_sequences, seq_len], got {tuple(calib_ids.shape)}")
         if n_grid < 1:
@@ -642,7 +633,6 @@ class AwqSearch:
         self.search_rounding = search_rounding
         self.rerank = rerank
         self.alpha_search = alpha_search
-        self.next_inputs = next_inputs
         self.alphas_evaluated = 0
 
         # Whole sequences for the search, evenly spread; they form the first mini-batches.
@@ -681,9 +671,7 @@ class AwqSearch:
                 low = self.propagation == "bfloat16" and batch not in self.search_batches
                 with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=low):
                     output = _first_output(layer(hidden, **kwargs)).detach()
-                if self.next_inputs == "float":
-                    outputs.append((output.to(hidden.dtype), kwargs))
-                del output
+                outputs.append((output.to(hidden.dtype), kwargs))
         finally:
             stats.remove()
         release_free_heap()  # the pass's activations, before the search allocates its own
@@ -789,45 +777,9 @@ class AwqSearch:
         order = {group.prev_op: position for position, group in enumerate(family.awq_groups)}
         record_groups.sort(key=lambda entry: order[entry["prev_op"]])  # table order
         self.layer_records.append({"layer": index, "groups": record_groups, "clip": clip_record})
-        tokens = stats.tokens
         del stats
         release_free_heap()  # the layer's freed activations back to the OS, not left to fragment the heap
-        if self.next_inputs == "quantized":
-            matrices = {name: self.in_sum2[f"{prefix}.{name}.weight"] / tokens for name in linear_names}
-            outputs = self._quantized_outputs(layer, prefix, linear_names, matrices, inputs)
         return outputs  # 6. next layer's inputs
-
-    @torch.no_grad()
-    def _quantized_outputs(
-        self,
-        layer: nn.Module,
-        prefix: str,
-        linear_names: Sequence[str],
-        matrices: dict[str, Any],
-        inputs: list[tuple[torch.Tensor, dict[str, Any]]],
-    ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-        """Step 6, ``quantized``: the layer's outputs with each linear rounded as the export rounds it (its
-        folded, clipped weight and the scaled model's matrix), the float weights put back afterwards."""
-        kept: dict[str, torch.Tensor] = {}
-        try:
-            for name in linear_names:
-                rounding = self.roundings[f"{prefix}.{name}"]
-                if not rounding.quantized:
-                    continue
-                linear = layer.get_submodule(name)
-                kept[name] = linear.weight.data
-                rounded = export_round(linear.weight.data, rounding, torch.from_numpy(matrices[name]))
-                linear.weight.data = rounded.to(kept[name].dtype)
-            outputs = []
-            for batch, (hidden, kwargs) in enumerate(inputs):
-                low = self.propagation == "bfloat16" and batch not in self.search_batches
-                with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=low):
-                    output = _first_output(layer(hidden, **kwargs)).detach()
-                outputs.append((output.to(hidden.dtype), kwargs))
-            return outputs
-        finally:
-            for name, weight in kept.items():
-                layer.get_submodule(name).weight.data = weight
 
     def finish(self) -> dict[str, Any]:
         """Write the importance matrix (when asked) and return the run's record."""
@@ -876,7 +828,6 @@ class AwqSearch:
             "alphas": self.alphas,
             "alpha_search": self.alpha_search,  # refine: coarse half of the alphas, then the best one's neighbours
             "alphas_evaluated": self.alphas_evaluated,  # over all groups and layers
-            "next_inputs": self.next_inputs,  # float (llm-awq) | quantized (each layer's exported rounding)
             "loss": "inspect-module output MSE (attention block for q,k,v; MLP for gate,up; linear otherwise)",
             "clip": self.clip,
             "clip_ratios": list(self.clip_ratios) if self.clip else [],
