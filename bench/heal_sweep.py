@@ -5,7 +5,8 @@
 A fast proxy for bench 8's healed rows (which add AWQ, the GGUF export and llama.cpp): bench 8's
 `pruned-activation+linear+awq` prune stage (6 of 30 layers removed by activation selection, each removed span
 replaced by its fitted linear map; float weights) is healed with LoRA by distillation (`--heal-objective kd`,
-the pipeline's data: 64 x 512 PubMedQA/MedQuAD calibration tokens, answer-only targets), and scored in float
+the pipeline's data: 64 x 512 PubMedQA/MedQuAD calibration tokens, answer-only targets; `--heal-sequences N`
+heals on N sequences of the same calibration file, `--kd-positions all` counts every position), and scored in float
 against the demo model on 8 x 512 tokens of bench 8's evaluation text: mean over positions of
 KL(demo || healed), in nats. Each run appends one row (settings, KL before and after, seconds) to
 docs/benchmarks/heal_sweep.json. Needs bench 8's cache (`python -m bench.quant_methods` first).
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_auto_tokenizer(demo)
     options = CompressOptions(
         prune_layers=6, quant="Q4_0", calib=str(root / "data" / "calibration.jsonl"),
-        eval_data=str(root / "data" / "evaluation.jsonl"), calib_sequences=64, seq_len=SEQ_LEN, eval_sequences=1,
+        eval_data=str(root / "data" / "evaluation.jsonl"), calib_sequences=args.heal_sequences, seq_len=SEQ_LEN,
+        eval_sequences=1,
     )  # fmt: skip  (bench 8's pruned rows)
     data = _prepare_data(tokenizer, options)
     held = make_blocks(
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "alpha": 2.0 * args.rank,
         "objective": "kd",
         "kd_positions": args.kd_positions,
+        "heal_sequences": args.heal_sequences,
         "positions_counted": int((labels[:, 1:] != -100).sum()) if labels is not None else int(data.heal_ids[:, 1:].numel()),
         "positions": int(data.heal_ids[:, 1:].numel()),
         "kl_unhealed": round(before, 4),
@@ -112,6 +115,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument(
+        "--heal-sequences", type=int, default=64,
+        help="512-token calibration sequences to heal on (default 64: bench 8's calibration)",
+    )  # fmt: skip
     parser.add_argument(
         "--kd-positions", choices=("answers", "all"), default="answers",
         help="positions the distillation loss counts: the answers (the LM loss's mask) or every position",
