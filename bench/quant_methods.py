@@ -2,7 +2,7 @@
 
 Rows: plain (RTN) / imatrix (llama.cpp) / AWQ at Q4_0 and Q4_K_M; then 6 of 30 layers removed + Q4_0 by
 block influence (ShortGPT) + RTN, by activation selection + AWQ, and by activation selection + the linear
-replacement + AWQ (Bedside's default), each unhealed and healed (LoRA, the pipeline's default 40 steps).
+replacement + AWQ (Bedside's default), each unhealed and healed (LoRA distillation, HEAL_SETTINGS).
 
 Run from the repository root (resumes: finished rows in the JSON are skipped; `--fresh` measures again):
 
@@ -80,6 +80,10 @@ PRUNED_VARIANTS: dict[str, tuple[str, str, str, str]] = {
 }
 BASELINE_VARIANT, BEDSIDE_VARIANT = "block-influence+rtn", "activation+linear+awq"
 HEAL_STATES: tuple[str, ...] = ("unhealed", "healed")
+# The healed rows: distillation on 480 x 512 tokens of the calibration file, 120 LoRA steps at rank 16, lr 1e-3
+# (bench/heal_sweep.py, docs/benchmarks/heal_sweep.json: the float proxy at 64 sequences overfits, 0.503 nats held
+# apart; at 480 sequences 0.413). The pipeline's defaults (64 sequences, 40 steps, rank 8, lr 2e-4) are for deploys.
+HEAL_SETTINGS: dict[str, Any] = {"heal_sequences": 480, "heal_steps": 120, "heal_lr": 1e-3, "heal_rank": 16}
 TARGET_AWQ_SECONDS = 60.0
 TARGET_PEAK_BYTES = 1.5e9
 
@@ -163,7 +167,7 @@ def child(scheme: str, method: str, result_path: Path, threads: int) -> None:
         export_dir = out / f"gguf-{heal_state}"
         options = CompressOptions(
             prune_layers=PRUNE_LAYERS, method=selection, replace=replace, quant_method=quant_method,
-            heal=heal_state == "healed", **common,
+            heal=heal_state == "healed", **(HEAL_SETTINGS if heal_state == "healed" else {}), **common,
         )  # fmt: skip
     else:
         quant_method = PIPELINE_METHOD[method]
@@ -192,7 +196,7 @@ def child(scheme: str, method: str, result_path: Path, threads: int) -> None:
         "stage_resumed": {name: entry.get("resumed") for name, entry in record["stages"].items() if entry},
         "heal": {
             key: (record.get("heal") or {}).get(key, "ce" if key == "objective" else None)
-            for key in ("steps", "initial_loss", "final_loss", "objective")
+            for key in ("steps", "initial_loss", "final_loss", "objective", "rank", "learning_rate", "loss_tokens")
         }
         if record.get("heal")
         else None,
@@ -299,9 +303,11 @@ def report(results: dict[str, Any]) -> str:
         '`evaluate(gguf, reference="demo")` on the held-apart medical text (512-token windows, 4096 tokens). '
         "plain = RTN (no matrix), imatrix = llama.cpp's importance matrix of the unscaled model, awq = Bedside's "
         "AWQ searched on the export's rounding, exported with the scaled model's matrix. Pruned rows: "
-        f"{PRUNE_LAYERS} layers removed, {PRUNED_SCHEME}; healed = LoRA with the pipeline's defaults on the same "
-        "calibration (kd: distilling the unpruned model's top-64 log-probabilities, the default; ce: the LM "
-        "loss). Quantize stage = AWQ or gathering the matrix; compress = the whole `compress` call "
+        f"{PRUNE_LAYERS} layers removed, {PRUNED_SCHEME}; healed = LoRA on the same calibration file (kd: distilling "
+        "the unpruned model's top-64 log-probabilities at every position, the default; ce: the LM loss), "
+        f"{HEAL_SETTINGS['heal_sequences']} x 512 tokens, {HEAL_SETTINGS['heal_steps']} steps, rank "
+        f"{HEAL_SETTINGS['heal_rank']}, lr {HEAL_SETTINGS['heal_lr']:g} (`--heal-sequences --heal-steps --heal-rank "
+        "--heal-lr`); rows measured before those settings say so in the JSON (`heal`). Quantize stage = AWQ or gathering the matrix; compress = the whole `compress` call "
         "(a healed row resumes its variant's prune stage); process peak = VmHWM of the process running compress. "
         f"Threads: {results.get('threads')}; 1-minute load average at the start and end of the rows: "
         f"{_load_range(results)} on 2 cores (times under load overstate an idle machine's).",

@@ -337,6 +337,30 @@ def test_no_layer_removed_skips_prune_and_heal(tiny, tmp_path):
     assert record["quality"]["quantized"] == pytest.approx(record["quality"]["original"], rel=0.2)
 
 
+def test_heal_settings_and_distillation_over_every_position(tiny, tmp_path):
+    """--heal-sequences draws its own healing blocks, --heal-rank / --heal-lr reach LoRA, and on question/answer
+    data distillation counts every position (the teacher's distribution is a target everywhere) where the LM
+    loss counts the answers only."""
+    folder, _corpus = tiny
+    data = tmp_path / "qa.jsonl"
+    rows = [{"question": f"Is finding {i} normal?", "answer": corpus_text(i, 1), "context": f"finding {i}"}
+            for i in range(40)]  # fmt: skip
+    data.write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
+    records = {}
+    for objective in ("kd", "ce"):
+        options = CompressOptions(
+            prune_layers=1, method="last", calib=str(data), calib_sequences=2, seq_len=32, eval_sequences=1,
+            heal_sequences=6, heal_steps=2, heal_rank=4, heal_lr=1e-3, heal_objective=objective,
+        )  # fmt: skip
+        records[objective] = compress(folder, tmp_path / objective, options, progress=False).record
+    kd, ce = records["kd"]["heal"], records["ce"]["heal"]
+    assert (kd["rank"], kd["alpha"], kd["learning_rate"]) == (4, 8.0, 1e-3)
+    assert kd["tokens_seen"] == 2 * 4 * 32  # two steps of four blocks: six healing blocks, not two
+    assert kd["loss_tokens"] == 2 * 4 * 31  # every position that has a next token
+    assert 0 < ce["loss_tokens"] < kd["loss_tokens"]  # the answers only
+    assert records["kd"]["options"]["heal_sequences"] == 6
+
+
 def test_question_answer_data_without_answers_in_the_blocks_is_refused(tiny, tmp_path):
     folder, _corpus = tiny
     data = tmp_path / "qa.jsonl"
@@ -421,6 +445,10 @@ def test_options_from_plan_takes_the_chosen_candidate_and_flags_override():
         (CompressOptions(quant="Q4_0", quant_method="gptq"), "awq, rtn"),
         (CompressOptions(quant="Q4_0", calib_sequences=0), "between 1 and 128"),
         (CompressOptions(prune_layers=1, heal_objective="mse"), "--heal-objective must be one of kd, ce"),
+        (CompressOptions(prune_layers=1, heal_sequences=0), "--heal-sequences must be between 1 and 1024, got 0"),
+        (CompressOptions(prune_layers=1, heal_sequences=2000), "--heal-sequences must be between 1 and 1024"),
+        (CompressOptions(prune_layers=1, heal_lr=0.0), "--heal-lr must be positive, got 0.0"),
+        (CompressOptions(prune_layers=1, heal_rank=0), "--heal-rank must be at least 1, got 0"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tiny, tmp_path, options, needle):

@@ -46,6 +46,7 @@ def test_mirrored_activation_and_perplexity_figures_are_their_defaults() -> None
 
 def test_mirrored_heal_figures_are_heals_defaults() -> None:
     assert healing.DEFAULT_RANK == estimate.HEAL_LORA_RANK
+    assert healing.KD_TOP_K == estimate.KD_TOP_K
     assert _default(healing.heal, "batch_size") == estimate.HEAL_BATCH
 
 
@@ -90,3 +91,18 @@ def test_the_quantized_perplexity_adds_the_export_roundings_copy_of_the_largest_
     assert quantized["perplexity_quantized"] == max(block_phase + extra, plain["perplexity"])
     assert quantized["perplexity_quantized"] > plain["perplexity"] == quantized["perplexity"]
     assert plain["perplexity_quantized"] is None
+
+
+def test_distillation_keeps_the_teachers_targets_of_every_healing_block() -> None:
+    """heal_sequences adds n x seq_len x KD_TOP_K x 12 bytes (float32 log-probs, int64 indices) when distilling in
+    float32; a 16-bit heal (the LM loss) keeps none, and there a higher LoRA rank adds its adapters' optimizer state
+    (in float32 the teacher phase is the larger one)."""
+    facts = _llama2_7b_facts(layers=4)
+    base = estimate.heal_memory(facts, calib_sequences=64, seq_len=512)
+    more = estimate.heal_memory(facts, calib_sequences=64, seq_len=512, heal_sequences=480)
+    assert more - base == (480 - 64) * 512 * estimate.KD_TOP_K * 12
+    sixteen = {n: estimate.heal_memory(facts, calib_sequences=64, seq_len=512, heal_sequences=n, sixteen_bit=True)
+               for n in (64, 480)}  # fmt: skip
+    assert sixteen[64] == sixteen[480]
+    ranked = estimate.heal_memory(facts, calib_sequences=64, seq_len=512, sixteen_bit=True, rank=16)
+    assert ranked - sixteen[64] == 4 * 4 * (16 - 8) * (8 * 4096 + 3 * (4096 + 11008)) * 4  # 4 layers

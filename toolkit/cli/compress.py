@@ -85,6 +85,15 @@ def compress_command(
     ] = None,
     no_heal: Annotated[bool, typer.Option("--no-heal", help="Skip LoRA healing after pruning.")] = False,
     heal_steps: Annotated[int | None, typer.Option("--heal-steps", help="LoRA optimizer steps.")] = None,
+    heal_sequences: Annotated[
+        int | None,
+        typer.Option(
+            "--heal-sequences",
+            help="Healing sequences from the calibration data (1-1024; default: --calib-sequences).",
+        ),
+    ] = None,
+    heal_lr: Annotated[float | None, typer.Option("--heal-lr", help="LoRA learning rate (default 2e-4).")] = None,
+    heal_rank: Annotated[int | None, typer.Option("--heal-rank", help="LoRA rank (alpha = 2 x rank; default 8).")] = None,
     heal_objective: Annotated[
         str | None,
         typer.Option(
@@ -132,6 +141,9 @@ def compress_command(
         "awq_search_rounding": awq_search_rounding,
         "replace": replace,
         "heal_steps": heal_steps,
+        "heal_sequences": heal_sequences,
+        "heal_lr": heal_lr,
+        "heal_rank": heal_rank,
         "heal_objective": heal_objective,
         "calib": calib,
         "eval_data": eval_data,

@@ -49,7 +49,14 @@ import torch
 
 from exporters.gguf_imatrix import read_imatrix
 from toolkit import __version__
-from toolkit.compress.heal import HEAL_OBJECTIVES, heal, question_answer_training_blocks, teacher_targets
+from toolkit.compress.heal import (
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_RANK,
+    HEAL_OBJECTIVES,
+    heal,
+    question_answer_training_blocks,
+    teacher_targets,
+)
 from toolkit.compress.prune import check_layer_indices, get_selection_method, remove_layers, select_layers
 from toolkit.compress.prune.replace import check_replace_mode, replace_removed_layers
 from toolkit.compress.quant import get_grid
@@ -84,6 +91,7 @@ if TYPE_CHECKING:
     from toolkit.plan.schema import Plan
 
 STAGES: tuple[str, ...] = ("prune", "heal", "quantize")
+MAX_HEAL_SEQUENCES = 1024  # healing blocks (the teacher's top-k targets: seq_len x 64 x 12 bytes each)
 QUANT_METHODS: tuple[str, ...] = tuple(QUANT_METHOD_REGISTRY)  # awq, rtn, imatrix
 MAX_CALIBRATION_SEQUENCES = 128
 DEFAULT_CALIBRATION = DEFAULT_DATA
@@ -171,6 +179,14 @@ def validate_options(options: CompressOptions, num_layers: int | None = None) ->
         raise BedsideError(f"eval sequences must be at least 1, got {options.eval_sequences}")
     if options.heal_steps < 1:
         raise BedsideError(f"--heal-steps must be at least 1, got {options.heal_steps}")
+    if options.heal_sequences is not None and not 1 <= options.heal_sequences <= MAX_HEAL_SEQUENCES:
+        raise BedsideError(
+            f"--heal-sequences must be between 1 and {MAX_HEAL_SEQUENCES}, got {options.heal_sequences}"
+        )
+    if not options.heal_lr > 0:
+        raise BedsideError(f"--heal-lr must be positive, got {options.heal_lr}")
+    if options.heal_rank < 1:
+        raise BedsideError(f"--heal-rank must be at least 1, got {options.heal_rank}")
     if options.heal_objective not in HEAL_OBJECTIVES:
         raise BedsideError(
             f"--heal-objective must be one of {', '.join(HEAL_OBJECTIVES)}, got {options.heal_objective!r}"
@@ -268,16 +284,23 @@ def _prepare_data(tokenizer: Any, options: CompressOptions, vision: VisionCalibr
     evaluation = make_blocks(
         eval_docs, tokenizer, options.seq_len, options.eval_sequences, options.seed, source=eval_source, expand=expand
     )
+    heal_sequences = options.heal_sequences or options.calib_sequences
     if any(document.is_question_answer for document in calib_docs):
         training = question_answer_training_blocks(
-            calib_docs, tokenizer, options.seq_len, options.calib_sequences, options.seed, source=source, expand=expand
+            calib_docs, tokenizer, options.seq_len, heal_sequences, options.seed, source=source, expand=expand
         )
         heal_ids, heal_labels = training.input_ids, training.labels
         if options.heal and training.loss_tokens == 0:
             raise BedsideError(
                 f"the question/answer data '{source}' has no answer token in its first "
-                f"{heal_ids.numel()} tokens (the prompts are longer): raise --calib-sequences or --seq-len"
+                f"{heal_ids.numel()} tokens (the prompts are longer): raise "
+                f"{'--heal-sequences' if options.heal_sequences else '--calib-sequences'} or --seq-len"
             )
+    elif heal_sequences != options.calib_sequences:
+        heal_ids = make_blocks(
+            calib_docs, tokenizer, options.seq_len, heal_sequences, options.seed, source=source, expand=expand
+        ).input_ids
+        heal_labels = None
     else:
         heal_ids, heal_labels = calib.input_ids, None
     if vision is not None:
@@ -498,12 +521,18 @@ def _heal_stage(
         "blocks": token_ids_sha256(data.heal_ids, data.heal_labels),
         **({"projector": True} if options.heal_projector else {}),
     }
+    if (options.heal_lr, options.heal_rank) != (DEFAULT_LEARNING_RATE, DEFAULT_RANK):
+        inputs.update(lr=options.heal_lr, rank=options.heal_rank)
     dtype = heal_dtype(runner.sequential, runner.storage_dtype)
     if dtype != torch.float32:
         inputs["dtype"] = str(dtype).removeprefix("torch.")
     objective, why_not_kd = _heal_objective(options, runner, dtype)
+    # Distillation counts every position: the teacher's distribution is a target at each one (the answer-only mask
+    # is the LM loss's, which must not teach the model to write the questions)
+    train_labels = None if objective == "kd" else data.heal_labels
     if objective == "kd":
         inputs["objective"] = "kd"
+        inputs["kd_positions"] = "all"
     input_hash = stage_hash("heal", previous, inputs)
 
     def compute(model: Any, _folder: Path) -> tuple[Any, dict[str, Any]]:
@@ -519,9 +548,12 @@ def _heal_stage(
             model,
             runner.tokenizer,
             data.heal_ids,
-            train_labels=data.heal_labels,
+            train_labels=train_labels,
             max_steps=options.heal_steps,
             max_seconds=options.heal_seconds,
+            lr=options.heal_lr,
+            rank=options.heal_rank,
+            alpha=2.0 * options.heal_rank,
             seed=options.seed,
             progress=runner.progress,
             modules_to_save=["multi_modal_projector"] if options.heal_projector else (),

@@ -41,7 +41,8 @@ Terms (bytes; P = parameters, L = layers, h = hidden, i = MLP width, V = vocabul
   x 4), plus the largest linear's float32 merge delta (h x i x 4). Logits in float32 either way.
   Distillation (`kd`, the default for text models healed in float32) first loads the unpruned model in
   float32 beside the student to take its top-k log-probabilities (4P + one batch's logits), freed before
-  training: the stage peaks in the larger of that phase and training.
+  training: the stage peaks in the larger of that phase and training, plus the top-k targets themselves,
+  kept for every healing block through both (n x seq_len x 64 x 12 bytes: 25 MB for 64 x 512 tokens).
 
 The constants are fitted on this host's measured peaks (bench/sequential.py); the estimate's error on
 the 1.1B- and 7B-shaped runs is in docs/BENCHMARKS.md.
@@ -150,6 +151,7 @@ def compression_memory(
 HEAL_BATCH = 4
 HEAL_ACTIVATION_COPIES = 16  # saved tensors per layer and token (attention + MLP) in float32, h-wide units
 HEAL_LORA_RANK = 8  # toolkit.compress.heal.DEFAULT_RANK
+KD_TOP_K = 64  # toolkit.compress.heal.KD_TOP_K: teacher log-probabilities kept per position
 ADAM_STATE_COPIES = 4  # an adapter parameter, its gradient and AdamW's two moments, float32 each
 SIXTEEN_BIT_DTYPES = ("bfloat16", "float16")
 
@@ -160,13 +162,24 @@ def heals_in_sixteen_bits(sequential: bool, dtype: str | None) -> bool:
     return sequential and dtype in SIXTEEN_BIT_DTYPES
 
 
-def heal_memory(facts: ModelFacts, *, calib_sequences: int, seq_len: int, sixteen_bit: bool = False) -> int:
+def heal_memory(
+    facts: ModelFacts,
+    *,
+    calib_sequences: int,
+    seq_len: int,
+    sixteen_bit: bool = False,
+    heal_sequences: int | None = None,
+    rank: int = HEAL_LORA_RANK,
+) -> int:
     """Healing's peak (module docstring): the model in float32 (or 16 bits with gradient checkpointing),
     then the larger of the teacher phase (distillation: the unpruned float32 model and a batch's logits) and
-    training (the LoRA adapters with their optimizer state, one batch's activations and its logits)."""
+    training (the LoRA adapters with their optimizer state, one batch's activations and its logits); with
+    distillation the teacher's top-k targets of every healing block (``heal_sequences``, default the calibration's)
+    stay resident through both: ``n x seq_len x KD_TOP_K x (4 + 8)`` bytes (float32 log-probs, int64 indices)."""
     h, i, layers = facts.hidden_size, facts.intermediate_size, facts.num_layers
-    tokens = min(HEAL_BATCH, calib_sequences) * seq_len
-    lora = ADAM_STATE_COPIES * FLOAT32 * HEAL_LORA_RANK * (8 * h + 3 * (h + i)) * layers
+    sequences = heal_sequences or calib_sequences
+    tokens = min(HEAL_BATCH, sequences) * seq_len
+    lora = ADAM_STATE_COPIES * FLOAT32 * rank * (8 * h + 3 * (h + i)) * layers
     layer_activations = tokens * (HEAL_ACTIVATION_COPIES * h + 3 * i) * FLOAT32
     logits = tokens * facts.vocab_size * FLOAT32 * LOGIT_COPIES
     training = lora + logits
@@ -178,4 +191,5 @@ def heal_memory(facts: ModelFacts, *, calib_sequences: int, seq_len: int, sixtee
         weights = FLOAT32 * facts.text_params
         training += layer_activations * layers
         teacher = FLOAT32 * facts.text_params + logits if facts.vision is None else 0
-    return BASE_BYTES + weights + max(teacher, training)
+    targets = sequences * seq_len * KD_TOP_K * (FLOAT32 + 8) if teacher else 0
+    return BASE_BYTES + weights + targets + max(teacher, training)
