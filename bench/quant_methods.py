@@ -83,7 +83,7 @@ HEAL_STATES: tuple[str, ...] = ("unhealed", "healed")
 # The healed rows: distillation on 480 x 512 tokens of the calibration file, 120 LoRA steps at rank 16, lr 1e-3
 # (bench/heal_sweep.py, docs/benchmarks/heal_sweep.json: the float proxy at 64 sequences overfits, 0.503 nats held
 # apart; at 480 sequences 0.413). The pipeline's defaults (64 sequences, 40 steps, rank 8, lr 2e-4) are for deploys.
-HEAL_SETTINGS: dict[str, Any] = {"heal_sequences": 480, "heal_steps": 120, "heal_lr": 1e-3, "heal_rank": 16}
+HEAL_SETTINGS: dict[str, Any] = {"heal_sequences": 800, "heal_steps": 200, "heal_lr": 1e-3, "heal_rank": 16}
 TARGET_AWQ_SECONDS = 60.0
 TARGET_PEAK_BYTES = 1.5e9
 
@@ -227,6 +227,16 @@ def child(scheme: str, method: str, result_path: Path, threads: int) -> None:
     write_json_atomic(result_path, row)
 
 
+def _heal_label(heal: dict[str, Any]) -> str:
+    """How a healed row healed: objective, steps, and (rows measured since they were recorded) rank, lr, tokens."""
+    parts = [heal.get("objective") or "ce", f"{heal.get('steps')} steps"]
+    if heal.get("rank") is not None:
+        parts += [f"rank {heal['rank']}", f"lr {heal['learning_rate']:g}"]
+    if heal.get("loss_tokens"):
+        parts.append(f"{heal['loss_tokens']:,} positions")
+    return ", ".join(parts)
+
+
 def _row_key(scheme: str, method: str) -> str:
     return f"{scheme}/{method}"
 
@@ -277,7 +287,7 @@ def report(results: dict[str, Any]) -> str:
                 layers = ", ".join(str(index) for index in row.get("layers_removed") or [])
                 state = heal_state
                 if row.get("heal"):
-                    state += f" ({row['heal'].get('objective', 'ce')})"
+                    state += f" ({_heal_label(row['heal'])})"
                 rows.append(_table_row(row, PRUNED_SCHEME, f"{PRUNE_LAYERS} ({layers})", f"{label}, {state}"))
     table = markdown_table(
         [
