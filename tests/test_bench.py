@@ -91,11 +91,19 @@ def test_quant_methods_report_has_one_table_with_the_pruned_rows_and_their_targe
     rows = {
         _pruned_key(BASELINE_VARIANT, "unhealed"): row(1.0, "rtn", [12, 13, 14, 15, 16, 17]),
         _pruned_key(BEDSIDE_VARIANT, "unhealed"): row(0.75, layers=[13, 14, 15, 16, 17, 18]),
-        _pruned_key(BEDSIDE_VARIANT, "healed"): row(0.55, layers=[13, 14, 15, 16, 17, 18]),
+        _pruned_key(BEDSIDE_VARIANT, "healed"): {
+            **row(0.55, layers=[13, 14, 15, 16, 17, 18]),
+            "heal": {"objective": "kd", "steps": 200, "rank": 16, "learning_rate": 1e-3, "loss_tokens": 408800},
+        },
+        _pruned_key(BASELINE_VARIANT, "healed"): {  # measured before rank and lr were recorded
+            **row(0.9, "rtn", [12, 13, 14, 15, 16, 17]), "heal": {"objective": "kd", "steps": 40},
+        },
     }
     text = report({"rows": rows, "threads": 2})
     table = [line for line in text.splitlines() if line.startswith("| Q4_0 | 6 (")]
-    assert len(table) == 3 and "| 6 (12, 13, 14, 15, 16, 17) | block influence (ShortGPT) + RTN, unhealed |" in table[0]
+    assert len(table) == 4 and "| 6 (12, 13, 14, 15, 16, 17) | block influence (ShortGPT) + RTN, unhealed |" in table[0]
     assert "| - | 90 |" in table[0]  # RTN has no quantize stage; the compress column is there
     assert "Bedside's KL / block influence + RTN = 0.75 (target <= 0.7: missed)" in text
     assert "healed: Bedside's KL 0.550 nats (target <= 0.6: met)" in text
+    assert "block influence (ShortGPT) + RTN, healed (kd, 40 steps) |" in table[1]
+    assert "activation + linear replacement + AWQ, healed (kd, 200 steps, rank 16, lr 0.001, 408,800 positions) |" in table[3]

@@ -47,6 +47,11 @@ def test_mirrored_activation_and_perplexity_figures_are_their_defaults() -> None
 def test_mirrored_heal_figures_are_heals_defaults() -> None:
     assert healing.DEFAULT_RANK == estimate.HEAL_LORA_RANK
     assert healing.KD_TOP_K == estimate.KD_TOP_K
+    from toolkit.compress.record import CompressOptions
+
+    options = CompressOptions()  # compress's LoRA defaults are heal's own (alpha = 2 x rank)
+    assert (options.heal_lr, options.heal_rank) == (healing.DEFAULT_LEARNING_RATE, healing.DEFAULT_RANK)
+    assert healing.DEFAULT_ALPHA == 2 * healing.DEFAULT_RANK
     assert _default(healing.heal, "batch_size") == estimate.HEAL_BATCH
 
 
