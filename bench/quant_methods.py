@@ -80,9 +80,10 @@ PRUNED_VARIANTS: dict[str, tuple[str, str, str, str]] = {
 }
 BASELINE_VARIANT, BEDSIDE_VARIANT = "block-influence+rtn", "activation+linear+awq"
 HEAL_STATES: tuple[str, ...] = ("unhealed", "healed")
-# The healed rows: distillation on 480 x 512 tokens of the calibration file, 120 LoRA steps at rank 16, lr 1e-3
+# The healed rows: distillation on 800 x 512 tokens of the calibration file, 200 LoRA steps at rank 16, lr 1e-3
 # (bench/heal_sweep.py, docs/benchmarks/heal_sweep.json: the float proxy at 64 sequences overfits, 0.503 nats held
-# apart; at 480 sequences 0.413). The pipeline's defaults (64 sequences, 40 steps, rank 8, lr 2e-4) are for deploys.
+# apart; at 480 sequences 0.413; docs/BENCHMARKS.md). The pipeline's defaults (64 sequences, 40 steps, rank 8,
+# lr 2e-4) are for deploys.
 HEAL_SETTINGS: dict[str, Any] = {"heal_sequences": 800, "heal_steps": 200, "heal_lr": 1e-3, "heal_rank": 16}
 TARGET_AWQ_SECONDS = 60.0
 TARGET_PEAK_BYTES = 1.5e9
