@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Heal once with the given settings; the row for the JSON."""
     from transformers import AutoModelForCausalLM
 
-    from toolkit.compress.heal import heal, teacher_targets
+    from toolkit.compress.heal import IGNORE_INDEX, heal, teacher_targets
     from toolkit.compress.pipeline import _prepare_data
     from toolkit.compress.record import CompressOptions
     from toolkit.core.tokenizer_loading import load_auto_tokenizer
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     student = AutoModelForCausalLM.from_pretrained(stages[-1], dtype=torch.float32, trust_remote_code=False).eval()
     before = _kl(reference, _log_probs(student, held))
     labels = data.heal_labels if args.kd_positions == "answers" else None
+    positions = int(data.heal_ids[:, 1:].numel())  # every position that has a next token
     load = load_average()
     start = time.perf_counter()
     result = heal(
@@ -97,8 +98,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "objective": "kd",
         "kd_positions": args.kd_positions,
         "heal_sequences": args.heal_sequences,
-        "positions_counted": int((labels[:, 1:] != -100).sum()) if labels is not None else int(data.heal_ids[:, 1:].numel()),
-        "positions": int(data.heal_ids[:, 1:].numel()),
+        "positions_counted": positions if labels is None else int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        "positions": positions,
         "kl_unhealed": round(before, 4),
         "kl_healed": round(_kl(reference, _log_probs(result.model.eval(), held)), 4),
         "final_loss": result.record.final_loss,

@@ -318,7 +318,8 @@ def report(results: dict[str, Any]) -> str:
         "the unpruned model's top-64 log-probabilities at every position, the default; ce: the LM loss), "
         f"{HEAL_SETTINGS['heal_sequences']} x 512 tokens, {HEAL_SETTINGS['heal_steps']} steps, rank "
         f"{HEAL_SETTINGS['heal_rank']}, lr {HEAL_SETTINGS['heal_lr']:g} (`--heal-sequences --heal-steps --heal-rank "
-        "--heal-lr`); rows measured before those settings say so in the JSON (`heal`). Quantize stage = AWQ or gathering the matrix; compress = the whole `compress` call "
+        "--heal-lr`); rows measured before those settings say so in the JSON (`heal`). "
+        "Quantize stage = AWQ or gathering the matrix; compress = the whole `compress` call "
         "(a healed row resumes its variant's prune stage); process peak = VmHWM of the process running compress. "
         f"Threads: {results.get('threads')}; 1-minute load average at the start and end of the rows: "
         f"{_load_range(results)} on 2 cores (times under load overstate an idle machine's).",

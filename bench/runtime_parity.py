@@ -383,13 +383,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def merge_earlier(record: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
     """`--only` re-measures some files: keep the earlier record's other files, each marked with the run that
-    measured it (`earlier_runs`), in ARTIFACTS order."""
+    measured it (`earlier_run`: which files, its command, times and reps), in ARTIFACTS order."""
     order = [f"{format_name}/{quant}" for format_name, quant in ARTIFACTS]
     kept = {key: entry for key, entry in earlier.get("artifacts", {}).items() if key not in record["artifacts"]}
     if not kept:
         return record
-    run_of = {key: "earlier" for key in kept}
-    runs = {"earlier": {name: earlier.get(name) for name in ("command", "started", "finished", "reps")}}
+    run = {name: earlier.get(name) for name in ("command", "started", "finished", "reps")}
     artifacts = {**kept, **record["artifacts"]}
     comparisons = [row for row in earlier.get("comparisons", []) if row["artifact"] in kept]
     comparisons += record["comparisons"]
@@ -398,7 +397,7 @@ def merge_earlier(record: dict[str, Any], earlier: dict[str, Any]) -> dict[str, 
         **record,
         "artifacts": dict(sorted(artifacts.items(), key=lambda item: rank.get(item[0], len(order)))),
         "comparisons": sorted(comparisons, key=lambda row: rank.get(row["artifact"], len(order))),
-        "earlier_runs": {"artifacts": run_of, **runs},
+        "earlier_run": {"artifacts": [key for key in order if key in kept], **run},
     }
 
 
@@ -482,11 +481,10 @@ def write_docs(record: dict[str, Any]) -> None:
 
 def _earlier_line(record: dict[str, Any]) -> list[str]:
     """Which rows an earlier run measured, when `--only` re-measured the others."""
-    earlier = record.get("earlier_runs")
-    if not earlier:
+    run = record.get("earlier_run")
+    if not run:
         return []
-    run = earlier["earlier"]
-    keys = ", ".join(earlier["artifacts"])
+    keys = ", ".join(run["artifacts"])
     return [
         "",
         f"The rows of {keys} are from the earlier run `{short_command(run['command'])}` ({run['started']} to "

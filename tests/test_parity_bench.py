@@ -178,6 +178,6 @@ def test_only_keeps_the_earlier_runs_other_files_in_order() -> None:
     assert [(r["artifact"], r["prefill_ratio"]) for r in merged["comparisons"]] == [
         ("gguf/Q8_0", 1.0), ("gguf/Q4_K_M", 1.0), ("onnx/int4_b32", 1.3)
     ]  # fmt: skip
-    assert merged["earlier_runs"]["artifacts"] == {"gguf/Q8_0": "earlier", "onnx/int4_b32": "earlier"}
-    assert merged["earlier_runs"]["earlier"]["reps"] == 5
+    assert merged["earlier_run"]["artifacts"] == ["gguf/Q8_0", "onnx/int4_b32"]
+    assert merged["earlier_run"]["reps"] == 5
     assert merge_earlier(new, {"artifacts": {"gguf/Q4_K_M": {}}}) is new  # nothing else to keep

@@ -57,9 +57,6 @@ class Workload:
     kv_element_bytes: float
     prefill_chunk: int  # tokens per forward call of a long prompt (llama.cpp n_batch 512, OnnxRunner 128)
     head_rows_all: bool  # True: the head runs for every row of a call (the ONNX export); False: last row only
-    # True: each call copies the whole KV cache: optimum's graph concatenates past and new K/V into a freshly
-    # allocated `present` (the ONNX export); False: the runtime appends in place (llama.cpp's ring buffer)
-    kv_copied_per_call: bool
     source: str  # where the tensor table came from
     # True for a plan or a bundle (runtime.json): their placement, all on the device when they placed nothing
     # elsewhere, is the one simulated under "auto"; False for a bare export, whose placement "auto" chooses
@@ -110,6 +107,12 @@ class Workload:
         object.__setattr__(self, "head_params", head_params)
         object.__setattr__(self, "other_bytes", other)
         object.__setattr__(self, "quantized", quant_bytes > float_bytes)
+
+    @property
+    def kv_copied_per_call(self) -> bool:
+        """Whether each call copies the whole KV cache: optimum's ONNX graph concatenates past and new K/V into a
+        freshly allocated `present`; llama.cpp appends in place (its ring buffer)."""
+        return self.format == "onnx"
 
     @property
     def num_layers(self) -> int:
@@ -163,7 +166,6 @@ def make_workload(
         kv_element_bytes=kv_bytes,
         prefill_chunk=chunk,
         head_rows_all=rows_all,
-        kv_copied_per_call=rows_all,  # both are the ONNX export's graph
         source=source,
         placement_given=placement_given,
     )
