@@ -5,6 +5,7 @@ Run from the repository root (resumes: exports are cached, finished measurements
     .venv/bin/python -m bench.simulator measure      # raw step times -> docs/benchmarks/simulator_measurements.json
     .venv/bin/python -m bench.simulator calibrate    # fit -> docs/benchmarks/simulator_calibration.json
     .venv/bin/python -m bench.simulator accuracy     # predictions vs measurements -> docs/SIMULATOR.md table
+    .venv/bin/python -m bench.simulator anchors      # public GPU figures vs predictions, CUDA fit -> the same doc
 
 Artifacts: GGUF F16, Q8_0, Q4_K_M, Q4_0 of the demo model (llama.cpp) and ONNX int4_b32 (ONNX Runtime),
 exported once under ~/.cache/bedside/bench/simulator. Each measurement is one
@@ -15,6 +16,9 @@ recorded beside every measurement.
 
 Two sets, never mixed: the calibration set (contexts 512 and 1536) is what the efficiencies are fitted on;
 the accuracy set (contexts 256, 1024 and 2048) is what the predictions are compared with.
+
+`anchors` measures nothing: it puts published llama.cpp decode speeds on Jetson Orin boards beside the simulator's
+predictions and fits the CUDA efficiencies on them (bench/simulator_anchors.py; `all` leaves it out).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from bench.common import (
     load_average,
     markdown_table,
     read_json,
+    replace_section,
     utc_now,
     write_json_atomic,
     write_text_atomic,
@@ -44,6 +49,7 @@ from toolkit.model.source import resolve_model_dir
 from toolkit.target.host import measure_memory_bandwidth
 
 MEASUREMENTS = RESULTS_DIR / "simulator_measurements.json"
+ANCHORS = RESULTS_DIR / "simulator_anchors.json"
 CALIBRATION = RESULTS_DIR / "simulator_calibration.json"
 ACCURACY = RESULTS_DIR / "simulator_accuracy.json"
 DOC = REPO_ROOT / "docs" / "SIMULATOR.md"
@@ -396,9 +402,32 @@ def update_doc(summary: dict[str, Any]) -> None:
     write_text_atomic(DOC, document)
 
 
+def anchors(args: argparse.Namespace) -> dict[str, Any]:
+    """Public decode speeds beside the simulator's predictions and the CUDA fit (bench/simulator_anchors.py):
+    docs/benchmarks/simulator_anchors.json and the table between the simulator-anchors markers of docs/SIMULATOR.md."""
+    from bench.simulator_anchors import doc_body
+    from bench.simulator_anchors import run as run_anchors
+
+    summary = run_anchors(command_line(), utc_now())
+    write_json_atomic(ANCHORS, summary)
+    document = DOC.read_text(encoding="utf-8") if DOC.is_file() else "# Simulator\n"
+    write_text_atomic(DOC, replace_section(document, "simulator-anchors", doc_body(summary)))
+    fit = summary["fit"]
+    print(
+        f"fit: bandwidth {fit['bandwidth_efficiency']}, step overhead {fit['overhead_s'] * 1000:g} ms, in-sample median "
+        f"{fit['in_sample_median_abs_error_pct']} %, leave-one-out median {fit['leave_one_out_median_abs_error_pct']} %"
+        f"; DEFAULTS['cuda'] is the fit: {summary['defaults_are_the_fit']}",
+        flush=True,
+    )
+    for row in summary["rows"]:
+        print(f"{row['key']}: measured {row['measured_tok_s']}, predicted {row['predicted_tok_s']} "
+              f"(earlier {row['predicted_earlier_tok_s']}, fit {row['predicted_fit_tok_s']})", flush=True)  # fmt: skip
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("measure", "calibrate", "accuracy", "all"))
+    parser.add_argument("phase", choices=("measure", "calibrate", "accuracy", "all", "anchors"))
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--fresh", action="store_true", help="forget earlier measurements")
     parser.add_argument("--repeats", type=int, default=3, help="runs per job, the median kept (default 3)")
@@ -409,6 +438,8 @@ def main() -> None:
         calibrate(args)
     if args.phase in ("accuracy", "all"):
         accuracy(args)
+    if args.phase == "anchors":
+        anchors(args)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def test_the_expected_profiles_ship():
     assert {
         "jetson4gb",
         "jetson-orin-nano-8gb",
+        "jetson-agx-orin-64gb",
         "rtx3050-4gb",
         "workstation-cpu-16gb",
         "workstation-cpu-8gb",
@@ -100,6 +101,9 @@ def test_shipped_figures_match_the_datasheets():
     jetson = load_profile("jetson4gb").model_memory_tier
     assert (jetson.capacity_gib.value, jetson.bandwidth_gbs.value, jetson.kind) == (4, 34, "unified")
     assert load_profile("jetson-orin-nano-8gb").model_memory_tier.bandwidth_gbs.value == 68
+    agx = load_profile("jetson-agx-orin-64gb")  # DS-10662-001: 64 GB 256-bit LPDDR5, 2048 CUDA cores, 170 sparse TOPS
+    assert (agx.model_memory_tier.capacity_gib.value, agx.model_memory_tier.bandwidth_gbs.value) == (64, 204.8)
+    assert (agx.compute.cores.value, agx.compute.int8_tops.value, agx.compute.fp16_tflops.value) == (2048, 85, 42.5)
     laptop = load_profile("rtx3050-4gb")
     assert laptop.model_tier == "gddr6" and laptop.compute.architecture == "sm_86"
     assert laptop.links[0].bandwidth_gbs.value == pytest.approx(8 * 128 / 130 * 8 / 8, abs=0.01)

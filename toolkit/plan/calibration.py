@@ -7,7 +7,8 @@ The record, docs/benchmarks/simulator_calibration.json, is written by `python -m
 measured prefill and decode times of llama.cpp and ONNX Runtime on this machine (runtimes.measure jobs, the
 ones `bedside eval` runs), fitted against the epoch model with the memory bandwidth measured beside each run
 (toolkit.target.host.measure_memory_bandwidth) and the profile's compute peak. It holds the commands and the
-fit residuals. Processors the record lacks (GPUs: none here) get DEFAULTS, marked as assumptions.
+fit residuals. Processors the record lacks (GPUs: none here) get DEFAULTS, marked as assumptions; DEFAULTS["cuda"]
+is a fit to public decode speeds on Jetson Orin boards (bench/simulator_anchors.py), not a measurement of ours.
 
 The simulator's measured accuracy, docs/benchmarks/simulator_accuracy.json (`python -m bench.simulator accuracy`:
 predictions against measurements at contexts the fit never saw), gives the error band a prediction is shown with
@@ -42,13 +43,18 @@ class Efficiency:
     source: str
 
 
-# Not calibrated on any machine: starting points until a device run fits them (the GPU comparison of issue 15).
+# Not calibrated on any machine of ours: "cpu" is a starting point; "cuda" has its bandwidth efficiency and step
+# overhead fitted to others' published llama.cpp decode speeds on Jetson Orin boards (least squares on log time,
+# `python -m bench.simulator anchors`, bench/simulator_anchors.py; the anchors, the fit's errors and its
+# leave-one-out errors are in docs/SIMULATOR.md), its compute efficiency (which decode does not constrain) an
+# assumption. Both stay marked as assumptions (the sources say so) until a device run calibrates them.
 DEFAULTS: dict[str, Efficiency] = {
     "cpu": Efficiency(0.5, 0.3, 0.002, "assumption, not calibrated: no calibration record for this runtime on a CPU"),
     "cuda": Efficiency(
-        0.6, 0.3, 0.0005,
-        "assumption, not calibrated (no GPU on the build host): 60 % of peak bandwidth, 30 % of peak compute, "
-        "0.5 ms per step",
+        0.508, 0.3, 0.00319,
+        "assumption, not calibrated on a GPU here: bandwidth efficiency and step overhead fitted to public llama.cpp "
+        "decode speeds on Jetson Orin (docs/benchmarks/simulator_anchors.json, `.venv/bin/python -m bench.simulator "
+        "anchors`); 30 % of peak compute not fitted",
     ),
 }  # fmt: skip
 
