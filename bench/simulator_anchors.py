@@ -122,49 +122,28 @@ HOLOHUB_JOB = (
 )
 AGX = "Jetson AGX Orin 64GB (IGX Orin iGPU figures, 'identical to AGX'), llama.cpp CUDA, January 2024"
 
+def _holohub(size: str, measured_tokens_per_s: float) -> Anchor:
+    """One Llama-2 row of the holohub table (same board, job and source; only the size and the speed differ)."""
+    return Anchor(
+        key=f"agx-orin/llama-2-{size.lower()}/Q4_0",
+        device=AGX,
+        profile="jetson-agx-orin-64gb",
+        model=f"tests/fixtures/llama-2-{size.lower()}",
+        model_name=f"Llama-2-{size}",
+        scheme="Q4_0",
+        scheme_note=HOLOHUB_SCHEME,
+        prompt_tokens=7,
+        generated_tokens=128,
+        job_note=HOLOHUB_JOB,
+        measured_tokens_per_s=measured_tokens_per_s,
+        source=HOLOHUB,
+    )
+
+
 ANCHORS: tuple[Anchor, ...] = (
-    Anchor(
-        key="agx-orin/llama-2-7b/Q4_0",
-        device=AGX,
-        profile="jetson-agx-orin-64gb",
-        model="tests/fixtures/llama-2-7b",
-        model_name="Llama-2-7B",
-        scheme="Q4_0",
-        scheme_note=HOLOHUB_SCHEME,
-        prompt_tokens=7,
-        generated_tokens=128,
-        job_note=HOLOHUB_JOB,
-        measured_tokens_per_s=22.5,
-        source=HOLOHUB,
-    ),
-    Anchor(
-        key="agx-orin/llama-2-13b/Q4_0",
-        device=AGX,
-        profile="jetson-agx-orin-64gb",
-        model="tests/fixtures/llama-2-13b",
-        model_name="Llama-2-13B",
-        scheme="Q4_0",
-        scheme_note=HOLOHUB_SCHEME,
-        prompt_tokens=7,
-        generated_tokens=128,
-        job_note=HOLOHUB_JOB,
-        measured_tokens_per_s=13.3,
-        source=HOLOHUB,
-    ),
-    Anchor(
-        key="agx-orin/llama-2-70b/Q4_0",
-        device=AGX,
-        profile="jetson-agx-orin-64gb",
-        model="tests/fixtures/llama-2-70b",
-        model_name="Llama-2-70B",
-        scheme="Q4_0",
-        scheme_note=HOLOHUB_SCHEME,
-        prompt_tokens=7,
-        generated_tokens=128,
-        job_note=HOLOHUB_JOB,
-        measured_tokens_per_s=3.0,
-        source=HOLOHUB,
-    ),
+    _holohub("7B", 22.5),
+    _holohub("13B", 13.3),
+    _holohub("70B", 3.0),
     Anchor(
         key="orin-nano-super/smollm2-135m/Q4_K_M",
         device="Jetson Orin Nano Super 8GB, 25 W mode, llama.cpp CUDA (-ngl 99), JetPack R36.4.7, 2026",
