@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.runtimes
 	$(BIN)/python -m bench.awq_budget --threads 2
 	$(BIN)/python -m bench.quant_methods --threads 2
+	$(BIN)/python -m bench.paired_perplexity --threads 2
 	$(BIN)/python -m bench.mmap_repack
 	$(BIN)/python -m bench.imatrix_parity --threads 2
 	$(BIN)/python -m bench.runtime_parity --threads 2

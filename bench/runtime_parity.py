@@ -313,11 +313,67 @@ def _artifact(model_dir: Path, format_name: str, quant: str, threads: int) -> Pa
     return next(out_dir.glob("*.gguf")) if format_name == "gguf" else out_dir
 
 
+def paired_round_ratio(
+    bedside_seconds: Sequence[float], tokens: int, reference_rates: Sequence[float]
+) -> dict[str, Any] | None:
+    """Ratio of the interleaved rounds: exp(mean_i log r_i), r_i = (tokens / s_i) / reference rate of round i, with
+    a 95 % bootstrap interval over the rounds (toolkit.validate.paired.bootstrap_mean); None when the sides'
+    runs do not pair up (the ONNX Runtime loop runs apart). Pairing removes the host's drift between rounds, which
+    the ratio of means keeps."""
+    from toolkit.validate.paired import bootstrap_mean
+
+    if len(bedside_seconds) != len(reference_rates) or len(reference_rates) < 2:
+        return None
+    logs = [float(np.log(tokens / seconds / rate)) for seconds, rate in zip(bedside_seconds, reference_rates, strict=True)]
+    mean, low, high, _ = bootstrap_mean(logs)
+    return {"ratio": float(np.exp(mean)), "low": float(np.exp(low)), "high": float(np.exp(high)), "rounds": len(logs)}
+
+
+def add_paired(row: dict[str, Any], prefill: int, decode: int) -> dict[str, Any]:
+    """Set the row's ratios: of the means (``*_ratio``) and of the interleaved rounds (``*_paired``, or None)."""
+    bedside, reference = row["bedside"], row["reference"]
+    rounds = reference.get("per_round") or []
+    for kind, tokens in (("prefill", prefill), ("decode", decode)):
+        row[f"{kind}_ratio"] = bedside[f"{kind}_tok_s"] / reference[f"{kind}_tok_s"]
+        row[f"{kind}_paired"] = paired_round_ratio(
+            bedside.get(f"{kind}_seconds") or [], tokens, [entry[f"{kind}_tok_s"] for entry in rounds]
+        )
+    return row
+
+
+def pool_rounds(record: dict[str, Any], earlier: dict[str, Any], source: str) -> dict[str, Any]:
+    """The record with each interleaved comparison that `earlier` (a run of the same file, threads and lengths)
+    also measured pooled: both runs' Bedside timings and llama-bench rounds, means and paired ratio recomputed
+    (the first-pass figures stay this run's). `source`: where the earlier record is kept (e.g. a git revision)."""
+    same = ("threads", "context", "prefill_tokens", "decode_tokens")
+    if any(record.get(key) != earlier.get(key) for key in same):
+        raise BedsideError(f"cannot pool runs that differ in {', '.join(same)}: {source}")
+    if record.get("pooled_with"):
+        raise BedsideError("the recorded run is already pooled with another: measure again before pooling")
+    earlier_rows = {(row["artifact"], row["setting"]): row for row in earlier.get("comparisons", [])}
+    kept = set((record.get("earlier_run") or {}).get("artifacts", []))  # rows this run did not measure
+    pooled, keys = [], []
+    for row in record["comparisons"]:
+        old = earlier_rows.get((row["artifact"], row["setting"]))
+        if old is None or row["artifact"] in kept or not row["reference"].get("per_round") or not old["reference"].get("per_round"):
+            pooled.append(row)
+            continue
+        bedside, reference = dict(row["bedside"]), dict(row["reference"])
+        for kind, tokens in (("prefill", record["prefill_tokens"]), ("decode", record["decode_tokens"])):
+            bedside[f"{kind}_seconds"] = old["bedside"][f"{kind}_seconds"] + row["bedside"][f"{kind}_seconds"]
+            bedside[f"{kind}_tok_s"] = mean_rate(tokens, bedside[f"{kind}_seconds"])
+        reference["per_round"] = old["reference"]["per_round"] + row["reference"]["per_round"]
+        for key in ("prefill_tok_s", "decode_tok_s", "prefill_tok_s_n_batch_512"):
+            reference[key] = float(np.mean([entry[key] for entry in reference["per_round"]]))
+        pooled.append(add_paired({**row, "bedside": bedside, "reference": reference}, PREFILL, DECODE))
+        keys.append(row["artifact"])
+    run = {name: earlier.get(name) for name in ("command", "started", "finished", "reps")}
+    return {**record, "comparisons": pooled, "pooled_with": {"artifacts": sorted(set(keys)), "source": source, **run}}
+
+
 def _row(artifact: str, setting: str, bedside: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
     """One side-by-side comparison: ratio = Bedside tok/s / reference tok/s, for prefill and decode."""
-    row = {"artifact": artifact, "setting": setting, "bedside": bedside, "reference": reference}
-    row["prefill_ratio"] = bedside["prefill_tok_s"] / reference["prefill_tok_s"]
-    row["decode_ratio"] = bedside["decode_tok_s"] / reference["decode_tok_s"]
+    row = add_paired({"artifact": artifact, "setting": setting, "bedside": bedside, "reference": reference}, PREFILL, DECODE)
     print(
         f"{artifact} ({setting}): prefill {bedside['prefill_tok_s']:.1f} vs {reference['prefill_tok_s']:.1f} tok/s "
         f"({row['prefill_ratio']:.2f}x), decode {bedside['decode_tok_s']:.1f} vs {reference['decode_tok_s']:.1f} "
@@ -410,9 +466,11 @@ def write_docs(record: dict[str, Any]) -> None:
             f"{row['bedside']['prefill_tok_s']:.1f}",
             f"{row['reference']['prefill_tok_s']:.1f}",
             f"{row['prefill_ratio']:.2f}",
+            _paired_cell(row.get("prefill_paired")),
             f"{row['bedside']['decode_tok_s']:.1f}",
             f"{row['reference']['decode_tok_s']:.1f}",
             f"{row['decode_ratio']:.2f}",
+            _paired_cell(row.get("decode_paired")),
         ]
         for row in record["comparisons"]
     ]
@@ -433,7 +491,7 @@ def write_docs(record: dict[str, Any]) -> None:
         f"{fa['prefill_tok_s']:.1f} tok/s (flash attention {'on' if flag else 'off'})"
         for key, entry in record["artifacts"].items()
         if "llama_bench" in entry
-        for flag, fa in entry["llama_bench"]["by_flash_attn"].items()
+        for flag, fa in ((int(flag), fa) for flag, fa in entry["llama_bench"]["by_flash_attn"].items())
     ]
     body = "\n".join(
         [
@@ -448,7 +506,10 @@ def write_docs(record: dict[str, Any]) -> None:
             f"llama.cpp's reference is llama-bench built from the same sdist (pp{record['prefill_tokens']} @ d0 for "
             f"prefill, tg{record['decode_tokens']} @ d{record['prefill_tokens']} for decode, n_batch 2048), ONNX "
             "Runtime's a minimal InferenceSession loop with IO binding (warm-up, then prefill in one call and "
-            "decode). tok/s are means of per-run rates; ratio = Bedside / reference.",
+            "decode). tok/s are means of per-run rates; ratio = Bedside / reference (of the means); paired = the "
+            "geometric mean over the interleaved rounds of Bedside's rate / llama-bench's in the same round, with a "
+            "95 % bootstrap interval over the rounds (the host's drift between rounds cancels; a run drifts by up to "
+            "20 % here).",
             "",
             *commands,
             "",
@@ -459,9 +520,11 @@ def write_docs(record: dict[str, Any]) -> None:
                     "prefill Bedside",
                     "prefill reference",
                     "ratio",
+                    "paired (95 %)",
                     "decode Bedside",
                     "decode reference",
                     "ratio",
+                    "paired (95 %)",
                 ],
                 rows,
             ),
@@ -473,10 +536,28 @@ def write_docs(record: dict[str, Any]) -> None:
             f"Measured {record['started']} to {record['finished']}; load average {record['loadavg_start']} at the "
             f"start, {record['loadavg_end']} at the end (1, 5, 15 min; this 2-core machine is shared).",
             *_earlier_line(record),
+            *_pooled_line(record),
         ]
     )
     current = DOC.read_text(encoding="utf-8")
     write_text_atomic(DOC, replace_section(current, MARKER, body))
+
+
+def _pooled_line(record: dict[str, Any]) -> list[str]:
+    """Which rows hold the rounds of two runs (`--pool`)."""
+    run = record.get("pooled_with")
+    if not run:
+        return []
+    return [
+        "",
+        f"The rows of {', '.join(run['artifacts'])} pool this run's rounds with those of `{short_command(run['command'])}` "
+        f"({run['started']} to {run['finished']}, {run['reps']} rounds; its record: {run['source']}): means and paired "
+        "ratios over both runs' rounds, first-pass figures of this run.",
+    ]
+
+
+def _paired_cell(paired: dict[str, Any] | None) -> str:
+    return "-" if not paired else f"{paired['ratio']:.2f} ({paired['low']:.2f}-{paired['high']:.2f})"
 
 
 def _earlier_line(record: dict[str, Any]) -> list[str]:
@@ -498,12 +579,32 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="runs per file and side (default 3)")
     parser.add_argument("--only", nargs="*", help="quant names to run (default: all)")
     parser.add_argument("--no-docs", action="store_true", help="write the JSON only")
+    parser.add_argument(
+        "--docs-only", action="store_true", help="rewrite the docs section (and paired ratios) from the JSON"
+    )
+    parser.add_argument(
+        "--pool",
+        metavar="EARLIER.json[=SOURCE]",
+        help="pool the recorded run's interleaved rounds with an earlier record's of the same files (SOURCE: where "
+        "that record is kept, e.g. a git revision), rewrite the JSON and docs",
+    )
     parser.add_argument("--ort-child", nargs=2, metavar=("FOLDER", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ort_child:
         folder, out = args.ort_child
         result = ort_reference(Path(folder), args.threads, args.reps, PREFILL, DECODE)
         Path(out).write_text(json.dumps(result), encoding="utf-8")
+        return
+    if args.docs_only or args.pool:
+        record = read_json(RESULTS)
+        if args.pool:
+            path, _, source = args.pool.partition("=")
+            record = pool_rounds(record, read_json(Path(path)), source or path)
+        record["comparisons"] = [
+            add_paired(row, record["prefill_tokens"], record["decode_tokens"]) for row in record["comparisons"]
+        ]
+        write_json_atomic(RESULTS, record)
+        write_docs(record)
         return
     record = run(args)
     if args.only and RESULTS.is_file():

@@ -208,10 +208,18 @@ def evaluated(demo_model_dir, demo_gguf_file, demo_onnx_export, tmp_path_factory
 @pytest.mark.demo
 @pytest.mark.slow
 @pytest.mark.heavy
-def test_torch_against_itself_and_the_json_contract(demo_model_dir):
+def test_torch_against_itself_and_the_json_contract(demo_model_dir, tmp_path):
+    saved = tmp_path / "tokens.npz"
     result = evaluate(
-        "demo", NOTES, reference="demo", context=256, max_tokens=256, seq_len=128, n_threads=1, progress=False
-    )
+        "demo", NOTES, reference="demo", context=256, max_tokens=256, seq_len=128, n_threads=1, progress=False,
+        token_logprobs_path=saved,
+    )  # fmt: skip
+    with np.load(saved) as arrays:  # the per-token log-probs behind the perplexity, the reference's beside them
+        assert arrays["artifact"].shape == arrays["reference"].shape == (254,)
+        assert arrays["window_lengths"].tolist() == [128, 128]
+        assert np.exp(-arrays["artifact"].mean()) == pytest.approx(result["perplexity"], rel=1e-9)
+        np.testing.assert_allclose(arrays["artifact"], arrays["reference"], atol=1e-5)
+    assert [path.name for path in tmp_path.iterdir()] == ["tokens.npz"]  # no temporary left
     assert tuple(result) == RESULT_KEYS
     assert json.loads(json.dumps(result)) == result
     assert result["kl_divergence"] == pytest.approx(0.0, abs=1e-9)

@@ -181,3 +181,58 @@ def test_only_keeps_the_earlier_runs_other_files_in_order() -> None:
     assert merged["earlier_run"]["artifacts"] == ["gguf/Q8_0", "onnx/int4_b32"]
     assert merged["earlier_run"]["reps"] == 5
     assert merge_earlier(new, {"artifacts": {"gguf/Q4_K_M": {}}}) is new  # nothing else to keep
+
+
+def _timed_row(key: str, bedside_seconds: list[float], reference_rates: list[float]) -> dict:
+    """A comparison row as the interleaved GGUF run records it (prefill 992 and decode 32 alike here)."""
+    from bench.runtime_parity import DECODE, PREFILL, add_paired
+
+    rounds = [{"prefill_tok_s": r, "decode_tok_s": r / 10, "prefill_tok_s_n_batch_512": r} for r in reference_rates]
+    bedside = {
+        "prefill_seconds": bedside_seconds, "decode_seconds": [s * DECODE / PREFILL * 10 for s in bedside_seconds],
+        "prefill_tok_s": mean_rate(PREFILL, bedside_seconds),
+        "decode_tok_s": mean_rate(DECODE, [s * DECODE / PREFILL * 10 for s in bedside_seconds]),
+    }  # fmt: skip
+    reference = {
+        "per_round": rounds, "prefill_tok_s": float(np.mean(reference_rates)),
+        "decode_tok_s": float(np.mean(reference_rates)) / 10, "prefill_tok_s_n_batch_512": float(np.mean(reference_rates)),
+    }  # fmt: skip
+    return add_paired({"artifact": key, "setting": "s", "bedside": bedside, "reference": reference}, PREFILL, DECODE)
+
+
+def test_paired_ratio_is_the_geometric_mean_of_the_rounds_ratios() -> None:
+    from bench.runtime_parity import PREFILL, paired_round_ratio
+
+    # Bedside runs at 0.9x, 1.0x and 1.1x of llama-bench's rate in the same round while the host drifts 2x
+    rates = [200.0, 400.0, 300.0]
+    seconds = [PREFILL / (rate * factor) for rate, factor in zip(rates, (0.9, 1.0, 1.1), strict=True)]
+    paired = paired_round_ratio(seconds, PREFILL, rates)
+    assert paired is not None and paired["rounds"] == 3
+    assert paired["ratio"] == pytest.approx((0.9 * 1.0 * 1.1) ** (1 / 3))
+    assert 0.9 <= paired["low"] <= paired["ratio"] <= paired["high"] <= 1.1
+    assert paired_round_ratio(seconds, PREFILL, rates[:2]) is None  # runs that do not pair up
+    row = _timed_row("gguf/Q4_K_M", seconds, rates)
+    assert row["prefill_paired"]["ratio"] == pytest.approx(paired["ratio"])
+    assert row["decode_paired"]["ratio"] == pytest.approx(paired["ratio"])
+    assert row["prefill_ratio"] == pytest.approx(row["bedside"]["prefill_tok_s"] / np.mean(rates))
+
+
+def test_pooling_joins_two_runs_rounds_of_the_same_file_only() -> None:
+    from bench.runtime_parity import pool_rounds
+
+    settings = {"threads": 2, "context": 1024, "prefill_tokens": 992, "decode_tokens": 32}
+    earlier = {**settings, "command": "old", "started": "t0", "finished": "t1", "reps": 2, "comparisons": [
+        _timed_row("gguf/Q4_K_M", [4.0, 5.0], [200.0, 210.0]), _timed_row("gguf/Q8_0", [4.0, 4.0], [250.0, 250.0])]}
+    record = {**settings, "earlier_run": {"artifacts": ["gguf/Q8_0"]}, "comparisons": [
+        _timed_row("gguf/Q4_K_M", [4.5], [220.0]), earlier["comparisons"][1]]}  # fmt: skip
+    pooled = pool_rounds(record, earlier, "git show abc")
+    q4, q8 = pooled["comparisons"]
+    assert q4["bedside"]["prefill_seconds"] == [4.0, 5.0, 4.5]
+    assert q4["reference"]["prefill_tok_s"] == pytest.approx(210.0)
+    assert q4["prefill_paired"]["rounds"] == 3
+    assert q8 is record["comparisons"][1]  # measured by the earlier run itself: not pooled twice
+    assert pooled["pooled_with"]["artifacts"] == ["gguf/Q4_K_M"]
+    with pytest.raises(BedsideError, match="already pooled"):
+        pool_rounds(pooled, earlier, "again")
+    with pytest.raises(BedsideError, match="differ in threads"):
+        pool_rounds(record, {**earlier, "threads": 4}, "other")

@@ -42,6 +42,7 @@ KL divergence and top-1 agreement are then taken over those N answer positions (
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -64,6 +65,7 @@ from runtimes.gguf_header import read_gguf_header
 from runtimes.measure import MeasureJob, measure_in_child
 from runtimes.registry import FORMAT_LABELS, RUNNERS, artifact_format
 from runtimes.results import MeasureResult, RuntimeLoadError
+from toolkit.core.atomic import write_bytes_atomic
 from toolkit.core.checkpoint_policy import refuse_custom_code
 from toolkit.core.errors import BedsideError
 from toolkit.core.formats import FORMAT_RUNTIME
@@ -416,6 +418,7 @@ def evaluate(
     documents: list[Document] | None = None,
     progress: bool = True,
     runner_options: dict[str, Any] | None = None,
+    token_logprobs_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate `artifact` on `data` (or the given eval `documents`); returns the `eval --json` object.
 
@@ -435,6 +438,9 @@ def evaluate(
         runner_options: keyword arguments of the artifact's Runner, so it is measured and scored as deployed
             (llama.cpp: kv_cache_dtype, flash_attn, kv_offload, gpu_layers; runtimes.llamacpp_runner.runner_options).
             The reference runs with its runtime's defaults.
+        token_logprobs_path: also write the scored text's per-token log-probabilities here (.npz: `artifact`,
+            `reference` when a reference is given, `window_lengths`), for paired comparisons of two artifacts on
+            the same tokens (`toolkit.validate.paired`). Written to a temporary name, then renamed.
     """
 
     if context < MIN_CONTEXT:
@@ -544,6 +550,10 @@ def evaluate(
             kl_divergence, top1_agreement = compare_logprobs(
                 reference_score.full_logprobs_path or "", score.full_logprobs_path or "", rows
             )
+            if token_logprobs_path is not None:
+                _write_token_logprobs(Path(token_logprobs_path), score, reference_score)
+        elif token_logprobs_path is not None and texts:
+            _write_token_logprobs(Path(token_logprobs_path), score, None)
 
     accuracy = accuracy_from_option_logprobs(score.option_logprobs or [], answers) if items else None
     if pictures:
@@ -577,6 +587,19 @@ def evaluate(
         "schema_version": SCHEMA_VERSION,
     }
     return {key: record[key] for key in RESULT_KEYS}
+
+
+def _write_token_logprobs(path: Path, score: Any, reference: Any) -> None:
+    """The per-token log-probabilities of the scored text (and the reference's on the same ids) as one .npz."""
+    arrays = {
+        "artifact": np.asarray(score.token_logprobs, dtype=np.float64),
+        "window_lengths": np.asarray(score.window_lengths or [], dtype=np.int64),
+    }
+    if reference is not None:
+        arrays["reference"] = np.asarray(reference.token_logprobs, dtype=np.float64)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def to_json(result: dict[str, Any]) -> str:
