@@ -12,7 +12,15 @@ scores both GGUFs and the float demo model on the same `--tokens` held-apart tok
 
 with a 95 % block-bootstrap interval (blocks of 128 tokens, 10,000 resamples) and the share of resamples where awq
 is worse; then where the difference comes from: per bin of the float model's probability of the target token, the
-mean NLL change of each artifact against the float model and the bin's part of log(ratio).
+mean NLL change of each artifact against the float model and the bin's part of log(ratio). Two checks of what the
+decomposition suggests (a flatter distribution gains on tokens the float model found unlikely):
+
+    entropy(model) = mean_t H(q(. | x_<t)) = mean_t -sum_v q(v | x_<t) log q(v | x_<t)     (nats, each GGUF and the
+                     float model, on the first ENTROPY_TOKENS of the same text, every scored position)
+    perplexity of the float model with its logits divided by T, T in TEMPERATURES (the same tokens as the rows)
+
+`--reuse` skips compressing and scoring: it reads the last run's rows from the JSON and their per-token log-probs
+from the bench cache, and computes the comparison and the checks again.
 
 Writes docs/benchmarks/paired_perplexity.json and the section between the `paired-perplexity` markers of
 docs/BENCHMARKS.md. Skips cleanly (exit 0, a message) without the shared data or the demo model.
@@ -33,6 +41,7 @@ from bench.common import (
     command_line,
     load_average,
     markdown_table,
+    read_json,
     update_benchmarks_doc,
     utc_now,
     write_json_atomic,
@@ -42,6 +51,8 @@ RESULTS = RESULTS_DIR / "paired_perplexity.json"
 MARKER = "paired-perplexity"
 METHODS: tuple[str, str] = ("awq", "imatrix")  # A, B of the ratio
 DEFAULT_TOKENS, BLOCK, RESAMPLES = 16384, 128, 10_000
+ENTROPY_TOKENS = 4096
+TEMPERATURES: tuple[float, ...] = (1.0, 1.05, 1.1, 1.2)
 
 
 def score_row(scheme: str, method: str, tokens: int, threads: int) -> dict[str, Any]:
@@ -70,7 +81,7 @@ def score_row(scheme: str, method: str, tokens: int, threads: int) -> dict[str, 
         token_logprobs_path=saved,
     )  # fmt: skip
     with np.load(saved) as arrays:
-        logprobs = {name: arrays[name] for name in ("artifact", "reference")}
+        logprobs = {name: arrays[name] for name in ("artifact", "reference", "window_lengths")}
     return {
         "scheme": scheme,
         "method": method,
@@ -83,6 +94,70 @@ def score_row(scheme: str, method: str, tokens: int, threads: int) -> dict[str, 
     }
 
 
+def _score_windows(runner: Any, tokens: int) -> list[list[int]]:
+    """The scoring windows `evaluate` gives `runner` on the first `tokens` held-apart tokens (the same ids)."""
+    from bench import quant_methods as bench8
+    from runtimes.measure import MeasureJob, _text_windows
+    from toolkit.validate.evaluate import scoring_texts
+
+    _calib, _evaluation, documents = bench8._data_paths(bench_cache_dir("quant_methods") / "data")
+    job = MeasureJob(
+        context=bench8.EVAL_SEQ_LEN, decode_tokens=1, score_texts=scoring_texts(documents, tokens),
+        score_seq_len=bench8.EVAL_SEQ_LEN, score_max_tokens=tokens,
+    )  # fmt: skip
+    return _text_windows(runner, job)
+
+
+def predictive_entropy(artifact: str | Path, tokens: int, threads: int) -> float:
+    """mean_t H(q(. | x_<t)) in nats over every scored position of the first `tokens` held-apart tokens."""
+    from runtimes.registry import load_runner
+
+    runner = load_runner(artifact, n_ctx=512, n_threads=threads)
+    total, count = 0.0, 0
+    for window in _score_windows(runner, tokens):
+        for rows in runner.iter_logprobs(window):
+            logprobs = np.asarray(rows, dtype=np.float64)
+            total += float(-(np.exp(logprobs) * logprobs).sum())
+            count += len(logprobs)
+    return total / max(count, 1)
+
+
+def float_temperature_perplexity(tokens: int, threads: int) -> dict[str, float]:
+    """Perplexity of the float demo model with its logits divided by T (T in TEMPERATURES) on the rows' tokens."""
+    import torch
+
+    from runtimes.registry import load_runner
+    from toolkit.core.paths import demo_model_dir
+
+    torch.set_num_threads(threads)
+    runner = load_runner(demo_model_dir(), n_ctx=512, n_threads=threads)
+    nll = dict.fromkeys(TEMPERATURES, 0.0)
+    count = 0
+    with torch.no_grad():
+        for window in _score_windows(runner, tokens):
+            ids = torch.tensor([window])
+            logits = runner.model(input_ids=ids).logits[0, :-1].float()
+            targets = ids[0, 1:]
+            for temperature in TEMPERATURES:
+                logprobs = torch.log_softmax(logits / temperature, dim=-1)
+                nll[temperature] += float(-logprobs[torch.arange(len(targets)), targets].sum())
+            count += len(targets)
+    return {f"{temperature:g}": float(np.exp(value / count)) for temperature, value in nll.items()}
+
+
+def bench8_positions(window_lengths: Any) -> int:
+    """Scored positions within bench 8's token budget: the windows of its first EVAL_MAX_TOKENS tokens (the text is
+    cut, then windowed from its start, so those windows open both runs), each predicting all but its last."""
+    from bench.quant_methods import EVAL_MAX_TOKENS
+
+    positions, seen = 0, 0
+    for length in (int(value) for value in window_lengths):
+        if seen + length > EVAL_MAX_TOKENS:
+            break
+        positions, seen = positions + length - 1, seen + length
+    return positions
+
+
 def compare(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The paired ratio awq / imatrix and its decomposition by the float model's probability of the token."""
     from toolkit.validate.paired import nll_change_by_reference_probability, paired_perplexity_ratio
@@ -92,8 +167,11 @@ def compare(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if not np.allclose(reference, b["reference"], atol=1e-4):
         raise SystemExit("bench.paired_perplexity: the float model scored the two rows' tokens differently")
     ratio = paired_perplexity_ratio(a["artifact"], b["artifact"], block=BLOCK, resamples=RESAMPLES)
+    first = bench8_positions(a["window_lengths"])
+    bench8 = paired_perplexity_ratio(a["artifact"][:first], b["artifact"][:first], block=BLOCK, resamples=RESAMPLES)
     return {
         "ratio": ratio.to_dict(),
+        "ratio_on_bench8_tokens": bench8.to_dict(),
         "float_perplexity": float(np.exp(-reference.mean())),
         "by_reference_probability": nll_change_by_reference_probability(reference, a["artifact"], b["artifact"]),
     }
@@ -110,7 +188,7 @@ def report(record: dict[str, Any]) -> str:
     ]
     for scheme, entry in record["schemes"].items():
         rows, paired = entry["rows"], entry["paired"]
-        ratio = paired["ratio"]
+        ratio, short = paired["ratio"], paired["ratio_on_bench8_tokens"]
         lines += [
             f"**{scheme}** (float perplexity {paired['float_perplexity']:.2f}): "
             + "; ".join(
@@ -119,7 +197,8 @@ def report(record: dict[str, Any]) -> str:
                 for method in METHODS
             )
             + f". Ratio **{ratio['ratio']:.4f}** (95 % interval {ratio['low']:.4f}-{ratio['high']:.4f}; awq worse "
-            f"in {100 * ratio['share_a_worse']:.1f} % of resamples).",
+            f"in {100 * ratio['share_a_worse']:.1f} % of resamples); on bench 8's first {short['tokens']:,} positions "
+            f"alone {short['ratio']:.4f} ({short['low']:.4f}-{short['high']:.4f}).",
             "",
             markdown_table(
                 ["float p(token)", "tokens", "awq NLL change (nats)", "imatrix NLL change (nats)",
@@ -137,6 +216,24 @@ def report(record: dict[str, Any]) -> str:
             ),  # fmt: skip
             "",
         ]
+    checks = record.get("checks")
+    if checks:
+        temperatures = ", ".join(f"T {t}: {value:.2f}" for t, value in checks["float_temperature_perplexity"].items())
+        entropies = "; ".join(
+            f"{scheme}: " + ", ".join(f"{name} {value:.3f}" for name, value in values.items())
+            for scheme, values in checks["entropy"].items()
+        )
+        lines += [
+            f"Predictive entropy (nats, first {checks['entropy_tokens']:,} tokens, every scored position): {entropies}. "
+            f"The float model's perplexity on the rows' tokens with its logits divided by T: {temperatures}.",
+            "",
+        ]
+    rows_from = record.get("rows_from")
+    if rows_from:
+        lines.append(
+            f"Rows scored by `{rows_from['command']}` ({rows_from['started']} to {rows_from['finished']}); the "
+            "comparison and the checks computed again from their saved log-probs (`--reuse`)."
+        )
     lines.append(f"Measured {record['started']} to {record['finished']}; load average {record['loadavg']}.")
     return "\n".join(lines)
 
@@ -145,6 +242,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
+    root = bench_cache_dir("quant_methods")
+    earlier = read_json(RESULTS) if args.reuse and RESULTS.is_file() else {}
     record: dict[str, Any] = {
         "schema_version": 1,
         "kind": "paired_perplexity",
@@ -155,7 +254,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "schemes": {},
     }
     for scheme in args.schemes:
-        rows = {method: score_row(scheme, method, args.tokens, args.threads) for method in METHODS}
+        if args.reuse:
+            old = earlier.get("schemes", {}).get(scheme)
+            if old is None or earlier.get("tokens") != args.tokens:
+                raise SystemExit(f"bench.paired_perplexity: no earlier {scheme} rows at {args.tokens} tokens to reuse")
+            rows = {method: dict(old["rows"][method]) for method in METHODS}
+            for method in METHODS:
+                with np.load(root / f"{scheme}-{method}" / f"token_logprobs-{args.tokens}.npz") as arrays:
+                    rows[method]["logprobs"] = {
+                        name: arrays[name] for name in ("artifact", "reference", "window_lengths")
+                    }
+            record["rows_from"] = earlier.get("rows_from") or {
+                key: earlier.get(key) for key in ("command", "started", "finished")
+            }
+        else:
+            rows = {method: score_row(scheme, method, args.tokens, args.threads) for method in METHODS}
         paired = compare(rows)
         record["schemes"][scheme] = {
             "rows": {method: {k: v for k, v in row.items() if k != "logprobs"} for method, row in rows.items()},
@@ -163,6 +276,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         print(f"{scheme}: awq / imatrix perplexity {paired['ratio']['ratio']:.4f} "
               f"({paired['ratio']['low']:.4f}-{paired['ratio']['high']:.4f})")  # fmt: skip
+    from toolkit.core.paths import demo_model_dir
+
+    entropy: dict[str, dict[str, float]] = {}
+    float_entropy = predictive_entropy(demo_model_dir(), ENTROPY_TOKENS, args.threads)
+    for scheme in args.schemes:
+        entropy[scheme] = {"float": float_entropy}
+        for method in METHODS:
+            gguf = next((root / f"{scheme}-{method}" / "gguf").glob("*.gguf"))
+            entropy[scheme][method] = predictive_entropy(gguf, ENTROPY_TOKENS, args.threads)
+    record["checks"] = {
+        "entropy_tokens": ENTROPY_TOKENS,
+        "entropy": entropy,
+        "float_temperature_perplexity": float_temperature_perplexity(args.tokens, args.threads),
+    }
     record["loadavg"].append(load_average())
     record["finished"] = utc_now()
     write_json_atomic(RESULTS, record)
@@ -177,6 +304,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="held-apart tokens scored")
+    parser.add_argument(
+        "--reuse", action="store_true", help="the last run's rows and token log-probs; only the analysis again"
+    )
     args = parser.parse_args()
     reason = available()
     if reason is not None:

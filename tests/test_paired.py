@@ -89,7 +89,8 @@ def test_the_bench_reports_the_paired_ratio_and_its_decomposition():
     for method, shift in (("awq", 0.02), ("imatrix", 0.0)):
         artifact = reference - 0.1 - shift
         rows[method] = {"kl": 0.1, "perplexity": float(np.exp(-artifact.mean())), "top1_agreement": 0.8,
-                        "logprobs": {"artifact": artifact, "reference": reference}}  # fmt: skip
+                        "logprobs": {"artifact": artifact, "reference": reference,
+                                     "window_lengths": [513] * 4}}  # fmt: skip
     paired = compare(rows)
     assert paired["ratio"]["ratio"] == pytest.approx(math.exp(0.02), rel=1e-9)
     assert paired["float_perplexity"] == pytest.approx(float(np.exp(-reference.mean())))
@@ -98,3 +99,16 @@ def test_the_bench_reports_the_paired_ratio_and_its_decomposition():
     text = report(record)
     assert f"Ratio **{math.exp(0.02):.4f}**" in text and "awq worse in 100.0 % of resamples" in text
     assert text.count("\n| ") == 1 + 1 + 7  # header, rule, one row per probability bin
+    assert "Predictive entropy" not in text
+    record["checks"] = {"entropy_tokens": 4096, "entropy": {"Q4_0": {"float": 2.7, "awq": 2.8, "imatrix": 2.95}},
+                        "float_temperature_perplexity": {"1": 17.24, "1.05": 17.18}}  # fmt: skip
+    text = report(record)
+    assert "Q4_0: float 2.700, awq 2.800, imatrix 2.950" in text and "T 1.05: 17.18" in text
+
+
+def test_bench8_positions_are_the_windows_of_its_token_budget():
+    from bench.paired_perplexity import bench8_positions
+
+    assert bench8_positions([512] * 32) == 8 * 511  # 4,096 tokens: eight windows, each predicts 511
+    assert bench8_positions([600] * 10) == 6 * 599  # a seventh window would pass 4,096 tokens
+    assert bench8_positions([]) == 0
