@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     result = heal(
         student, tokenizer, data.heal_ids, train_labels=labels, lr=args.lr, max_steps=args.steps,
-        rank=args.rank, alpha=2.0 * args.rank, seed=0, progress=False, teacher=teacher,
+        rank=args.rank, seed=0, progress=False, teacher=teacher,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     return {

@@ -238,6 +238,16 @@ def _heal_label(heal: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _healed_alike(bedside: dict[str, Any], baseline: dict[str, Any] | None) -> str:
+    """", x the baseline's KL healed alike" when both healed rows healed with the same settings, else ""."""
+    keys = ("objective", "steps", "rank", "learning_rate", "loss_tokens")
+    if not baseline or not bedside.get("heal") or not baseline.get("heal"):
+        return ""
+    if any(bedside["heal"].get(key) != baseline["heal"].get(key) for key in keys):
+        return ""
+    return f"; {bedside['kl'] / baseline['kl']:.2f} x block influence + RTN healed alike"
+
+
 def _row_key(scheme: str, method: str) -> str:
     return f"{scheme}/{method}"
 
@@ -351,7 +361,9 @@ def report(results: dict[str, Any]) -> str:
     if healed:
         lines.append(
             f"- {PRUNE_LAYERS} layers + {PRUNED_SCHEME}, healed: Bedside's KL {healed['kl']:.3f} nats "
-            f"(target <= {TARGET_HEALED_KL}: {'met' if healed['kl'] <= TARGET_HEALED_KL else 'missed'})."
+            f"(target <= {TARGET_HEALED_KL}: {'met' if healed['kl'] <= TARGET_HEALED_KL else 'missed'})"
+            + _healed_alike(healed, results["rows"].get(_pruned_key(BASELINE_VARIANT, "healed")))
+            + "."
         )
     return "\n".join(lines) + "\n"
 

@@ -107,3 +107,6 @@ def test_quant_methods_report_has_one_table_with_the_pruned_rows_and_their_targe
     assert "healed: Bedside's KL 0.550 nats (target <= 0.6: met)" in text
     assert "block influence (ShortGPT) + RTN, healed (kd, 40 steps) |" in table[1]
     assert "activation + linear replacement + AWQ, healed (kd, 200 steps, rank 16, lr 0.001, 408,800 positions) |" in table[3]
+    assert "healed alike" not in text  # the baseline healed with other settings: no ratio between them
+    rows[_pruned_key(BASELINE_VARIANT, "healed")]["heal"] = dict(rows[_pruned_key(BEDSIDE_VARIANT, "healed")]["heal"])
+    assert "(target <= 0.6: met); 0.61 x block influence + RTN healed alike." in report({"rows": rows, "threads": 2})

@@ -51,7 +51,6 @@ def test_mirrored_heal_figures_are_heals_defaults() -> None:
 
     options = CompressOptions()  # compress's LoRA defaults are heal's own (alpha = 2 x rank)
     assert (options.heal_lr, options.heal_rank) == (healing.DEFAULT_LEARNING_RATE, healing.DEFAULT_RANK)
-    assert healing.DEFAULT_ALPHA == 2 * healing.DEFAULT_RANK
     assert _default(healing.heal, "batch_size") == estimate.HEAL_BATCH
 
 

@@ -217,6 +217,8 @@ def test_record_is_json_ready_and_validated():
     assert record["initial_loss"] == record["losses"][0] and record["final_loss"] == record["losses"][-1]
     assert record["losses"] == result.record.losses
     assert record["stopped_by"] == "steps"
+    default = heal(tiny_llama(), None, pattern_blocks(), max_steps=1, rank=4, progress=False)
+    assert default.record.alpha == 8.0  # alpha = 2 x rank unless given
     assert record["tokens_seen"] == 3 * 4 * 32
     # rank 4 on 7 projections x 2 layers: r * (in + out) per linear
     per_layer = 4 * ((32 + 32) + (32 + 16) * 2 + (32 + 32) + (32 + 64) * 2 + (64 + 32))

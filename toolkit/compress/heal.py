@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 DEFAULT_RANK = 8
-DEFAULT_ALPHA = 16.0
+ALPHA_PER_RANK = 2.0  # alpha = 2 r unless given: the update's scale alpha / r stays 2 at every rank
 DEFAULT_LEARNING_RATE = 2e-4  # QLoRA (arXiv:2305.14314) for 7B-13B, constant schedule
 DEFAULT_MAX_GRAD_NORM = 1.0
 MAX_WARMUP_STEPS = 10
@@ -477,7 +477,7 @@ def heal(
     *,
     train_labels: torch.Tensor | None = None,
     rank: int = DEFAULT_RANK,
-    alpha: float = DEFAULT_ALPHA,
+    alpha: float | None = None,
     dropout: float = 0.0,
     lr: float = DEFAULT_LEARNING_RATE,
     max_steps: int | None = 100,
@@ -494,7 +494,8 @@ def heal(
     modules_to_save: Sequence[str] = (),
     teacher: TeacherTargets | None = None,
 ) -> HealResult:
-    """Fine-tune LoRA adapters on `train_blocks` and merge them: W' = W + (alpha / rank) B A.
+    """Fine-tune LoRA adapters on `train_blocks` and merge them: W' = W + (alpha / rank) B A (alpha 2 x rank unless
+    given).
 
     `train_blocks` is (n, seq) token ids (from `toolkit.data.make_blocks`, or
     `question_answer_training_blocks` for QA data). `train_labels`, same shape, marks what counts
@@ -514,6 +515,7 @@ def heal(
     from peft import LoraConfig, get_peft_model
 
     del tokenizer  # token blocks are already ids
+    alpha = ALPHA_PER_RANK * rank if alpha is None else alpha
     _check_inputs(
         train_blocks, train_labels, rank, alpha, dropout, lr, max_steps, max_seconds, batch_size, grad_accum
     )

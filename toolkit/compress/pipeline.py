@@ -553,7 +553,6 @@ def _heal_stage(
             max_seconds=options.heal_seconds,
             lr=options.heal_lr,
             rank=options.heal_rank,
-            alpha=2.0 * options.heal_rank,
             seed=options.seed,
             progress=runner.progress,
             modules_to_save=["multi_modal_projector"] if options.heal_projector else (),

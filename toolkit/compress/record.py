@@ -38,7 +38,7 @@ class CompressOptions:
     heal_objective: str = "kd"  # "kd": distil the unpruned model's top-k log-probs | "ce": the LM loss (heal.py)
     heal_sequences: int | None = None  # healing blocks drawn from the calibration data; None: calib_sequences
     heal_lr: float = 2e-4  # LoRA learning rate (heal.DEFAULT_LEARNING_RATE)
-    heal_rank: int = 8  # LoRA rank r (alpha = 2 r, heal.DEFAULT_RANK / DEFAULT_ALPHA)
+    heal_rank: int = 8  # LoRA rank r (alpha = 2 r: heal.DEFAULT_RANK, ALPHA_PER_RANK)
     calib: str | None = None  # data spec for load_dataset_spec; None -> the radiology corpus
     eval_data: str | None = None  # held-apart data for per-stage perplexity; None -> eval split of calib
     calib_sequences: int = 64  # <= 128
