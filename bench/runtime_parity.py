@@ -365,7 +365,11 @@ def pool_rounds(record: dict[str, Any], earlier: dict[str, Any], source: str) ->
         reference["per_round"] = old["reference"]["per_round"] + row["reference"]["per_round"]
         for key in ("prefill_tok_s", "decode_tok_s", "prefill_tok_s_n_batch_512"):
             reference[key] = float(np.mean([entry[key] for entry in reference["per_round"]]))
-        pooled.append(add_paired({**row, "bedside": bedside, "reference": reference}, PREFILL, DECODE))
+        pooled.append(
+            add_paired(
+                {**row, "bedside": bedside, "reference": reference}, record["prefill_tokens"], record["decode_tokens"]
+            )
+        )
         keys.append(row["artifact"])
     run = {name: earlier.get(name) for name in ("command", "started", "finished", "reps")}
     return {**record, "comparisons": pooled, "pooled_with": {"artifacts": sorted(set(keys)), "source": source, **run}}
@@ -599,7 +603,11 @@ def main() -> None:
         record = read_json(RESULTS)
         if args.pool:
             path, _, source = args.pool.partition("=")
-            record = pool_rounds(record, read_json(Path(path)), source or path)
+            try:
+                record = pool_rounds(record, read_json(Path(path)), source or path)
+            except BedsideError as error:
+                print(f"bench.runtime_parity: {error}", file=sys.stderr)
+                raise SystemExit(2) from None
         record["comparisons"] = [
             add_paired(row, record["prefill_tokens"], record["decode_tokens"]) for row in record["comparisons"]
         ]
