@@ -55,8 +55,10 @@ ENTROPY_TOKENS = 4096
 TEMPERATURES: tuple[float, ...] = (1.0, 1.05, 1.1, 1.2)
 
 
-def score_row(scheme: str, method: str, tokens: int, threads: int) -> dict[str, Any]:
-    """Compress (or resume) bench 8's unpruned row, export it, score it and the float model on `tokens` tokens."""
+def score_row(scheme: str, method: str, data: tuple[Path, Path, list[Any]], tokens: int, threads: int) -> dict[str, Any]:
+    """Compress (or resume) bench 8's unpruned row, export it, score it and the float model on `tokens` tokens.
+
+    `data`: bench 8's calibration file, evaluation file and evaluation documents (`quant_methods._data_paths`)."""
     from bench import quant_methods as bench8
     from exporters import export
     from toolkit.compress.pipeline import compress
@@ -64,7 +66,7 @@ def score_row(scheme: str, method: str, tokens: int, threads: int) -> dict[str, 
     from toolkit.validate.evaluate import evaluate
 
     root = bench_cache_dir("quant_methods")
-    calib, evaluation, documents = bench8._data_paths(root / "data")
+    calib, evaluation, documents = data
     out = root / f"{scheme}-{method}"
     options = CompressOptions(
         prune_layers=0, quant_method=bench8.PIPELINE_METHOD[method], calib=str(calib), eval_data=str(evaluation),
@@ -94,13 +96,12 @@ def score_row(scheme: str, method: str, tokens: int, threads: int) -> dict[str, 
     }
 
 
-def _score_windows(runner: Any, tokens: int) -> list[list[int]]:
+def _score_windows(runner: Any, documents: list[Any], tokens: int) -> list[list[int]]:
     """The scoring windows `evaluate` gives `runner` on the first `tokens` held-apart tokens (the same ids)."""
     from bench import quant_methods as bench8
     from runtimes.measure import MeasureJob, _text_windows
     from toolkit.validate.evaluate import scoring_texts
 
-    _calib, _evaluation, documents = bench8._data_paths(bench_cache_dir("quant_methods") / "data")
     job = MeasureJob(
         context=bench8.EVAL_SEQ_LEN, decode_tokens=1, score_texts=scoring_texts(documents, tokens),
         score_seq_len=bench8.EVAL_SEQ_LEN, score_max_tokens=tokens,
@@ -108,13 +109,13 @@ def _score_windows(runner: Any, tokens: int) -> list[list[int]]:
     return _text_windows(runner, job)
 
 
-def predictive_entropy(artifact: str | Path, tokens: int, threads: int) -> float:
+def predictive_entropy(artifact: str | Path, documents: list[Any], tokens: int, threads: int) -> float:
     """mean_t H(q(. | x_<t)) in nats over every scored position of the first `tokens` held-apart tokens."""
     from runtimes.registry import load_runner
 
     runner = load_runner(artifact, n_ctx=512, n_threads=threads)
     total, count = 0.0, 0
-    for window in _score_windows(runner, tokens):
+    for window in _score_windows(runner, documents, tokens):
         for rows in runner.iter_logprobs(window):
             logprobs = np.asarray(rows, dtype=np.float64)
             total += float(-(np.exp(logprobs) * logprobs).sum())
@@ -122,7 +123,7 @@ def predictive_entropy(artifact: str | Path, tokens: int, threads: int) -> float
     return total / max(count, 1)
 
 
-def float_temperature_perplexity(tokens: int, threads: int) -> dict[str, float]:
+def float_temperature_perplexity(documents: list[Any], tokens: int, threads: int) -> dict[str, float]:
     """Perplexity of the float demo model with its logits divided by T (T in TEMPERATURES) on the rows' tokens."""
     import torch
 
@@ -134,7 +135,7 @@ def float_temperature_perplexity(tokens: int, threads: int) -> dict[str, float]:
     nll = dict.fromkeys(TEMPERATURES, 0.0)
     count = 0
     with torch.no_grad():
-        for window in _score_windows(runner, tokens):
+        for window in _score_windows(runner, documents, tokens):
             ids = torch.tensor([window])
             logits = runner.model(input_ids=ids).logits[0, :-1].float()
             targets = ids[0, 1:]
@@ -242,7 +243,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
+    from bench.quant_methods import _data_paths
+
     root = bench_cache_dir("quant_methods")
+    data = _data_paths(root / "data")  # once: loading the shared data sets and writing the pipeline files
     earlier = read_json(RESULTS) if args.reuse and RESULTS.is_file() else {}
     record: dict[str, Any] = {
         "schema_version": 1,
@@ -268,7 +272,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 key: earlier.get(key) for key in ("command", "started", "finished")
             }
         else:
-            rows = {method: score_row(scheme, method, args.tokens, args.threads) for method in METHODS}
+            rows = {method: score_row(scheme, method, data, args.tokens, args.threads) for method in METHODS}
         paired = compare(rows)
         record["schemes"][scheme] = {
             "rows": {method: {k: v for k, v in row.items() if k != "logprobs"} for method, row in rows.items()},
@@ -279,16 +283,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from toolkit.core.paths import demo_model_dir
 
     entropy: dict[str, dict[str, float]] = {}
-    float_entropy = predictive_entropy(demo_model_dir(), ENTROPY_TOKENS, args.threads)
+    float_entropy = predictive_entropy(demo_model_dir(), data[2], ENTROPY_TOKENS, args.threads)
     for scheme in args.schemes:
         entropy[scheme] = {"float": float_entropy}
         for method in METHODS:
             gguf = next((root / f"{scheme}-{method}" / "gguf").glob("*.gguf"))
-            entropy[scheme][method] = predictive_entropy(gguf, ENTROPY_TOKENS, args.threads)
+            entropy[scheme][method] = predictive_entropy(gguf, data[2], ENTROPY_TOKENS, args.threads)
     record["checks"] = {
         "entropy_tokens": ENTROPY_TOKENS,
         "entropy": entropy,
-        "float_temperature_perplexity": float_temperature_perplexity(args.tokens, args.threads),
+        "float_temperature_perplexity": float_temperature_perplexity(data[2], args.tokens, args.threads),
     }
     record["loadavg"].append(load_average())
     record["finished"] = utc_now()
