@@ -65,8 +65,8 @@ from bench.common import (
 
 RESULTS = RESULTS_DIR / "quant_methods.json"
 SCHEMES: tuple[str, ...] = ("Q4_0", "Q4_K_M")
-METHODS: tuple[str, ...] = ("plain", "imatrix", "awq")
-PIPELINE_METHOD = {"plain": "rtn", "imatrix": "imatrix", "awq": "awq"}
+METHODS: tuple[str, ...] = ("plain", "imatrix", "awq", "awq-gptq")
+PIPELINE_METHOD = {"plain": "rtn", "imatrix": "imatrix", "awq": "awq", "awq-gptq": "awq-gptq"}
 CALIB_SEQUENCES, CALIB_LEN, SEED = 64, 512, 0
 EVAL_MAX_TOKENS, EVAL_SEQ_LEN = 4096, 512
 TARGET_KL_RATIO = 0.7  # awq KL at most 70 % of imatrix's (and Bedside's pruned row at most 70 % of ShortGPT's)
@@ -77,8 +77,13 @@ PRUNED_VARIANTS: dict[str, tuple[str, str, str, str]] = {
     "block-influence+rtn": ("block influence (ShortGPT) + RTN", "block-influence", "none", "rtn"),
     "activation+awq": ("activation + AWQ", "activation", "none", "awq"),
     "activation+linear+awq": ("activation + linear replacement + AWQ", "activation", "linear", "awq"),
+    "activation+linear+awq-gptq": (
+        "activation + linear replacement + AWQ + GPTQ", "activation", "linear", "awq-gptq",
+    ),
 }
-BASELINE_VARIANT, BEDSIDE_VARIANT = "block-influence+rtn", "activation+linear+awq"
+# Bedside's row: what `bedside compress --prune-layers 6 --quant Q4_0` does by default (--quant-method auto)
+BASELINE_VARIANT, BEDSIDE_VARIANT = "block-influence+rtn", "activation+linear+awq-gptq"
+BEDSIDE_METHODS: tuple[str, ...] = ("awq", "awq-gptq")  # rows held to the targets against imatrix
 HEAL_STATES: tuple[str, ...] = ("unhealed", "healed")
 # The healed rows: distillation on 800 x 512 tokens of the calibration file, 200 LoRA steps at rank 16, lr 1e-3
 # (bench/heal_sweep.py, docs/benchmarks/heal_sweep.json: the float proxy at 64 sequences overfits, 0.503 nats held
@@ -216,8 +221,9 @@ def child(scheme: str, method: str, result_path: Path, threads: int) -> None:
         "search_rounding": record["quant"].get("search_rounding"),
         "export_rounding": record["quant"].get("export_rounding"),
         "awq_knobs": {
-            key: awq.get(key) for key in ("n_grid", "rerank", "search_grids", "export_types", "clip_summary")
+            key: awq.get(key) for key in ("n_grid", "rerank", "search_grids", "export_types", "clip_summary", "gptq")
         }
+        | {"clip_tokens": (awq.get("calibration") or {}).get("clip_tokens")}
         if awq
         else None,
         "calibration": record["calibration"],
@@ -261,12 +267,19 @@ def _load_range(results: dict[str, Any]) -> str:
     return f"{min(loads):.1f}-{max(loads):.1f}" if loads else "n/a"
 
 
+def _sampled_clip(row: dict[str, Any]) -> bool:
+    """Whether a row's AWQ clipping was searched on a 512-token sample (rows measured before the search used every
+    calibration token, 2026-12-07; their records lack ``clip_tokens`` or hold 512)."""
+    knobs = row.get("awq_knobs")
+    return bool(knobs) and (knobs.get("clip_tokens") or 512) <= 512 and row.get("pipeline_method") != "rtn"
+
+
 def _table_row(row: dict[str, Any], scheme: str, removed: str, method: str) -> list[str]:
     compress_seconds = (row.get("compress_timer") or {}).get("seconds")
     return [
         scheme,
         removed,
-        method,
+        method + (" †" if _sampled_clip(row) else ""),
         _fmt(row["kl"], 4),
         _fmt(row["perplexity"], 2),
         _fmt(row["top1_agreement"], 3),
@@ -323,7 +336,10 @@ def report(results: dict[str, Any]) -> str:
         "calibration tokens (shared PubMedQA/MedQuAD calibration split), evaluated with "
         '`evaluate(gguf, reference="demo")` on the held-apart medical text (512-token windows, 4096 tokens). '
         "plain = RTN (no matrix), imatrix = llama.cpp's importance matrix of the unscaled model, awq = Bedside's "
-        "AWQ searched on the export's rounding, exported with the scaled model's matrix. Pruned rows: "
+        "AWQ searched on the export's rounding, exported with the scaled model's matrix, awq-gptq = awq, then GPTQ "
+        "rounding of every Q4_0 / Q5_0 linear on the export's exact grid (`--quant-method auto`, the default for "
+        "GGUF). †: measured before the clipping search used every calibration token (it searched on a 512-token "
+        "sample then). Pruned rows: "
         f"{PRUNE_LAYERS} layers removed, {PRUNED_SCHEME}; healed = LoRA on the same calibration file (kd: distilling "
         "the unpruned model's top-64 log-probabilities at every position, the default; ce: the LM loss), "
         f"{HEAL_SETTINGS['heal_sequences']} x 512 tokens, {HEAL_SETTINGS['heal_steps']} steps, rank "
@@ -337,16 +353,16 @@ def report(results: dict[str, Any]) -> str:
         table,
         "",
     ]
-    for scheme in SCHEMES:
-        awq = results["rows"].get(_row_key(scheme, "awq"))
+    for scheme, method in ((scheme, method) for scheme in SCHEMES for method in BEDSIDE_METHODS):
+        awq = results["rows"].get(_row_key(scheme, method))
         imatrix = results["rows"].get(_row_key(scheme, "imatrix"))
         if awq and imatrix and awq["kl"] and imatrix["kl"]:
             ratio = awq["kl"] / imatrix["kl"]
             lines.append(
-                f"- {scheme}: awq KL / imatrix KL = {ratio:.2f} (target <= {TARGET_KL_RATIO}: "
+                f"- {scheme}: {method} KL / imatrix KL = {ratio:.2f} (target <= {TARGET_KL_RATIO}: "
                 f"{'met' if ratio <= TARGET_KL_RATIO else 'missed'}); perplexity {awq['perplexity']:.2f} vs "
                 f"{imatrix['perplexity']:.2f} ({'no worse' if awq['perplexity'] <= imatrix['perplexity'] else 'worse'}); "
-                f"AWQ {awq['quantize_seconds']:.0f} s (target <= {TARGET_AWQ_SECONDS:.0f} s on an idle machine), "
+                f"quantize stage {awq['quantize_seconds']:.0f} s (target <= {TARGET_AWQ_SECONDS:.0f} s on an idle machine), "
                 f"process peak {awq['process_peak_bytes'] / 1e9:.2f} GB (target <= {TARGET_PEAK_BYTES / 1e9:.1f} GB)."
             )
     baseline = results["rows"].get(_pruned_key(BASELINE_VARIANT, "unhealed"))

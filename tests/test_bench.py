@@ -106,7 +106,32 @@ def test_quant_methods_report_has_one_table_with_the_pruned_rows_and_their_targe
     assert "Bedside's KL / block influence + RTN = 0.75 (target <= 0.7: missed)" in text
     assert "healed: Bedside's KL 0.550 nats (target <= 0.6: met)" in text
     assert "block influence (ShortGPT) + RTN, healed (kd, 40 steps) |" in table[1]
-    assert "activation + linear replacement + AWQ, healed (kd, 200 steps, rank 16, lr 0.001, 408,800 positions) |" in table[3]
+    assert "activation + linear replacement + AWQ + GPTQ, healed (kd, 200 steps, rank 16, lr 0.001, 408,800 positions) |" in table[3]
     assert "healed alike" not in text  # the baseline healed with other settings: no ratio between them
     rows[_pruned_key(BASELINE_VARIANT, "healed")]["heal"] = dict(rows[_pruned_key(BEDSIDE_VARIANT, "healed")]["heal"])
     assert "(target <= 0.6: met); 0.61 x block influence + RTN healed alike." in report({"rows": rows, "threads": 2})
+
+
+def test_quant_methods_report_marks_rows_whose_clipping_searched_a_sample() -> None:
+    """Rows measured before the clipping search used every calibration token (no ``clip_tokens`` in their knobs, or
+    512) carry a dagger; rows since, and RTN rows, do not; awq and awq-gptq are both held to the targets."""
+    from bench.quant_methods import report
+
+    def row(method: str, clip_tokens: int | None, kl: float) -> dict:
+        knobs = None if method == "rtn" else {"n_grid": 10, **({"clip_tokens": clip_tokens} if clip_tokens else {})}
+        return {
+            "kl": kl, "perplexity": 19.0, "top1_agreement": 0.8, "quantize_seconds": 50.0, "pipeline_method": method,
+            "process_peak_bytes": 1.4e9, "compress_timer": {"seconds": 90.0}, "awq_knobs": knobs,
+        }  # fmt: skip
+
+    rows = {
+        "Q4_0/plain": row("rtn", None, 0.3),
+        "Q4_0/imatrix": {**row("imatrix", None, 0.2), "awq_knobs": None},
+        "Q4_0/awq": row("awq", None, 0.1),
+        "Q4_0/awq-gptq": row("awq-gptq", 32768, 0.09),
+    }
+    lines = {line.split(" | ")[2]: line for line in report({"rows": rows, "threads": 2}).splitlines() if line.startswith("| Q4_0 | 0 |")}
+    assert set(lines) == {"plain", "imatrix", "awq †", "awq-gptq"}
+    text = report({"rows": rows, "threads": 2})
+    assert "- Q4_0: awq KL / imatrix KL = 0.50 (target <= 0.7: met)" in text
+    assert "- Q4_0: awq-gptq KL / imatrix KL = 0.45 (target <= 0.7: met)" in text

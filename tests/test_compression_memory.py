@@ -82,6 +82,25 @@ def test_the_estimator_imports_no_torch() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_gptq_adds_the_layers_grams_and_the_widest_hessian_to_the_quantize_stage() -> None:
+    """awq-gptq's quantize stage holds a layer's X^T X (3 h^2 + i^2 float32), GPTQ_HESSIAN_COPIES i x i float32
+    matrices and four copies of the stacked gate/up rows on top of AWQ's figure: 4.1 GB more for a 7B shape
+    (i = 11008); the other stages do not change; gptq_round's default damping is the mirrored one."""
+    from toolkit.compress.quant import gptq
+
+    facts = _llama2_7b_facts(layers=32)
+    common = {"calib_sequences": 64, "seq_len": 256, "eval_sequences": 16, "prune_layers": 0, "sequential": True}
+    with_gptq = estimate.compression_memory(facts, quant=True, gptq=True, **common)
+    plain = estimate.compression_memory(facts, quant=True, **common)
+    h, i = 4096, 11008
+    extra = (3 * h * h + i * i) * 4 + estimate.GPTQ_HESSIAN_COPIES * i * i * 4 + 4 * 2 * i * h * 4
+    assert with_gptq["quantize"] - plain["quantize"] == extra
+    assert 4.0e9 < extra < 4.1e9
+    others = ("perplexity", "perplexity_quantized", "prune", "heal")
+    assert all(with_gptq[key] == plain[key] for key in others)
+    assert _default(gptq.gptq_round, "damp") == gptq.DAMP
+
+
 def test_the_quantized_perplexity_adds_the_export_roundings_copy_of_the_largest_linear() -> None:
     """The quantized model's perplexity rounds each linear as the export does before its forward: the block phase
     holds the rounded copy and libggml's temporaries of the largest linear on top of the plain figure; none

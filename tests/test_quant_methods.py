@@ -270,13 +270,27 @@ def test_imatrix_method_writes_the_matrix_of_the_unscaled_model_for_the_export(
     assert resolve_source(str(tmp_path / "out"), "gguf", None).imatrix == tmp_path / "out" / "imatrix.gguf"
 
 
-def test_imatrix_method_is_refused_for_onnx_schemes() -> None:
+@pytest.mark.parametrize("method", ["imatrix", "awq-gptq"])
+def test_gguf_only_methods_are_refused_for_onnx_schemes(method: str) -> None:
     from toolkit.compress.pipeline import validate_options
     from toolkit.compress.record import CompressOptions
 
-    with pytest.raises(BedsideError, match="GGUF schemes only"):
-        validate_options(CompressOptions(quant="int4_b32", quant_method="imatrix"))
-    validate_options(CompressOptions(quant="Q4_K_M", quant_method="imatrix"))
+    with pytest.raises(BedsideError, match=f"--quant-method {method} applies to GGUF schemes only, not 'int4_b32'"):
+        validate_options(CompressOptions(quant="int4_b32", quant_method=method))
+    validate_options(CompressOptions(quant="Q4_K_M", quant_method=method))
+
+
+def test_auto_method_is_awq_gptq_for_gguf_and_awq_otherwise() -> None:
+    from toolkit.compress.quant.methods import resolve_quant_method
+    from toolkit.compress.record import CompressOptions
+    from toolkit.deploy.pipeline import DeployOptions
+
+    assert CompressOptions().quant_method == "auto" and DeployOptions(profile="jetson4gb").quant_method == "auto"
+    assert resolve_quant_method("auto", "Q4_0") == "awq-gptq"
+    assert resolve_quant_method("auto", "Q4_K_M") == "awq-gptq"
+    assert resolve_quant_method("auto", "int4_b32") == "awq"
+    assert resolve_quant_method("auto", None) == "awq"
+    assert resolve_quant_method("rtn", "Q4_0") == "rtn"
 
 
 @pytest.mark.demo

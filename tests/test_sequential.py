@@ -146,11 +146,11 @@ def test_replacement_prune_and_awq_write_the_in_memory_weights(
     quantized = tmp_path / "awq"
     quantized.mkdir()
     streamed = sequential_awq(
-        LazyModel(pruned), quantized, calib, "Q4_0", imatrix_path=quantized / "imatrix.gguf", seed=0,
+        LazyModel(pruned), quantized, calib, "Q4_0", imatrix_path=quantized / "imatrix.gguf",
         dtype=torch.bfloat16,
     )
     model = load_causal_lm(pruned)
-    result = awq(model, calib, "Q4_0", imatrix_path=tmp_path / "imatrix.gguf", progress=False, seed=0)
+    result = awq(model, calib, "Q4_0", imatrix_path=tmp_path / "imatrix.gguf", progress=False)
     alphas = [[group.get("alpha") for group in layer["groups"]] for layer in streamed["layers"]]
     assert alphas == [[group.get("alpha") for group in layer["groups"]] for layer in result.record["layers"]]
     written = ShardedCheckpoint(quantized)

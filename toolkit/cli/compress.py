@@ -62,8 +62,9 @@ def compress_command(
         str | None,
         typer.Option(
             "--quant-method",
-            help="awq (scales + clipping, searched on the export rounding), rtn (none) or imatrix "
-            "(llama.cpp importance matrix, GGUF only).",
+            help="auto (default: awq-gptq for GGUF, awq otherwise), awq (scales + clipping, searched on the "
+            "export rounding), awq-gptq (AWQ, then GPTQ rounding on the exact Q4_0/Q5_0 grid, GGUF only), rtn "
+            "(none) or imatrix (llama.cpp importance matrix, GGUF only).",
         ),
     ] = None,
     awq_search_rounding: Annotated[

@@ -58,10 +58,11 @@ def deploy_command(
         str,
         typer.Option(
             "--quant-method",
-            help="awq (default), rtn (no AWQ search: faster, for tests) or imatrix (llama.cpp's importance "
-            "matrix, GGUF only).",
+            help="auto (default: awq-gptq for GGUF, awq for ONNX), awq, awq-gptq (AWQ, then GPTQ rounding on the "
+            "exact Q4_0/Q5_0 grid, GGUF only), rtn (no search: faster, for tests) or imatrix (llama.cpp's "
+            "importance matrix, GGUF only).",
         ),
-    ] = "awq",
+    ] = "auto",
     replace: Annotated[
         str,
         typer.Option(

@@ -94,6 +94,7 @@ def compression_on_host(facts: ModelFacts, plan: Plan, *, heal: bool) -> dict[st
     sizes), the host's memory, and whether the host can heal (else deploy compresses unhealed)."""
     import psutil
 
+    from toolkit.compress.quant.methods import resolve_quant_method
     from toolkit.compress.record import CompressOptions
     from toolkit.plan.compression_memory import compression_memory, heals_in_sixteen_bits, streams_by_default
 
@@ -112,6 +113,7 @@ def compression_on_host(facts: ModelFacts, plan: Plan, *, heal: bool) -> dict[st
         sequential=sequential,
         heal=heal and removed > 0,
         heal_sixteen_bit=heals_in_sixteen_bits(sequential, str(facts.extra.get("dtype"))),
+        gptq=quantized and resolve_quant_method(defaults.quant_method, chosen.quant if chosen else None) == "awq-gptq",
     )
     host = int(psutil.virtual_memory().total)
     estimate["host_memory_bytes"] = host

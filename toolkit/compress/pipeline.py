@@ -41,7 +41,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +62,7 @@ from toolkit.compress.prune.replace import check_replace_mode, replace_removed_l
 from toolkit.compress.quant import get_grid
 from toolkit.compress.quant.awq import SEARCH_ROUNDINGS, awq, resolve_propagation
 from toolkit.compress.quant.imatrix import gather_imatrix
-from toolkit.compress.quant.methods import GGUF_ONLY_METHODS
+from toolkit.compress.quant.methods import AWQ_METHODS, GGUF_ONLY_METHODS, resolve_quant_method
 from toolkit.compress.quant.methods import QUANT_METHODS as QUANT_METHOD_REGISTRY
 from toolkit.compress.quant.rtn import fake_quantize_model, linear_quantizer
 from toolkit.compress.record import CompressionRecord, CompressOptions
@@ -162,8 +162,8 @@ def validate_options(options: CompressOptions, num_layers: int | None = None) ->
         and format_of_scheme(options.quant) != "gguf"
     ):
         raise BedsideError(
-            f"--quant-method {options.quant_method} is llama.cpp's importance matrix: it applies to GGUF schemes "
-            f"only, not {options.quant!r} (use awq or rtn)"
+            f"--quant-method {options.quant_method} applies to GGUF schemes only, not {options.quant!r} "
+            f"(use awq or rtn)"
         )
     if options.awq_search_rounding not in SEARCH_ROUNDINGS:
         raise BedsideError(
@@ -585,7 +585,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         return _Outcome({"skipped": reason}, previous, False, {"quant": quant, "awq": None})
     inputs: dict[str, Any] = {"scheme": scheme, "method": options.quant_method}
     propagation = resolve_propagation(AWQ_PROPAGATION, torch.device("cpu"))
-    if options.quant_method == "awq":
+    if options.quant_method in AWQ_METHODS:
         # search_rounding: how candidates are rounded (rerank: as the export does, libggml + matrix, for the
         # finalists); propagation: the precision of the non-search sequences' pass (AWQ_PROPAGATION: auto)
         inputs.update(
@@ -595,6 +595,8 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             propagation=propagation,
             alpha_search=AWQ_ALPHA_SEARCH,
         )
+        if options.quant_method == "awq-gptq":
+            inputs.update(gptq=True, storage_dtype=str(runner.storage_dtype).removeprefix("torch."))
     if options.quant_method == "imatrix":
         inputs.update(calibration=data.calibration["blocks_sha256"])
     input_hash = stage_hash("quantize", previous, inputs)
@@ -613,8 +615,9 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
 
         imatrix = folder / IMATRIX_NAME if write_imatrix else None
         result = awq(
-            model, data.calib_ids, scheme, imatrix_path=imatrix, progress=runner.progress, seed=options.seed,
+            model, data.calib_ids, scheme, imatrix_path=imatrix, progress=runner.progress,
             search_rounding=options.awq_search_rounding, propagation=propagation, alpha_search=AWQ_ALPHA_SEARCH,
+            gptq=options.quant_method == "awq-gptq", storage_dtype=runner.storage_dtype,
         )  # fmt: skip
         record = dict(result.record)
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None  # relative to the stage folder
@@ -623,6 +626,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             "search_grid": record.get("search_grid"),
             "search_rounding": record.get("search_rounding"),  # exact | rerank | emulated
             "export_rounding": record.get("export_rounding"),
+            "gptq": record.get("gptq"),  # None, or GPTQ's totals (output error ratio, blocks the export changes)
         }
         return result.model, {"quant": details, "awq": record}
 
@@ -638,10 +642,11 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             return False, {"quant": {**quant, "search_rounding": None, "imatrix": stats.record()}, "awq": None}
         imatrix = folder / IMATRIX_NAME if write_imatrix else None
         record = sequential_awq(
-            lazy, folder, data.calib_ids, scheme, imatrix_path=imatrix, seed=options.seed,
+            lazy, folder, data.calib_ids, scheme, imatrix_path=imatrix,
             extra_source=runner.source, dtype=runner.storage_dtype, on_layer=on_layer,
             search_rounding=options.awq_search_rounding, propagation=propagation,
-            alpha_search=AWQ_ALPHA_SEARCH,
+            alpha_search=AWQ_ALPHA_SEARCH, gptq=options.quant_method == "awq-gptq",
+            storage_dtype=runner.storage_dtype,
         )
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None
         details = {
@@ -649,6 +654,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             "search_grid": record.get("search_grid"),
             "search_rounding": record.get("search_rounding"),
             "export_rounding": record.get("export_rounding"),
+            "gptq": record.get("gptq"),  # None, or GPTQ's totals (output error ratio, blocks the export changes)
         }
         return True, {"quant": details, "awq": record}
 
@@ -695,6 +701,8 @@ def compress(
     source = loadable_checkpoint(model)  # no custom code; config.json describes these weights
     num_layers = read_facts(source).num_layers
     validate_options(options, num_layers)
+    given = options  # compression.json keeps the options as given; the stages see `auto` resolved
+    options = replace(options, quant_method=resolve_quant_method(options.quant_method, options.quant))
     out = Path(out)
     check_out_dir(out)  # refused before any work; created once the data passed too
 
@@ -763,7 +771,7 @@ def compress(
             "source_sha256": source_sha,
             "num_layers": num_layers,
         },
-        "options": options,
+        "options": given,
         "plan": _plan_record(plan),
         "layers_removed": list(pruned.details["layers_removed"]),
         "num_layers_after": num_layers - len(pruned.details["layers_removed"]),

@@ -27,7 +27,7 @@ class CompressOptions:
     layers: tuple[int, ...] | None = None  # explicit original indices (overrides selection)
     method: str = "activation"  # prune selection method (registry name)
     quant: str | None = None  # export scheme (Q4_K_M, Q4_0, int4_b32, ...) or None: no quantize stage
-    quant_method: str = "awq"  # "awq" | "rtn" | "imatrix" (toolkit.compress.quant.methods)
+    quant_method: str = "auto"  # auto | awq | awq-gptq | rtn | imatrix (toolkit.compress.quant.methods)
     awq_search_rounding: str = "rerank"  # AWQ candidates: "rerank" | "exact" | "emulated" (quant.awq.AwqSearch)
     replace: str = "linear"  # removed spans: "linear" (fitted map folded in, prune.replace) | "none"
     heal: bool = True

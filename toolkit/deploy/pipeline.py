@@ -101,7 +101,7 @@ class DeployOptions:
     eval_tokens: int = 4096
     seq_len: int = 256
     prune_method: str = "activation"
-    quant_method: str = "awq"  # "rtn" skips the AWQ search (faster, lower 4-bit quality)
+    quant_method: str = "auto"  # awq-gptq for GGUF, awq for ONNX; "rtn" skips the search (faster, lower quality)
     replace: str = "linear"  # fit and fold a linear map for each removed span ("none": plain removal)
     threads: int | None = None
     kv_cache_dtype: str | None = None  # pins llama.cpp's KV-cache precision (make_plan's kv_cache_dtype)

@@ -24,7 +24,10 @@ Terms (bytes; P = parameters, L = layers, h = hidden, i = MLP width, V = vocabul
     differences and their product with the groups' Gram matrices, x 2), four copies of the largest
     linear (h x i x 4), and the emulated search's fake-quantizer temporaries on it
     (FAKE_QUANT_TEMPORARIES x h x i x 4, as in prune: every candidate of the largest group is rounded on
-    the torch emulation first; measured on the 7B-shaped run).
+    the torch emulation first; measured on the 7B-shaped run). With GPTQ (`--quant-method awq-gptq`, the
+    default for GGUF) a layer's input Gram matrices ((3 h^2 + i^2) x 4), GPTQ_HESSIAN_COPIES i x i float32
+    matrices of the widest input's Hessian and four copies of the stacked gate/up rows (2 i x h x 4): not yet
+    measured on a 7B shape, an estimate from the code.
   - `perplexity`: the states (T_e x h x 4 x 2) and one block, or the head and one batch's logits
     (4 x seq_len x V x 4 x LOGIT_COPIES). `perplexity_quantized` (the quantized model's figure) first rounds
     each linear as the export does (F16, then libggml with the matrix): on the largest, its float32 output
@@ -68,6 +71,8 @@ FAKE_QUANT_TEMPORARIES = 5.5
 # temporaries of `export_round` (F16 intermediate, libggml Q4_K/Q6_K with a matrix) beside its input and output:
 # 1.14 (Q4_K) and 1.21 (Q6_K) on 4096 x 11008, 1.24 on 5632 x 2048 (docs/BENCHMARKS.md)
 EXPORT_ROUND_TEMPORARIES = 1.2
+# gptq.gptq_round on the widest input: the permuted Gram, then at most three matrices in prepare_hessian
+GPTQ_HESSIAN_COPIES = 4
 PERPLEXITY_BATCH = 4
 FLOAT32 = 4
 FLOAT64 = 8
@@ -93,6 +98,7 @@ def compression_memory(
     sequential: bool,
     heal: bool = False,
     heal_sixteen_bit: bool = False,
+    gptq: bool = False,
 ) -> dict[str, Any]:
     """Estimated peak resident bytes of each compress stage on the build host (formulas in the module docstring)."""
     h, i, v, layers = facts.hidden_size, facts.intermediate_size, facts.vocab_size, facts.num_layers
@@ -115,6 +121,8 @@ def compression_memory(
         + 2 * AWQ_CLIP_ROWS * max(h, i) * FLOAT64  # one clip-error chunk: float64 differences and d^T H
         + AWQ_WEIGHT_COPIES * h * i * FLOAT32  # the largest linear: scaled, rounded, padded, difference
     )
+    if gptq:  # a layer's X^T X (q/k/v, o, gate/up: h x h; down: i x i), then prepare_hessian's matrices + stacked rows
+        awq += (3 * h * h + i * i) * FLOAT32 + GPTQ_HESSIAN_COPIES * i * i * FLOAT32 + 4 * 2 * i * h * FLOAT32
     states = 2 * eval_tokens * h * FLOAT32
     quantizer = int(FAKE_QUANT_TEMPORARIES * h * i * FLOAT32) if quant else 0
     rounding = int((1 + EXPORT_ROUND_TEMPORARIES) * h * i * FLOAT32)  # the rounded copy and its temporaries

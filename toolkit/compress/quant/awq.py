@@ -36,12 +36,18 @@ Per decoder layer ``l`` (inputs ``X_l`` = outputs of layer ``l-1`` of the float 
        err_r[o, g] = mean_t ( sum_{i in g} x'_ti (W'_oi - Q_r(W')_oi) )^2,   x' = x / s
        Q_r = Q(clamp(W', -r max|W'_og|, r max|W'_og|)),   r in {1.0, 0.95, ..., 0.5}
 
-   on ``clip_tokens`` tokens, computed as ``d^T H_g d`` with ``d = W'_og - Q_r(W')_og`` and the group's
-   input Gram matrix ``H_g = X'_g^T X'_g / T``; the best ``r`` per ``(o, g)`` is applied by clamping ``W'`` (weights
-   stay float; exporting with the same grid then stores exactly ``Q_r``).
+   on every calibration token, computed as ``d^T H_g d`` with ``d = W'_og - Q_r(W')_og`` and the group's
+   input Gram matrix ``H_g = X'_g^T X'_g / T`` (accumulated block by block in pass 1, so the cost does not grow
+   with the tokens); the best ``r`` per ``(o, g)`` is applied by clamping ``W'`` (weights stay float; exporting
+   with the same grid then stores exactly ``Q_r``). Every token matters here: the demo model's attention-sink
+   position (the first of each sequence) feeds some ``down_proj`` inputs 60x the median, and a search on a
+   token sample that missed it clipped the weights reading it (docs/BENCHMARKS.md).
 5. **Importance matrix** (llama.cpp ``imatrix``) from the same pass, for every linear of the layer
    (o_proj too where no group scales it): the inputs of a linear after folding are ``x / s``, so
    ``in_sum2_j = sum_t x_tj^2 / s_j^2`` and ``counts = tokens``; the export passes this file to llama.cpp.
+5b. **GPTQ** (``gptq=True``, toolkit/compress/quant/gptq.py): each linear the GGUF export stores as ``Q4_0`` /
+   ``Q5_0`` is rounded by GPTQ with ``H = X'^T X'`` over ``gptq_tokens`` tokens onto the export's exact grid
+   (not clipped); the checkpoint then holds the codes the export writes.
 6. The next layer's inputs are this layer's float outputs from pass 1 (as llm-awq does; folding is
    exact, so they equal the scaled float model's outputs up to the clipping).
 
@@ -72,6 +78,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
@@ -79,6 +86,7 @@ from torch import nn
 from toolkit.compress.quant.base import QuantGrid
 from toolkit.compress.quant.export_rounding import LinearRounding, clip_groups, export_round, linear_roundings
 from toolkit.compress.quant.ggml_lib import LibggmlGrid
+from toolkit.compress.quant.gptq import GPTQ_TYPES, gptq_round, output_error
 from toolkit.compress.quant.grids import get_grid, grid_for_row
 from toolkit.compress.quant.rtn import decoder_layers, resolve_text_family
 from toolkit.core.errors import BedsideError
@@ -227,28 +235,53 @@ Quantizer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (weight, cli
 
 
 @torch.no_grad()
+def group_grams(inputs: torch.Tensor, size: int) -> torch.Tensor:
+    """``X_g^T X_g`` of each group of ``size`` consecutive inputs of ``inputs [T, in]`` (zero-padded): ``[G, size, size]``
+    in float64 (the sum over tokens, not the mean)."""
+    n_groups = -(-inputs.shape[1] // size)
+    pad = n_groups * size - inputs.shape[1]
+    x = torch.nn.functional.pad(inputs, (0, pad)) if pad else inputs
+    x = x.to(torch.float32).reshape(-1, n_groups, size).permute(1, 0, 2)  # [G, T, gs]
+    return torch.bmm(x.transpose(1, 2), x).to(torch.float64)
+
+
+def sub_grams(grams: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``[G * B / size, size, size]`` diagonal sub-blocks of block Grams ``[G, B, B]`` (``size`` divides ``B``)."""
+    blocks, big, _ = grams.shape
+    if size == big:
+        return grams
+    parts = [grams[:, i : i + size, i : i + size] for i in range(0, big, size)]
+    return torch.stack(parts, dim=1).reshape(blocks * (big // size), size, size)
+
+
+def _scaled_grams(grams: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Block Grams of the scaled inputs ``x / s`` from those of ``x``: ``H_g / (s_g s_g^T)``."""
+    blocks, size, _ = grams.shape
+    inverse = torch.nn.functional.pad(1.0 / s.to(torch.float64), (0, blocks * size - s.shape[0]), value=1.0)
+    inverse = inverse.reshape(blocks, size)
+    return grams * inverse[:, :, None] * inverse[:, None, :]
+
+
 def _search_clip(
     weight: torch.Tensor,
-    inputs: torch.Tensor,
+    grams: torch.Tensor,
     quantize: Quantizer,
     group_size: int,
     candidates: Sequence[float | torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best clip ratio per [out, group] and its error: minimises ``mean_t (x_g . (W_g - Q_r(W)_g))^2``.
+    """Best clip ratio per [out, group] and its error: minimises ``sum_t (x_g . (W_g - Q_r(W)_g))^2``.
 
     The error is a quadratic form in the group's weight difference ``d = W_g - Q_r(W)_g`` with the group's
-    input Gram matrix: ``mean_t (x_g . d)^2 = d^T H_g d``, ``H_g = X_g^T X_g / T`` ([G, gs, gs], float64,
-    formed once), so each candidate costs ``out x in x gs`` multiply-adds instead of ``out x in x T``
-    (llm-awq's direct product over the tokens; the same numbers up to rounding).
+    input Gram matrix: ``sum_t (x_g . d)^2 = d^T H_g d``, ``H_g = X_g^T X_g`` (``grams``: ``[G, gs, gs]``,
+    float64, ``group_grams``), so each candidate costs ``out x in x gs`` multiply-adds instead of
+    ``out x in x T`` (llm-awq's direct product over the tokens; the same numbers up to rounding).
     ``candidates``: uniform ratios, or ``[out, n_groups]`` ratio tensors (one ratio per group).
     """
     out_features, in_features = weight.shape
     size = group_size
     n_groups = -(-in_features // size)
     pad = n_groups * size - in_features
-    x = torch.nn.functional.pad(inputs, (0, pad)) if pad else inputs
-    x = x.to(torch.float64).reshape(-1, n_groups, size).permute(1, 0, 2)  # [G, T, gs]
-    gram = torch.bmm(x.transpose(1, 2), x) / max(x.shape[1], 1)  # [G, gs, gs]
+    gram = grams[:n_groups]  # Grams of larger blocks may end in sub-blocks of padding only
     w = torch.nn.functional.pad(weight, (0, pad)) if pad else weight
     best_err = torch.full((out_features, n_groups), math.inf, dtype=torch.float64)
     best_ratio = torch.ones((out_features, n_groups))
@@ -286,13 +319,15 @@ def _exact(rounding: LinearRounding, imatrix: torch.Tensor) -> Quantizer:
 @torch.no_grad()
 def _clip_linear(
     weight: torch.Tensor,
-    inputs: torch.Tensor,
+    grams: torch.Tensor,
     rounding: LinearRounding,
     imatrix: torch.Tensor,
     mode: str,
     ratios: Sequence[float],
 ) -> tuple[torch.Tensor, int, str]:
     """Clip ratios of one scaled linear: (ratio [out, G], group size, how candidates were rounded).
+
+    ``grams``: the scaled inputs' block Grams ``[G, B, B]`` (``group_grams``), ``B`` a multiple of every group size.
 
     ``emulated``: every ratio on the torch grid (exact where that grid is bit-exact with the export);
     ``exact``: every ratio with the export's rounding (libggml + matrix); ``rerank``: the emulated best
@@ -301,14 +336,14 @@ def _clip_linear(
     grid = _search_grid(rounding)
     exact_size = rounding.exact_grid(imatrix).group_size
     if grid is None or mode == "exact" or (mode == "rerank" and grid.group_size != exact_size):
-        ratio, _ = _search_clip(weight, inputs, _exact(rounding, imatrix), exact_size, ratios)
+        ratio, _ = _search_clip(weight, sub_grams(grams, exact_size), _exact(rounding, imatrix), exact_size, ratios)
         return ratio, exact_size, "exact"
-    ratio, _ = _search_clip(weight, inputs, _emulated(grid), grid.group_size, ratios)
+    ratio, _ = _search_clip(weight, sub_grams(grams, grid.group_size), _emulated(grid), grid.group_size, ratios)
     if mode != "rerank" or _search_is_exact(rounding):
         return ratio, grid.group_size, "exact" if _search_is_exact(rounding) else "emulated"
     low, high = min(ratios), max(ratios)
     candidates = [(ratio + step).clamp(low, high) for step in CLIP_RERANK_STEPS] + [torch.tensor(high)]
-    ratio, _ = _search_clip(weight, inputs, _exact(rounding, imatrix), exact_size, candidates)
+    ratio, _ = _search_clip(weight, sub_grams(grams, exact_size), _exact(rounding, imatrix), exact_size, candidates)
     return ratio, exact_size, "rerank"
 
 
@@ -321,11 +356,17 @@ class _LayerStats:
         groups: Sequence[ScaleGroup],
         search_batches: set[int],
         extra: Sequence[str] = (),
+        gram_batches: set[int] = frozenset(),
+        block: int = 0,
     ) -> None:
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.sq_sum: dict[str, torch.Tensor] = {}
+        self.gram: dict[str, torch.Tensor] = {}  # X^T X per input, over the gram batches (GPTQ's Hessian)
+        self.gram_tokens: dict[str, int] = {}
+        self._gram_batches = gram_batches
         self.tokens = 0
-        self.search_inputs: dict[str, list[torch.Tensor]] = {}
+        self.block_grams: dict[str, torch.Tensor] = {}  # per input, X^T X of each block of `block` inputs
+        self._block = block
         self.inspect_calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any], torch.Tensor]]] = {}
         self.batch = 0
         self._search_batches = search_batches
@@ -346,8 +387,19 @@ class _LayerStats:
             if name not in self.abs_sum:
                 self.abs_sum[name] = torch.zeros(x.shape[1], dtype=torch.float64)
                 self.sq_sum[name] = torch.zeros(x.shape[1], dtype=torch.float64)
-            if self.batch in self._search_batches:
-                self.search_inputs.setdefault(name, []).append(x.to(torch.float32))
+            if self._block:
+                grams = group_grams(x, self._block)
+                if name in self.block_grams:
+                    self.block_grams[name] += grams
+                else:
+                    self.block_grams[name] = grams
+            if self.batch in self._gram_batches:
+                x32 = x.to(torch.float32)
+                if name not in self.gram:
+                    self.gram[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
+                    self.gram_tokens[name] = 0
+                self.gram[name].addmm_(x32.T, x32)
+                self.gram_tokens[name] += x32.shape[0]
             # float32 within a batch (torch's cascade sum), float64 across batches: 3x faster than float64 sums;
             # one float32 copy worked in place (|x|, then x^2): fresh temporaries cost more than the sums
             work = x.to(torch.float32, copy=True).abs_()
@@ -372,6 +424,8 @@ class _LayerStats:
             if source in self.abs_sum:
                 self.abs_sum[name] = self.abs_sum[source]
                 self.sq_sum[name] = self.sq_sum[source]
+            if source in self.block_grams:
+                self.block_grams[name] = self.block_grams[source]
 
 
 @dataclass
@@ -552,7 +606,6 @@ class AwqSearch:
             that matrix (``search_rounding``); without it, as the export without a matrix does.
         search_tokens: tokens (whole sequences, evenly spread) on which the alpha loss is measured;
             ``mean|x|`` and the importance matrix always use every calibration token.
-        clip_tokens: tokens sampled from the search sequences for the clipping search.
         batch_size: sequences per forward pass.
         search_rounding: where the export's rounding differs from every torch emulation (GGUF with a
             matrix): ``rerank`` (search on the emulation, then re-rank the ``rerank`` best alphas and
@@ -566,6 +619,11 @@ class AwqSearch:
             statistics ``mean|x|``, ``mean x^2`` and the next layer's inputs): ``bfloat16`` (CPU autocast),
             ``float32``, or ``auto`` (bfloat16 where the CPU multiplies it natively). The search sequences,
             whose outputs are the loss's reference, always run in float32.
+        gptq: after scaling and clipping, round each ``Q4_0`` / ``Q5_0`` linear of a GGUF export by GPTQ
+            (toolkit/compress/quant/gptq.py) on the export's exact grid, so the saved weights *are* the codes
+            the export writes; other types keep the float weights for the export to round.
+        gptq_tokens: calibration tokens (whole batches, the search sequences first) in GPTQ's ``X^T X``.
+        storage_dtype: the dtype the checkpoint is saved in (GPTQ's steps keep every value exact in it).
     """
 
     @torch.no_grad()
@@ -579,14 +637,15 @@ class AwqSearch:
         clip: bool = True,
         imatrix_path: str | Path | None = None,
         search_tokens: int = 1024,
-        clip_tokens: int = 512,
         batch_size: int = 8,
         clip_ratios: Sequence[float] = CLIP_RATIOS,
-        seed: int = 0,
         search_rounding: str = "rerank",
         rerank: int = 3,
         propagation: str = "auto",
         alpha_search: str = "refine",
+        gptq: bool = False,
+        gptq_tokens: int = 8192,
+        storage_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.start_time = time.perf_counter()
         if calib_ids.ndim != 2 or calib_ids.shape[0] < 1:
@@ -629,7 +688,6 @@ class AwqSearch:
         self.n_grid = n_grid
         self.clip = clip
         self.clip_ratios = clip_ratios
-        self.clip_tokens = clip_tokens
         self.search_rounding = search_rounding
         self.rerank = rerank
         self.alpha_search = alpha_search
@@ -644,7 +702,22 @@ class AwqSearch:
         batches += [calib_ids[rest[i : i + batch_size]] for i in range(0, len(rest), batch_size)]
         self.batches = batches
         self.search_token_count = len(search_seqs) * seq_len
-        self.generator = torch.Generator().manual_seed(seed)
+        self.gptq = gptq
+        self.storage_dtype = storage_dtype
+        gram_count = max(1, math.ceil(gptq_tokens / seq_len))  # sequences, in batch order
+        self.gram_batches: set[int] = set()
+        if gptq:
+            seen = 0
+            for number, batch in enumerate(batches):
+                if seen >= gram_count:
+                    break
+                self.gram_batches.add(number)
+                seen += batch.shape[0]
+        self.gram_token_count = 0
+        self.gptq_totals = {
+            "linears": 0, "kept_export_rounding": 0, "error_export": 0.0, "error_gptq": 0.0, "blocks": 0,
+            "blocks_differing": 0,
+        }  # fmt: skip
         self.in_sum2: dict[str, Any] = {}
         self.counts: dict[str, int] = {}
         self.layer_records: list[dict[str, Any]] = []
@@ -663,7 +736,11 @@ class AwqSearch:
         groups = [group for group in family.awq_groups if _group_applies(layer, group)]
         skipped = [group for group in family.awq_groups if group not in groups]
         linear_names = [name for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
-        stats = _LayerStats(layer, groups, self.search_batches, extra=linear_names)
+        clipped = [f"{prefix}.{name}" for group in groups for name in group.linears if self._clips(f"{prefix}.{name}")]
+        stats = _LayerStats(
+            layer, groups, self.search_batches, extra=linear_names, gram_batches=self.gram_batches,
+            block=self._clip_block(clipped, layer, prefix),
+        )  # fmt: skip
         outputs: list[tuple[torch.Tensor, dict[str, Any]]] = []
         try:
             for batch, (hidden, kwargs) in enumerate(inputs):
@@ -739,19 +816,18 @@ class AwqSearch:
         if self.clip:
             for group, s in chosen:
                 first = group.linears[0]
-                x_all = torch.cat(stats.search_inputs[first]) / s[None, :]
-                if x_all.shape[0] > self.clip_tokens:
-                    pick = torch.randperm(x_all.shape[0], generator=self.generator)[: self.clip_tokens]
-                    x_all = x_all[pick]
+                if not any(self._clips(f"{prefix}.{name}") for name in group.linears):
+                    continue
+                grams = _scaled_grams(stats.block_grams[first], s)
                 matrix = (stats.sq_sum[first] / stats.tokens).to(torch.float32) / s.pow(2)
                 for name in group.linears:
-                    rounding = roundings[f"{prefix}.{name}"]
-                    if name.rsplit(".", 1)[-1] in NO_CLIP_LINEARS or not rounding.quantized:
+                    if not self._clips(f"{prefix}.{name}"):
                         continue
+                    rounding = roundings[f"{prefix}.{name}"]
                     linear = layer.get_submodule(name)
                     weight32 = linear.weight.data.to(torch.float32)
                     ratio, size, how = _clip_linear(
-                        weight32, x_all, rounding, matrix, search_rounding, self.clip_ratios
+                        weight32, grams, rounding, matrix, search_rounding, self.clip_ratios
                     )
                     linear.weight.data.copy_(clip_groups(weight32, size, ratio))  # in place: see _fold
                     self.clip_groups += ratio.numel()
@@ -774,12 +850,113 @@ class AwqSearch:
             self.in_sum2[full] = sums.cpu().numpy()
             self.counts[full] = stats.tokens
 
+        # 5b. GPTQ onto the export's exact grid (Q4_0 / Q5_0 linears of a GGUF export)
+        gptq_record = self._gptq_layer(layer, prefix, stats, scale_of) if self.gptq else {}
+
         order = {group.prev_op: position for position, group in enumerate(family.awq_groups)}
         record_groups.sort(key=lambda entry: order[entry["prev_op"]])  # table order
-        self.layer_records.append({"layer": index, "groups": record_groups, "clip": clip_record})
+        entry = {"layer": index, "groups": record_groups, "clip": clip_record}
+        if self.gptq:
+            entry["gptq"] = gptq_record
+        self.layer_records.append(entry)
         del stats
         release_free_heap()  # the layer's freed activations back to the OS, not left to fragment the heap
         return outputs  # 6. next layer's inputs
+
+    def _gptq_rounds(self, full_name: str) -> bool:
+        """Whether GPTQ rounds this linear: a GGUF export stores it in a type GPTQ writes exactly."""
+        rounding = self.roundings[full_name]
+        return self.gptq and rounding.gguf and rounding.type_name in GPTQ_TYPES
+
+    def _clips(self, full_name: str) -> bool:
+        """Whether the clipping search runs on this linear: quantized, not q / k (NO_CLIP_LINEARS), and not rounded
+        by GPTQ (whose compensation needs the block's largest weight on the grid: AWQ's clipping ratios, chosen
+        for plain rounding, raised the demo's Q4_0 KL from 0.089 to 0.218 under GPTQ, docs/BENCHMARKS.md)."""
+        return (
+            self.clip
+            and self.roundings[full_name].quantized
+            and full_name.rsplit(".", 1)[-1] not in NO_CLIP_LINEARS
+            and not self._gptq_rounds(full_name)
+        )
+
+    def _clip_block(self, names: Sequence[str], layer: nn.Module, prefix: str) -> int:
+        """Inputs per block of the clipping search's Grams: the largest group size (emulated or exact) of the
+        linears ``names``, a multiple of every other one; 0 when none is clipped."""
+        sizes: set[int] = set()
+        for full in names:
+            rounding = self.roundings[full]
+            width = layer.get_submodule(full.removeprefix(f"{prefix}.")).in_features
+            sizes.add(rounding.exact_grid(np.ones(width, dtype=np.float32)).group_size)
+            if (grid := _search_grid(rounding)) is not None:
+                sizes.add(grid.group_size)
+        block = max(sizes, default=0)
+        if any(block % size for size in sizes):
+            raise BedsideError(f"AWQ clipping: group sizes {sorted(sizes)} do not nest in blocks of {block}")
+        return block
+
+    def _gptq_layer(
+        self, layer: nn.Module, prefix: str, stats: _LayerStats, scale_of: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """GPTQ on every linear stored as a GPTQ type (not clipped: ``_clips``), kept where its output error
+        (``tr(D H D^T) / out``, H of the scaled inputs) is below the export's own rounding of the scaled weight
+        (otherwise the float weight stays for the export to round, as AWQ alone); per linear both errors, the
+        choice, and the blocks the export would round differently (0 when the codes survive it)."""
+        by_source: dict[str, dict[str, list[str]]] = {}  # input -> type -> the linears reading it
+        for name, source in sorted(stats.source.items()):
+            rounding = self.roundings[f"{prefix}.{name}"]
+            if self._gptq_rounds(f"{prefix}.{name}") and source in stats.gram:
+                by_source.setdefault(source, {}).setdefault(rounding.type_name, []).append(name)
+        record: dict[str, Any] = {}
+        for source, by_type in by_source.items():
+            tokens = stats.gram_tokens[source]
+            self.gram_token_count = max(self.gram_token_count, tokens)
+            gram = stats.gram.pop(source)  # scaled in place: x' = x / s, H' = H / (s s^T)
+            s = scale_of.get(next(iter(by_type.values()))[0])  # the linears reading one input share its scales
+            if s is not None:
+                inverse = 1.0 / s.to(torch.float32)
+                gram.mul_(inverse[:, None]).mul_(inverse[None, :])
+            for type_name, names in by_type.items():
+                record.update(self._gptq_linears(layer, prefix, names, type_name, gram, tokens))
+        return record
+
+    def _gptq_linears(
+        self, layer: nn.Module, prefix: str, names: list[str], type_name: str, gram: torch.Tensor, tokens: int
+    ) -> dict[str, Any]:
+        """GPTQ of the linears ``names`` (one input, one type) stacked by rows; each kept where it beats the export's
+        rounding on ``gram``; their records."""
+        record: dict[str, Any] = {}
+        linears = [layer.get_submodule(name) for name in names]
+        before = [linear.weight.data.to(torch.float32) for linear in linears]
+        rounded = gptq_round(torch.cat(before), gram, tokens, type_name, storage_dtype=self.storage_dtype)
+        for name, linear, weight, after in zip(
+            names, linears, before, rounded.split([w.shape[0] for w in before]), strict=True
+        ):
+            full = f"{prefix}.{name}.weight"
+            rounding = self.roundings[f"{prefix}.{name}"]
+            matrix = self.in_sum2[full] / self.counts[full] if self.with_imatrix else None
+            exported = export_round(weight.to(self.storage_dtype), rounding, matrix)
+            kept = export_round(after.to(self.storage_dtype), rounding, matrix)
+            differing = (kept != after).reshape(after.shape[0], -1, 32).any(dim=-1)
+            error_export = output_error(weight, exported, gram, tokens)
+            error_gptq = output_error(weight, after, gram, tokens)
+            use_gptq = error_gptq < error_export  # never worse than the export's own rounding on H
+            if use_gptq:
+                linear.weight.data.copy_(after)
+            totals = self.gptq_totals
+            totals["linears"] += 1
+            totals["kept_export_rounding"] += int(not use_gptq)
+            totals["error_export"] += error_export
+            totals["error_gptq"] += min(error_gptq, error_export)
+            totals["blocks"] += differing.numel()
+            totals["blocks_differing"] += int(differing.sum()) if use_gptq else 0
+            record[name] = {
+                "type": type_name,
+                "error_export_rounding": error_export,
+                "error_gptq": error_gptq,
+                "rounding": "gptq" if use_gptq else "export",
+                "blocks_differing": int(differing.sum()),
+            }
+        return record
 
     def finish(self) -> dict[str, Any]:
         """Write the importance matrix (when asked) and return the run's record."""
@@ -836,7 +1013,7 @@ class AwqSearch:
                 "seq_len": seq_len,
                 "tokens": n_seq * seq_len,
                 "search_tokens": self.search_token_count,
-                "clip_tokens": self.clip_tokens,
+                "clip_tokens": n_seq * seq_len,  # every calibration token (the clipping search's block Grams)
             },
             "layers": self.layer_records,
             "clip_summary": {
@@ -845,5 +1022,23 @@ class AwqSearch:
                 "fraction_clipped": round(self.clip_groups_clipped / count, 4) if count else None,
             },
             "imatrix": imatrix_written,
+            "gptq": self._gptq_summary(),
             "seconds": round(time.perf_counter() - self.start_time, 3),
+        }
+
+
+    def _gptq_summary(self) -> dict[str, Any] | None:
+        """The run's GPTQ totals for the record (None when GPTQ was off)."""
+        if not self.gptq:
+            return None
+        totals = self.gptq_totals
+        return {
+            "types": sorted(GPTQ_TYPES),
+            "tokens": self.gram_token_count,
+            "storage_dtype": str(self.storage_dtype).removeprefix("torch."),
+            "linears": totals["linears"],
+            "kept_export_rounding": totals["kept_export_rounding"],  # GPTQ's error was not lower on H
+            "output_error_ratio": totals["error_gptq"] / totals["error_export"] if totals["error_export"] else None,
+            "blocks": totals["blocks"],
+            "blocks_differing_in_export": totals["blocks_differing"],
         }

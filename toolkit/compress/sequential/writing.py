@@ -280,14 +280,13 @@ def sequential_awq(
     scheme: str,
     *,
     imatrix_path: Path | None,
-    seed: int,
     extra_source: Path | None = None,
     dtype: torch.dtype | None = None,
     on_layer: LayerHook | None = None,
     **knobs: Any,
 ) -> dict[str, Any]:
     """AWQ (`toolkit.compress.quant.awq`) one block at a time into `folder`; the record `awq` returns."""
-    search = AwqSearch(lazy.model, calib_ids, scheme, imatrix_path=imatrix_path, seed=seed, **knobs)
+    search = AwqSearch(lazy.model, calib_ids, scheme, imatrix_path=imatrix_path, **knobs)
     inputs: list[tuple[torch.Tensor, dict[str, Any]]] = lazy.capture(search.batches)
     changed = {
         stored
