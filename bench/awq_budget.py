@@ -12,7 +12,7 @@ own: the child reads `VmHWM` from /proc/self/status at the end (the kernel's hig
 resident memory, as `runtimes/measure.py` does; `getrusage(RUSAGE_CHILDREN)` would carry the
 parent's peak across exec). The child loads the model (float32) and the calibration data, then
 times `toolkit.compress.quant.awq.awq(model, ids, "Q4_0")` with its default knobs (n_grid 10, 1024 search
-tokens, 512 clip tokens) on one torch thread: wall time and the process's CPU time (user + system;
+tokens, clipping on every calibration token) on one torch thread: wall time and the process's CPU time (user + system;
 on one thread, what the wall time would be on an otherwise idle core; `--threads N` for N). The load average before
 and after is recorded: other work on the shared machine inflates the wall time.
 """
@@ -179,7 +179,7 @@ def render(result: dict[str, Any]) -> str:
             f"Command: `.venv/bin/python -m bench.awq_budget` (raw: `docs/benchmarks/awq_budget.json`). "
             f"AWQ {result['scheme']} on the demo model, {result['sequences']} x {result['seq_len']} calibration "
             f"tokens (PubMedQA + MedQuAD calibration side), default knobs (n_grid {result['awq_record']['n_grid']}, "
-            f"{result['awq_record']['calibration']['search_tokens']} search / 512 clip tokens), "
+            f"{result['awq_record']['calibration']['search_tokens']} search / {result['awq_record']['calibration']['clip_tokens']} clip tokens), "
             f"{result['threads']} torch thread(s) in a child process: **{result['awq_seconds']:.0f} s** of AWQ wall time "
             f"({cpu_text(result)}) "
             f"(target <= {result['time_target_seconds']:.0f} s: {'met' if result['meets_time_target'] else 'NOT met'}), "

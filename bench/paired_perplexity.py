@@ -1,16 +1,17 @@
-"""Issue 17: is AWQ's perplexity against llama.cpp's importance matrix a real difference? A paired comparison.
+"""Issue 17: is Bedside's perplexity against llama.cpp's importance matrix a real difference? A paired comparison.
 
     .venv/bin/python -m bench.paired_perplexity --threads 2 [--schemes Q4_0 Q4_K_M] [--tokens 16384]
 
 Bench 8 (bench/quant_methods.py) scores each row on 4,096 held-apart tokens; two rows' perplexities that differ by
-1 % there may differ by chance. This bench takes bench 8's unpruned `imatrix` and `awq` rows of a scheme (the same
+1 % there may differ by chance. This bench takes bench 8's unpruned `imatrix`, `awq` and `awq-gptq` rows of a scheme (the same
 `compress` calls and folders, so a finished row's stages are resumed, and the same GGUF export with the matrix),
-scores both GGUFs and the float demo model on the same `--tokens` held-apart tokens (4x bench 8's by default) with
-`evaluate(..., token_logprobs_path=...)`, and compares them token by token (toolkit/validate/paired.py):
+scores the GGUFs and the float demo model on the same `--tokens` held-apart tokens (4x bench 8's by default) with
+`evaluate(..., token_logprobs_path=...)`, and compares each Bedside method A (awq, awq-gptq) with imatrix token by
+token (toolkit/validate/paired.py):
 
-    ratio = perplexity(awq) / perplexity(imatrix) = exp( mean_t [ log q_imatrix(x_t) - log q_awq(x_t) ] )
+    ratio = perplexity(A) / perplexity(imatrix) = exp( mean_t [ log q_imatrix(x_t) - log q_A(x_t) ] )
 
-with a 95 % block-bootstrap interval (blocks of 128 tokens, 10,000 resamples) and the share of resamples where awq
+with a 95 % block-bootstrap interval (blocks of 128 tokens, 10,000 resamples) and the share of resamples where A
 is worse; then where the difference comes from: per bin of the float model's probability of the target token, the
 mean NLL change of each artifact against the float model and the bin's part of log(ratio). Two checks of what the
 decomposition suggests (a flatter distribution gains on tokens the float model found unlikely):
@@ -49,7 +50,10 @@ from bench.common import (
 
 RESULTS = RESULTS_DIR / "paired_perplexity.json"
 MARKER = "paired-perplexity"
-METHODS: tuple[str, str] = ("awq", "imatrix")  # A, B of the ratio
+BEDSIDE: tuple[str, ...] = ("awq", "awq-gptq")  # the A of each ratio
+BASELINE = "imatrix"  # its B
+METHODS: tuple[str, ...] = (*BEDSIDE, BASELINE)  # the rows scored
+SCHEMA_VERSION = 2  # 1: one ratio per scheme (awq / imatrix)
 DEFAULT_TOKENS, BLOCK, RESAMPLES = 16384, 128, 10_000
 ENTROPY_TOKENS = 4096
 TEMPERATURES: tuple[float, ...] = (1.0, 1.05, 1.1, 1.2)
@@ -159,11 +163,11 @@ def bench8_positions(window_lengths: Any) -> int:
     return positions
 
 
-def compare(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The paired ratio awq / imatrix and its decomposition by the float model's probability of the token."""
+def compare(rows: dict[str, dict[str, Any]], method: str) -> dict[str, Any]:
+    """The paired ratio method / imatrix and its decomposition by the float model's probability of the token."""
     from toolkit.validate.paired import nll_change_by_reference_probability, paired_perplexity_ratio
 
-    a, b = (rows[method]["logprobs"] for method in METHODS)
+    a, b = rows[method]["logprobs"], rows[BASELINE]["logprobs"]
     reference = a["reference"]
     if not np.allclose(reference, b["reference"], atol=1e-4):
         raise SystemExit("bench.paired_perplexity: the float model scored the two rows' tokens differently")
@@ -178,45 +182,56 @@ def compare(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _ratio_lines(method: str, paired: dict[str, Any]) -> list[str]:
+    """One Bedside method against imatrix: the ratio on all tokens and on bench 8's, then the decomposition."""
+    ratio, short = paired["ratio"], paired["ratio_on_bench8_tokens"]
+    return [
+        f"{method} / imatrix: ratio **{ratio['ratio']:.4f}** (95 % interval {ratio['low']:.4f}-{ratio['high']:.4f}; "
+        f"{method} worse in {100 * ratio['share_a_worse']:.1f} % of resamples); on bench 8's first "
+        f"{short['tokens']:,} positions alone {short['ratio']:.4f} ({short['low']:.4f}-{short['high']:.4f}).",
+        "",
+        markdown_table(
+            ["float p(token)", "tokens", f"{method} NLL change (nats)", "imatrix NLL change (nats)",
+             "part of log(ratio)"],
+            [
+                [
+                    f"{row['p_low']:.2f}-{row['p_high']:.2f}",
+                    f"{row['tokens']:,}",
+                    "n/a" if row["a_nll_change"] is None else f"{row['a_nll_change']:+.4f}",
+                    "n/a" if row["b_nll_change"] is None else f"{row['b_nll_change']:+.4f}",
+                    f"{row['log_ratio_part']:+.5f}",
+                ]
+                for row in paired["by_reference_probability"]
+            ],
+        ),  # fmt: skip
+        "",
+    ]
+
+
 def report(record: dict[str, Any]) -> str:
-    """The BENCHMARKS.md section: per scheme the two rows, the paired ratio, and the decomposition table."""
+    """The BENCHMARKS.md section: per scheme the rows, then per Bedside method its paired ratio and decomposition."""
     lines = [
         f"Command: `{record['command']}` (raw: `docs/benchmarks/paired_perplexity.json`). Bench 8's unpruned "
-        f"`imatrix` and `awq` rows, scored with the float demo model on the first {record['tokens']:,} held-apart "
-        "tokens (bench 8: 4,096); ratio = perplexity(awq) / perplexity(imatrix) over the same tokens, 95 % "
+        f"`imatrix`, `awq` and `awq-gptq` rows, scored with the float demo model on the first {record['tokens']:,} "
+        "held-apart tokens (bench 8: 4,096); ratio = perplexity(A) / perplexity(imatrix) over the same tokens, 95 % "
         f"block-bootstrap interval ({BLOCK}-token blocks, {RESAMPLES:,} resamples; toolkit/validate/paired.py).",
         "",
     ]
     for scheme, entry in record["schemes"].items():
-        rows, paired = entry["rows"], entry["paired"]
-        ratio, short = paired["ratio"], paired["ratio_on_bench8_tokens"]
+        rows = entry["rows"]
+        first = next(iter(entry["paired"].values()))
         lines += [
-            f"**{scheme}** (float perplexity {paired['float_perplexity']:.2f}): "
+            f"**{scheme}** (float perplexity {first['float_perplexity']:.2f}): "
             + "; ".join(
                 f"{method} KL {rows[method]['kl']:.4f}, perplexity {rows[method]['perplexity']:.2f}, "
                 f"top-1 {rows[method]['top1_agreement']:.3f}"
-                for method in METHODS
+                for method in rows
             )
-            + f". Ratio **{ratio['ratio']:.4f}** (95 % interval {ratio['low']:.4f}-{ratio['high']:.4f}; awq worse "
-            f"in {100 * ratio['share_a_worse']:.1f} % of resamples); on bench 8's first {short['tokens']:,} positions "
-            f"alone {short['ratio']:.4f} ({short['low']:.4f}-{short['high']:.4f}).",
-            "",
-            markdown_table(
-                ["float p(token)", "tokens", "awq NLL change (nats)", "imatrix NLL change (nats)",
-                 "part of log(ratio)"],
-                [
-                    [
-                        f"{row['p_low']:.2f}-{row['p_high']:.2f}",
-                        f"{row['tokens']:,}",
-                        "n/a" if row["a_nll_change"] is None else f"{row['a_nll_change']:+.4f}",
-                        "n/a" if row["b_nll_change"] is None else f"{row['b_nll_change']:+.4f}",
-                        f"{row['log_ratio_part']:+.5f}",
-                    ]
-                    for row in paired["by_reference_probability"]
-                ],
-            ),  # fmt: skip
+            + ".",
             "",
         ]
+        for method, paired in entry["paired"].items():
+            lines += _ratio_lines(method, paired)
     checks = record.get("checks")
     if checks:
         temperatures = ", ".join(f"T {t}: {value:.2f}" for t, value in checks["float_temperature_perplexity"].items())
@@ -249,7 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = _data_paths(root / "data")  # once: loading the shared data sets and writing the pipeline files
     earlier = read_json(RESULTS) if args.reuse and RESULTS.is_file() else {}
     record: dict[str, Any] = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "kind": "paired_perplexity",
         "command": command_line(),
         "tokens": args.tokens,
@@ -260,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for scheme in args.schemes:
         if args.reuse:
             old = earlier.get("schemes", {}).get(scheme)
-            if old is None or earlier.get("tokens") != args.tokens:
+            if old is None or earlier.get("tokens") != args.tokens or earlier.get("schema_version") != SCHEMA_VERSION:
                 raise SystemExit(f"bench.paired_perplexity: no earlier {scheme} rows at {args.tokens} tokens to reuse")
             rows = {method: dict(old["rows"][method]) for method in METHODS}
             for method in METHODS:
@@ -273,13 +288,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
         else:
             rows = {method: score_row(scheme, method, data, args.tokens, args.threads) for method in METHODS}
-        paired = compare(rows)
+        paired = {method: compare(rows, method) for method in BEDSIDE}
         record["schemes"][scheme] = {
             "rows": {method: {k: v for k, v in row.items() if k != "logprobs"} for method, row in rows.items()},
             "paired": paired,
         }
-        print(f"{scheme}: awq / imatrix perplexity {paired['ratio']['ratio']:.4f} "
-              f"({paired['ratio']['low']:.4f}-{paired['ratio']['high']:.4f})")  # fmt: skip
+        for method, entry in paired.items():
+            print(f"{scheme}: {method} / imatrix perplexity {entry['ratio']['ratio']:.4f} "
+                  f"({entry['ratio']['low']:.4f}-{entry['ratio']['high']:.4f})")  # fmt: skip
     from toolkit.core.paths import demo_model_dir
 
     entropy: dict[str, dict[str, float]] = {}

@@ -86,19 +86,21 @@ def test_the_bench_reports_the_paired_ratio_and_its_decomposition():
     rng = np.random.default_rng(4)
     reference = np.log(rng.uniform(0.001, 1.0, size=2048))
     rows = {}
-    for method, shift in (("awq", 0.02), ("imatrix", 0.0)):
+    for method, shift in (("awq", 0.02), ("awq-gptq", -0.01), ("imatrix", 0.0)):
         artifact = reference - 0.1 - shift
         rows[method] = {"kl": 0.1, "perplexity": float(np.exp(-artifact.mean())), "top1_agreement": 0.8,
                         "logprobs": {"artifact": artifact, "reference": reference,
                                      "window_lengths": [513] * 4}}  # fmt: skip
-    paired = compare(rows)
-    assert paired["ratio"]["ratio"] == pytest.approx(math.exp(0.02), rel=1e-9)
-    assert paired["float_perplexity"] == pytest.approx(float(np.exp(-reference.mean())))
+    paired = {method: compare(rows, method) for method in ("awq", "awq-gptq")}
+    assert paired["awq"]["ratio"]["ratio"] == pytest.approx(math.exp(0.02), rel=1e-9)
+    assert paired["awq-gptq"]["ratio"]["ratio"] == pytest.approx(math.exp(-0.01), rel=1e-9)
+    assert paired["awq"]["float_perplexity"] == pytest.approx(float(np.exp(-reference.mean())))
     record = {"command": "x", "tokens": 2048, "started": "s", "finished": "f", "loadavg": [], "schemes": {
         "Q4_0": {"rows": rows, "paired": paired}}}  # fmt: skip
     text = report(record)
-    assert f"Ratio **{math.exp(0.02):.4f}**" in text and "awq worse in 100.0 % of resamples" in text
-    assert text.count("\n| ") == 1 + 1 + 7  # header, rule, one row per probability bin
+    assert f"awq / imatrix: ratio **{math.exp(0.02):.4f}**" in text and "awq worse in 100.0 % of resamples" in text
+    assert f"awq-gptq / imatrix: ratio **{math.exp(-0.01):.4f}**" in text and "awq-gptq worse in 0.0 %" in text
+    assert text.count("\n| ") == 2 * (1 + 1 + 7)  # per method: header, rule, one row per probability bin
     assert "Predictive entropy" not in text
     record["checks"] = {"entropy_tokens": 4096, "entropy": {"Q4_0": {"float": 2.7, "awq": 2.8, "imatrix": 2.95}},
                         "float_temperature_perplexity": {"1": 17.24, "1.05": 17.18}}  # fmt: skip

@@ -39,9 +39,9 @@ Per decoder layer ``l`` (inputs ``X_l`` = outputs of layer ``l-1`` of the float 
    on every calibration token, computed as ``d^T H_g d`` with ``d = W'_og - Q_r(W')_og`` and the group's
    input Gram matrix ``H_g = X'_g^T X'_g / T`` (accumulated block by block in pass 1, so the cost does not grow
    with the tokens); the best ``r`` per ``(o, g)`` is applied by clamping ``W'`` (weights stay float; exporting
-   with the same grid then stores exactly ``Q_r``). Every token matters here: the demo model's attention-sink
-   position (the first of each sequence) feeds some ``down_proj`` inputs 60x the median, and a search on a
-   token sample that missed it clipped the weights reading it (docs/BENCHMARKS.md).
+   with the same grid then stores exactly ``Q_r``). Every token matters here: the attention-sink position (the
+   first of each sequence) can feed some ``down_proj`` inputs far above all others, and a search on a token
+   sample that missed it clipped the weights reading it (docs/BENCHMARKS.md).
 5. **Importance matrix** (llama.cpp ``imatrix``) from the same pass, for every linear of the layer
    (o_proj too where no group scales it): the inputs of a linear after folding are ``x / s``, so
    ``in_sum2_j = sum_t x_tj^2 / s_j^2`` and ``counts = tokens``; the export passes this file to llama.cpp.
@@ -358,6 +358,7 @@ class _LayerStats:
         extra: Sequence[str] = (),
         gram_batches: set[int] = frozenset(),
         block: int = 0,
+        gram_for: set[str] = frozenset(),  # linears GPTQ rounds: their inputs' X^T X is gathered
     ) -> None:
         self.abs_sum: dict[str, torch.Tensor] = {}
         self.sq_sum: dict[str, torch.Tensor] = {}
@@ -375,6 +376,7 @@ class _LayerStats:
         self.source: dict[str, str] = {name: name for name in extra}
         for group in groups:
             self.source.update({name: group.linears[0] for name in group.linears})
+        self._gram_for = {self.source[name] for name in gram_for}  # the inputs whose X^T X GPTQ needs
         for name in sorted(set(self.source.values())):
             self._handles.append(layer.get_submodule(name).register_forward_hook(self._linear_hook(name)))
         for inspect in sorted({group.inspect for group in groups}):
@@ -393,7 +395,7 @@ class _LayerStats:
                     self.block_grams[name] += grams
                 else:
                     self.block_grams[name] = grams
-            if self.batch in self._gram_batches:
+            if self.batch in self._gram_batches and name in self._gram_for:
                 x32 = x.to(torch.float32)
                 if name not in self.gram:
                     self.gram[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
@@ -740,6 +742,7 @@ class AwqSearch:
         stats = _LayerStats(
             layer, groups, self.search_batches, extra=linear_names, gram_batches=self.gram_batches,
             block=self._clip_block(clipped, layer, prefix),
+            gram_for={name for name in linear_names if self._gptq_rounds(f"{prefix}.{name}")},
         )  # fmt: skip
         outputs: list[tuple[torch.Tensor, dict[str, Any]]] = []
         try:
@@ -870,8 +873,8 @@ class AwqSearch:
 
     def _clips(self, full_name: str) -> bool:
         """Whether the clipping search runs on this linear: quantized, not q / k (NO_CLIP_LINEARS), and not rounded
-        by GPTQ (whose compensation needs the block's largest weight on the grid: AWQ's clipping ratios, chosen
-        for plain rounding, raised the demo's Q4_0 KL from 0.089 to 0.218 under GPTQ, docs/BENCHMARKS.md)."""
+        by GPTQ (whose steps come from the block's largest weight: with AWQ's clipping ratios, chosen for plain
+        rounding, GPTQ did far worse on the demo, docs/BENCHMARKS.md)."""
         return (
             self.clip
             and self.roundings[full_name].quantized

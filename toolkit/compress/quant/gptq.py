@@ -15,8 +15,9 @@ while the most columns are left to absorb their error)::
 The grid is ggml's ``Q4_0`` (``b = 4``) or ``Q5_0`` (``b = 5``): per row and block of 32 consecutive
 inputs, values ``d * c`` with ``c`` in ``[-2^(b-1), 2^(b-1) - 1]``. Every block's ``d`` is fixed before the
 first column ("static groups", as act-order needs): ``d = M / -2^(b-1)``, ``M`` the signed element of
-largest magnitude of the starting weight, rounded to ``k`` significant bits (``round_step``); ``c = clamp(round(w / d))``, and ``M``'s own element
-(the anchor) is coded ``-2^(b-1)`` whatever the compensation did to it.
+largest magnitude of the starting weight, rounded to ``k`` significant bits (``round_step``);
+``c = clamp(round(w / d))``, and ``M``'s own element (the anchor) is coded ``-2^(b-1)`` whatever the
+compensation did to it.
 
 **Why the export reproduces these codes exactly.** llama.cpp re-rounds ``f16(W)`` (ggml_legacy.py's
 formulas, or ``make_qx_quants`` with an importance matrix). Every value of a block is ``d * c`` with
@@ -46,7 +47,9 @@ BLOCK_COLUMNS = 128  # columns per lazy batch update (GPTQ's default)
 def step_bits(storage_dtype: torch.dtype, code_bits: int) -> int:
     """Significant bits ``k`` of a step ``d`` such that every ``d * c`` is exact in ``storage_dtype`` and in float16."""
     if storage_dtype not in SIGNIFICAND_BITS:
-        raise BedsideError(f"GPTQ: no exact grid for a checkpoint stored as {storage_dtype}; use float32, float16 or bfloat16")
+        raise BedsideError(
+            f"GPTQ: no exact grid for a checkpoint stored as {storage_dtype}; use float32, float16 or bfloat16"
+        )
     return min(SIGNIFICAND_BITS[storage_dtype], SIGNIFICAND_BITS[torch.float16]) - (code_bits - 1)
 
 
@@ -93,8 +96,9 @@ def gptq_round(
 ) -> torch.Tensor:
     """GPTQ of ``weight [out, in]`` with inputs' ``gram = X^T X`` over ``tokens`` onto ``type_name``'s grid.
 
-    The formulas are the module docstring's. ``act_order=False`` takes the columns in their natural order. Returns the float32 rounded weight; every
-    32-block of every row is ``d * c``, exact in ``storage_dtype`` and float16.
+    The formulas are the module docstring's; ``act_order=False`` takes the columns in their natural order.
+    Returns the float32 rounded weight: every 32-block of every row is ``d * c``, exact in ``storage_dtype`` and
+    float16.
     """
     if type_name not in GPTQ_TYPES:
         raise BedsideError(f"GPTQ writes {', '.join(GPTQ_TYPES)} exactly, not {type_name}")
@@ -111,7 +115,8 @@ def gptq_round(
     starts = torch.arange(0, in_features, GGML_BLOCK)
     anchors.scatter_(1, blocks.abs().argmax(dim=-1) + starts[None, :], True)  # the first maximum, as ggml's loop
 
-    order = torch.argsort(torch.diagonal(gram), descending=True, stable=True) if act_order else torch.arange(in_features)
+    diagonal = torch.diagonal(gram)
+    order = torch.argsort(diagonal, descending=True, stable=True) if act_order else torch.arange(in_features)
     upper = prepare_hessian(gram[order][:, order], tokens, damp)
     w = w[:, order]
     step = steps.repeat_interleave(GGML_BLOCK, dim=1)[:, order]
