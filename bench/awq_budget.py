@@ -71,7 +71,7 @@ def child(result_path: Path, threads: int) -> None:
     load_start = load_average()
     awq_start = time.perf_counter()
     cpu_start = time.process_time()
-    result = awq(model, blocks.input_ids, SCHEME, progress=False, seed=SEED)
+    result = awq(model, blocks.input_ids, SCHEME, progress=False)
     awq_seconds = time.perf_counter() - awq_start
     awq_cpu_seconds = time.process_time() - cpu_start
     out = {
