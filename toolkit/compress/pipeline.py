@@ -17,7 +17,9 @@ Stages (each reads the previous one's checkpoint and writes its own folder, see
    removed or with `heal=False`.
 3. **quantize** (methods: `toolkit.compress.quant.methods`): AWQ (`toolkit.compress.quant.awq.awq`) folds
    scales and clipping into *float* weights and writes llama.cpp's importance matrix of the scaled model for
-   GGUF schemes (its search rounds as the export will, with that matrix); RTN leaves the weights as they
+   GGUF schemes (its search rounds as the export will, with that matrix); `awq-gptq` (what `auto`, the
+   default, picks for GGUF) then rounds each Q4_0 / Q5_0 linear by GPTQ onto the export's exact grid
+   (`toolkit.compress.quant.gptq`), so those weights are already the stored codes; RTN leaves the weights as they
    are; `imatrix` (llama.cpp's own method, GGUF only) leaves them too and writes the matrix of the unscaled
    model (`toolkit.compress.quant.imatrix`). The exporter rounds in every case, with the matrix when one is
    written. Skipped without a scheme, or for float schemes (F16, fp16, fp32).
