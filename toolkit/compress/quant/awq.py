@@ -358,6 +358,7 @@ class _LayerStats:
         extra: Sequence[str] = (),
         gram_batches: set[int] = frozenset(),
         block: int = 0,
+        block_for: set[str] = frozenset(),  # linears the clipping search runs on: their inputs' block Grams
         gram_for: set[str] = frozenset(),  # linears GPTQ rounds: their inputs' X^T X is gathered
     ) -> None:
         self.abs_sum: dict[str, torch.Tensor] = {}
@@ -377,6 +378,7 @@ class _LayerStats:
         for group in groups:
             self.source.update({name: group.linears[0] for name in group.linears})
         self._gram_for = {self.source[name] for name in gram_for}  # the inputs whose X^T X GPTQ needs
+        self._block_for = {self.source[name] for name in block_for}  # the inputs the clipping search reads
         for name in sorted(set(self.source.values())):
             self._handles.append(layer.get_submodule(name).register_forward_hook(self._linear_hook(name)))
         for inspect in sorted({group.inspect for group in groups}):
@@ -389,7 +391,7 @@ class _LayerStats:
             if name not in self.abs_sum:
                 self.abs_sum[name] = torch.zeros(x.shape[1], dtype=torch.float64)
                 self.sq_sum[name] = torch.zeros(x.shape[1], dtype=torch.float64)
-            if self._block:
+            if self._block and name in self._block_for:
                 grams = group_grams(x, self._block)
                 if name in self.block_grams:
                     self.block_grams[name] += grams
@@ -738,10 +740,11 @@ class AwqSearch:
         groups = [group for group in family.awq_groups if _group_applies(layer, group)]
         skipped = [group for group in family.awq_groups if group not in groups]
         linear_names = [name for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
-        clipped = [f"{prefix}.{name}" for group in groups for name in group.linears if self._clips(f"{prefix}.{name}")]
+        clipped = [name for group in groups for name in group.linears if self._clips(f"{prefix}.{name}")]
         stats = _LayerStats(
             layer, groups, self.search_batches, extra=linear_names, gram_batches=self.gram_batches,
-            block=self._clip_block(clipped, layer, prefix),
+            block=self._clip_block([f"{prefix}.{name}" for name in clipped], layer, prefix),
+            block_for=set(clipped),
             gram_for={name for name in linear_names if self._gptq_rounds(f"{prefix}.{name}")},
         )  # fmt: skip
         outputs: list[tuple[torch.Tensor, dict[str, Any]]] = []
