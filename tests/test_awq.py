@@ -17,17 +17,24 @@ import pytest
 import torch
 
 from toolkit.compress.quant.awq import (
+    BF16_NOISE_SHARE,
     AwqSearch,
     _alpha_order,
+    _capture_layer0_inputs,
+    _first_output,
     _fold,
+    _LayerStats,
     _scales,
     _search_clip,
+    _search_scale,
     awq,
     group_grams,
     resolve_propagation,
+    resolve_search_precision,
     search_grid_for,
     sub_grams,
 )
+from toolkit.compress.quant.export_rounding import LinearRounding
 from toolkit.compress.quant.grids import get_grid
 from toolkit.compress.quant.rtn import decoder_linears, fake_quantize_model, rtn
 from toolkit.core.errors import BedsideError
@@ -286,16 +293,140 @@ def test_refined_alpha_search_finds_the_grids_minimum_of_a_unimodal_loss(n_grid:
     assert min(found, key=found.get) == alphas[8] and alphas[3] not in found
 
 
+@pytest.mark.parametrize("n_grid", [10, 9, 20])
+def test_climbing_alpha_search_finds_the_grids_minimum_of_a_unimodal_loss(n_grid: int) -> None:
+    """climb evaluates every third alpha and the last, then the best one's neighbours until the best is a local
+    minimum: the grid's minimum of a unimodal loss in at most 4 evaluations past the coarse ones (the last gap is up to 4), fewer than refine in total;
+    where the best moves to a neighbour it goes on climbing (refine would stop after one step)."""
+    alphas = [i / n_grid for i in range(n_grid + 1)]
+    coarse = len(range(0, n_grid - 1, 3)) + 1
+    for centre in alphas:
+        loss = {alpha: (alpha - centre) ** 2 + 0.01 * alpha for alpha in alphas}
+        found = _searched(alphas, loss, "climb")
+        assert min(found, key=found.get) == min(loss, key=loss.get), centre
+        assert len(found) <= coarse + 4 and {alphas[0], alphas[-1]} <= set(found)
+    total = {how: 0 for how in ("climb", "refine")}
+    for centre in alphas:
+        loss = {alpha: (alpha - centre) ** 2 for alpha in alphas}
+        for how in total:
+            total[how] += len(_searched(alphas, loss, how))
+    assert total["climb"] < total["refine"], total
+    # a minimum two steps from the best coarse point (coarse 0, 3, 6 ...: the minimum at alpha index 1)
+    slope = {alpha: abs(index - 1) + 0.1 * index for index, alpha in enumerate(alphas)}
+    found = _searched(alphas, slope, "climb")
+    assert min(found, key=found.get) == alphas[1] and alphas[2] in found
+
+
 def test_alpha_search_is_recorded_and_a_bad_name_refused() -> None:
     ids = _ids(4, 32, 3)
     counts = {}
-    for how in ("refine", "grid"):
-        record = awq(_tiny_llama(layers=1), ids, SCHEME, progress=False, alpha_search=how, clip=False).record
+    for how in ("climb", "refine", "grid"):
+        record = awq(
+            _tiny_llama(layers=1), ids, SCHEME, progress=False, alpha_search=how, clip=False,
+            search_precision="float32",
+        ).record  # fmt: skip
         assert record["alpha_search"] == how
         counts[how] = record["alphas_evaluated"]
-    assert counts == {"refine": 4 * 8, "grid": 4 * 11}  # one MHA layer: four groups
-    with pytest.raises(BedsideError, match="alpha_search must be one of refine, grid, got 'golden'"):
+    assert counts["refine"] == 4 * 8 and counts["grid"] == 4 * 11  # one MHA layer: four groups
+    assert 4 * 4 < counts["climb"] < counts["refine"]  # at least the coarse 0, 0.3, 0.6, 1 per group
+    with pytest.raises(BedsideError, match="alpha_search must be one of climb, refine, grid, got 'golden'"):
         AwqSearch(_tiny_llama(layers=1), ids, SCHEME, alpha_search="golden")
+
+
+class _NoisyBlock(torch.nn.Module):
+    """``a(x) + b(x)``: ``a`` is the searched linear, ``b`` a float linear ``big`` times larger, whose bfloat16
+    rounding then swamps the difference ``a``'s quantization makes."""
+
+    def __init__(self, big: float) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+        self.a = torch.nn.Linear(64, 64, bias=False)
+        self.b = torch.nn.Linear(64, 64, bias=False)
+        self.a.weight.data = torch.randn(64, 64, generator=generator) * 0.1
+        self.b.weight.data = torch.randn(64, 64, generator=generator) * 0.1 * big
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def _noisy_search(big: float, precision: str, scheme: str = SCHEME) -> tuple[object, torch.nn.Module]:
+    layer = torch.nn.Module()
+    layer.block = _NoisyBlock(big)
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(512, 64, generator=generator) * (1 + 4 * torch.rand(64, generator=generator))
+    calls = [((x,), {}, layer.block(x).detach())]
+    group = ScaleGroup(prev_op="norm", linears=("block.a",), inspect="block")
+    alphas = [i / 10 for i in range(11)]
+    choice = _search_scale(
+        layer, group, x.abs().mean(0), x.pow(2).mean(0), calls, [LinearRounding(scheme, False, False)], alphas,
+        "exact", 3, "climb", precision,
+    )  # fmt: skip
+    return choice, layer
+
+
+def test_auto_search_precision_takes_bfloat16_only_where_its_own_error_is_small() -> None:
+    """auto measures bfloat16's error on the group's output (float weights) against the RTN loss: bfloat16 at
+    most 1 % (and then a loss within 1 % of float32's), float32 above; explicit precisions and 8-bit grids are not
+    measured; the weights are restored after the search."""
+    quiet, layer = _noisy_search(0.0, "auto")
+    assert quiet.precision == "bfloat16" and quiet.bf16_noise <= BF16_NOISE_SHARE
+    assert layer.block.b.weight.abs().sum() == 0 and torch.equal(layer.block.a.weight, _NoisyBlock(0.0).a.weight)
+    reference, _ = _noisy_search(0.0, "float32")
+    assert reference.precision == "float32" and reference.bf16_noise is None
+    assert quiet.alpha > 0 and reference.alpha > 0  # (a near tie: 0.2 and 0.3 are 0.02 % apart here)
+    assert quiet.loss == pytest.approx(reference.loss, rel=0.01)
+    noisy, _ = _noisy_search(300.0, "auto")
+    assert noisy.precision == "float32" and noisy.bf16_noise > BF16_NOISE_SHARE
+    forced, _ = _noisy_search(300.0, "bfloat16")
+    assert forced.precision == "bfloat16" and forced.bf16_noise is None
+    assert forced.loss > 2 * noisy.loss  # the bfloat16 loss is mostly bfloat16's own error
+    eight_bit, _ = _noisy_search(0.0, "auto", "Q8_0")
+    assert eight_bit.precision == "float32" and eight_bit.bf16_noise is None
+    with pytest.raises(BedsideError, match="search_precision must be one of auto, float32, bfloat16, got 'fp8'"):
+        resolve_search_precision("fp8", torch.device("cpu"))
+    assert resolve_search_precision("auto", torch.device("cuda")) == "float32"
+    assert resolve_search_precision("bfloat16", torch.device("cuda")) == "bfloat16"
+
+
+def test_search_precision_is_recorded_per_group() -> None:
+    record = awq(
+        _tiny_llama(layers=1), _ids(4, 32, 3), SCHEME, progress=False, clip=False, search_precision="bfloat16"
+    ).record
+    assert record["search_precision"] == "bfloat16" and record["search_precision_groups"] == {"bfloat16": 4}
+    assert all(group["precision"] == "bfloat16" for group in record["layers"][0]["groups"])
+
+
+def test_statistics_under_bfloat16_autocast_stay_float32() -> None:
+    """The hooks gather outside autocast: the block Grams and sums of a batch that passed in bfloat16 are those
+    of its float32 inputs (autocast would have rounded the Gram products to bfloat16)."""
+    layer = torch.nn.Module()
+    layer.proj = torch.nn.Linear(64, 16)
+    stats = _LayerStats(layer, [], set(), extra=["proj"], block=32, block_for={"proj"})
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(2)) * 3
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.proj(x)
+    stats.remove()
+    assert torch.equal(stats.block_grams["proj"], group_grams(x, 32))
+    torch.testing.assert_close(stats.sq_sum["proj"], x.double().pow(2).sum(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(stats.abs_sum["proj"], x.double().abs().sum(0), rtol=1e-6, atol=0)
+
+
+def test_layer0_inputs_leave_causal_masking_to_sdpa() -> None:
+    """An SDPA model's captured kwargs carry no materialised mask (the kernel masks causally itself), and the
+    layer's output equals the output with the explicit causal mask; an eager model keeps its mask."""
+    ids = _ids(2, 24, 4)
+    model = _tiny_llama(layers=1)
+    model.config._attn_implementation = "sdpa"
+    (hidden, kwargs), = _capture_layer0_inputs(model, model.model.layers, [ids])
+    assert kwargs.get("attention_mask") is None
+    mask = torch.ones(24, 24, dtype=torch.bool).tril().expand(2, 1, 24, 24)
+    with torch.no_grad():
+        causal = _first_output(model.model.layers[0](hidden, **kwargs))
+        masked = _first_output(model.model.layers[0](hidden, **{**kwargs, "attention_mask": mask}))
+    torch.testing.assert_close(causal, masked, rtol=1e-5, atol=1e-6)
+    eager = _tiny_llama(layers=1)
+    (_hidden, eager_kwargs), = _capture_layer0_inputs(eager, eager.model.layers, [ids])
+    assert eager_kwargs["attention_mask"] is not None
 
 
 def test_kquant_search_uses_stand_in_grid() -> None:

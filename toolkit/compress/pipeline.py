@@ -62,7 +62,7 @@ from toolkit.compress.heal import (
 from toolkit.compress.prune import check_layer_indices, get_selection_method, remove_layers, select_layers
 from toolkit.compress.prune.replace import check_replace_mode, replace_removed_layers
 from toolkit.compress.quant import get_grid
-from toolkit.compress.quant.awq import SEARCH_ROUNDINGS, awq, resolve_propagation
+from toolkit.compress.quant.awq import SEARCH_ROUNDINGS, awq, resolve_propagation, resolve_search_precision
 from toolkit.compress.quant.imatrix import gather_imatrix
 from toolkit.compress.quant.methods import AWQ_METHODS, GGUF_ONLY_METHODS, resolve_quant_method
 from toolkit.compress.quant.methods import QUANT_METHODS as QUANT_METHOD_REGISTRY
@@ -99,7 +99,8 @@ MAX_CALIBRATION_SEQUENCES = 128
 DEFAULT_CALIBRATION = DEFAULT_DATA
 IMATRIX_NAME = "imatrix.gguf"
 AWQ_PROPAGATION = "auto"  # bfloat16 for the non-search sequences where the CPU multiplies it natively
-AWQ_ALPHA_SEARCH = "refine"  # coarse half of the alphas, then the best one's neighbours (awq.ALPHA_SEARCHES)
+AWQ_ALPHA_SEARCH = "climb"  # every third alpha, then the best one's neighbours to a local minimum (awq.ALPHA_SEARCHES)
+AWQ_SEARCH_PRECISION = "auto"  # bfloat16 candidates per group where that measures fine (awq.SEARCH_PRECISIONS)
 SEQUENTIAL_MODES: tuple[str, ...] = ("auto", "on", "off")
 # Selection methods with a block-by-block form (toolkit.compress.sequential.scoring; `last` needs no forward).
 SEQUENTIAL_SELECTION_METHODS: tuple[str, ...] = ("activation", "block-influence", "angular", "last")
@@ -587,6 +588,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         return _Outcome({"skipped": reason}, previous, False, {"quant": quant, "awq": None})
     inputs: dict[str, Any] = {"scheme": scheme, "method": options.quant_method}
     propagation = resolve_propagation(AWQ_PROPAGATION, torch.device("cpu"))
+    search_precision = resolve_search_precision(AWQ_SEARCH_PRECISION, torch.device("cpu"))
     if options.quant_method in AWQ_METHODS:
         # search_rounding: how candidates are rounded (rerank: as the export does, libggml + matrix, for the
         # finalists); propagation: the precision of the non-search sequences' pass (AWQ_PROPAGATION: auto)
@@ -596,6 +598,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             search_rounding=options.awq_search_rounding,
             propagation=propagation,
             alpha_search=AWQ_ALPHA_SEARCH,
+            search_precision=search_precision,
         )
         if options.quant_method == "awq-gptq":
             inputs.update(gptq=True, storage_dtype=str(runner.storage_dtype).removeprefix("torch."))
@@ -619,7 +622,8 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         result = awq(
             model, data.calib_ids, scheme, imatrix_path=imatrix, progress=runner.progress,
             search_rounding=options.awq_search_rounding, propagation=propagation, alpha_search=AWQ_ALPHA_SEARCH,
-            gptq=options.quant_method == "awq-gptq", storage_dtype=runner.storage_dtype,
+            search_precision=search_precision, gptq=options.quant_method == "awq-gptq",
+            storage_dtype=runner.storage_dtype,
         )  # fmt: skip
         record = dict(result.record)
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None  # relative to the stage folder
@@ -647,7 +651,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             lazy, folder, data.calib_ids, scheme, imatrix_path=imatrix,
             extra_source=runner.source, dtype=runner.storage_dtype, on_layer=on_layer,
             search_rounding=options.awq_search_rounding, propagation=propagation,
-            alpha_search=AWQ_ALPHA_SEARCH, gptq=options.quant_method == "awq-gptq",
+            alpha_search=AWQ_ALPHA_SEARCH, search_precision=search_precision, gptq=options.quant_method == "awq-gptq",
             storage_dtype=runner.storage_dtype,
         )
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None

@@ -25,7 +25,9 @@ Per decoder layer ``l`` (inputs ``X_l`` = outputs of layer ``l-1`` of the float 
    block (q, k, v, softmax, o) for ``norm -> q,k,v``; the whole MLP for ``norm -> gate,up``; the
    linear itself for ``v -> o`` and ``up -> down``. ``alpha = 0`` is plain RTN (``s = 1``), so the
    chosen scale never does worse than RTN on the search tokens. Groups are searched on the
-   original weights and folded afterwards, as llm-awq does.
+   original weights and folded afterwards, as llm-awq does. Not every alpha is evaluated (``alpha_search``,
+   default ``climb``: a coarse third, then neighbours down to a local minimum), and the candidates' passes run
+   in bfloat16 where that measures fine for the group (``search_precision``, against float32 references).
 3. **Fold** (exact in float): the linears' input columns are multiplied by ``s``
    (``W <- W diag(s)``) and the producer of their input divided by it: a norm's weight
    ``g <- g / s`` (Gemma's ``(1 + g)``: ``g <- (1 + g) / s - 1``), or a preceding linear's output
@@ -99,9 +101,12 @@ CLIP_RATIOS: tuple[float, ...] = tuple(round(1.0 - 0.05 * i, 2) for i in range(1
 NO_CLIP_LINEARS: tuple[str, ...] = ("q_proj", "k_proj")
 SEARCH_ROUNDINGS: tuple[str, ...] = ("rerank", "exact", "emulated")
 PROPAGATIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
-ALPHA_SEARCHES: tuple[str, ...] = ("refine", "grid")
+ALPHA_SEARCHES: tuple[str, ...] = ("climb", "refine", "grid")
+SEARCH_PRECISIONS: tuple[str, ...] = ("auto", "float32", "bfloat16")
+BF16_SEARCH_MAX_BITS = 6  # bfloat16 keeps 8 significant bits: it cannot resolve an 8-bit grid
+BF16_NOISE_SHARE = 0.01  # auto: bfloat16 where its own error on the group's output is <= 1 % of the RTN loss
 CLIP_RERANK_STEPS: tuple[float, ...] = (0.0, 0.05, -0.05)  # around the emulated best ratio, plus ratio 1
-CLIP_OUT_ROWS = 256  # output rows per clip-error product (memory: 256 x in float64 differences)
+CLIP_OUT_ROWS = 256  # output rows per clip-error product (memory: 256 x in float32 differences)
 
 
 @dataclass
@@ -156,6 +161,16 @@ def fast_bfloat16() -> bool:
         return False
 
 
+def resolve_search_precision(precision: str, device: torch.device) -> str:
+    """``auto`` stays ``auto`` (bfloat16 per group where it measures fine, ``_search_scale``) on a CPU with native
+    bfloat16, else becomes ``float32``; explicit names pass through."""
+    if precision not in SEARCH_PRECISIONS:
+        raise BedsideError(f"search_precision must be one of {', '.join(SEARCH_PRECISIONS)}, got {precision!r}")
+    if precision == "auto" and not (device.type == "cpu" and fast_bfloat16()):
+        return "float32"
+    return precision
+
+
 def resolve_propagation(propagation: str, device: torch.device) -> str:
     """``auto`` -> ``bfloat16`` on a CPU with native bfloat16, else ``float32``; explicit names pass through."""
     if propagation not in PROPAGATIONS:
@@ -173,7 +188,13 @@ def _first_output(output: Any) -> torch.Tensor:
 def _capture_layer0_inputs(
     model: nn.Module, layers: nn.ModuleList, batches: Sequence[torch.Tensor]
 ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """(hidden states, other kwargs) entering decoder layer 0, one entry per mini-batch."""
+    """(hidden states, other kwargs) entering decoder layer 0, one entry per mini-batch.
+
+    The forward gets an all-ones ``attention_mask``: without one, transformers checks ``position_ids`` for packed
+    sequences and materialises a ``[batch, 1, T, T]`` causal mask; with it, SDPA models pass no mask and attend with
+    ``is_causal`` (the same numbers; the kernel skips the masked half and grouped-query heads are not copied).
+    Eager attention still builds its mask.
+    """
     captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -189,7 +210,7 @@ def _capture_layer0_inputs(
     try:
         for ids in batches:
             with contextlib.suppress(_StopForward):
-                model(input_ids=ids, use_cache=False)
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     finally:
         handle.remove()
     return captured
@@ -273,7 +294,7 @@ def _search_clip(
 
     The error is a quadratic form in the group's weight difference ``d = W_g - Q_r(W)_g`` with the group's
     input Gram matrix: ``sum_t (x_g . d)^2 = d^T H_g d``, ``H_g = X_g^T X_g`` (``grams``: ``[G, gs, gs]``,
-    float64, ``group_grams``), so each candidate costs ``out x in x gs`` multiply-adds instead of
+    ``group_grams``; the products in float32, as ``group_grams`` sums each batch), so each candidate costs ``out x in x gs`` multiply-adds instead of
     ``out x in x T`` (llm-awq's direct product over the tokens; the same numbers up to rounding).
     ``candidates``: uniform ratios, or ``[out, n_groups]`` ratio tensors (one ratio per group).
     """
@@ -281,25 +302,25 @@ def _search_clip(
     size = group_size
     n_groups = -(-in_features // size)
     pad = n_groups * size - in_features
-    gram = grams[:n_groups]  # Grams of larger blocks may end in sub-blocks of padding only
+    gram = grams[:n_groups].to(torch.float32)  # Grams of larger blocks may end in sub-blocks of padding only
     w = torch.nn.functional.pad(weight, (0, pad)) if pad else weight
-    best_err = torch.full((out_features, n_groups), math.inf, dtype=torch.float64)
+    best_err = torch.full((out_features, n_groups), math.inf)
     best_ratio = torch.ones((out_features, n_groups))
     for candidate in candidates:
         ratio = torch.broadcast_to(torch.as_tensor(candidate, dtype=torch.float32), (out_features, n_groups))
         quantized = quantize(weight, ratio).to(torch.float32)
         if pad:
             quantized = torch.nn.functional.pad(quantized, (0, pad))
-        err = torch.empty((out_features, n_groups), dtype=torch.float64)
-        for first in range(0, out_features, CLIP_OUT_ROWS):  # float64 differences, CLIP_OUT_ROWS rows at a time
+        err = torch.empty((out_features, n_groups))
+        for first in range(0, out_features, CLIP_OUT_ROWS):  # CLIP_OUT_ROWS rows of differences at a time
             last = min(first + CLIP_OUT_ROWS, out_features)
-            diff = (w[first:last] - quantized[first:last]).to(torch.float64).reshape(-1, n_groups, size)
+            diff = (w[first:last] - quantized[first:last]).reshape(-1, n_groups, size)
             diff = diff.permute(1, 0, 2)  # [G, rows, gs]
             err[first:last] = (torch.bmm(diff, gram) * diff).sum(-1).transpose(0, 1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, ratio, best_ratio)
-    return best_ratio, best_err.to(torch.float32)
+    return best_ratio, best_err
 
 
 @torch.no_grad()
@@ -387,30 +408,36 @@ class _LayerStats:
 
     def _linear_hook(self, name: str) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            if name not in self.abs_sum:
-                self.abs_sum[name] = torch.zeros(x.shape[1], dtype=torch.float64)
-                self.sq_sum[name] = torch.zeros(x.shape[1], dtype=torch.float64)
-            if self._block and name in self._block_for:
-                grams = group_grams(x, self._block)
-                if name in self.block_grams:
-                    self.block_grams[name] += grams
-                else:
-                    self.block_grams[name] = grams
-            if self.batch in self._gram_batches and name in self._gram_for:
-                x32 = x.to(torch.float32)
-                if name not in self.gram:
-                    self.gram[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
-                    self.gram_tokens[name] = 0
-                self.gram[name].addmm_(x32.T, x32)
-                self.gram_tokens[name] += x32.shape[0]
-            # float32 within a batch (torch's cascade sum), float64 across batches: 3x faster than float64 sums;
-            # one float32 copy worked in place (|x|, then x^2): fresh temporaries cost more than the sums
-            work = x.to(torch.float32, copy=True).abs_()
-            self.abs_sum[name] += work.sum(0).to(torch.float64)
-            self.sq_sum[name] += work.mul_(work).sum(0).to(torch.float64)
+            # the pass may run under bfloat16 autocast (propagation): the sums and Grams stay float32 (autocast
+            # would round bmm's Grams to bfloat16, and run several times slower)
+            with torch.autocast(args[0].device.type, enabled=False):
+                self._gather(name, args[0].detach().reshape(-1, args[0].shape[-1]))
 
         return hook
+
+    def _gather(self, name: str, x: torch.Tensor) -> None:
+        """Add one batch of input ``x [T, in]`` of linear ``name`` to its sums and Grams."""
+        if name not in self.abs_sum:
+            self.abs_sum[name] = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.sq_sum[name] = torch.zeros(x.shape[1], dtype=torch.float64)
+        if self._block and name in self._block_for:
+            grams = group_grams(x, self._block)
+            if name in self.block_grams:
+                self.block_grams[name] += grams
+            else:
+                self.block_grams[name] = grams
+        if self.batch in self._gram_batches and name in self._gram_for:
+            x32 = x.to(torch.float32)
+            if name not in self.gram:
+                self.gram[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32)
+                self.gram_tokens[name] = 0
+            self.gram[name].addmm_(x32.T, x32)
+            self.gram_tokens[name] += x32.shape[0]
+        # float32 within a batch (torch's cascade sum), float64 across batches: 3x faster than float64 sums;
+        # one float32 copy worked in place (|x|, then x^2): fresh temporaries cost more than the sums
+        work = x.to(torch.float32, copy=True).abs_()
+        self.abs_sum[name] += work.sum(0).to(torch.float64)
+        self.sq_sum[name] += work.mul_(work).sum(0).to(torch.float64)
 
     def _inspect_hook(self, name: str) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -444,6 +471,8 @@ class _ScaleChoice:
     loss_emulated: float | None = None  # the chosen alpha's loss on the emulation (rerank only)
     reranked: tuple[float, ...] = ()
     evaluated: int = 0  # alphas whose loss was computed (on the emulation under rerank)
+    precision: str = "float32"  # of the candidates' forward passes (the reference is always float32)
+    bf16_noise: float | None = None  # auto: bfloat16's own loss over the RTN loss (measured where <= 6 bits)
 
 
 def _group_mode(roundings: Sequence[LinearRounding], mode: str) -> str:
@@ -457,17 +486,29 @@ def _group_mode(roundings: Sequence[LinearRounding], mode: str) -> str:
 
 
 def _alpha_order(alphas: Sequence[float], alpha_search: str, losses: dict[float, float]) -> Any:
-    """The alphas to evaluate, given the losses found so far (a generator, read as ``losses`` fills).
+    """The alphas to evaluate, given the losses found so far (a generator, read as ``losses`` fills; alphas
+    already in ``losses`` are not yielded again).
 
     ``grid``: every alpha. ``refine``: every second alpha (both ends included), then the two grid neighbours of
     the best of those: on a loss that is unimodal in alpha this finds the grid's minimum with
     ``n_grid // 2 + 3`` evaluations (one more for odd ``n_grid``) instead of ``n_grid + 1`` (8 of 11 at the default).
+    ``climb``: every third alpha below the last two, and the last (``0, 0.3, 0.6, 1`` at the default), then
+    the best one's unevaluated neighbours, again until the best has both neighbours evaluated (a local minimum
+    of the grid): the grid's minimum on a unimodal loss, with 6-7 evaluations at the default.
     """
     if alpha_search == "grid" or len(alphas) <= 3:
-        yield from alphas
+        yield from (alpha for alpha in alphas if alpha not in losses)
         return
+    if alpha_search == "climb":
+        yield from (alphas[i] for i in [*range(0, len(alphas) - 2, 3), len(alphas) - 1] if alphas[i] not in losses)
+        while True:
+            best = alphas.index(min(losses, key=lambda a: (losses[a], a)))
+            new = [alphas[i] for i in (best - 1, best + 1) if 0 <= i < len(alphas) and alphas[i] not in losses]
+            if not new:
+                return
+            yield from new
     coarse = list(alphas[::2]) if (len(alphas) - 1) % 2 == 0 else [*alphas[::2], alphas[-1]]
-    yield from coarse
+    yield from (alpha for alpha in coarse if alpha not in losses)
     best = alphas.index(min(coarse, key=lambda a: (losses[a], a)))
     for neighbour in (best - 1, best + 1):
         if 0 <= neighbour < len(alphas) and alphas[neighbour] not in losses:
@@ -485,23 +526,41 @@ def _search_scale(
     alphas: Sequence[float],
     mode: str = "rerank",
     rerank: int = 3,
-    alpha_search: str = "refine",
+    alpha_search: str = "climb",
+    precision: str = "float32",
 ) -> _ScaleChoice:
-    """Search alpha for one group (module docstring, step 2), over ``alphas`` or, with ``refine``, its coarse
-    half and the best one's two neighbours (``_alpha_order``).
+    """Search alpha for one group (module docstring, step 2), over ``alphas`` or, with ``climb`` / ``refine``, a
+    coarse subset and the neighbours of the best (``_alpha_order``).
 
     Candidate ``alpha`` rounds each linear ``W_k`` as ``Q_k(W_k diag(s)) diag(s)^-1`` where ``Q_k`` is the
     export's rounding of ``W_k`` with the matrix the export will pass for the scaled model,
     ``imatrix = mean_t x_t^2 / s^2`` (exact, libggml), or its torch emulation. ``rerank``: all alphas on the
     emulation, then the ``rerank`` best and ``alpha = 0`` (RTN) again with exact rounding, the best of those
     by exact loss chosen.
+
+    ``precision`` (``resolve_search_precision``): the candidates' forward passes in ``float32``, in ``bfloat16``
+    (autocast; the reference outputs stay float32), or ``auto``: bfloat16 for a group whose grids have at most
+    ``BF16_SEARCH_MAX_BITS`` bits and where bfloat16's own error, ``noise = loss_bf16(W) / loss_bf16(alpha = 0)``
+    (``loss_bf16(W)``: the float weights through the bfloat16 pass), is at most ``BF16_NOISE_SHARE``; float32
+    otherwise (the massive activations of an attention sink make bfloat16's error on them comparable to the
+    rounding's: docs/BENCHMARKS.md).
     """
     inspect = layer.get_submodule(group.inspect)
     linears = [layer.get_submodule(name) for name in group.linears]
     originals = [linear.weight.data for linear in linears]
     mode = _group_mode(roundings, mode)
 
-    def loss_of(alpha: float, exact: bool) -> float:
+    def output_loss(low: bool) -> float:
+        """Mean squared difference of the inspect module's output from the float32 reference."""
+        total, count = 0.0, 0
+        for args, kwargs, reference in calls:
+            with torch.autocast(reference.device.type, dtype=torch.bfloat16, enabled=low):
+                out = _first_output(inspect(*args, **kwargs)).to(torch.float32)
+            total += float((out - reference.to(torch.float32)).pow(2).sum())
+            count += reference.numel()
+        return total / max(count, 1)
+
+    def loss_of(alpha: float, exact: bool, low: bool) -> float:
         s = _scales(mean_abs, alpha)
         matrix = mean_sq / s.pow(2)
         for linear, weight, rounding in zip(linears, originals, roundings, strict=True):
@@ -515,25 +574,30 @@ def _search_scale(
                 assert grid is not None  # _group_mode chose exact otherwise
                 quantized = grid.fake_quantize(scaled)
             linear.weight.data = (quantized / s[None, :]).to(weight.dtype)
-        total, count = 0.0, 0
-        for args, kwargs, reference in calls:
-            out = _first_output(inspect(*args, **kwargs)).to(torch.float32)
-            total += float((out - reference.to(torch.float32)).pow(2).sum())
-            count += reference.numel()
-        return total / max(count, 1)
+        return output_loss(low)
 
     try:
         first: dict[float, float] = {}
+        low, noise = precision == "bfloat16", None
+        coarse_bits = max((rounding.grid.bits for rounding in roundings if rounding.quantized), default=16)
+        if precision == "auto" and coarse_bits <= BF16_SEARCH_MAX_BITS:
+            low = True  # measure bfloat16's own error (float weights) against the RTN loss, both in bfloat16
+            floor = output_loss(low)
+            first[alphas[0]] = loss_of(alphas[0], exact=mode == "exact", low=True)
+            noise = floor / first[alphas[0]] if first[alphas[0]] > 0 else math.inf
+            if noise > BF16_NOISE_SHARE:
+                low, first = False, {}
         for alpha in _alpha_order(alphas, alpha_search, first):
-            first[alpha] = loss_of(alpha, exact=mode == "exact")
+            first[alpha] = loss_of(alpha, exact=mode == "exact", low=low)
+        how = {"precision": "bfloat16" if low else "float32", "bf16_noise": noise}
         if mode != "rerank":
             alpha = min(first, key=lambda a: (first[a], a))
             return _ScaleChoice(
-                alpha, first[alpha], first[alphas[0]], _scales(mean_abs, alpha), mode, evaluated=len(first)
+                alpha, first[alpha], first[alphas[0]], _scales(mean_abs, alpha), mode, evaluated=len(first), **how
             )
         ranked = sorted(first, key=lambda a: (first[a], a))[: max(1, rerank)]
         finalists = tuple(sorted({alphas[0], *ranked}))
-        exact = {alpha: loss_of(alpha, exact=True) for alpha in finalists}
+        exact = {alpha: loss_of(alpha, exact=True, low=low) for alpha in finalists}
         alpha = min(exact, key=lambda a: (exact[a], a))
         return _ScaleChoice(
             alpha,
@@ -544,6 +608,7 @@ def _search_scale(
             first[alpha],
             finalists,
             len(first),
+            **how,
         )
     finally:
         for linear, weight in zip(linears, originals, strict=True):
@@ -617,8 +682,14 @@ class AwqSearch:
             candidate with libggml + matrix; slower), ``emulated`` (the emulation only). Types with no
             emulation (Q2_K, IQ types) are always searched exactly.
         rerank: alphas re-ranked with exact rounding under ``rerank``.
-        alpha_search: ``refine`` (every second alpha, then the best one's two neighbours: 8 of 11 evaluations,
-            the grid's minimum wherever the loss is unimodal in alpha) or ``grid`` (every alpha).
+        alpha_search: ``climb`` (every third alpha and the last, then the best one's neighbours until the best
+            is a local minimum of the grid: 6-7 of 11 evaluations), ``refine`` (every second alpha, then the best
+            one's two neighbours: 8 of 11) or ``grid`` (every alpha). The first two find the grid's minimum
+            wherever the loss is unimodal in alpha.
+        search_precision: the precision of the scale search's candidate passes (``_search_scale``): ``auto``
+            (bfloat16 per group where the CPU multiplies it natively, the group's grids have at most 6 bits and
+            bfloat16's own error measures at most 1 % of the RTN loss; float32 otherwise), ``float32``,
+            ``bfloat16``. The reference outputs are float32 in every case.
         propagation: the precision of the pass over the calibration sequences that are not searched (their
             statistics ``mean|x|``, ``mean x^2`` and the next layer's inputs): ``bfloat16`` (CPU autocast),
             ``float32``, or ``auto`` (bfloat16 where the CPU multiplies it natively). The search sequences,
@@ -646,7 +717,8 @@ class AwqSearch:
         search_rounding: str = "rerank",
         rerank: int = 3,
         propagation: str = "auto",
-        alpha_search: str = "refine",
+        alpha_search: str = "climb",
+        search_precision: str = "auto",
         gptq: bool = False,
         gptq_tokens: int = 8192,
         storage_dtype: torch.dtype = torch.float32,
@@ -684,6 +756,8 @@ class AwqSearch:
         device = next(model.parameters()).device
         device = torch.device("cpu") if device.type == "meta" else device
         self.propagation = resolve_propagation(propagation, device)
+        self.search_precision = resolve_search_precision(search_precision, device)
+        self.precisions: dict[str, int] = {}
         self.device_type = device.type
         calib_ids = calib_ids.to(device)
         self.n_seq, self.seq_len = n_seq, seq_len = calib_ids.shape
@@ -757,7 +831,6 @@ class AwqSearch:
                 outputs.append((output.to(hidden.dtype), kwargs))
         finally:
             stats.remove()
-        release_free_heap()  # the pass's activations, before the search allocates its own
         stats.tokens = self.n_seq * self.seq_len
 
         # 2. scale search per group, on the original weights
@@ -783,8 +856,10 @@ class AwqSearch:
                 search_rounding,
                 self.rerank,
                 self.alpha_search,
+                self.search_precision,
             )
             self.alphas_evaluated += choice.evaluated
+            self.precisions[choice.precision] = self.precisions.get(choice.precision, 0) + 1
             self.modes[choice.rounding] = self.modes.get(choice.rounding, 0) + 1
             chosen.append((group, choice.scales))
             entry: dict[str, Any] = {
@@ -796,7 +871,10 @@ class AwqSearch:
                 "alpha": choice.alpha,
                 "loss": choice.loss,
                 "loss_rtn": choice.loss_rtn,
+                "precision": choice.precision,
             }
+            if choice.bf16_noise is not None:
+                entry["bf16_noise"] = choice.bf16_noise
             if choice.rounding == "rerank":
                 entry["loss_emulated"] = choice.loss_emulated
                 entry["reranked_alphas"] = list(choice.reranked)
@@ -1005,6 +1083,8 @@ class AwqSearch:
             "search_rounding": overall,  # exact | rerank | emulated: the least exact of any group
             "search_rounding_groups": modes,
             "propagation": self.propagation,  # precision of the non-search sequences' pass
+            "search_precision": self.search_precision,  # of the scale search's candidates (auto: per group)
+            "search_precision_groups": self.precisions,
             "rerank": self.rerank if "rerank" in modes else 0,
             "group_size": self.grid.group_size,
             "n_grid": self.n_grid,
