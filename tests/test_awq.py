@@ -18,6 +18,7 @@ import torch
 
 from toolkit.compress.quant.awq import (
     BF16_NOISE_SHARE,
+    CLIP_RATIOS,
     AwqSearch,
     _alpha_order,
     _capture_layer0_inputs,
@@ -241,6 +242,36 @@ def test_clip_search_gram_form_equals_the_product_over_tokens() -> None:
     direct16 = _search_clip(weight, group_grams(inputs, 16), quantize16, 16, ratios)
     assert torch.equal(from_blocks[0], direct16[0])
     torch.testing.assert_close(from_blocks[1], direct16[1], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("grid_name", ["Q4_0", "Q5_0", "Q8_0", "asym4_g32", "Q5_1", "sym6_g16"])
+def test_clip_search_below_the_dense_ratios_follows_the_improving_groups(grid_name: str) -> None:
+    """Below ``dense_down_to`` only the groups still improving try more ratios, quantized as gathered blocks: the
+    grids the search emulates round each group on its own (gathered blocks equal the full weight's), a group
+    whose best over every ratio is at or above ``dense_down_to`` keeps that ratio and error, and no group does
+    better than the full search."""
+    grid = get_grid(grid_name)
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(48, 128, generator=generator) * 0.05
+    scale = 0.2 + torch.rand(128, generator=generator)
+    weight[::3, ::16] *= 12  # large weights on inputs that are nearly silent: deep clips pay off there
+    scale[::16] = 0.01
+    inputs = torch.randn(256, 128, generator=generator) * scale
+    size = grid.group_size
+    ratio = torch.rand(48 * 128 // size, 1, generator=generator) * 0.5 + 0.5
+    blocks = weight.reshape(-1, size)
+    torch.testing.assert_close(
+        grid.fake_quantize(blocks, ratio).reshape(48, 128), grid.fake_quantize(weight, ratio.reshape(48, -1)),
+        rtol=0, atol=0,
+    )  # fmt: skip
+    quantize = lambda w, r: grid.fake_quantize(w, clip_ratio=r)  # noqa: E731
+    grams = group_grams(inputs, size)
+    full_ratio, full_err = _search_clip(weight, grams, quantize, size, CLIP_RATIOS)
+    ratio, err = _search_clip(weight, grams, quantize, size, CLIP_RATIOS, dense_down_to=0.7)
+    kept = full_ratio >= 0.7
+    assert torch.equal(ratio[kept], full_ratio[kept]) and torch.equal(err[kept], full_err[kept])
+    assert bool((err >= full_err * (1 - 1e-5)).all())  # (gathered blocks: the same products up to rounding)
+    assert bool((ratio < 0.7).any()) and bool(((ratio == full_ratio) & (full_ratio < 0.7)).any())
 
 
 def test_bfloat16_propagation_keeps_statistics_and_says_so(tmp_path: Path) -> None:

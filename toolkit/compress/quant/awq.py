@@ -38,7 +38,8 @@ Per decoder layer ``l`` (inputs ``X_l`` = outputs of layer ``l-1`` of the float 
        err_r[o, g] = mean_t ( sum_{i in g} x'_ti (W'_oi - Q_r(W')_oi) )^2,   x' = x / s
        Q_r = Q(clamp(W', -r max|W'_og|, r max|W'_og|)),   r in {1.0, 0.95, ..., 0.5}
 
-   on every calibration token, computed as ``d^T H_g d`` with ``d = W'_og - Q_r(W')_og`` and the group's
+   (ratios below ``0.7`` only for the groups whose best is one of the last two tried) on every calibration token,
+   computed as ``d^T H_g d`` with ``d = W'_og - Q_r(W')_og`` and the group's
    input Gram matrix ``H_g = X'_g^T X'_g / T`` (accumulated block by block in pass 1, so the cost does not grow
    with the tokens); the best ``r`` per ``(o, g)`` is applied by clamping ``W'`` (weights stay float; exporting
    with the same grid then stores exactly ``Q_r``). Every token matters here: the attention-sink position (the
@@ -107,6 +108,9 @@ BF16_SEARCH_MAX_BITS = 6  # bfloat16 keeps 8 significant bits: it cannot resolve
 BF16_NOISE_SHARE = 0.01  # auto: bfloat16 where its own error on the group's output is <= 1 % of the RTN loss
 CLIP_RERANK_STEPS: tuple[float, ...] = (0.0, 0.05, -0.05)  # around the emulated best ratio, plus ratio 1
 CLIP_OUT_ROWS = 256  # output rows per clip-error product (memory: 256 x in float32 differences)
+CLIP_DENSE_DOWN_TO = 0.7  # every group tries the ratios down to this; below, only groups still improving
+CLIP_FRONTIER_WINDOW = 2  # below CLIP_DENSE_DOWN_TO: groups whose best is one of the last this many ratios
+CLIP_FRONTIER_CHUNK = 4096  # groups per gathered Gram product below CLIP_DENSE_DOWN_TO (memory: 4096 x gs^2)
 
 
 @dataclass
@@ -289,14 +293,19 @@ def _search_clip(
     quantize: Quantizer,
     group_size: int,
     candidates: Sequence[float | torch.Tensor],
+    dense_down_to: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best clip ratio per [out, group] and its error: minimises ``sum_t (x_g . (W_g - Q_r(W)_g))^2``.
 
     The error is a quadratic form in the group's weight difference ``d = W_g - Q_r(W)_g`` with the group's
     input Gram matrix: ``sum_t (x_g . d)^2 = d^T H_g d``, ``H_g = X_g^T X_g`` (``grams``: ``[G, gs, gs]``,
-    ``group_grams``; the products in float32, as ``group_grams`` sums each batch), so each candidate costs ``out x in x gs`` multiply-adds instead of
-    ``out x in x T`` (llm-awq's direct product over the tokens; the same numbers up to rounding).
-    ``candidates``: uniform ratios, or ``[out, n_groups]`` ratio tensors (one ratio per group).
+    ``group_grams``; the products in float32, as ``group_grams`` sums each batch), so each candidate costs
+    ``out x in x gs`` multiply-adds instead of ``out x in x T`` (llm-awq's direct product over the tokens; the
+    same numbers up to rounding). ``candidates``: uniform ratios, or ``[out, n_groups]`` ratio tensors (one ratio
+    per group). ``dense_down_to`` (uniform ratios in descending order, a quantizer that rounds each group on its
+    own): every group tries the ratios down to it; each ratio below is tried only by the groups whose best so
+    far is one of the last ``CLIP_FRONTIER_WINDOW`` ratios tried (still improving), gathered as
+    ``[n, group_size]`` blocks, until none is left.
     """
     out_features, in_features = weight.shape
     size = group_size
@@ -306,7 +315,27 @@ def _search_clip(
     w = torch.nn.functional.pad(weight, (0, pad)) if pad else weight
     best_err = torch.full((out_features, n_groups), math.inf)
     best_ratio = torch.ones((out_features, n_groups))
+    tried: list[float] = []  # uniform ratios tried so far, descending
     for candidate in candidates:
+        if dense_down_to is not None and not pad and len(tried) >= CLIP_FRONTIER_WINDOW and float(candidate) < dense_down_to:
+            # [n, 2]: (row, group) whose best is one of the last CLIP_FRONTIER_WINDOW ratios (still improving)
+            active = (best_ratio <= tried[-CLIP_FRONTIER_WINDOW]).nonzero()
+            if active.shape[0] == 0:
+                break
+            blocks = w.reshape(out_features, n_groups, size)
+            for first in range(0, active.shape[0], CLIP_FRONTIER_CHUNK):
+                rows, groups = active[first : first + CLIP_FRONTIER_CHUNK].unbind(1)
+                block = blocks[rows, groups]  # [n, size]
+                ratio = torch.full((block.shape[0], 1), float(candidate))
+                diff = block - quantize(block, ratio).to(torch.float32)
+                err = torch.einsum("ni,nij,nj->n", diff, gram[groups], diff)
+                better = err < best_err[rows, groups]
+                best_err[rows[better], groups[better]] = err[better]
+                best_ratio[rows[better], groups[better]] = float(candidate)
+            tried.append(float(candidate))
+            continue
+        if isinstance(candidate, float | int):
+            tried.append(float(candidate))
         ratio = torch.broadcast_to(torch.as_tensor(candidate, dtype=torch.float32), (out_features, n_groups))
         quantized = quantize(weight, ratio).to(torch.float32)
         if pad:
@@ -345,12 +374,14 @@ def _clip_linear(
     imatrix: torch.Tensor,
     mode: str,
     ratios: Sequence[float],
+    dense_down_to: float | None = None,
 ) -> tuple[torch.Tensor, int, str]:
     """Clip ratios of one scaled linear: (ratio [out, G], group size, how candidates were rounded).
 
     ``grams``: the scaled inputs' block Grams ``[G, B, B]`` (``group_grams``), ``B`` a multiple of every group size.
 
-    ``emulated``: every ratio on the torch grid (exact where that grid is bit-exact with the export);
+    ``emulated``: every ratio on the torch grid (exact where that grid is bit-exact with the export; below
+    ``dense_down_to`` only for the groups still improving, ``_search_clip``);
     ``exact``: every ratio with the export's rounding (libggml + matrix); ``rerank``: the emulated best
     ratio ``r*`` per group, then per group the best by the export's rounding of ``{r*, r* +- 0.05, 1}``.
     """
@@ -359,7 +390,9 @@ def _clip_linear(
     if grid is None or mode == "exact" or (mode == "rerank" and grid.group_size != exact_size):
         ratio, _ = _search_clip(weight, sub_grams(grams, exact_size), _exact(rounding, imatrix), exact_size, ratios)
         return ratio, exact_size, "exact"
-    ratio, _ = _search_clip(weight, sub_grams(grams, grid.group_size), _emulated(grid), grid.group_size, ratios)
+    ratio, _ = _search_clip(
+        weight, sub_grams(grams, grid.group_size), _emulated(grid), grid.group_size, ratios, dense_down_to
+    )
     if mode != "rerank" or _search_is_exact(rounding):
         return ratio, grid.group_size, "exact" if _search_is_exact(rounding) else "emulated"
     low, high = min(ratios), max(ratios)
@@ -670,6 +703,10 @@ class AwqSearch:
             largest term on a CPU), so the defaults (10, 1024 tokens) halve each; docs/BENCHMARKS.md
             shows AWQ still beating RTN with them.
         clip: run the clipping search after scaling.
+        clip_ratios: the clipping search's ratios (tried from the largest down).
+        clip_dense_down_to: every group tries the ratios down to this one; below it, on the torch grids, only
+            the groups whose best is one of the last two ratios tried (``_search_clip``); None: every ratio
+            for every group.
         imatrix_path: where to write the llama.cpp importance matrix (GGUF) of the scaled model. Given, the
             export is assumed to pass it to llama.cpp's quantizer, so the search rounds as libggml does with
             that matrix (``search_rounding``); without it, as the export without a matrix does.
@@ -714,6 +751,7 @@ class AwqSearch:
         search_tokens: int = 1024,
         batch_size: int = 8,
         clip_ratios: Sequence[float] = CLIP_RATIOS,
+        clip_dense_down_to: float | None = CLIP_DENSE_DOWN_TO,
         search_rounding: str = "rerank",
         rerank: int = 3,
         propagation: str = "auto",
@@ -765,7 +803,8 @@ class AwqSearch:
         self.alphas = [i / n_grid for i in range(n_grid + 1)]
         self.n_grid = n_grid
         self.clip = clip
-        self.clip_ratios = clip_ratios
+        self.clip_ratios = tuple(sorted(clip_ratios, reverse=True))
+        self.clip_dense_down_to = clip_dense_down_to
         self.search_rounding = search_rounding
         self.rerank = rerank
         self.alpha_search = alpha_search
@@ -911,7 +950,7 @@ class AwqSearch:
                     linear = layer.get_submodule(name)
                     weight32 = linear.weight.data.to(torch.float32)
                     ratio, size, how = _clip_linear(
-                        weight32, grams, rounding, matrix, search_rounding, self.clip_ratios
+                        weight32, grams, rounding, matrix, search_rounding, self.clip_ratios, self.clip_dense_down_to
                     )
                     linear.weight.data.copy_(clip_groups(weight32, size, ratio))  # in place: see _fold
                     self.clip_groups += ratio.numel()
@@ -1094,6 +1133,7 @@ class AwqSearch:
             "loss": "inspect-module output MSE (attention block for q,k,v; MLP for gate,up; linear otherwise)",
             "clip": self.clip,
             "clip_ratios": list(self.clip_ratios) if self.clip else [],
+            "clip_dense_down_to": self.clip_dense_down_to if self.clip else None,  # below: groups still improving
             "calibration": {
                 "sequences": n_seq,
                 "seq_len": seq_len,
