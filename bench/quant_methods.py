@@ -362,8 +362,12 @@ def report(results: dict[str, Any]) -> str:
                 f"- {scheme}: {method} KL / imatrix KL = {ratio:.2f} (target <= {TARGET_KL_RATIO}: "
                 f"{'met' if ratio <= TARGET_KL_RATIO else 'missed'}); perplexity {awq['perplexity']:.2f} vs "
                 f"{imatrix['perplexity']:.2f} ({'no worse' if awq['perplexity'] <= imatrix['perplexity'] else 'worse'}); "
-                f"quantize stage {awq['quantize_seconds']:.0f} s (target <= {TARGET_AWQ_SECONDS:.0f} s on an idle machine), "
-                f"process peak {awq['process_peak_bytes'] / 1e9:.2f} GB (target <= {TARGET_PEAK_BYTES / 1e9:.1f} GB)."
+                f"quantize stage {awq['quantize_seconds']:.0f} s (target <= {TARGET_AWQ_SECONDS:.0f} s: "
+                f"{'met' if awq['quantize_seconds'] <= TARGET_AWQ_SECONDS else 'missed'}; the pipeline's stage, with "
+                f"the re-rank on libggml + matrix; bench 2 times AWQ alone), process peak "
+                f"{awq['process_peak_bytes'] / 1e9:.2f} GB (target <= {TARGET_PEAK_BYTES / 1e9:.1f} GB: "
+                f"{'met' if awq['process_peak_bytes'] <= TARGET_PEAK_BYTES else 'missed'}; the stage's sampled peak "
+                f"{awq.get('quantize_peak_rss_bytes', 0) / 1e9:.2f} GB)."
             )
     baseline = results["rows"].get(_pruned_key(BASELINE_VARIANT, "unhealed"))
     bedside = results["rows"].get(_pruned_key(BEDSIDE_VARIANT, "unhealed"))
