@@ -316,8 +316,9 @@ def _search_clip(
     best_err = torch.full((out_features, n_groups), math.inf)
     best_ratio = torch.ones((out_features, n_groups))
     tried: list[float] = []  # uniform ratios tried so far, descending
+    frontier = dense_down_to is not None and not pad  # (a padded last group would be quantized with its zeros)
     for candidate in candidates:
-        if dense_down_to is not None and not pad and len(tried) >= CLIP_FRONTIER_WINDOW and float(candidate) < dense_down_to:
+        if frontier and len(tried) >= CLIP_FRONTIER_WINDOW and float(candidate) < dense_down_to:
             # [n, 2]: (row, group) whose best is one of the last CLIP_FRONTIER_WINDOW ratios (still improving)
             active = (best_ratio <= tried[-CLIP_FRONTIER_WINDOW]).nonzero()
             if active.shape[0] == 0:
