@@ -327,8 +327,9 @@ def test_refined_alpha_search_finds_the_grids_minimum_of_a_unimodal_loss(n_grid:
 @pytest.mark.parametrize("n_grid", [10, 9, 20])
 def test_climbing_alpha_search_finds_the_grids_minimum_of_a_unimodal_loss(n_grid: int) -> None:
     """climb evaluates every third alpha and the last, then the best one's neighbours until the best is a local
-    minimum: the grid's minimum of a unimodal loss in at most 4 evaluations past the coarse ones (the last gap is up to 4), fewer than refine in total;
-    where the best moves to a neighbour it goes on climbing (refine would stop after one step)."""
+    minimum: the grid's minimum of a unimodal loss in at most 4 evaluations past the coarse ones (the last gap is
+    up to 4), fewer than refine in total; where the best moves to a neighbour it goes on climbing (refine would
+    stop after one step)."""
     alphas = [i / n_grid for i in range(n_grid + 1)]
     coarse = len(range(0, n_grid - 1, 3)) + 1
     for centre in alphas:
