@@ -165,12 +165,17 @@ def fast_bfloat16() -> bool:
         return False
 
 
+def _bfloat16_is_fast(device: torch.device) -> bool:
+    """What ``auto`` precisions go by: a CPU that multiplies bfloat16 natively (``fast_bfloat16``)."""
+    return device.type == "cpu" and fast_bfloat16()
+
+
 def resolve_search_precision(precision: str, device: torch.device) -> str:
     """``auto`` stays ``auto`` (bfloat16 per group where it measures fine, ``_search_scale``) on a CPU with native
     bfloat16, else becomes ``float32``; explicit names pass through."""
     if precision not in SEARCH_PRECISIONS:
         raise BedsideError(f"search_precision must be one of {', '.join(SEARCH_PRECISIONS)}, got {precision!r}")
-    if precision == "auto" and not (device.type == "cpu" and fast_bfloat16()):
+    if precision == "auto" and not _bfloat16_is_fast(device):
         return "float32"
     return precision
 
@@ -181,7 +186,7 @@ def resolve_propagation(propagation: str, device: torch.device) -> str:
         raise BedsideError(f"propagation must be one of {', '.join(PROPAGATIONS)}, got {propagation!r}")
     if propagation != "auto":
         return propagation
-    return "bfloat16" if device.type == "cpu" and fast_bfloat16() else "float32"
+    return "bfloat16" if _bfloat16_is_fast(device) else "float32"
 
 
 def _first_output(output: Any) -> torch.Tensor:
