@@ -15,6 +15,7 @@ import torch
 
 from toolkit.compress.quant.awq import awq
 from toolkit.compress.quant.export_rounding import export_round, linear_roundings
+from toolkit.compress.quant.grids import grid_for_row
 from toolkit.compress.quant.imatrix import gather_imatrix
 from toolkit.compress.quant.rtn import decoder_linears, fake_quantize_model
 from toolkit.core.errors import BedsideError
@@ -180,6 +181,30 @@ def test_awq_searches_a_type_that_needs_a_matrix(tmp_path: Path) -> None:
     assert all(torch.isfinite(linear.weight).all() for _, linear in decoder_linears(quantized))
     with pytest.raises(BedsideError, match="importance matrix"):
         fake_quantize_model(copy.deepcopy(model), "IQ3_XXS")  # no matrix: llama.cpp refuses too
+
+
+@pytest.mark.parametrize("with_matrix", [False, True])
+def test_fake_quantization_rewrites_the_weights_in_place(with_matrix: bool) -> None:
+    """`fake_quantize_model` writes each linear's rounding into the tensor it had (no second copy of the model
+    stays allocated: the pipeline's last perplexity check peaked 0.45 GB higher on the demo), and the values are
+    the export's rounding of the original weight (libggml + matrix), or the grid's without a matrix."""
+    model = _tiny_llama()
+    linears = decoder_linears(model)
+    originals = {name: linear.weight.detach().clone() for name, linear in linears}
+    pointers = {name: linear.weight.data_ptr() for name, linear in linears}
+    widths = {name: linear.in_features for name, linear in linears}
+    rng = np.random.default_rng(3)
+    matrix = {f"{name}.weight": rng.random(width, dtype=np.float32) + 0.1 for name, width in widths.items()}
+    fake_quantize_model(model, "Q4_0", imatrix=matrix if with_matrix else None)
+    roundings = linear_roundings(model, "Q4_0", widths, True)
+    for name, linear in decoder_linears(model):
+        assert linear.weight.data_ptr() == pointers[name]
+        if with_matrix:
+            expected = export_round(originals[name], roundings[name], matrix[f"{name}.weight"])
+        else:
+            expected = grid_for_row("Q4_0", widths[name]).fake_quantize(originals[name])
+        assert torch.equal(linear.weight.detach(), expected), name
+        assert not torch.equal(linear.weight.detach(), originals[name])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from toolkit.core.atomic import building_folder, write_json_atomic
 from toolkit.core.checkpoint_policy import refuse_custom_code
 from toolkit.core.errors import BedsideError
 from toolkit.core.hashing import sha256_json, token_ids_sha256, weights_sha256
+from toolkit.core.heap import release_free_heap
 from toolkit.core.memory_sampling import RssSampler
 from toolkit.core.metrics import perplexity as perplexity_from_nll
 from toolkit.core.records import STAGE_RECORD
@@ -417,6 +418,7 @@ class StageRunner:
                 value = _perplexity_with_bar(model, self.eval_ids, self.progress, label)
                 if transform is not None:
                     self.model = None
+            release_free_heap()  # the logits' pages back to the OS before the next stage allocates its own
         self.measurements[label] = self.measured[cache_key] = {
             "seconds": round(time.perf_counter() - start, 3),
             "peak_rss_bytes": rss.peak_bytes,

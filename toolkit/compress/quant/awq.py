@@ -718,7 +718,7 @@ class AwqSearch:
             that matrix (``search_rounding``); without it, as the export without a matrix does.
         search_tokens: tokens (whole sequences, evenly spread) on which the alpha loss is measured;
             ``mean|x|`` and the importance matrix always use every calibration token.
-        batch_size: sequences per forward pass.
+        batch_size: sequences per forward pass (4: half the transient activations of 8, no slower: docs/BENCHMARKS.md).
         search_rounding: where the export's rounding differs from every torch emulation (GGUF with a
             matrix): ``rerank`` (search on the emulation, then re-rank the ``rerank`` best alphas and
             alpha 0, and the clip ratios around the best, with libggml + matrix), ``exact`` (every
@@ -755,7 +755,7 @@ class AwqSearch:
         clip: bool = True,
         imatrix_path: str | Path | None = None,
         search_tokens: int = 1024,
-        batch_size: int = 8,
+        batch_size: int = 4,
         clip_ratios: Sequence[float] = CLIP_RATIOS,
         clip_dense_down_to: float | None = CLIP_DENSE_DOWN_TO,
         search_rounding: str = "rerank",

@@ -118,28 +118,30 @@ def gptq_round(
     diagonal = torch.diagonal(gram)
     order = torch.argsort(diagonal, descending=True, stable=True) if act_order else torch.arange(in_features)
     upper = prepare_hessian(gram[order][:, order], tokens, damp)
-    w = w[:, order]
-    step = steps.repeat_interleave(GGML_BLOCK, dim=1)[:, order]
+    # Transposed, [in, out]: the column loop (in Python, once per input) reads and updates whole columns of W,
+    # contiguous rows here instead of strided columns (docs/BENCHMARKS.md, session 17).
+    wt = w.T[order].contiguous()
+    step = steps.repeat_interleave(GGML_BLOCK, dim=1).T[order].contiguous()
     inverse = torch.where(step == 0, torch.zeros_like(step), 1.0 / torch.where(step == 0, 1.0, step))
-    anchors = anchors[:, order]
+    anchors = anchors.T[order].contiguous()
     lowest = torch.full((out_features,), float(-half))
-    q = torch.zeros_like(w)
+    q = torch.empty_like(wt)
     block_columns = max(1, block_columns)
     for start in range(0, in_features, block_columns):
         end = min(start + block_columns, in_features)
-        w1 = w[:, start:end].clone()
-        err = torch.zeros_like(w1)
+        w1 = wt[start:end].clone()
+        err = torch.empty_like(w1)
         u1 = upper[start:end, start:end]
         for i in range(end - start):
             column = start + i
-            codes = torch.round(w1[:, i] * inverse[:, column]).clamp_(-half, half - 1)
-            codes = torch.where(anchors[:, column], lowest, codes)
-            values = codes * step[:, column]
-            q[:, column] = values
-            e = (w1[:, i] - values) / u1[i, i]
-            w1[:, i + 1 :] -= e[:, None] * u1[i, i + 1 :][None, :]
-            err[:, i] = e
-        w[:, end:] -= err @ upper[start:end, end:]
-    rounded = torch.empty_like(q)
-    rounded[:, order] = q
+            codes = torch.round(w1[i] * inverse[column]).clamp_(-half, half - 1)
+            codes = torch.where(anchors[column], lowest, codes)
+            values = codes.mul_(step[column])
+            q[column] = values
+            e = (w1[i] - values).div_(u1[i, i])
+            w1[i + 1 :] -= u1[i, i + 1 :, None] * e[None, :]
+            err[i] = e
+        wt[end:] -= upper[start:end, end:].T @ err
+    rounded = torch.empty_like(w)
+    rounded[:, order] = q.T
     return rounded

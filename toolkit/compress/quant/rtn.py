@@ -65,7 +65,7 @@ def decoder_linears(model: nn.Module, family: TextFamily | None = None) -> list[
 def fake_quantize_linear(linear: nn.Linear, grid: QuantGrid) -> None:
     """Replace ``linear.weight`` by ``Q(W)`` on ``grid`` (float storage, values on the grid)."""
     weight = linear.weight.data
-    linear.weight.data = grid.fake_quantize(weight.to(torch.float32)).to(weight.dtype)
+    weight.copy_(grid.fake_quantize(weight.to(torch.float32)))  # in place: no second copy of the model
 
 
 @torch.no_grad()
@@ -110,7 +110,7 @@ def linear_quantizer(
             return
         weight = linear.weight.data
         matrix = imatrix.get(f"{name}.weight")
-        linear.weight.data = export_round(weight, rounding, matrix).to(weight.dtype)
+        weight.copy_(export_round(weight, rounding, matrix))  # in place: no second copy of the model
 
     return quantize
 
