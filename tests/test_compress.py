@@ -22,8 +22,15 @@ import torch
 from cli_runner import bedside as run_bedside
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from toolkit.compress.pipeline import CompressOptions, _prepare_data, compress, options_from_plan
-from toolkit.compress.stages import load_tokenizer, perplexity
+from toolkit.compress.pipeline import (
+    AWQ_ALPHA_SEARCH,
+    AWQ_BATCH_SIZE,
+    CompressOptions,
+    _prepare_data,
+    compress,
+    options_from_plan,
+)
+from toolkit.compress.stages import load_tokenizer, perplexity, read_stage_record
 from toolkit.core.errors import BedsideError
 from toolkit.core.hashing import weights_sha256
 from toolkit.plan.schema import Candidate, MemoryEstimate, Plan
@@ -152,6 +159,10 @@ def test_record_contract_keys_and_types(awq_run):
         "export_rounding": "libggml with the importance matrix of the scaled model",
         "gptq": None,  # --quant-method awq: no GPTQ (awq-gptq records its totals here)
     }
+    # every AWQ setting its weights depend on is one of the stage's inputs: a resume never reuses another setting's
+    stage_inputs = read_stage_record(out / record["stages"]["quantize"]["folder"])["inputs"]
+    assert stage_inputs["batch_size"] == AWQ_BATCH_SIZE and stage_inputs["alpha_search"] == AWQ_ALPHA_SEARCH
+    assert stage_inputs["search_rounding"] == "rerank" and stage_inputs["propagation"] in ("float32", "bfloat16")
     awq_layers = record["awq"]["layers"]
     assert len(awq_layers) == NUM_LAYERS - 1
     alphas = [g["alpha"] for layer in awq_layers for g in layer["groups"] if "alpha" in g]

@@ -101,6 +101,7 @@ IMATRIX_NAME = "imatrix.gguf"
 AWQ_PROPAGATION = "auto"  # bfloat16 for the non-search sequences where the CPU multiplies it natively
 AWQ_ALPHA_SEARCH = "climb"  # every third alpha, then the best one's neighbours to a local minimum (awq.ALPHA_SEARCHES)
 AWQ_SEARCH_PRECISION = "auto"  # bfloat16 candidates per group where that measures fine (awq.SEARCH_PRECISIONS)
+AWQ_BATCH_SIZE = 4  # sequences per pass: the order of the statistics' float sums, so part of the stage's inputs
 SEQUENTIAL_MODES: tuple[str, ...] = ("auto", "on", "off")
 # Selection methods with a block-by-block form (toolkit.compress.sequential.scoring; `last` needs no forward).
 SEQUENTIAL_SELECTION_METHODS: tuple[str, ...] = ("activation", "block-influence", "angular", "last")
@@ -599,6 +600,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             propagation=propagation,
             alpha_search=AWQ_ALPHA_SEARCH,
             search_precision=search_precision,
+            batch_size=AWQ_BATCH_SIZE,
         )
         if options.quant_method == "awq-gptq":
             inputs.update(gptq=True, storage_dtype=str(runner.storage_dtype).removeprefix("torch."))
@@ -623,7 +625,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             model, data.calib_ids, scheme, imatrix_path=imatrix, progress=runner.progress,
             search_rounding=options.awq_search_rounding, propagation=propagation, alpha_search=AWQ_ALPHA_SEARCH,
             search_precision=search_precision, gptq=options.quant_method == "awq-gptq",
-            storage_dtype=runner.storage_dtype,
+            storage_dtype=runner.storage_dtype, batch_size=AWQ_BATCH_SIZE,
         )  # fmt: skip
         record = dict(result.record)
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None  # relative to the stage folder
@@ -652,7 +654,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
             extra_source=runner.source, dtype=runner.storage_dtype, on_layer=on_layer,
             search_rounding=options.awq_search_rounding, propagation=propagation,
             alpha_search=AWQ_ALPHA_SEARCH, search_precision=search_precision, gptq=options.quant_method == "awq-gptq",
-            storage_dtype=runner.storage_dtype,
+            storage_dtype=runner.storage_dtype, batch_size=AWQ_BATCH_SIZE,
         )
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None
         details = {
