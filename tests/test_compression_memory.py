@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from toolkit.compress import heal as healing
+from toolkit.compress import pipeline
 from toolkit.compress.prune.methods.activation import select_activation
 from toolkit.compress.quant import awq
 from toolkit.compress.stages import perplexity
@@ -36,6 +37,7 @@ def test_mirrored_awq_figures_are_awqs_defaults() -> None:
     assert estimate.AWQ_CLIP_ROWS == awq.CLIP_OUT_ROWS
     assert _default(awq.AwqSearch.__init__, "search_tokens") == estimate.AWQ_SEARCH_TOKENS
     assert _default(awq.AwqSearch.__init__, "batch_size") == estimate.AWQ_BATCH
+    assert pipeline.AWQ_BATCH_SIZE == estimate.AWQ_BATCH  # what compress passes AWQ
 
 
 def test_mirrored_activation_and_perplexity_figures_are_their_defaults() -> None:

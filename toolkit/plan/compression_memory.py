@@ -62,7 +62,7 @@ LOGIT_COPIES = 3  # logits, log-softmax and the float32 copy alive together whil
 ACTIVATION_SEQUENCES = 8  # the activation method's default max_sequences / max_tokens
 ACTIVATION_TOKENS = 128
 AWQ_SEARCH_TOKENS = 1024
-AWQ_BATCH = 8
+AWQ_BATCH = 4
 AWQ_CLIP_ROWS = 256  # awq.CLIP_OUT_ROWS
 AWQ_WEIGHT_COPIES = 4
 # float32 temporaries of `fake_quantize` (asym4_g32, the Q4_K stand-in) beside its input and output, in units
