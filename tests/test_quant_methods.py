@@ -186,8 +186,8 @@ def test_awq_searches_a_type_that_needs_a_matrix(tmp_path: Path) -> None:
 @pytest.mark.parametrize("with_matrix", [False, True])
 def test_fake_quantization_rewrites_the_weights_in_place(with_matrix: bool) -> None:
     """`fake_quantize_model` writes each linear's rounding into the tensor it had (no second copy of the model
-    stays allocated: the pipeline's last perplexity check peaked 0.45 GB higher on the demo), and the values are
-    the export's rounding of the original weight (libggml + matrix), or the grid's without a matrix."""
+    stays allocated: the pipeline's last perplexity check was its process peak, docs/BENCHMARKS.md), and the
+    values are the export's rounding of the original weight (libggml + matrix), or the grid's without a matrix."""
     model = _tiny_llama()
     linears = decoder_linears(model)
     originals = {name: linear.weight.detach().clone() for name, linear in linears}

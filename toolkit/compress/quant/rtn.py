@@ -63,7 +63,7 @@ def decoder_linears(model: nn.Module, family: TextFamily | None = None) -> list[
 
 @torch.no_grad()
 def fake_quantize_linear(linear: nn.Linear, grid: QuantGrid) -> None:
-    """Replace ``linear.weight`` by ``Q(W)`` on ``grid`` (float storage, values on the grid)."""
+    """Overwrite ``linear.weight`` in place with ``Q(W)`` on ``grid`` (float storage, values on the grid)."""
     weight = linear.weight.data
     weight.copy_(grid.fake_quantize(weight.to(torch.float32)))  # in place: no second copy of the model
 
