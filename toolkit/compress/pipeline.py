@@ -588,20 +588,18 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         reason = f"{scheme} stores float weights: nothing to quantize"
         return _Outcome({"skipped": reason}, previous, False, {"quant": quant, "awq": None})
     inputs: dict[str, Any] = {"scheme": scheme, "method": options.quant_method}
-    propagation = resolve_propagation(AWQ_PROPAGATION, torch.device("cpu"))
-    search_precision = resolve_search_precision(AWQ_SEARCH_PRECISION, torch.device("cpu"))
+    # The AWQ settings its weights depend on: part of the stage's inputs, and what both AWQ paths are given.
+    # search_rounding: how candidates are rounded (rerank: as the export does, libggml + matrix, for the
+    # finalists); propagation: the precision of the non-search sequences' pass (AWQ_PROPAGATION: auto)
+    awq_knobs: dict[str, Any] = {
+        "search_rounding": options.awq_search_rounding,
+        "propagation": resolve_propagation(AWQ_PROPAGATION, torch.device("cpu")),
+        "alpha_search": AWQ_ALPHA_SEARCH,
+        "search_precision": resolve_search_precision(AWQ_SEARCH_PRECISION, torch.device("cpu")),
+        "batch_size": AWQ_BATCH_SIZE,
+    }
     if options.quant_method in AWQ_METHODS:
-        # search_rounding: how candidates are rounded (rerank: as the export does, libggml + matrix, for the
-        # finalists); propagation: the precision of the non-search sequences' pass (AWQ_PROPAGATION: auto)
-        inputs.update(
-            calibration=data.calibration["blocks_sha256"],
-            seed=options.seed,
-            search_rounding=options.awq_search_rounding,
-            propagation=propagation,
-            alpha_search=AWQ_ALPHA_SEARCH,
-            search_precision=search_precision,
-            batch_size=AWQ_BATCH_SIZE,
-        )
+        inputs.update(calibration=data.calibration["blocks_sha256"], seed=options.seed, **awq_knobs)
         if options.quant_method == "awq-gptq":
             inputs.update(gptq=True, storage_dtype=str(runner.storage_dtype).removeprefix("torch."))
     if options.quant_method == "imatrix":
@@ -623,9 +621,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         imatrix = folder / IMATRIX_NAME if write_imatrix else None
         result = awq(
             model, data.calib_ids, scheme, imatrix_path=imatrix, progress=runner.progress,
-            search_rounding=options.awq_search_rounding, propagation=propagation, alpha_search=AWQ_ALPHA_SEARCH,
-            search_precision=search_precision, gptq=options.quant_method == "awq-gptq",
-            storage_dtype=runner.storage_dtype, batch_size=AWQ_BATCH_SIZE,
+            gptq=options.quant_method == "awq-gptq", storage_dtype=runner.storage_dtype, **awq_knobs,
         )  # fmt: skip
         record = dict(result.record)
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None  # relative to the stage folder
@@ -652,9 +648,7 @@ def _quantize_stage(runner: StageRunner, options: CompressOptions, previous: str
         record = sequential_awq(
             lazy, folder, data.calib_ids, scheme, imatrix_path=imatrix,
             extra_source=runner.source, dtype=runner.storage_dtype, on_layer=on_layer,
-            search_rounding=options.awq_search_rounding, propagation=propagation,
-            alpha_search=AWQ_ALPHA_SEARCH, search_precision=search_precision, gptq=options.quant_method == "awq-gptq",
-            storage_dtype=runner.storage_dtype, batch_size=AWQ_BATCH_SIZE,
+            gptq=options.quant_method == "awq-gptq", storage_dtype=runner.storage_dtype, **awq_knobs,
         )
         record["imatrix"] = IMATRIX_NAME if imatrix is not None else None
         details = {
