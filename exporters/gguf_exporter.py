@@ -77,6 +77,7 @@ from exporters.gguf_mmproj import (
 )
 from toolkit.core.atomic import staging_dir
 from toolkit.core.formats import GGUF_FTYPES
+from toolkit.core.gguf_header import GGUFHeader, GgufHeaderError, read_gguf_header
 from toolkit.core.hashing import checkpoint_sha256, file_sha256
 
 METADATA_SCHEMA_VERSION = 1
@@ -367,44 +368,41 @@ def quantize_in_this_process(
 
 def _gguf_tensor_widths(path: Path) -> tuple[str, int, dict[str, int]]:
     """(architecture, block_count, {tensor name: input width x experts}) of a GGUF, for imatrix checks."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    architecture = str(reader.fields["general.architecture"].contents())
-    block_count = int(reader.fields[f"{architecture}.block_count"].contents())
+    header = _header(path)
+    architecture = str(header.values.get("general.architecture"))
+    block_count = header.values.get(f"{architecture}.block_count")
+    if not isinstance(block_count, int):
+        raise ExportError(f"{path}: the GGUF metadata has no {architecture}.block_count")
     widths = {}
-    for tensor in reader.tensors:
-        shape = [int(x) for x in tensor.shape]  # ggml order: ne0 (input width) first
+    for tensor in header.tensors:
+        shape = tensor.shape  # ggml order: ne0 (input width) first
         if len(shape) >= 2:
             widths[tensor.name] = shape[0] * (shape[2] if len(shape) > 2 else 1)
     return architecture, block_count, widths
 
 
-def read_gguf_summary(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """bedside.* keys, the values of `keys` (None when absent), file type and tensor-type counts of a GGUF
-    (read with gguf-py, no weights loaded)."""
-    import gguf
-
+def _header(path: Path) -> GGUFHeader:
+    """The metadata and tensor table of a GGUF (toolkit.core.gguf_header), ExportError for an unreadable file."""
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as error:  # gguf-py raises several types on a damaged file
-        raise ExportError(f"{path} is not a readable GGUF ({type(error).__name__}: {error})") from None
-    bedside = {}
-    for name, field in reader.fields.items():
-        if name.startswith(METADATA_PREFIX):
-            bedside[name] = field.contents()
-    file_type = reader.fields.get("general.file_type")
+        return read_gguf_header(path)
+    except GgufHeaderError as error:
+        raise ExportError(str(error)) from None
+
+
+def read_gguf_summary(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """bedside.* keys, the values of `keys` (None when absent or a long array), file type and tensor-type counts
+    of a GGUF (its header only: toolkit.core.gguf_header)."""
+    header = _header(path)
+    values = header.values
+    file_type = values.get("general.file_type")
+    entries = values.get("quantize.imatrix.entries_count")
     return {
-        "bedside": bedside,
-        "keys": {key: reader.fields[key].contents() if key in reader.fields else None for key in keys},
-        "file_type": int(file_type.contents()) if file_type is not None else None,
-        "imatrix_entries": (
-            int(reader.fields["quantize.imatrix.entries_count"].contents())
-            if "quantize.imatrix.entries_count" in reader.fields
-            else None
-        ),
-        "tensor_types": dict(Counter(tensor.tensor_type.name for tensor in reader.tensors)),
-        "tensor_count": len(reader.tensors),
+        "bedside": {name: value for name, value in values.items() if name.startswith(METADATA_PREFIX)},
+        "keys": {key: values.get(key) for key in keys},
+        "file_type": int(file_type) if file_type is not None else None,
+        "imatrix_entries": int(entries) if entries is not None else None,
+        "tensor_types": dict(Counter(tensor.type_name for tensor in header.tensors)),
+        "tensor_count": len(header.tensors),
     }
 
 

@@ -131,4 +131,4 @@ def test_a_truncated_gguf_in_a_bundle_is_one_line(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit) as exit_info:
         main()
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "cannot read the GGUF file" in err and len(err.strip().splitlines()) == 1
+    assert exit_info.value.code == 2 and "truncated inside the GGUF header" in err and len(err.strip().splitlines()) == 1

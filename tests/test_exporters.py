@@ -18,6 +18,7 @@ import pytest
 from exporters import EXPORTERS, SCHEMES, ExportError, export
 from exporters.base import check_checkpoint
 from exporters.gguf_imatrix import read_imatrix, to_gguf_names, write_imatrix
+from toolkit.core.gguf_header import read_gguf_header
 from toolkit.core.hashing import checkpoint_sha256
 
 # ------------------------------------------------------------------------------------------------
@@ -167,10 +168,14 @@ def gguf_perplexity(path: Path, ids: list[int]) -> float:
 
 
 def gguf_tensor_bytes(path: Path) -> dict[str, bytes]:
-    import gguf
+    """Each tensor's stored bytes, located by the file's header (toolkit.core.gguf_header, held equal to gguf-py's
+    reader on the demo export by test_the_header_reads_the_demo_export_as_gguf_py_does)."""
+    from toolkit.core.gguf_header import read_gguf_header
 
-    reader = gguf.GGUFReader(str(path))
-    return {tensor.name: bytes(np.asarray(tensor.data).tobytes()) for tensor in reader.tensors}
+    header = read_gguf_header(path)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    start = header.data_offset
+    return {t.name: data[start + t.offset : start + t.offset + t.n_bytes].tobytes() for t in header.tensors}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -528,12 +533,29 @@ def test_demo_gguf_files_load_and_carry_bedside_metadata(demo_model_dir, demo_gg
 
 @pytest.mark.demo
 @pytest.mark.heavy
+def test_the_header_reads_the_demo_export_as_gguf_py_does(demo_gguf):
+    """The reader the exporter and planner use (toolkit.core.gguf_header) on a real export: gguf-py's metadata
+    values (all but the vocabulary's long arrays) and tensor table, and the same tensor bytes."""
+    import gguf
+
+    from tests.test_gguf_header import header_view, reader_view
+
+    path = demo_gguf.model_file
+    reader = gguf.GGUFReader(str(path))
+    values, tensors = header_view(path)
+    assert (values, tensors) == reader_view(reader)
+    assert len(tensors) == 272 and values["general.architecture"] == "llama"
+    stored = gguf_tensor_bytes(path)
+    for tensor in reader.tensors[::30]:
+        assert stored[tensor.name] == np.asarray(tensor.data).tobytes()
+
+
+@pytest.mark.demo
+@pytest.mark.heavy
 def test_demo_iq_export_writes_the_predicted_types_and_runs(demo_gguf_iq, demo_ids):
     """The type table (toolkit.model.storage_types) against the IQ4_XS file llama.cpp really wrote: every tensor's
     type and bytes, and the counts export.json records (read_gguf_summary), fallbacks to IQ4_NL included."""
     from collections import Counter
-
-    import gguf
 
     from exporters.gguf_exporter import read_gguf_summary
     from toolkit.model.facts import read_facts
@@ -542,13 +564,9 @@ def test_demo_iq_export_writes_the_predicted_types_and_runs(demo_gguf_iq, demo_i
     path, _matrix = demo_gguf_iq
     facts = read_facts(Path(__file__).parent / "fixtures" / "smollm2-135m")
     predicted = {t.name: t for t in gguf_tensor_types(facts, "IQ4_XS", imatrix=True)}
-    written = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
-    assert {name: t.dtype for name, t in predicted.items()} == {
-        name: t.tensor_type.name for name, t in written.items()
-    }
-    assert {name: t.nbytes for name, t in predicted.items()} == {
-        name: int(t.n_bytes) for name, t in written.items()
-    }
+    written = {t.name: t for t in read_gguf_header(path).tensors}
+    assert {name: t.dtype for name, t in predicted.items()} == {name: t.type_name for name, t in written.items()}
+    assert {name: t.nbytes for name, t in predicted.items()} == {name: t.n_bytes for name, t in written.items()}
     summary = read_gguf_summary(path)
     assert summary["tensor_types"] == dict(Counter(t.dtype for t in predicted.values()))
     assert summary["tensor_types"]["IQ4_NL"] == 180 and summary["tensor_types"]["IQ4_XS"] == 30
@@ -605,11 +623,9 @@ def test_demo_gguf_imatrix_changes_the_rounding(demo_gguf, demo_gguf_file, tmp_p
     changed = [name for name in layer_widths if baseline[name] != with_varied[name]]
     assert len(changed) > 0.9 * len(layer_widths)
 
-    import gguf
-
-    fields = gguf.GGUFReader(str(tmp_path / "varied.q4.gguf")).fields
-    assert int(fields["quantize.imatrix.entries_count"].contents()) == len(layer_widths)
-    assert fields["quantize.imatrix.dataset"].contents() == "gamma"
+    fields = read_gguf_header(tmp_path / "varied.q4.gguf").values
+    assert fields["quantize.imatrix.entries_count"] == len(layer_widths)
+    assert fields["quantize.imatrix.dataset"] == "gamma"
     assert "bedside.plan" in fields  # metadata survives quantization with an imatrix too
 
 

@@ -1,7 +1,7 @@
 """What one forward step of a deployment touches: per-layer weight bytes, FLOPs, KV geometry (simulator input).
 
 Sources of the tensor table, most exact first:
-  * a GGUF file: every tensor's stored type and bytes as the file holds them (gguf-py's GGUFReader), the
+  * a GGUF file: every tensor's stored type and bytes as the file holds them (its header), the
     model's dimensions from the file's metadata (`{arch}.block_count`, `.embedding_length`, ...);
   * an ONNX export folder: its config.json and export.json's scheme, typed by the memory estimator's tables
     (toolkit.plan.memory.text_weights: MatMulNBits, the exporter's 8-bit head and embedding);
@@ -21,6 +21,7 @@ from typing import Any
 
 from toolkit.core.errors import BedsideError
 from toolkit.core.formats import FORMATS, GGUF_FTYPES, KV_CACHE_DTYPES, ONNX_SCHEMES
+from toolkit.core.gguf_header import GGUFHeader, read_gguf_header
 from toolkit.core.paths import path_inside
 from toolkit.core.records import EXPORT_RECORD
 from toolkit.model.facts import ModelFacts, facts_from_config, read_facts
@@ -191,15 +192,12 @@ def workload_from_plan(plan: Plan, profile: DeviceProfile, label: str = "") -> W
     )
 
 
-def _gguf_scalar(reader: object, key: str) -> object | None:
-    fields = reader.fields  # type: ignore[attr-defined]
-    field_ = fields.get(key)
-    if field_ is None or not field_.data:
-        return None
-    value = field_.parts[field_.data[0]]
-    if hasattr(value, "tobytes") and value.dtype.kind == "u" and value.dtype.itemsize == 1:
-        return bytes(value).decode("utf-8", errors="replace")
-    return value.tolist()[0] if hasattr(value, "tolist") else value
+def _gguf_scalar(header: GGUFHeader, key: str) -> object | None:
+    """A metadata value; an array's first item (a per-layer setting such as some models' head counts)."""
+    value = header.values.get(key)
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
 
 
 def _gguf_role(name: str) -> tuple[str, int | None]:
@@ -219,12 +217,7 @@ def read_gguf_workload(
 ) -> Workload:
     """Tensor table and dimensions of a GGUF file (its own bytes per tensor), for llama.cpp; `settings` (a
     bundle's runtime.json) gives the KV precision and placement the bundle runs with."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as error:  # gguf-py raises ValueError, struct.error, IndexError... on a damaged file
-        raise BedsideError(f"{path}: cannot read the GGUF file ({type(error).__name__}: {error})") from None
+    reader = read_gguf_header(path)  # GgufHeaderError (a BedsideError) names the file and the fault
     arch = _gguf_scalar(reader, "general.architecture")
     if not isinstance(arch, str):
         raise BedsideError(f"{path}: the GGUF file names no general.architecture")
@@ -237,11 +230,11 @@ def read_gguf_workload(
 
     tensors: list[StoredTensor] = []
     for tensor in reader.tensors:
+        if tensor.n_bytes is None:
+            raise BedsideError(f"{path}: tensor {tensor.name} has {tensor.type_name}, unknown to this gguf package")
         role, layer = _gguf_role(tensor.name)
-        shape = tuple(int(d) for d in reversed([int(x) for x in tensor.shape]))  # ggml ne -> torch order
-        tensors.append(
-            StoredTensor(tensor.name, role, layer, shape, tensor.tensor_type.name, int(tensor.n_bytes))
-        )
+        shape = tuple(reversed(tensor.shape))  # ggml ne -> torch order
+        tensors.append(StoredTensor(tensor.name, role, layer, shape, tensor.type_name, tensor.n_bytes))
     embedding = next((t for t in tensors if t.role == "token_embd"), None)
     if embedding is None:
         raise BedsideError(f"{path}: the GGUF file has no token_embd tensor")
@@ -272,7 +265,7 @@ def read_gguf_workload(
         )
     deployment = _with_runtime_settings(Deployment("gguf", quant, 0, None, "llama.cpp"), settings, facts)
     return make_workload(facts, deployment, profile, tensors=tensors, label=f"{path.name} ({quant})",
-                         source=f"tensor table of {path.name} (GGUFReader)",
+                         source=f"tensor table of {path.name} (its GGUF header)",
                          placement_given=settings is not None)  # fmt: skip
 
 
