@@ -30,7 +30,7 @@ FAST_KNOBS = (
     "--calib-sequences",
     "4",
     "--heal-steps",
-    "4",
+    "2",
     "--eval-tokens",
     "256",
     "--seq-len",
@@ -46,7 +46,7 @@ FAST_KNOBS = (
 # The same knobs as DeployOptions fields (the in-process deploys and the shared compress stages below).
 FAST_OPTIONS = {
     "calib_sequences": 4,
-    "heal_steps": 4,
+    "heal_steps": 2,
     "eval_tokens": 256,
     "seq_len": 128,
     "prune_method": "block-influence",
@@ -605,7 +605,7 @@ def test_deploy_end_to_end_killed_then_resumed_and_verified(killed_then_resumed)
         quality[name] is not None for name in ("original", "pruned", "healed", "quantized", "exported")
     )
     assert quality["pruned"] > quality["original"]  # removing layers costs perplexity
-    assert quality["healed"] < quality["pruned"]  # healing (4 LoRA steps) wins some of it back
+    assert quality["healed"] < quality["pruned"]  # healing (2 LoRA steps) wins some of it back
     assert len(report["layer_selection"]["scores"]) == 30
     config = json.loads((out / "work" / "compress" / "checkpoint" / "config.json").read_text())
     assert config["num_hidden_layers"] == 30 - len(report["attempts"][-1]["layers_removed"])
@@ -664,7 +664,8 @@ def test_deploy_replans_after_a_measured_memory_overrun_and_compresses_again(
         return evaluation, resumed
 
     monkeypatch.setattr(pipeline, "_validate", overrun_once)
-    # a looser quality floor than tiny-cpu's 400 %: 8 layers removed with 4 healing steps measured +473 %
+    # a looser quality floor than tiny-cpu's 400 %, so that only memory drives the re-plan: 8 layers removed with 2
+    # healing steps measured +185 % (attempt 1, 6 layers: +100 %; 2026-12-07, a replay of this test outside pytest)
     profile = tmp_path / "tiny-loose.yaml"
     profile.write_text(TINY_PROFILE.read_text().replace("    value: 400\n", "    value: 1000\n"))
     options = pipeline.DeployOptions(profile=str(profile), out=tmp_path / "deploy", **FAST_OPTIONS)

@@ -242,13 +242,17 @@ def test_torch_against_itself_and_the_json_contract(demo_model_dir, tmp_path):
 @pytest.mark.demo
 @pytest.mark.slow
 @pytest.mark.heavy
-def test_accuracy_equals_option_logprobs_by_hand(demo_model_dir):
+def test_accuracy_equals_option_logprobs_by_hand(demo_gguf_file):
+    """evaluate's accuracy is the share of items whose answer has the highest option log-probability, on the
+    session's Q8_0 GGUF (the llama.cpp child starts in a second where torch's takes several; the torch runner's
+    option_logprobs has its own test in tests/test_runtimes.py)."""
     from runtimes import load_runner
 
-    result = evaluate("demo", QA, context=512, max_tokens=64, seq_len=64, n_threads=1, progress=False)
+    artifact = demo_gguf_file("Q8_0")
+    result = evaluate(artifact, QA, context=512, max_tokens=64, seq_len=64, n_threads=1, progress=False)
     documents = load_dataset_spec(QA)
     correct = 0
-    with load_runner(demo_model_dir, n_ctx=512, n_threads=1) as runner:
+    with load_runner(artifact, n_ctx=512, n_threads=1) as runner:
         for document in documents:
             prompt = runner.tokenize(
                 runner.apply_chat_template([{"role": "user", "content": document.prompt()}]),
