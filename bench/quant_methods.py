@@ -244,6 +244,18 @@ def _heal_label(heal: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _paired_reading(scheme: str, method: str) -> str:
+    """'; paired on 16,384 tokens: 0.99x (0.98-1.00)' from bench.paired_perplexity's results, when it has the row."""
+    paired = read_json(RESULTS_DIR / "paired_perplexity.json")
+    entry = paired.get("schemes", {}).get(scheme, {}).get("paired", {}).get(method, {}).get("ratio")
+    if not entry:
+        return ""
+    return (
+        f"; paired on {paired.get('tokens'):,} tokens (`bench.paired_perplexity`): {entry['ratio']:.4f}x the "
+        f"matrix's, 95 % interval {entry['low']:.4f}-{entry['high']:.4f}"
+    )
+
+
 def _healed_alike(bedside: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     """", x the baseline's KL healed alike" when both healed rows healed with the same settings, else ""."""
     keys = ("objective", "steps", "rank", "learning_rate", "loss_tokens")
@@ -361,14 +373,24 @@ def report(results: dict[str, Any]) -> str:
             lines.append(
                 f"- {scheme}: {method} KL / imatrix KL = {ratio:.2f} (target <= {TARGET_KL_RATIO}: "
                 f"{'met' if ratio <= TARGET_KL_RATIO else 'missed'}); perplexity {awq['perplexity']:.2f} vs "
-                f"{imatrix['perplexity']:.2f} ({'no worse' if awq['perplexity'] <= imatrix['perplexity'] else 'worse'}); "
-                f"quantize stage {awq['quantize_seconds']:.0f} s (target <= {TARGET_AWQ_SECONDS:.0f} s: "
-                f"{'met' if awq['quantize_seconds'] <= TARGET_AWQ_SECONDS else 'missed'}; the pipeline's stage, with "
-                f"the re-rank on libggml + matrix; bench 2 times AWQ alone), process peak "
+                f"{imatrix['perplexity']:.2f} ({'no worse' if awq['perplexity'] <= imatrix['perplexity'] else 'worse'} "
+                f"on these 4,096 tokens{_paired_reading(scheme, method)}); quantize stage "
+                f"{awq['quantize_seconds']:.0f} s (AWQ with the re-rank on libggml + matrix"
+                f"{', GPTQ' if 'gptq' in method else ''}, load and save), process peak "
                 f"{awq['process_peak_bytes'] / 1e9:.2f} GB (target <= {TARGET_PEAK_BYTES / 1e9:.1f} GB: "
                 f"{'met' if awq['process_peak_bytes'] <= TARGET_PEAK_BYTES else 'missed'}; the stage's sampled peak "
                 f"{awq.get('quantize_peak_rss_bytes', 0) / 1e9:.2f} GB)."
             )
+    budget = read_json(RESULTS_DIR / "awq_budget.json")
+    if budget.get("awq_seconds") is not None:
+        lines.append(
+            f"- AWQ's time (bench 2, `{budget.get('command')}`: AWQ alone at Q4_0 on the same 64 x 512 tokens, no "
+            f"matrix): {budget['awq_seconds']:.0f} s (target <= {TARGET_AWQ_SECONDS:.0f} s: "
+            f"{'met' if budget['awq_seconds'] <= TARGET_AWQ_SECONDS else 'missed'}), peak "
+            f"{budget['vm_hwm_bytes'] / 1e9:.2f} GB (target <= {TARGET_PEAK_BYTES / 1e9:.1f} GB: "
+            f"{'met' if budget['vm_hwm_bytes'] <= TARGET_PEAK_BYTES else 'missed'}); the quantize stages above add "
+            "the exact re-rank, GPTQ where named, load and save."
+        )
     baseline = results["rows"].get(_pruned_key(BASELINE_VARIANT, "unhealed"))
     bedside = results["rows"].get(_pruned_key(BEDSIDE_VARIANT, "unhealed"))
     if baseline and bedside:

@@ -14,6 +14,7 @@ from bench.compression import config_name
 from bench.runtimes import bandwidth_fraction, kv_bytes_per_token
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+REPO = Path(__file__).resolve().parents[1]
 
 
 class _FixedLogits(torch.nn.Module):
@@ -135,3 +136,6 @@ def test_quant_methods_report_marks_rows_whose_clipping_searched_a_sample() -> N
     text = report({"rows": rows, "threads": 2})
     assert "- Q4_0: awq KL / imatrix KL = 0.50 (target <= 0.7: met)" in text
     assert "- Q4_0: awq-gptq KL / imatrix KL = 0.45 (target <= 0.7: met)" in text
+    assert "quantize stage 50 s (AWQ with the re-rank on libggml + matrix, GPTQ, load and save)" in text
+    budget = json.loads((REPO / "docs" / "benchmarks" / "awq_budget.json").read_text())  # bench 2's result, cited
+    assert f"- AWQ's time (bench 2, `{budget['command']}`" in text and f": {budget['awq_seconds']:.0f} s (target" in text

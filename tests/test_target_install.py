@@ -29,6 +29,20 @@ def test_the_verify_and_run_paths_import_without_the_build_toolchain():
     assert result.stdout.strip() == "loaded []"
 
 
+def test_the_cli_starts_without_the_build_toolchain_and_imports_it_to_compress():
+    """`bedside eval`, `plan`, `verify`... start without torch's import (about a second on this machine); compress
+    and deploy import it when they run."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, toolkit.cli.main\n"
+         f"print(sorted(m for m in {BUILD_ONLY!r} if m in sys.modules))\n"
+         "import toolkit.cli.build_tools as b; b.import_build_module('toolkit.compress.pipeline', 'compress')\n"
+         "print('torch' in sys.modules)"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]", "True"]
+
+
 def test_a_build_command_without_the_toolchain_is_one_line_exit_2():
     result = run_python(
         "sys.argv = ['bedside', 'compress', '--model', 'demo', '--out', 'x']\n"

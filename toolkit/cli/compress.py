@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.compress.pipeline import compress, options_from_plan
+from toolkit.cli.build_tools import import_build_module
 from toolkit.compress.record import CompressOptions
 from toolkit.core.errors import BedsideError, NothingFitsError
 from toolkit.core.units import MIB
@@ -133,6 +133,7 @@ def compress_command(
     ] = False,
 ) -> None:
     """Prune, heal and quantize MODEL into OUT; re-running resumes finished stages."""
+    pipeline = import_build_module("toolkit.compress.pipeline", "compress")  # torch: when compressing, not at start
 
     flags: dict[str, Any] = {
         "prune_layers": prune_layers,
@@ -169,8 +170,8 @@ def compress_command(
         raise BedsideError(
             "nothing to do: give --plan plan.json, --profile NAME, or at least --prune-layers / --quant"
         )
-    options = options_from_plan(plan, **overrides) if plan is not None else CompressOptions(**overrides)
-    result = compress(model, out, options, plan=plan, progress=not (no_progress or json_output))
+    options = pipeline.options_from_plan(plan, **overrides) if plan is not None else CompressOptions(**overrides)
+    result = pipeline.compress(model, out, options, plan=plan, progress=not (no_progress or json_output))
     if json_output:
         typer.echo(json.dumps(result.record, indent=2))
     else:

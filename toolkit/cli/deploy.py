@@ -5,16 +5,21 @@ Exit codes: 0 a bundle was written (every blocking check passed); 1 nothing pass
 With `--json` (no progress bars) stdout holds one JSON object, `deploy_summary`, and nothing else.
 """
 
+from __future__ import annotations
+
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from toolkit.cli.build_tools import import_build_module
 from toolkit.cli.options import FormatOption, KvCacheOption, PruneLayersOption, QuantOption
 from toolkit.core.errors import BedsideError
-from toolkit.deploy.pipeline import DeployOptions, DeployResult, run_deploy
+
+if TYPE_CHECKING:
+    from toolkit.deploy.pipeline import DeployResult
 
 
 def register(app: typer.Typer) -> None:
@@ -98,7 +103,8 @@ def deploy_command(
 ) -> None:
     """Compress MODEL for PROFILE, validate it on the target runtime, and write the report and bundle."""
 
-    options = DeployOptions(
+    pipeline = import_build_module("toolkit.deploy.pipeline", "deploy")  # torch: when deploying, not at start
+    options = pipeline.DeployOptions(
         profile=profile,
         model=model,
         calib=calib,
@@ -124,12 +130,12 @@ def deploy_command(
         sign_key=sign_key,
     )
     if not json_output:
-        result = run_deploy(options)
+        result = pipeline.run_deploy(options)
         if not result.passed:
             raise SystemExit(1)
         return
     try:
-        result = run_deploy(options)
+        result = pipeline.run_deploy(options)
     except BedsideError as error:  # bad input (2) or nothing fits (3): still one object, then the error line
         _print_json(deploy_summary(None, out, error))
         raise

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from toolkit import __version__
+from toolkit.cli.build_tools import missing_build_tools
 from toolkit.core.errors import BedsideError
 
 # Offline at run time: set-up fetched everything through the package registry.
@@ -42,7 +43,9 @@ COMMANDS = (
     "verify",
     "keygen",
 )
-# Modules that need the build toolchain (torch, transformers, peft, optimum): `pip install bedside[build]`.
+# Modules that need the build toolchain (torch, transformers, peft, optimum): `pip install bedside[build]`. They
+# import it when their command runs (toolkit/cli/build_tools.py); should their own import fail on a missing module,
+# the commands are registered as ones that say what to install.
 BUILD_COMMANDS = {"compress": ("compress",), "deploy": ("deploy",)}
 
 
@@ -50,10 +53,7 @@ def _unavailable(name: str, missing: str) -> Callable[[], None]:
     """A command body that explains, in one line, that `bedside NAME` needs the build extras."""
 
     def unavailable() -> None:
-        raise BedsideError(
-            f"this installation has no {missing}: `bedside {name}` needs the build tools; "
-            "install them with `pip install 'bedside[build]'` (verify, run and profiles work without)"
-        )
+        raise missing_build_tools(name, missing)
 
     return unavailable
 
