@@ -9,6 +9,8 @@ from types import ModuleType
 
 from toolkit.core.errors import BedsideError
 
+PROJECT_PACKAGES = ("toolkit", "exporters", "runtimes")
+
 
 def missing_build_tools(command: str, missing: str) -> BedsideError:
     """The one-line error of `bedside COMMAND` on an installation without the module `missing`."""
@@ -23,4 +25,6 @@ def import_build_module(module: str, command: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] in PROJECT_PACKAGES:
+            raise  # a module of Bedside itself: a broken installation, not a missing extra
         raise missing_build_tools(command, error.name or "build dependency") from None

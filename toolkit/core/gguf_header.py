@@ -2,9 +2,9 @@
 
 llama.cpp aborts or crashes on some truncated or corrupted files; reading the header here first turns those
 into GgufHeaderError naming the file and what is wrong, before the native loader sees it. It is also how the
-exporters and the planner read a GGUF's metadata and tensor table: gguf-py's ``GGUFReader`` parses every
-vocabulary string into numpy views (2.3 s for the demo model's 49,152 tokens and 48,900 merges, measured in
-docs/BENCHMARKS.md), where this reader skips long arrays (0.2 s). tests/test_gguf_header.py holds the two equal.
+exporters and the planner read a GGUF's metadata and tensor table: gguf-py's ``GGUFReader`` builds numpy views of
+every vocabulary string, where this reader skips long arrays (a tenth of the time on the demo model: docs/BENCHMARKS.md,
+"Test-suite time"). tests/test_gguf_header.py holds the two equal.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class GGUFTensorInfo:
 
 @dataclass
 class GGUFHeader:
-    """What the header of a GGUF file says, read without loading tensors (for error messages)."""
+    """What the header of a GGUF file says (metadata, tensor table), read without loading tensors."""
 
     version: int
     architecture: str | None
