@@ -8,13 +8,16 @@ estimator against the peak RSS `evaluate` measures (skipped when set-up has not 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from runtimes.results import MeasureResult
 from runtimes.runner import log_softmax
 from toolkit.core.errors import BedsideError
 from toolkit.data import load_dataset_spec
@@ -159,8 +162,10 @@ def evaluated(demo_model_dir, demo_gguf_file, demo_onnx_export, tmp_path_factory
 
     Every call scores the same reference in a child (the demo checkpoint on torch, same texts, window and
     thread): that child job runs once, and later calls get its result and a copy of its log-probabilities
-    (deterministic on one thread: the KL and top-1 agreement a fresh run gives). Each artifact's own child
-    job differs, so it still runs every time.
+    (deterministic on one thread: the KL and top-1 agreement a fresh run gives). Under pytest-xdist the two
+    workers (demo-gguf and demo-onnx groups) share it through their run's base folder: the first to need it
+    runs it, the other waits on a file lock and reads it. Each artifact's own child job differs, so it still
+    runs every time.
     """
     import dataclasses
     import shutil
@@ -170,6 +175,32 @@ def evaluated(demo_model_dir, demo_gguf_file, demo_onnx_export, tmp_path_factory
     run_child = evaluate_module._run_child
     kept = tmp_path_factory.mktemp("child-jobs")
     finished: dict[str, tuple] = {}
+    shared = None  # a folder both workers of this run see; a plain run has one process and needs none
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        shared = tmp_path_factory.getbasetemp().parent / "shared-child-jobs"
+        shared.mkdir(exist_ok=True)
+
+    def run_or_share(artifact, job, key: str):
+        """run_child, or the result (and log-probabilities) the other worker got for the same job (jobs on the demo
+        checkpoint only: each worker's exports lie in its own folder, so their jobs never match)."""
+        if shared is None or Path(artifact.path).is_relative_to(tmp_path_factory.getbasetemp()):
+            return run_child(artifact, job)
+        name = hashlib.sha256(key.encode()).hexdigest()[:16]
+        with open(shared / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            record = shared / f"{name}.json"
+            if record.is_file():
+                result = MeasureResult.from_dict(json.loads(record.read_text()))
+                if result.score is not None and result.score.full_logprobs_path:
+                    shutil.copyfile(shared / f"{name}.npy", job.score_full_path)
+                    score = dataclasses.replace(result.score, full_logprobs_path=job.score_full_path)
+                    result = dataclasses.replace(result, score=score)
+                return result
+            result = run_child(artifact, job)
+            if result.score is not None and result.score.full_logprobs_path:
+                shutil.copyfile(result.score.full_logprobs_path, shared / f"{name}.npy")
+            record.write_text(json.dumps(result.to_dict()))
+            return result
 
     def run_each_job_once(artifact, job):
         fields = dataclasses.asdict(job)
@@ -177,7 +208,7 @@ def evaluated(demo_model_dir, demo_gguf_file, demo_onnx_export, tmp_path_factory
             fields["score_full_path"] = Path(job.score_full_path).name
         key = json.dumps([artifact.runtime, str(artifact.path), fields], sort_keys=True, default=str)
         if key not in finished:
-            result = run_child(artifact, job)
+            result = run_or_share(artifact, job, key)
             logprobs = None
             if result.score is not None and result.score.full_logprobs_path:
                 logprobs = kept / f"{len(finished)}.npy"
