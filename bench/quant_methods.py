@@ -245,7 +245,8 @@ def _heal_label(heal: dict[str, Any]) -> str:
 
 
 def _paired_reading(scheme: str, method: str) -> str:
-    """'; paired on 16,384 tokens: 0.99x (0.98-1.00)' from bench.paired_perplexity's results, when it has the row."""
+    """'; paired on 16,384 tokens (...): 0.9933x the matrix's, 95 % interval 0.9813-1.0058' from
+    bench.paired_perplexity's results (docs/benchmarks/paired_perplexity.json), or '' when it has no such row."""
     paired = read_json(RESULTS_DIR / "paired_perplexity.json")
     entry = paired.get("schemes", {}).get(scheme, {}).get("paired", {}).get(method, {}).get("ratio")
     if not entry:
