@@ -12,19 +12,15 @@ from toolkit.core.errors import BedsideError
 PROJECT_PACKAGES = ("toolkit", "exporters", "runtimes")
 
 
-def missing_build_tools(command: str, missing: str) -> BedsideError:
-    """The one-line error of `bedside COMMAND` on an installation without the module `missing`."""
-    return BedsideError(
-        f"this installation has no {missing}: `bedside {command}` needs the build tools; "
-        "install them with `pip install 'bedside[build]'` (verify, run and profiles work without)"
-    )
-
-
 def import_build_module(module: str, command: str) -> ModuleType:
-    """`module` (one that imports the build toolchain), or missing_build_tools' error when a dependency is absent."""
+    """`module` (one that imports the build toolchain); without a dependency, a one-line BedsideError saying what
+    `bedside COMMAND` needs installed."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] in PROJECT_PACKAGES:
             raise  # a module of Bedside itself: a broken installation, not a missing extra
-        raise missing_build_tools(command, error.name or "build dependency") from None
+        raise BedsideError(
+            f"this installation has no {error.name or 'build dependency'}: `bedside {command}` needs the build "
+            "tools; install them with `pip install 'bedside[build]'` (verify, run and profiles work without)"
+        ) from None

@@ -3,13 +3,11 @@
 import importlib
 import os
 import sys
-from collections.abc import Callable
 from typing import Annotated
 
 import typer
 
 from toolkit import __version__
-from toolkit.cli.build_tools import missing_build_tools
 from toolkit.core.errors import BedsideError
 
 # Offline at run time: set-up fetched everything through the package registry.
@@ -43,38 +41,12 @@ COMMANDS = (
     "verify",
     "keygen",
 )
-# Modules that need the build toolchain (torch, transformers, peft, optimum): `pip install bedside[build]`. They
-# import it when their command runs (toolkit/cli/build_tools.py); should their own import fail on a missing module,
-# the commands are registered as ones that say what to install.
-BUILD_COMMANDS = {"compress": ("compress",), "deploy": ("deploy",)}
-
-
-def _unavailable(name: str, missing: str) -> Callable[[], None]:
-    """A command body that explains, in one line, that `bedside NAME` needs the build extras."""
-
-    def unavailable() -> None:
-        raise missing_build_tools(name, missing)
-
-    return unavailable
-
-
-def _needs_build_extras(app: typer.Typer, names: tuple[str, ...], missing: str) -> None:
-    """Register `names` as commands that say the build extras are not installed (any arguments accepted)."""
-    for name in names:
-        settings = {"allow_extra_args": True, "ignore_unknown_options": True}
-        app.command(name, context_settings=settings)(_unavailable(name, missing))
 
 
 def _register_all() -> None:
+    # compress and deploy import the build toolchain (torch...) only when they run: toolkit/cli/build_tools.py
     for module_name in COMMANDS:
-        try:
-            module = importlib.import_module(f"toolkit.cli.{module_name}")
-        except ModuleNotFoundError as error:
-            if module_name not in BUILD_COMMANDS:
-                raise
-            _needs_build_extras(app, BUILD_COMMANDS[module_name], error.name or "build dependency")
-            continue
-        module.register(app)
+        importlib.import_module(f"toolkit.cli.{module_name}").register(app)
 
 
 def _version(value: bool) -> None:
