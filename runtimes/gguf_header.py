@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from runtimes.results import RuntimeLoadError
-from toolkit.core.gguf_header import GGUF_MAGIC, GGUFHeader, GgufHeaderError
+from toolkit.core.gguf_header import GGUF_MAGIC, GGUFHeader, GgufHeaderError, truncated_data
 from toolkit.core.gguf_header import read_gguf_header as _read_header
 
 __all__ = ["GGUF_MAGIC", "GGUFHeader", "diagnose_gguf", "read_gguf_header"]
@@ -30,9 +30,9 @@ def diagnose_gguf(path: str | Path) -> str:
         header = read_gguf_header(path)
     except RuntimeLoadError as error:
         return str(error)
-    size = path.stat().st_size
-    if header.data_bytes_needed is not None and size < header.data_bytes_needed:
-        return f"{path}: truncated GGUF file ({size:,} bytes, its tensors need {header.data_bytes_needed:,})"
+    truncated = truncated_data(path, header)
+    if truncated is not None:
+        return truncated
     if "tokenizer.ggml.tokens" not in header.keys:
         return f"{path}: GGUF file has no tokenizer (no tokenizer.ggml.tokens in its metadata)"
     return (

@@ -34,6 +34,7 @@ import numpy as np
 from runtimes.gguf_header import read_gguf_header
 from runtimes.image import open_rgb, preprocess
 from runtimes.results import RuntimeLoadError
+from toolkit.core.gguf_header import truncated_data
 from toolkit.core.vision import MMPROJ_PREFIX
 
 PREPROCESSOR_KEY = "bedside.preprocessor_config"  # written by exporters/gguf_mmproj.py
@@ -295,9 +296,9 @@ def _mmproj_header_problem(path: Path) -> str | None:
         header = read_gguf_header(path)
     except RuntimeLoadError as error:
         return str(error)
-    size = path.stat().st_size
-    if header.data_bytes_needed is not None and size < header.data_bytes_needed:
-        return f"{path}: truncated GGUF file ({size:,} bytes, its tensors need {header.data_bytes_needed:,})"
+    truncated = truncated_data(path, header)
+    if truncated is not None:
+        return truncated
     if header.architecture != "clip":
         return f"{path}: not a vision projector (architecture {header.architecture!r}, expected 'clip')"
     return None

@@ -245,3 +245,11 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
         values=values,
         tensors=tensors,
     )
+
+
+def truncated_data(path: str | Path, header: GGUFHeader) -> str | None:
+    """'<path>: truncated GGUF file (N bytes, its tensors need M)' when the file ends before its tensor data does."""
+    size = Path(path).stat().st_size
+    if header.data_bytes_needed is not None and size < header.data_bytes_needed:
+        return f"{path}: truncated GGUF file ({size:,} bytes, its tensors need {header.data_bytes_needed:,})"
+    return None

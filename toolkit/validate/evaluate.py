@@ -69,6 +69,7 @@ from toolkit.core.atomic import write_bytes_atomic
 from toolkit.core.checkpoint_policy import refuse_custom_code
 from toolkit.core.errors import BedsideError
 from toolkit.core.formats import FORMAT_RUNTIME
+from toolkit.core.gguf_header import truncated_data
 from toolkit.core.hashing import checkpoint_sha256, file_sha256
 from toolkit.core.metrics import perplexity_from_logprobs, top1_matches
 from toolkit.core.records import COMPRESSION_RECORD
@@ -127,12 +128,9 @@ def _check_gguf(path: Path) -> None:
 
     file = path if path.is_file() else sorted(path.glob("*.gguf"))[0]
     header = read_gguf_header(file)  # RuntimeLoadError for a non-GGUF or truncated header
-    size = file.stat().st_size
-    if header.data_bytes_needed is not None and size < header.data_bytes_needed:
-        raise BedsideError(
-            f"{file}: truncated GGUF file ({size:,} bytes, its tensors need {header.data_bytes_needed:,}); "
-            "export it again"
-        )
+    truncated = truncated_data(file, header)
+    if truncated is not None:
+        raise BedsideError(f"{truncated}; export it again")
 
 
 def _check_tokenizer(folder: Path, label: str) -> None:
